@@ -1,0 +1,150 @@
+"""longseq on vLLM's CPU platform: replaces ``CPU_ATTN`` (opt-in with ``LONGSEQ_CPU=1``).
+
+The CPU platform always asks for ``CPU_ATTN``, so the plugin overrides that enum member's class path.
+The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv, N, 2*D]`` whose
+``[B, Hkv, 2N, D]`` view holds N K rows then N V rows, exactly as vLLM's own CPU kernels use it), and
+runs the PyTorch paged path from ``longseq.kernels.paged_attention``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+from longseq.attention_backends.vllm.common import (
+    BackendTrace,
+    LongSeqStepInfo,
+    current_model_dtype,
+    validate_attention_layer,
+)
+from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
+from longseq.plugin.config import get_config
+
+
+@dataclasses.dataclass
+class LongSeqCPUMetadata:
+    """Per-step metadata of the CPU path: just the shared step info."""
+
+    step: LongSeqStepInfo
+
+    @property
+    def num_actual_tokens(self) -> int:
+        return self.step.num_actual_tokens
+
+    @property
+    def slot_mapping(self) -> torch.Tensor:
+        return self.step.slot_mapping
+
+
+class LongSeqCPUMetadataBuilder(AttentionMetadataBuilder[LongSeqCPUMetadata]):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LongSeqCPUMetadata:
+        return LongSeqCPUMetadata(LongSeqStepInfo.from_common(common_attn_metadata, self.kv_cache_spec.block_size))
+
+
+def split_cpu_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, Hkv, N, 2*D]`` cache -> (key_cache, value_cache), each ``[B, Hkv, N, D]`` (vLLM CPU layout)."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+class LongSeqCPUImpl(AttentionImpl[LongSeqCPUMetadata]):
+    """Decoder self-attention over the paged cache with PyTorch ops (fp32 math)."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = "decoder", kv_sharing_target_layer_name: str | None = None,
+                 **extra_impl_args) -> None:
+        self.config = get_config()
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        validate_attention_layer(
+            backend="longseq CPU backend", head_size=head_size, num_heads=num_heads,
+            num_kv_heads=self.num_kv_heads, kv_cache_dtype=kv_cache_dtype,
+            model_dtype=current_model_dtype(), attn_type=str(getattr(attn_type, "value", attn_type)),
+        )
+        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                       "logits_soft_cap": logits_soft_cap, **{k: v for k, v in extra_impl_args.items() if v is not None}}
+        unsupported = {k: v for k, v in unsupported.items() if v not in (None, 0, 0.0)}
+        if unsupported:
+            from longseq.plugin.config import LongSeqConfigError
+
+            raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
+        self.trace = BackendTrace.for_backend("cpu", self.config)
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self.config.debug_fault == "skip_kv_write":
+            return
+        key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+        write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+        self.trace.record("kv_writes")
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: LongSeqCPUMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("longseq CPU backend: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output
+        step = attn_metadata.step
+        key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
+        paged_attention_naive(
+            query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
+            step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale, output=out,
+        )
+        self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+        return output
+
+
+class LongSeqCPUBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` replacement. Keeps the stock name, dtypes and cache layout; swaps builder and impl."""
+
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[LongSeqCPUImpl]:
+        return LongSeqCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LongSeqCPUMetadataBuilder]:
+        return LongSeqCPUMetadataBuilder
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"

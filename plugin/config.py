@@ -1,0 +1,149 @@
+"""One validated configuration object, built once from ``LONGSEQ_*`` environment variables or a JSON file.
+
+Nothing below ``plugin/`` reads ``os.environ``: adapters receive a :class:`LongSeqConfig`.
+Bad input raises :class:`LongSeqConfigError` naming the setting and the allowed values. The engine
+builds its attention backends at start-up, so that is where a bad setting stops it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+#: Techniques selectable with ``LONGSEQ_ATTENTION``. Later techniques add themselves here.
+ATTENTION_TECHNIQUES = ("dense",)
+
+#: Test-only fault injection, used by the end-to-end tests as a negative control: it proves the engine
+#: really runs our backend (a broken variant must change the tokens).
+DEBUG_FAULTS = ("none", "skip_kv_write")
+
+#: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
+SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class LongSeqConfigError(ValueError):
+    """A longseq setting is invalid. The message names the setting and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LongSeqConfig:
+    """Effective longseq settings.
+
+    Attributes:
+        attention: technique run by our attention backend (``LONGSEQ_ATTENTION``).
+        cpu_override: on vLLM's CPU platform, replace ``CPU_ATTN`` with our backend (``LONGSEQ_CPU``).
+        sglang_dense_backend: SGLang backend wrapped by ``longseq_dense`` (``LONGSEQ_SGLANG_DENSE``);
+            ``auto`` = ``torch_native`` on CPU, ``triton`` on GPU.
+        trace_dir: if set, each process running our backend writes a small JSON marker with call
+            counts there (``LONGSEQ_TRACE_DIR``); tests use it to prove our code ran in the engine.
+        debug_fault: test-only fault injection (``LONGSEQ_DEBUG_FAULT``).
+    """
+
+    attention: str = "dense"
+    cpu_override: bool = False
+    sglang_dense_backend: str = "auto"
+    trace_dir: str | None = None
+    debug_fault: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_TECHNIQUES:
+            raise LongSeqConfigError(
+                f"LONGSEQ_ATTENTION={self.attention!r} is not a longseq technique; "
+                f"allowed values: {', '.join(ATTENTION_TECHNIQUES)}"
+            )
+        if self.debug_fault not in DEBUG_FAULTS:
+            raise LongSeqConfigError(
+                f"LONGSEQ_DEBUG_FAULT={self.debug_fault!r} is not allowed; allowed values: {', '.join(DEBUG_FAULTS)}"
+            )
+
+    # Environment / JSON field names, in the order `longseq info` prints them.
+    ENV_NAMES = {
+        "attention": "LONGSEQ_ATTENTION",
+        "cpu_override": "LONGSEQ_CPU",
+        "sglang_dense_backend": "LONGSEQ_SGLANG_DENSE",
+        "trace_dir": "LONGSEQ_TRACE_DIR",
+        "debug_fault": "LONGSEQ_DEBUG_FAULT",
+    }
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "LongSeqConfig":
+        """Build from a dict keyed by field name (a JSON config file). Unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise LongSeqConfigError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; allowed keys: {', '.join(fields)}"
+            )
+        kwargs: dict[str, Any] = {}
+        for name, raw in values.items():
+            kwargs[name] = _coerce(name, raw, fields[name].type, f"{source} key {name!r}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "LongSeqConfig":
+        """Build from ``LONGSEQ_CONFIG`` (a JSON file) overlaid with individual ``LONGSEQ_*`` variables."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        path = env.get("LONGSEQ_CONFIG")
+        if path:
+            try:
+                with open(path) as f:
+                    loaded = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise LongSeqConfigError(f"LONGSEQ_CONFIG={path!r} cannot be read as JSON: {e}") from e
+            if not isinstance(loaded, dict):
+                raise LongSeqConfigError(f"LONGSEQ_CONFIG={path!r} must hold a JSON object")
+            values.update(loaded)
+        known_env = set(cls.ENV_NAMES.values()) | {"LONGSEQ_CONFIG"}
+        stray = sorted(k for k in env if k.startswith("LONGSEQ_") and k not in known_env and k not in _FOREIGN_OK)
+        if stray:
+            raise LongSeqConfigError(
+                f"unknown environment variable(s) {', '.join(stray)}; longseq reads: {', '.join(sorted(known_env))}"
+            )
+        for field, var in cls.ENV_NAMES.items():
+            if var in env:
+                values[field] = env[var]
+        return cls.from_mapping(values, source="environment" if not path else f"LONGSEQ_CONFIG={path!r} + environment")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Variables with the LONGSEQ_ prefix that belong to tooling (tests, benchmarks), not the plugin.
+_FOREIGN_OK = {"LONGSEQ_TEST_MODEL", "LONGSEQ_CACHE_DIR", "LONGSEQ_VENV", "LONGSEQ_SGLANG_VENV"}
+
+
+def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
+    t = str(type_name)
+    if t == "bool":
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+        raise LongSeqConfigError(f"{where}={raw!r} must be a boolean (1/0, true/false)")
+    if t.startswith("str | None"):
+        return None if raw in (None, "") else str(raw)
+    if t == "str":
+        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend") else str(raw)
+    raise AssertionError(f"no coercion for {name}: {t}")  # a new field must add its coercion
+
+
+_CACHED: LongSeqConfig | None = None
+
+
+def get_config(refresh: bool = False) -> LongSeqConfig:
+    """The process-wide config, built from the environment on first use (validated then)."""
+    global _CACHED
+    if _CACHED is None or refresh:
+        _CACHED = LongSeqConfig.from_env()
+    return _CACHED

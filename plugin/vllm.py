@@ -1,0 +1,46 @@
+"""vLLM general plugin: ``vllm.general_plugins`` entry point ``longseq = longseq.plugin.vllm:register``.
+
+vLLM calls :func:`register` in every process (front end, engine core, workers), so it is idempotent and
+imports only vLLM's backend registry: the backend classes are given as import paths and loaded by vLLM
+where they are used.
+
+Usage:  ``LONGSEQ_ATTENTION=dense vllm serve MODEL --attention-backend CUSTOM``  (GPU)
+        ``LONGSEQ_CPU=1 LONGSEQ_ATTENTION=dense python -m vllm.entrypoints.openai.api_server ...``  (CPU)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from longseq.plugin.config import get_config
+from longseq.plugin.versions import check_vllm_version
+
+logger = logging.getLogger("longseq")
+
+#: Import paths vLLM resolves lazily (see vllm/v1/attention/backends/registry.py).
+GPU_BACKEND_PATH = "longseq.attention_backends.vllm.flash.LongSeqFlashBackend"
+CPU_BACKEND_PATH = "longseq.attention_backends.vllm.cpu.LongSeqCPUBackend"
+
+_registered: set[str] = set()
+
+
+def register() -> None:
+    """Register longseq's attention backend(s) with vLLM. Safe to call any number of times.
+
+    Raises:
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid (vLLM then stops at start-up).
+        LongSeqVersionError: the installed vLLM is outside the supported range.
+    """
+    config = get_config()  # validates LONGSEQ_* now, so a typo stops the engine before it loads a model
+    check_vllm_version()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if "CUSTOM" not in _registered:
+        register_backend(AttentionBackendEnum.CUSTOM, GPU_BACKEND_PATH)
+        _registered.add("CUSTOM")
+    if config.cpu_override and "CPU_ATTN" not in _registered:
+        # The CPU platform ignores --attention-backend and always resolves CPU_ATTN through the
+        # registry's overrides, so overriding that member is how the CPU engine runs our backend.
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
+        _registered.add("CPU_ATTN")
+    logger.debug("longseq registered %s (technique %s)", sorted(_registered), config.attention)

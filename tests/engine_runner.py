@@ -1,0 +1,32 @@
+"""Run vLLM's real engine offline in a fresh process and dump greedy tokens as JSON.
+
+usage: python engine_runner.py SPEC.json OUT.json
+SPEC: {"model": path, "prompts": [[token ids], ...], "max_tokens": int, "llm_kwargs": {...}}
+Which backend runs is decided by the environment the parent sets (LONGSEQ_CPU, LONGSEQ_ATTENTION, ...),
+exactly as a user would. A fresh process per run keeps vLLM's global registries clean.
+"""
+
+import json
+import sys
+import time
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = json.load(open(spec_path))
+    t0 = time.perf_counter()
+    llm = LLM(model=spec["model"], **spec.get("llm_kwargs", {}))
+    t_load = time.perf_counter() - t0
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
+    t_gen = time.perf_counter() - t0
+    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+               "texts": [o.outputs[0].text for o in outs],
+               "load_s": t_load, "generate_s": t_gen}, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
