@@ -23,7 +23,9 @@ def main(spec_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
     t_gen = time.perf_counter() - t0
-    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+    cfg = getattr(llm.llm_engine, "vllm_config", None)
+    cg_mode = str(cfg.compilation_config.cudagraph_mode) if cfg is not None else None
+    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "cudagraph_mode": cg_mode,
                "texts": [o.outputs[0].text for o in outs],
                "load_s": t_load, "generate_s": t_gen}, open(out_path, "w"))
 

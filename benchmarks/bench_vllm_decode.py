@@ -1,0 +1,145 @@
+"""Time per output token (TPOT) and time to first token (TTFT) of a longseq mode vs vLLM's default backend.
+
+Both run in the same invocation, each in its own engine process, on a shape-only model (random weights,
+``load_format="dummy"``). Method (stable on an H100): prefix caching on; per context and batch, a cold run
+with ``max_tokens=1`` gives TTFT (the whole prefill); then, with the prompts cached, the median of
+``max_tokens=1`` and of ``max_tokens=257`` runs; TPOT = (t257 - t1) / 256. Each time is the wall clock
+of one synchronous ``LLM.generate`` call (it returns after the GPU finished), after a warm-up call.
+
+Example (GPU machine):
+    python benchmarks/bench_vllm_decode.py --contexts 8192,32768,129024 --batches 1 --mode dense
+Writes benchmarks/results/<name>.json and prints the table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
+
+
+def child(args) -> None:
+    """One engine, every (context, batch): prints a JSON line with the timings."""
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
+                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                  max_num_seqs=max(args.batches), seed=0,
+                  compilation_config={"mode": 0, "cudagraph_mode": args.cudagraph_mode})
+    if args.backend != "default":
+        kwargs["attention_config"] = {"backend": args.backend}
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    startup = time.perf_counter() - t0
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+
+    def timed(prompts, params) -> float:
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    warm = [TokensPrompt(prompt_token_ids=[random.Random(7).randrange(100, 30000) for _ in range(64)])]
+    timed(warm, many)  # warm-up: first-call costs (allocator, sampler) out of the measurements
+    rows = []
+    for ctx in args.contexts:
+        for batch in args.batches:
+            rng = random.Random(ctx * 100 + batch)
+            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
+                       for _ in range(batch)]
+            ttft = timed(prompts, one)
+            t1 = [timed(prompts, one) for _ in range(args.repeats)]
+            tn = [timed(prompts, many) for _ in range(args.repeats)]
+            tpot = (statistics.median(tn) - statistics.median(t1)) / args.decode_tokens
+            rows.append({"context": ctx, "batch": batch, "ttft_s": ttft, "t1_s": t1, "t_many_s": tn,
+                         "tpot_ms": tpot * 1e3, "throughput_tok_s": batch / tpot})
+            print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
+                  file=sys.stderr, flush=True)
+    print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "rows": rows}), flush=True)
+
+
+def run_backend(args, backend: str, env: dict) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend,
+           "--model-dir", args.model_dir, "--contexts", ",".join(map(str, args.contexts)),
+           "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats),
+           "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
+        l + "\n" for l in proc.stderr.splitlines() if l.startswith("[")))
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--contexts", type=ints, default=[8192, 32768, 129024])
+    p.add_argument("--batches", type=ints, default=[1])
+    p.add_argument("--mode", default="dense", help="LONGSEQ_ATTENTION for the longseq run")
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
+    p.add_argument("--tokenizer-from", default=os.environ.get("LONGSEQ_TEST_MODEL"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=131072)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
+    p.add_argument("--name", default=None, help="results file name (default: vllm_decode_<mode>_<shape>)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    from benchmarks.common import command_line, environment, write_result
+
+    if args.model_dir is None:
+        from longseq.models.shapes import write_shape_model
+
+        args.model_dir = os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
+        write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
+                          max_model_len=args.max_model_len)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
+    default = run_backend(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
+    ours = run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode})
+    table = []
+    for d, o in zip(default["rows"], ours["rows"]):
+        table.append({"context": d["context"], "batch": d["batch"],
+                      "default_tpot_ms": d["tpot_ms"], "longseq_tpot_ms": o["tpot_ms"],
+                      "tpot_ratio": o["tpot_ms"] / d["tpot_ms"],
+                      "default_ttft_s": d["ttft_s"], "longseq_ttft_s": o["ttft_s"],
+                      "ttft_ratio": o["ttft_s"] / d["ttft_s"]})
+    name = args.name or f"vllm_decode_{args.mode}_{args.shape}"
+    path = write_result(name, {"benchmark": "vllm_decode", "command": command_line(), "env": environment(),
+                               "inputs": {"mode": args.mode, "shape": args.shape, "contexts": args.contexts,
+                                          "batches": args.batches, "repeats": args.repeats,
+                                          "decode_tokens": args.decode_tokens,
+                                          "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
+                               "default": default, "longseq": ours, "table": table})
+    print(f"| context | batch | default TPOT ms | longseq ({args.mode}) TPOT ms | ratio | default TTFT s | "
+          "longseq TTFT s | ratio |\n|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['context']} | {r['batch']} | {r['default_tpot_ms']:.2f} | {r['longseq_tpot_ms']:.2f} | "
+              f"{r['tpot_ratio']:.3f} | {r['default_ttft_s']:.3f} | {r['longseq_ttft_s']:.3f} | {r['ttft_ratio']:.3f} |")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""SGLang general plugin: ``sglang.srt.plugins`` entry point ``longseq = longseq.plugin.sglang:register``.
+
+SGLang calls :func:`register` in every process (CLI/engine front end, scheduler, detokenizer, DP
+controller) before it parses ``--attention-backend``, and only *logs* exceptions raised by plugins. So
+``register`` is idempotent and cheap (it touches SGLang's registry and CLI choice list only; the backend
+module is imported by the factory), and anything wrong (SGLang version, ``LONGSEQ_*`` settings) is logged
+here and raised again by the factory, which runs only when the user selected our backend.
+
+Usage:  ``python -m sglang.launch_server --model-path M --attention-backend longseq_dense``
+        (``sgl.Engine(..., attention_backend="longseq_dense")`` works the same way).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from longseq.plugin.config import LongSeqConfigError, get_config
+from longseq.plugin.versions import SGLANG_SUPPORTED, LongSeqVersionError, installed_version
+
+logger = logging.getLogger("longseq")
+
+DENSE_BACKEND = "longseq_dense"
+_checked = False  # the version/config problems are logged once per process
+
+
+def check_sglang_version(version: str | None = None) -> str:
+    """Return the installed SGLang version, or raise :class:`LongSeqVersionError` if it is not supported."""
+    version = version or installed_version("sglang")
+    if version not in SGLANG_SUPPORTED:
+        raise LongSeqVersionError(
+            f"longseq supports SGLang {' / '.join(SGLANG_SUPPORTED)} only; installed: "
+            f"{'sglang ' + version if version else 'no sglang'} (pip install 'longseq[sglang]')"
+        )
+    return version
+
+
+def create_dense_backend(model_runner):
+    """``ATTENTION_BACKENDS["longseq_dense"]`` factory: ``fn(model_runner) -> AttentionBackend``.
+
+    SGLang may call it several times per process (two-batch overlap, PD multiplexing).
+
+    Raises:
+        LongSeqVersionError: the installed SGLang is not a supported version.
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid.
+    """
+    check_sglang_version()
+    config = get_config()
+    from longseq.attention_backends.sglang.dense import LongSeqDenseBackend
+
+    return LongSeqDenseBackend(model_runner, config)
+
+
+def register() -> None:
+    """Register ``longseq_dense`` with SGLang's attention registry and CLI choices. Safe to call repeatedly."""
+    global _checked
+    if not _checked:
+        _checked = True
+        try:
+            check_sglang_version()
+            get_config()  # validate LONGSEQ_* early so a typo shows in the front-end log
+        except (LongSeqVersionError, LongSeqConfigError) as e:  # still register: the factory raises it again
+            logger.error("longseq: %s; --attention-backend %s will fail", e, DENSE_BACKEND)
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+
+    register_attention_backend(DENSE_BACKEND)(create_dense_backend)
+    if DENSE_BACKEND not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
+        add_attention_backend_choices([DENSE_BACKEND])

