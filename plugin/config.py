@@ -19,6 +19,9 @@ ATTENTION_TECHNIQUES = ("dense",)
 #: really runs our backend (a broken variant must change the tokens).
 DEBUG_FAULTS = ("none", "skip_kv_write")
 
+#: Math under our CPU backend in dense mode: vLLM's own CPU kernel (bit-identical tokens) or our PyTorch path.
+CPU_KERNELS = ("vllm", "torch")
+
 #: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
@@ -44,6 +47,7 @@ class LongSeqConfig:
         trace_dir: if set, each process running our backend writes a small JSON marker with call
             counts there (``LONGSEQ_TRACE_DIR``); tests use it to prove our code ran in the engine.
         debug_fault: test-only fault injection (``LONGSEQ_DEBUG_FAULT``).
+        cpu_kernel: dense-mode math of the CPU backend (``LONGSEQ_CPU_KERNEL``): ``vllm`` or ``torch``.
     """
 
     attention: str = "dense"
@@ -51,12 +55,17 @@ class LongSeqConfig:
     sglang_dense_backend: str = "auto"
     trace_dir: str | None = None
     debug_fault: str = "none"
+    cpu_kernel: str = "vllm"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TECHNIQUES:
             raise LongSeqConfigError(
                 f"LONGSEQ_ATTENTION={self.attention!r} is not a longseq technique; "
                 f"allowed values: {', '.join(ATTENTION_TECHNIQUES)}"
+            )
+        if self.cpu_kernel not in CPU_KERNELS:
+            raise LongSeqConfigError(
+                f"LONGSEQ_CPU_KERNEL={self.cpu_kernel!r} is not allowed; allowed values: {', '.join(CPU_KERNELS)}"
             )
         if self.debug_fault not in DEBUG_FAULTS:
             raise LongSeqConfigError(
@@ -70,6 +79,7 @@ class LongSeqConfig:
         "sglang_dense_backend": "LONGSEQ_SGLANG_DENSE",
         "trace_dir": "LONGSEQ_TRACE_DIR",
         "debug_fault": "LONGSEQ_DEBUG_FAULT",
+        "cpu_kernel": "LONGSEQ_CPU_KERNEL",
     }
 
     @classmethod
@@ -134,7 +144,7 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
     if t.startswith("str | None"):
         return None if raw in (None, "") else str(raw)
     if t == "str":
-        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend") else str(raw)
+        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel") else str(raw)
     raise AssertionError(f"no coercion for {name}: {t}")  # a new field must add its coercion
 
 

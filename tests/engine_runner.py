@@ -19,7 +19,9 @@ def main(spec_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], **spec.get("llm_kwargs", {}))
     t_load = time.perf_counter() - t0
-    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    # prompt_logprobs=k: the top-k log-probs at every prompt position (teacher-forced over the prompt).
+    params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                            prompt_logprobs=spec.get("prompt_logprobs"))
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
     t_gen = time.perf_counter() - t0
@@ -27,7 +29,14 @@ def main(spec_path: str, out_path: str) -> None:
     cg_mode = str(cfg.compilation_config.cudagraph_mode) if cfg is not None else None
     json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "cudagraph_mode": cg_mode,
                "texts": [o.outputs[0].text for o in outs],
+               "prompt_logprobs": [_top_logprobs(o.prompt_logprobs) for o in outs] if spec.get("prompt_logprobs")
+               else None,
                "load_s": t_load, "generate_s": t_gen}, open(out_path, "w"))
+
+
+def _top_logprobs(per_position) -> list[dict[str, float]]:
+    """vLLM's ``prompt_logprobs`` (first entry None) -> ``[{token_id: logprob}]`` per position 1..n-1."""
+    return [{str(t): lp.logprob for t, lp in pos.items()} for pos in per_position[1:]]
 
 
 if __name__ == "__main__":

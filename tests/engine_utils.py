@@ -34,12 +34,12 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_llm(model: str, prompts: list[list[int]], max_tokens: int, env: dict[str, str],
-            llm_kwargs: dict | None = None, timeout: float = 900) -> dict:
+            llm_kwargs: dict | None = None, timeout: float = 900, prompt_logprobs: int | None = None) -> dict:
     """Run ``engine_runner.py`` in a fresh process from a neutral cwd; return its JSON (or raise with its log)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "spec.json")
         out = os.path.join(tmp, "out.json")
-        json.dump({"model": model, "prompts": prompts, "max_tokens": max_tokens,
+        json.dump({"model": model, "prompts": prompts, "max_tokens": max_tokens, "prompt_logprobs": prompt_logprobs,
                    "llm_kwargs": {**LLM_KWARGS, **(llm_kwargs or {})}}, open(spec, "w"))
         proc = subprocess.run([sys.executable, RUNNER, spec, out], env=clean_env(env), cwd=tmp,
                               capture_output=True, text=True, timeout=timeout)

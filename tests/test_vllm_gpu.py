@@ -10,7 +10,7 @@ import os
 import pytest
 
 from engine_utils import read_traces, run_llm
-from prompts import make_prompts
+from longseq.models.prompts import make_prompts
 
 pytestmark = pytest.mark.gpu
 

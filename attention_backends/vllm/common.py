@@ -116,7 +116,8 @@ def validate_attention_layer(
 class BackendTrace:
     """Per-process call counters, written as JSON to ``config.trace_dir`` when that is set.
 
-    The file is rewritten at call counts 1, 2, 4, 8, ... so its cost is nil in steady state; tests read
+    The file is rewritten when a layer is seen first and at call counts 1, 2, 4, 8, ... so its cost is nil
+    in steady state; tests read
     it to prove the engine really ran our backend (vLLM falls back silently when a plugin fails).
     Under CUDA graphs only eager calls (capture, prefill) are counted.
     """
@@ -142,10 +143,14 @@ class BackendTrace:
         self.counts[event] += 1
         if tokens:
             self.counts["tokens_attended"] += tokens
-        if layer_name:
+        new_layer = bool(layer_name) and layer_name not in self.layers
+        if new_layer:
             self.layers.add(layer_name)
-        if self.config.trace_dir and self.counts[event] >= self._next_flush and event == "forward_calls":
-            self._next_flush *= 2
+        if not self.config.trace_dir or event != "forward_calls":
+            return
+        if new_layer or self.counts[event] >= self._next_flush:  # new layers: only during the first steps
+            if self.counts[event] >= self._next_flush:
+                self._next_flush *= 2
             self.flush()
 
     def flush(self) -> None:

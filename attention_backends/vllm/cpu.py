@@ -2,8 +2,13 @@
 
 The CPU platform always asks for ``CPU_ATTN``, so the plugin overrides that enum member's class path.
 The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv, N, 2*D]`` whose
-``[B, Hkv, 2N, D]`` view holds N K rows then N V rows, exactly as vLLM's own CPU kernels use it), and
-runs the PyTorch paged path from ``longseq.kernels.paged_attention``.
+``[B, Hkv, 2N, D]`` view holds N K rows then N V rows). Two kernels (``LONGSEQ_CPU_KERNEL``):
+
+- ``vllm`` (default for dense): vLLM's own CPU attention and cache-write ops run the math, so dense mode
+  gives the built-in backend's tokens bit for bit; our builder/impl still wrap every step (trace, hooks).
+- ``torch``: the PyTorch paged path from ``longseq.kernels.paged_attention`` (fp32 math, our own cache
+  write in the plain layout). Techniques that read the cache themselves (sparse, duo) need this one,
+  because vLLM's CPU cache write may use an ISA-specific layout.
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from typing import ClassVar
 
 import torch
 
-from vllm.v1.attention.backend import (
-    AttentionCGSupport,
-    AttentionImpl,
-    AttentionMetadataBuilder,
-    CommonAttentionMetadata,
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
 )
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from longseq.attention_backends.vllm.common import (
     BackendTrace,
@@ -28,33 +33,22 @@ from longseq.attention_backends.vllm.common import (
     validate_attention_layer,
 )
 from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
-from longseq.plugin.config import get_config
+from longseq.plugin.config import LongSeqConfigError, get_config
 
 
 @dataclasses.dataclass
-class LongSeqCPUMetadata:
-    """Per-step metadata of the CPU path: just the shared step info."""
+class LongSeqCPUMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus the shared step info (``None`` only in the dataclass default)."""
 
-    step: LongSeqStepInfo
-
-    @property
-    def num_actual_tokens(self) -> int:
-        return self.step.num_actual_tokens
-
-    @property
-    def slot_mapping(self) -> torch.Tensor:
-        return self.step.slot_mapping
+    step: LongSeqStepInfo | None = None
 
 
-class LongSeqCPUMetadataBuilder(AttentionMetadataBuilder[LongSeqCPUMetadata]):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
-
-    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-
+class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LongSeqCPUMetadata:
-        return LongSeqCPUMetadata(LongSeqStepInfo.from_common(common_attn_metadata, self.kv_cache_spec.block_size))
+        stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        step = LongSeqStepInfo.from_common(common_attn_metadata, self.kv_cache_spec.block_size)
+        return LongSeqCPUMetadata(**{f.name: getattr(stock, f.name) for f in dataclasses.fields(stock)}, step=step)
 
 
 def split_cpu_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +58,8 @@ def split_cpu_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return key_cache, value_cache
 
 
-class LongSeqCPUImpl(AttentionImpl[LongSeqCPUMetadata]):
-    """Decoder self-attention over the paged cache with PyTorch ops (fp32 math)."""
+class LongSeqCPUImpl(CPUAttentionBackendImpl):
+    """Decoder self-attention over the paged cache: vLLM's CPU kernel or our PyTorch path."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
@@ -73,32 +67,31 @@ class LongSeqCPUImpl(AttentionImpl[LongSeqCPUMetadata]):
                  attn_type: str = "decoder", kv_sharing_target_layer_name: str | None = None,
                  **extra_impl_args) -> None:
         self.config = get_config()
-        self.num_heads = num_heads
-        self.head_size = head_size
-        self.scale = float(scale)
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.kv_cache_dtype = kv_cache_dtype
-        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        num_kv_heads = num_kv_heads or num_heads
         validate_attention_layer(
             backend="longseq CPU backend", head_size=head_size, num_heads=num_heads,
-            num_kv_heads=self.num_kv_heads, kv_cache_dtype=kv_cache_dtype,
+            num_kv_heads=num_kv_heads, kv_cache_dtype=kv_cache_dtype,
             model_dtype=current_model_dtype(), attn_type=str(getattr(attn_type, "value", attn_type)),
         )
         unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
                        "logits_soft_cap": logits_soft_cap, **{k: v for k, v in extra_impl_args.items() if v is not None}}
         unsupported = {k: v for k, v in unsupported.items() if v not in (None, 0, 0.0)}
         if unsupported:
-            from longseq.plugin.config import LongSeqConfigError
-
             raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
+                         kv_sharing_target_layer_name)
+        self.use_torch = self.config.cpu_kernel == "torch"
         self.trace = BackendTrace.for_backend("cpu", self.config)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if self.config.debug_fault == "skip_kv_write":
             return
-        key_cache, value_cache = split_cpu_kv_cache(kv_cache)
-        write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+        if self.use_torch:
+            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+            write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+        else:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         self.trace.record("kv_writes")
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -110,12 +103,16 @@ class LongSeqCPUImpl(AttentionImpl[LongSeqCPUMetadata]):
         if attn_metadata is None:  # profiling run
             return output
         step = attn_metadata.step
-        key_cache, value_cache = split_cpu_kv_cache(kv_cache)
-        out = output.view(output.shape[0], self.num_heads, self.head_size)
-        paged_attention_naive(
-            query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
-            step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale, output=out,
-        )
+        if self.use_torch:
+            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+            out = output.view(output.shape[0], self.num_heads, self.head_size)
+            paged_attention_naive(
+                query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
+                step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale,
+                output=out,
+            )
+        else:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
         return output
 

@@ -46,6 +46,10 @@ def _wrap_flash_metadata(inner: FlashAttentionMetadata, step: LongSeqStepInfo) -
 
 
 class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
+    # vLLM may reuse one group's metadata for another KV-cache group by swapping only block_table and
+    # slot_mapping (update_block_table); our `step` would keep the first group's. Ask for a fresh build.
+    supports_update_block_table: bool = False
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> LongSeqFlashMetadata:
         inner = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return _wrap_flash_metadata(inner, LongSeqStepInfo.from_common(common_attn_metadata, self.block_size))
@@ -89,6 +93,10 @@ class LongSeqFlashBackend(FlashAttentionBackend):
     Cache shape, layout and kernel block sizes are FlashAttention's in every supported vLLM version
     (inherited), so the 0.26 ``get_kv_cache_shape`` and 0.32+ ``supported_kv_cache_layouts`` APIs both hold.
     """
+
+    # vLLM 0.33: a fused QK-norm/RoPE/KV-insert op may write the cache itself when the backend allows it,
+    # skipping do_kv_cache_update and so our KV-write hooks. Keep every write on our path.
+    supports_kv_cache_update_bypass: bool = False
 
     @staticmethod
     def get_name() -> str:

@@ -1,0 +1,204 @@
+"""Sparse paged decode attention: each query attends only to the selected pages of its kv head.
+
+Flash-decoding: the selected pages of one (request, kv head), seen as a flat list of ``S * P`` token
+slots, are cut into ``num_splits`` contiguous ranges; a program per (request, kv head, split) runs an
+online softmax over its range for all ``G`` query heads of the group at once (one ``[G_pad, D] x [D, N]``
+``tl.dot``; ``G`` padded to 16, the smallest dot tile), and a second kernel merges the splits by their
+log-sum-exp. With one split the first kernel writes the output directly and the second is skipped.
+Shapes depend only on ``(B, Hq, D, S)``, never on ``seq_lens``: safe to capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse,
+    scale_log2, list_tokens, tokens_per_split, num_splits,
+    s_qb, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+    s_btb, s_btn, s_pb, s_ph, s_ob, s_oh, s_od,
+    HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    seq_len = tl.load(seq_lens + b)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    heads = h * GROUP + g
+    qg = tl.load(q + b * s_qb + heads[:, None] * s_qh + d[None, :] * s_qd,
+                 mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(key_cache.dtype.element_ty)
+    if DOT_FP32:  # Triton's interpreter multiplies bf16 tiles as raw integers: do it in fp32 there
+        qg = qg.to(tl.float32)
+    pid_row = page_ids + b * s_pb + h * s_ph
+    bt_row = block_table + b * s_btb
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    t_start = split * tokens_per_split
+    t_end = tl.minimum(t_start + tokens_per_split, list_tokens)
+    for t0 in range(t_start, t_end, BLOCK_N):
+        # Token slot t of the list = offset t % P of the (t // P)-th selected page.
+        t = t0 + n
+        page = tl.load(pid_row + t // PAGE_SIZE, mask=t < t_end, other=-1).to(tl.int64)
+        pos = page * PAGE_SIZE + t % PAGE_SIZE  # position in the request's sequence
+        valid = (page >= 0) & (pos < seq_len)  # -1 entries and the partial last page's tail are masked
+        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * s_btn, mask=valid, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(key_cache + (blk * s_kb + off * s_ko + h * s_kh)[:, None] + d[None, :] * s_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(value_cache + (blk * s_vb + off * s_vo + h * s_vh)[:, None] + d[None, :] * s_vd,
+                    mask=kv_mask, other=0.0)
+        p_dtype = v.dtype
+        if DOT_FP32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(qg, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [G, N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a range with no token yet: no NaNs
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
+        acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a head that saw no token outputs zeros
+    if SPLIT:
+        row = (b * (HKV * GROUP) + heads) * num_splits + split  # part_o is [B, Hq, num_splits, D]
+        tl.store(part_o + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse + row, lse, mask=g_mask)
+    else:
+        tl.store(out + b * s_ob + heads[:, None] * s_oh + d[None, :] * s_od, o.to(out.dtype.element_ty),
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_o, part_lse, out, num_splits, s_ob, s_oh, s_od,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * Hq + query head
+    b = row // HQ
+    hq = row % HQ
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_mask = s < num_splits
+    lse = tl.load(part_lse + row * num_splits + s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+    o = tl.load(part_o + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+    w_sum = tl.sum(w, axis=0)
+    res = tl.sum(w[:, None] * o, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+    tl.store(out + b * s_ob + hq * s_oh + d * s_od, res.to(out.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_num_splits(batch: int, num_kv_heads: int, num_select: int, page_size: int, head_size: int,
+                       device: torch.device) -> int:
+    """Splits so that about two programs per SM run, but no split gets less than one ``BLOCK_N`` tile.
+
+    Depends on shapes only (not on ``seq_lens``), so a captured graph stays valid.
+    """
+    block_n = _block_n(head_size)
+    max_splits = triton.cdiv(num_select * page_size, block_n)
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 4
+    return max(1, min(max_splits, triton.cdiv(2 * sms, max(batch * num_kv_heads, 1)), 64))
+
+
+def _block_n(head_size: int) -> int:
+    return 64 if head_size <= 128 else 32
+
+
+def dense_page_ids(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
+                   num_kv_heads: int) -> torch.Tensor:
+    """``[B, Hkv, max_pages]`` int32 selection of every valid page (``-1`` past the last): with it,
+    ``sparse_paged_decode`` is ordinary paged decode attention."""
+    max_pages = block_table.shape[1] * block_size // page_size
+    j = torch.arange(max_pages, device=block_table.device, dtype=torch.int32)
+    n = (seq_lens.to(torch.int32) + page_size - 1) // page_size
+    ids = torch.where(j[None, :] < n[:, None], j[None, :], -1)
+    return ids[:, None, :].expand(-1, num_kv_heads, -1).contiguous()
+
+
+def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                        block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
+                        page_size: int, scale: float, out: torch.Tensor | None = None,
+                        num_splits: int | None = None) -> torch.Tensor:
+    """Decode attention over the selected pages only.
+
+    Args:
+        q: ``[B, Hq, D]`` fp16/bf16/fp32, one query per request; query heads ``h*G .. h*G+G-1`` use kv
+            head ``h``. D up to 256 (any size: padded to a power of two and masked).
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``, any strides.
+        block_table: ``[B, max_blocks]`` int32; seq_lens: ``[B]`` int32 (tokens at ``>= seq_len`` masked).
+        page_ids: ``[B, Hkv, S]`` int32 logical pages (``select_topk_pages``; any order, ``-1`` skipped).
+        page_size: tokens per page; divides ``block_size``.
+        scale: softmax scale.
+        out: optional ``[B, Hq, D]`` output (any strides, any float dtype).
+        num_splits: split-K factor (default: ``default_num_splits``, from shapes only).
+
+    Returns:
+        ``[B, Hq, D]`` in ``q.dtype`` (or ``out``'s); zeros for a request that sees no token.
+    """
+    bsz, hq, d = q.shape
+    num_blocks, block_size, hkv, dk = key_cache.shape
+    assert dk == d and value_cache.shape == key_cache.shape and hq % hkv == 0
+    assert block_size % page_size == 0 and page_ids.shape[:2] == (bsz, hkv) and page_ids.stride(2) == 1
+    if out is None:
+        out = torch.empty_like(q)
+    num_select = page_ids.shape[2]
+    if bsz == 0:
+        return out
+    block_n = _block_n(d)
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, hkv, num_select, page_size, d, q.device)
+    list_tokens = num_select * page_size
+    tokens_per_split = triton.cdiv(triton.cdiv(list_tokens, num_splits), block_n) * block_n
+    split = num_splits > 1
+    if split:
+        part_o = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    group = hq // hkv
+    interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
+    _sparse_decode_kernel[(bsz * hkv, num_splits)](
+        q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse,
+        scale * _LOG2E, list_tokens, tokens_per_split, num_splits,
+        *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
+        page_ids.stride(0), page_ids.stride(1), *out.stride(),
+        HKV=hkv, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_N=block_n, SPLIT=split, DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
+        DOT_FP32=interp_bf16,
+        num_warps=4,
+    )
+    if split:
+        _merge_splits_kernel[(bsz * hq,)](
+            part_o, part_lse, out, num_splits, *out.stride(),
+            HQ=hq, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+        )
+    return out

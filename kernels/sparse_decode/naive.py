@@ -1,0 +1,157 @@
+"""PyTorch references for Quest-style sparse decode: page summaries, page scores, top-k, sparse attention.
+
+Cache layout: ``key_cache``/``value_cache`` are ``[num_blocks, block_size, Hkv, D]`` tensors with any
+strides (vLLM's flash layout is contiguous; our CPU cache is a permuted ``[num_blocks, Hkv, block_size, D]``
+view). A slot is ``block * block_size + offset``. Every block is cut into ``block_size // page_size`` pages,
+so the global page of slot ``s`` is ``s // page_size`` and a request's logical page ``j`` lives at
+
+    block_table[b, (j * P) // block_size] * (block_size // P) + ((j * P) % block_size) // P
+
+Page summaries ``page_min``/``page_max`` are ``[num_blocks * block_size // P, Hkv, D]`` in the cache dtype:
+the channel-wise min/max of the page's keys (exact in any dtype, so no rounding is involved).
+
+These are loops written for clarity: the Triton kernels beside this file are tested against them, with
+fp32 math throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def logical_to_global_pages(block_table_row: torch.Tensor, num_pages: int, page_size: int,
+                            block_size: int) -> torch.Tensor:
+    """``[num_pages]`` int64 global page ids of logical pages ``0..num_pages-1`` of one request."""
+    j = torch.arange(num_pages, device=block_table_row.device)
+    blocks = block_table_row.long()[(j * page_size) // block_size]
+    return blocks * (block_size // page_size) + ((j * page_size) % block_size) // page_size
+
+
+def update_page_summary_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor, page_min: torch.Tensor,
+                            page_max: torch.Tensor, page_size: int) -> None:
+    """Recompute min/max of every page written this step, in place.
+
+    Args:
+        key_cache: ``[num_blocks, block_size, Hkv, D]`` (already holding this step's keys).
+        slot_mapping: ``[T]`` int slots written this step, ``-1`` = padding.
+        page_min, page_max: ``[num_pages_total, Hkv, D]``.
+        page_size: tokens per page ``P`` (divides ``block_size``).
+
+    A page's tokens are written in order by one request, so the rows that hold its keys are offsets
+    ``0..o`` where ``o`` is the largest in-page offset written this step; rows past ``o`` may hold a
+    previous owner's keys and are ignored.
+    """
+    block_size = key_cache.shape[1]
+    slots = slot_mapping.long().tolist()
+    last_off: dict[int, int] = {}
+    for s in slots:
+        if s >= 0:
+            page = s // page_size
+            last_off[page] = max(last_off.get(page, -1), s % page_size)
+    for page, off in last_off.items():
+        s0 = page * page_size  # slot of the page's first token
+        blk, o0 = s0 // block_size, s0 % block_size
+        keys = key_cache[blk, o0 : o0 + off + 1].float()  # [off+1, Hkv, D]
+        page_min[page] = keys.amin(0).to(page_min.dtype)
+        page_max[page] = keys.amax(0).to(page_max.dtype)
+
+
+def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
+                    block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
+                    num_sink_pages: int = 0, num_recent_pages: int = 0) -> torch.Tensor:
+    """Quest upper bound of ``q . k`` per logical page and kv head.
+
+    Args:
+        q: ``[B, Hq, D]`` one decode query per request; ``Hq = G * Hkv``, group ``h`` is query heads
+            ``h*G .. h*G+G-1``.
+        page_min, page_max: ``[num_pages_total, Hkv, D]``.
+        block_table: ``[B, max_blocks]`` int physical blocks; seq_lens: ``[B]`` int.
+
+    Returns:
+        ``[B, Hkv, max_blocks * block_size // P]`` fp32: ``sum_g sum_i max(q_i min_i, q_i max_i)``;
+        ``-inf`` past the last valid page, ``+inf`` for the first ``num_sink_pages`` and last
+        ``num_recent_pages`` valid pages.
+    """
+    b_, hq, d = q.shape
+    hkv = page_min.shape[1]
+    g = hq // hkv
+    max_pages = block_table.shape[1] * block_size // page_size
+    out = torch.full((b_, hkv, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    for b in range(b_):
+        n = (int(seq_lens[b]) + page_size - 1) // page_size
+        if n == 0:
+            continue
+        gp = logical_to_global_pages(block_table[b], n, page_size, block_size)
+        mn = page_min[gp].float()  # [n, Hkv, D]
+        mx = page_max[gp].float()
+        qb = q[b].float().view(hkv, g, d)  # [Hkv, G, D]
+        s = torch.maximum(qb[None] * mn[:, :, None], qb[None] * mx[:, :, None])  # [n, Hkv, G, D]
+        out[b, :, :n] = s.sum((2, 3)).t()
+        out[b, :, : min(num_sink_pages, n)] = float("inf")
+        if num_recent_pages > 0:
+            out[b, :, max(n - num_recent_pages, 0) : n] = float("inf")
+    return out
+
+
+def select_topk_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
+                          block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                          block_size: int, num_select: int, num_sink_pages: int = 0,
+                          num_recent_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``num_select`` logical pages per (request, kv head) by Quest score.
+
+    Returns:
+        page_ids: ``[B, Hkv, num_select]`` int32 logical page indices, ascending, ``-1`` padded.
+        num_valid: ``[B]`` int32 ``min(num_select, ceil(seq_len / P))``.
+    """
+    scores = score_pages_ref(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
+                             num_sink_pages, num_recent_pages)
+    b_, hkv, _ = scores.shape
+    page_ids = torch.full((b_, hkv, num_select), -1, dtype=torch.int32, device=q.device)
+    num_valid = torch.zeros(b_, dtype=torch.int32, device=q.device)
+    for b in range(b_):
+        n = (int(seq_lens[b]) + page_size - 1) // page_size
+        k = min(num_select, n)
+        num_valid[b] = k
+        if k == 0:
+            continue
+        idx = scores[b, :, :n].topk(k, dim=-1).indices.sort(dim=-1).values
+        page_ids[b, :, :k] = idx.to(torch.int32)
+    return page_ids, num_valid
+
+
+def sparse_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
+                            page_size: int, scale: float) -> torch.Tensor:
+    """Decode attention of each query head over the selected pages of its kv head (fp32 softmax).
+
+    Args:
+        q: ``[B, Hq, D]``; key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``.
+        page_ids: ``[B, Hkv, S]`` int logical pages (any order; ``-1`` skipped); tokens at positions
+            ``>= seq_len`` are masked.
+
+    Returns:
+        ``[B, Hq, D]`` in ``q.dtype`` (zeros for a head that sees no token).
+    """
+    b_, hq, d = q.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    g = hq // hkv
+    out = torch.zeros_like(q)
+    for b in range(b_):
+        seq_len = int(seq_lens[b])
+        for h in range(hkv):
+            pages = page_ids[b, h].long()
+            pages = pages[pages >= 0]
+            if pages.numel() == 0:
+                continue
+            pos = (pages[:, None] * page_size + torch.arange(page_size, device=q.device)).reshape(-1)
+            pos = pos[pos < seq_len]
+            if pos.numel() == 0:
+                continue
+            blk = block_table[b].long()[pos // block_size]
+            off = pos % block_size
+            k = key_cache[blk, off, h].float()  # [n, D]
+            v = value_cache[blk, off, h].float()
+            qh = q[b, h * g : (h + 1) * g].float()  # [G, D]
+            p = torch.softmax((qh @ k.t()) * scale, dim=-1)
+            out[b, h * g : (h + 1) * g] = (p @ v).to(q.dtype)
+    return out

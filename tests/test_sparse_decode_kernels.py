@@ -1,0 +1,446 @@
+"""Quest sparse-decode Triton kernels vs their PyTorch references (longseq.kernels.sparse_decode.naive).
+
+Without CUDA the kernels run in Triton's interpreter at small shapes: TRITON_INTERPRET=1 is set while the
+kernel modules are imported (``triton.jit`` decides at decoration time) and while this module's tests run
+(the interpreter reads it at run time too), and restored after, so other modules' subprocesses never see it; with CUDA the same
+tests run natively, and the ``gpu``-marked ones add Llama-3.1-8B-sized shapes and CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+
+def _import_kernels():
+    """The sparse_decode package, its kernels interpreted when there is no GPU.
+
+    ``triton.jit`` picks the interpreter at decoration time, for our kernels and for triton.language's
+    own jit helpers (``tl.max``, ``tl.cumsum``...): whatever was decorated without it is re-imported.
+    """
+    if CUDA:
+        return importlib.import_module("longseq.kernels.sparse_decode")
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.standard.max, InterpretedFunction):  # triton was imported before us
+            importlib.reload(tl.standard)
+            importlib.reload(tl)
+        for m in ("page_summary", "select", "decode"):
+            mod = importlib.import_module("longseq.kernels.sparse_decode." + m)
+            kernels = [v for k, v in vars(mod).items() if k.endswith("_kernel")]
+            if not all(isinstance(v, InterpretedFunction) for v in kernels):
+                importlib.reload(mod)
+        return importlib.reload(importlib.import_module("longseq.kernels.sparse_decode"))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+sd = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    if CUDA:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+from longseq.kernels.paged_attention import paged_attention_naive  # noqa: E402
+from longseq.kernels.sparse_decode import naive  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------- helpers
+class Cache:
+    """A paged cache filled with stale random keys (block reuse), a shuffled block table per request, and
+    each request's tokens written through ``slot_mapping``."""
+
+    def __init__(self, seq_lens, hkv, d, block_size, dtype, seed, layout="flash", spare_blocks=3):
+        g = torch.Generator().manual_seed(seed)
+        self.g, self.hkv, self.d, self.block_size, self.dtype = g, hkv, d, block_size, dtype
+        self.seq_lens_list = list(seq_lens)
+        nblk = [math.ceil(s / block_size) for s in seq_lens]
+        max_blocks = max(nblk) + 1  # one unused column: table entries past a request's blocks are junk
+        self.num_blocks = sum(nblk) + spare_blocks
+        if layout == "flash":  # vLLM CUDA: [num_blocks, block_size, Hkv, D] contiguous, K and V in one tensor
+            kv = torch.randn(2, self.num_blocks, block_size, hkv, d, generator=g).to(dtype)
+            self.key_cache, self.value_cache = kv[0], kv[1]
+        else:  # our CPU cache: [num_blocks, Hkv, 2 * block_size, D], permuted to the logical order
+            kv = torch.randn(self.num_blocks, hkv, 2 * block_size, d, generator=g).to(dtype)
+            k, v = kv.chunk(2, dim=2)
+            self.key_cache, self.value_cache = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        perm = torch.randperm(self.num_blocks, generator=g)
+        self.block_table = torch.randint(0, self.num_blocks, (len(seq_lens), max_blocks), generator=g,
+                                         dtype=torch.int32)
+        used = 0
+        for i, n in enumerate(nblk):
+            self.block_table[i, :n] = perm[used : used + n].to(torch.int32)
+            used += n
+        self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
+        # Fresh keys/values per request, written over the stale cache contents.
+        self.keys = [torch.randn(s, hkv, d, generator=g).to(dtype) for s in seq_lens]
+        self.values = [torch.randn(s, hkv, d, generator=g).to(dtype) for s in seq_lens]
+
+    def slots(self, i, start, end):
+        pos = torch.arange(start, end)
+        return self.block_table[i].long()[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def write(self, i, start, end):
+        s = self.slots(i, start, end)
+        blk, off = s // self.block_size, s % self.block_size
+        self.key_cache[blk, off] = self.keys[i][start:end]
+        self.value_cache[blk, off] = self.values[i][start:end]
+        return s
+
+    def write_all(self):
+        return torch.cat([self.write(i, 0, n) for i, n in enumerate(self.seq_lens_list)])
+
+    def to(self, dev):
+        for name in ("key_cache", "value_cache", "block_table", "seq_lens"):
+            setattr(self, name, getattr(self, name).to(dev))
+        return self
+
+
+def summaries(cache, page_size, dev=DEV):
+    """Summaries of a fully written cache, by the reference (the kernel has its own tests; the
+    interpreter would take a program per token here). Pages never written stay NaN."""
+    pmin, pmax = sd.allocate_page_summary(cache.num_blocks, cache.block_size, cache.hkv, cache.d, page_size,
+                                          cache.dtype, dev)
+    pmin.fill_(float("nan"))
+    pmax.fill_(float("nan"))
+    naive.update_page_summary_ref(cache.key_cache, cache.slot_mapping, pmin, pmax, page_size)
+    return pmin, pmax
+
+
+def build(seq_lens, hq, hkv, d, block_size, page_size, dtype, seed, layout="flash"):
+    c = Cache(seq_lens, hkv, d, block_size, dtype, seed, layout)
+    c.slot_mapping = c.write_all()
+    c.to(DEV)
+    c.page_min, c.page_max = summaries(c, page_size)
+    c.q = torch.randn(len(seq_lens), hq, d, generator=c.g).to(dtype).to(DEV)
+    return c
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def check_selection(ids, num_valid, scores, seq_lens, page_size, num_select):
+    """``ids`` is a correct top-k of ``scores``: right count, ascending, and no unselected valid page
+    scores above a selected one (up to rounding), so ties may go either way."""
+    ids, scores = ids.cpu().long(), scores.cpu().double()
+    for b, s in enumerate(seq_lens.tolist()):
+        n = math.ceil(s / page_size)
+        k = min(num_select, n)
+        assert int(num_valid[b]) == k
+        for h in range(ids.shape[1]):
+            row = ids[b, h]
+            assert (row[k:] == -1).all() and (row[:k] >= 0).all() and (row[:k] < n).all()
+            assert k == 0 or (row[1:k] > row[: k - 1]).all(), "ascending and unique"
+            chosen = torch.zeros(n, dtype=torch.bool)
+            chosen[row[:k]] = True
+            sc = scores[b, h, :n]
+            if k < n:
+                lo, hi = float(sc[chosen].min()), float(sc[~chosen].max())
+                tol = 1e-4 * max(1.0, abs(hi)) if math.isfinite(hi) else 0.0
+                assert lo >= hi - tol, (b, h, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------- summaries
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size,layout", [(16, "flash"), (8, "cpu"), (4, "flash")])
+def test_update_page_summary_steps_match_reference(dtype, page_size, layout):
+    """Prefill chunks with padding, then decode steps, over a cache full of stale keys."""
+    block_size, hkv, d = 16, 2, 64
+    c = Cache([37, 70, 9, 16], hkv, d, block_size, dtype, seed=11 + page_size, layout=layout).to(DEV)
+    c.keys = [k.to(DEV) for k in c.keys]
+    c.values = [v.to(DEV) for v in c.values]
+    pmin, pmax = sd.allocate_page_summary(c.num_blocks, block_size, hkv, d, page_size, dtype, DEV)
+    pmin.copy_(torch.randn(pmin.shape, generator=c.g).to(dtype))
+    pmax.copy_(torch.randn(pmax.shape, generator=c.g).to(dtype))
+    rmin, rmax = pmin.clone(), pmax.clone()
+    pad = torch.tensor([-1], device=DEV)
+    # (request, start, end) per step; decode steps write one token, prefill steps chunks.
+    steps = [[(0, 0, 20), (1, 0, 33), (2, 0, 9)], [(0, 20, 36), (1, 33, 66), (3, 0, 16)],
+             [(0, 36, 37), (1, 66, 67)], [(1, 67, 68)], [(1, 68, 70)]]
+    for step in steps:
+        sm = torch.cat([torch.cat([c.write(i, a, e).to(DEV), pad]) for i, a, e in step] + [pad, pad])
+        sd.update_page_summary(c.key_cache, sm, pmin, pmax, page_size)
+        naive.update_page_summary_ref(c.key_cache, sm, rmin, rmax, page_size)
+        assert torch.equal(pmin.cpu(), rmin.cpu()) and torch.equal(pmax.cpu(), rmax.cpu())
+    # Independent of the reference: each page's summary is the min/max of exactly its request's keys.
+    for i, n in enumerate(c.seq_lens_list):
+        for j in range(math.ceil(n / page_size)):
+            gp = int(c.slots(i, j * page_size, j * page_size + 1)) // page_size
+            keys = c.keys[i][j * page_size : (j + 1) * page_size].float()
+            assert torch.equal(pmin[gp].float(), keys.amin(0)) and torch.equal(pmax[gp].float(), keys.amax(0))
+
+
+# --------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize("hq,hkv,d", [(2, 2, 64), (8, 2, 128), (16, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_score_pages_matches_reference(hq, hkv, d, dtype):
+    c = build([130, 7, 64, 33], hq, hkv, d, 16, 8, dtype, seed=hq * 7 + d)
+    args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, 8, 16, 2, 3)
+    got, ref = sd.score_pages(*args).cpu(), naive.score_pages_ref(*args).cpu()
+    assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-4 * float(ref[fin].abs().max()))
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_quest_bound_upper_bounds_every_token(hq, hkv):
+    d, page_size, block_size = 64, 8, 16
+    c = build([100, 45], hq, hkv, d, block_size, page_size, torch.float32, seed=5)
+    scores = sd.score_pages(c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size).cpu()
+    g = hq // hkv
+    for b, n in enumerate(c.seq_lens_list):
+        qb = c.q[b].cpu().double().view(hkv, g, d).sum(1)  # the group's summed q . k is what is bounded
+        dots = torch.einsum("thd,hd->ht", c.keys[b].double(), qb)  # [Hkv, n]
+        for j in range(math.ceil(n / page_size)):
+            page_dots = dots[:, j * page_size : (j + 1) * page_size]
+            bound = scores[b, :, j].double()
+            assert (page_dots.max(1).values <= bound + 1e-4 * bound.abs().clamp_min(1)).all()
+
+
+# --------------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (16, 2, 64)])
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_select_topk_pages_matches_reference(hq, hkv, d, impl):
+    # Budget 6 pages of 8 tokens: requests shorter than the budget, one exactly at it, longer ones, and an
+    # empty one (a padded batch slot under CUDA graphs: no page, num_valid 0).
+    page_size, block_size, k = 8, 16, 6
+    c = build([150, 30, 48, 81, 1, 0], hq, hkv, d, block_size, page_size, torch.float32, seed=hq + d)
+    args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size, k, 1, 2)
+    ids, nv = sd.select_topk_pages(*args, topk_impl=impl)
+    rids, rnv = naive.select_topk_pages_ref(*args)
+    assert ids.dtype == torch.int32 and nv.dtype == torch.int32 and ids.shape == rids.shape
+    assert torch.equal(nv.cpu(), rnv.cpu())
+    scores = naive.score_pages_ref(*args[:7], 1, 2)
+    check_selection(ids, nv, scores, c.seq_lens, page_size, k)
+    assert torch.equal(ids.cpu(), rids.cpu())  # continuous random scores: no ties
+    for b, n in enumerate(c.seq_lens_list):  # sink page 0 and the last 2 pages always in
+        n_pages = math.ceil(n / page_size)
+        need = set(range(min(1, n_pages))) | set(range(max(n_pages - 2, 0), n_pages))
+        for h in range(hkv):
+            assert need <= set(ids[b, h].tolist())
+
+
+@pytest.mark.parametrize("max_pages,k", [(300, 17), (64, 64), (1000, 1)])
+def test_topk_with_ties_and_extremes(max_pages, k):
+    """Integer-valued scores (many ties), negative and positive, +inf forced pages: a valid top-k."""
+    g = torch.Generator().manual_seed(max_pages + k)
+    bsz, hkv, page_size = 3, 2, 16
+    scores = torch.randint(-5, 5, (bsz, hkv, max_pages), generator=g).float() * 0.5
+    scores[:, :, 3] = float("inf")
+    scores[0, 0, :20] = -1e30
+    seq_lens = torch.tensor([max_pages * page_size, 40 * page_size - 3, 5], dtype=torch.int32)
+    for b, s in enumerate(seq_lens.tolist()):
+        scores[b, :, math.ceil(s / page_size) :] = float("-inf")
+    for impl in ("triton", "torch"):
+        ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl=impl)
+        check_selection(ids, nv, scores, seq_lens, page_size, k)
+
+
+def test_needle_pages_are_recalled():
+    """Random keys plus needle pages whose keys point along the group's query: >= 95% are selected."""
+    hq, hkv, d, page_size, block_size = 8, 2, 64, 16, 16
+    seq_lens = [2048, 1500]
+    num_needles, k = 6, 16
+    c = Cache(seq_lens, hkv, d, block_size, torch.float32, seed=3)
+    g = c.g
+    q = torch.randn(len(seq_lens), hq, d, generator=g)
+    hits = total = 0
+    needles = {}
+    for b, n in enumerate(seq_lens):
+        n_pages = math.ceil(n / page_size)
+        for h in range(hkv):
+            u = q[b, h * (hq // hkv) : (h + 1) * (hq // hkv)].sum(0)
+            u = u / u.norm()
+            # Needles away from the forced sink/recent pages, so only their scores can pick them.
+            pages = torch.randperm(n_pages - 8, generator=g)[:num_needles] + 2
+            needles[b, h] = set(pages.tolist())
+            for j in pages.tolist():
+                rows = slice(j * page_size, min((j + 1) * page_size, n))
+                m = c.keys[b][rows, h].shape[0]
+                c.keys[b][rows, h] = 3.0 * math.sqrt(d) * u + 0.5 * torch.randn(m, d, generator=g)
+    c.slot_mapping = c.write_all()
+    c.to(DEV)
+    pmin, pmax = summaries(c, page_size)
+    ids, nv = sd.select_topk_pages(q.to(DEV), pmin, pmax, c.block_table, c.seq_lens, page_size, block_size,
+                                   k, num_sink_pages=1, num_recent_pages=4)
+    for (b, h), want in needles.items():
+        got = set(ids[b, h].tolist())
+        hits += len(want & got)
+        total += len(want)
+    assert hits / total >= 0.95, (hits, total)
+
+
+# --------------------------------------------------------------------------------------------- decode
+DECODE_CASES = [  # hq, hkv, d, dtype, page_size, num_splits
+    (4, 4, 64, torch.float32, 16, 1),
+    (8, 2, 128, torch.float32, 8, 3),
+    (16, 2, 64, torch.float32, 4, None),
+    (8, 2, 64, torch.bfloat16, 16, 2),
+    (8, 1, 128, torch.float16, 8, None),
+    (6, 2, 80, torch.float32, 8, 2),
+]
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,page_size,num_splits", DECODE_CASES)
+def test_sparse_paged_decode_matches_reference(hq, hkv, d, dtype, page_size, num_splits):
+    block_size, k = 16, 7
+    layout = "cpu" if d == 64 else "flash"
+    c = build([100, 30, 57, 1, 0], hq, hkv, d, block_size, page_size, dtype, seed=hq * d + page_size, layout=layout)
+    # Random page subsets in random order, -1 padded; ensure the partial last page is often in.
+    ids = torch.full((len(c.seq_lens_list), hkv, k), -1, dtype=torch.int32)
+    for b, n in enumerate(c.seq_lens_list):
+        n_pages = math.ceil(n / page_size)
+        for h in range(hkv):
+            pick = torch.randperm(n_pages, generator=c.g)[: min(k - 1, n_pages)]
+            if (b + h) % 2 == 0:
+                pick = torch.cat([pick[pick != n_pages - 1][: k - 2], torch.tensor([n_pages - 1])])
+            ids[b, h, : len(pick)] = pick.to(torch.int32)
+            ids[b, h] = ids[b, h][torch.randperm(k, generator=c.g)]
+    ids = ids.to(DEV)
+    scale = d ** -0.5
+    out = torch.full_like(c.q, float("nan"))
+    got = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size,
+                                 scale, out=out, num_splits=num_splits)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+    ref = naive.sparse_paged_decode_ref(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids,
+                                        page_size, scale)
+    assert not got.isnan().any()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got, ref) < tol
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype", [(8, 2, 64, torch.float32), (4, 1, 128, torch.bfloat16)])
+def test_all_pages_equals_dense_paged_attention(hq, hkv, d, dtype):
+    page_size, block_size = 8, 16
+    c = build([77, 16, 3], hq, hkv, d, block_size, page_size, dtype, seed=d, layout="cpu")
+    ids = sd.dense_page_ids(c.block_table, c.seq_lens, page_size, block_size, hkv)
+    got = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size,
+                                 d ** -0.5, num_splits=2)
+    qsl = torch.arange(len(c.seq_lens_list) + 1, dtype=torch.int32)
+    dense = paged_attention_naive(c.q.cpu(), c.key_cache.cpu().permute(0, 2, 1, 3),
+                                  c.value_cache.cpu().permute(0, 2, 1, 3), c.block_table.cpu(), qsl,
+                                  c.seq_lens.cpu(), d ** -0.5)
+    assert rel_err(got.cpu(), dense) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_select_then_decode_with_full_budget_is_dense():
+    """num_select >= every request's page count: selection + sparse decode = dense decode."""
+    hq, hkv, d, page_size, block_size = 8, 2, 64, 8, 16
+    c = build([60, 17], hq, hkv, d, block_size, page_size, torch.float32, seed=9)
+    max_pages = c.block_table.shape[1] * block_size // page_size
+    ids, nv = sd.select_topk_pages(c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size,
+                                   block_size, max_pages, 1, 1)
+    assert nv.tolist() == [math.ceil(n / page_size) for n in c.seq_lens_list]
+    got = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size, 0.1)
+    qsl = torch.arange(3, dtype=torch.int32)
+    dense = paged_attention_naive(c.q.cpu(), c.key_cache.cpu().permute(0, 2, 1, 3),
+                                  c.value_cache.cpu().permute(0, 2, 1, 3), c.block_table.cpu(), qsl,
+                                  c.seq_lens.cpu(), 0.1)
+    assert rel_err(got.cpu(), dense) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- GPU only
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 4, 64), (28, 4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_llama_sized_pipeline(hq, hkv, d, dtype):
+    page_size, block_size, k = 16, 16, 128
+    c = build([32768, 9000, 2000, 513], hq, hkv, d, block_size, page_size, dtype, seed=hq + d)
+    # Summaries of the whole cache in one step through the kernel vs the reference (NaN: never written).
+    kmin, kmax = torch.full_like(c.page_min, float("nan")), torch.full_like(c.page_max, float("nan"))
+    sd.update_page_summary(c.key_cache, c.slot_mapping.to(DEV), kmin, kmax, page_size)
+    torch.testing.assert_close(kmin, c.page_min, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(kmax, c.page_max, rtol=0, atol=0, equal_nan=True)
+    args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size, k, 1, 4)
+    scores = naive.score_pages_ref(*args[:7], 1, 4)
+    for impl in ("triton", "torch"):
+        ids, nv = sd.select_topk_pages(*args, topk_impl=impl)
+        check_selection(ids, nv, scores, c.seq_lens, page_size, k)
+    out = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size,
+                                 d ** -0.5)
+    ref = naive.sparse_paged_decode_ref(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids,
+                                        page_size, d ** -0.5)
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@gpu
+def test_topk_long_rows_fall_back_to_torch():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 4, 20000, generator=g).to(DEV)
+    seq_lens = torch.tensor([20000 * 16, 7000 * 16 + 5], dtype=torch.int32, device=DEV)
+    scores[1, :, 7001:] = float("-inf")
+    ids, nv = sd.topk_pages(scores, seq_lens, 16, 256)
+    check_selection(ids, nv, scores, seq_lens, 16, 256)
+    s2 = scores[:, :, :16384].contiguous()
+    ids_t, _ = sd.topk_pages(s2, seq_lens, 16, 256, impl="triton")
+    ids_r, _ = sd.topk_pages(s2, seq_lens, 16, 256, impl="torch")
+    assert torch.equal(ids_t, ids_r)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_replay_follows_new_inputs():
+    hq, hkv, d, page_size, block_size, k = 32, 8, 128, 16, 16, 64
+    c = build([4000, 1500], hq, hkv, d, block_size, page_size, torch.bfloat16, seed=1)
+    slot = torch.zeros(2, dtype=torch.int64, device=DEV)
+    q, seq_lens = c.q.clone(), c.seq_lens.clone()
+    out = torch.empty_like(q)
+
+    def step():
+        sd.update_page_summary(c.key_cache, slot, c.page_min, c.page_max, page_size)
+        ids, _ = sd.select_topk_pages(q, c.page_min, c.page_max, c.block_table, seq_lens, page_size,
+                                      block_size, k, 1, 4)
+        sd.sparse_paged_decode(q, c.key_cache, c.value_cache, c.block_table, seq_lens, ids, page_size,
+                               d ** -0.5, out=out)
+        return ids
+
+    slot.copy_(torch.tensor([int(c.slot_mapping[3999]), -1]))
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids_g = step()
+    for trial in range(3):
+        q.copy_(torch.randn(q.shape, device=DEV).to(q.dtype))
+        seq_lens.copy_(torch.tensor([4000 - 100 * trial, 1500 - 7 * trial]))
+        graph.replay()
+        torch.cuda.synchronize()
+        scores = naive.score_pages_ref(q, c.page_min, c.page_max, c.block_table, seq_lens, page_size,
+                                       block_size, 1, 4)
+        check_selection(ids_g, torch.tensor([k, k]), scores, seq_lens.cpu(), page_size, k)
+        ref = naive.sparse_paged_decode_ref(q, c.key_cache, c.value_cache, c.block_table, seq_lens, ids_g,
+                                            page_size, d ** -0.5)
+        assert rel_err(out, ref) < 1e-2
