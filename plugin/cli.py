@@ -90,20 +90,23 @@ def demo(args: argparse.Namespace) -> int:
     prompt = build_prompt(AutoTokenizer.from_pretrained(model), args.context)
     where = "GPU" if on_gpu else "CPU"
     print(f"longseq demo: {len(prompt)}-token prompt, {args.max_tokens} new tokens, vLLM on {where}")
-    runs = [run_engine(model, prompt, args.max_tokens, args.mode, on_gpu)]
+    runs = [run_engine(model, [prompt], args.max_tokens, args.mode, on_gpu)]
     if args.compare:
-        runs.append(run_engine(model, prompt, args.max_tokens, None, on_gpu))
+        runs.append(run_engine(model, [prompt], args.max_tokens, None, on_gpu))
     ours = runs[0]
     layers = max((t["num_layers"] for t in ours["trace"]), default=0)
-    print(f"\n--- generation (longseq {args.mode}) ---\n{ours['text'].strip()}\n")
+    print(f"\n--- generation (longseq {args.mode}) ---\n{ours['results'][0]['text'].strip()}\n")
     print(f"longseq backend ran in the engine: {layers} attention layers" if layers else
           "WARNING: no longseq trace: the engine did not run our backend")
     print(f"{'backend':12s} {'TTFT s':>8s} {'TPOT ms':>8s} {'tok/s':>7s} {'load s':>7s}")
-    for r in runs:
-        print(f"{r['mode']:12s} {r['ttft_s']:8.3f} {r['tpot_ms']:8.2f} {r['decode_tok_per_s']:7.1f} {r['load_s']:7.1f}")
+    for run in runs:
+        r = run["results"][0]
+        print(f"{run['mode']:12s} {r['ttft_s']:8.3f} {r['tpot_ms']:8.2f} {r['decode_tok_per_s']:7.1f} {run['load_s']:7.1f}")
     if args.compare:
-        same = sum(a == b for a, b in zip(runs[0]["tokens"], runs[1]["tokens"]))
-        print(f"greedy tokens identical to vLLM's built-in backend: {same}/{len(runs[1]['tokens'])}")
+        a, b = (run["results"][0]["tokens"] for run in runs)
+        same = sum(x == y for x, y in zip(a, b))
+        print(f"greedy tokens identical to vLLM's built-in backend: {same}/{len(b)}"
+              + ("" if same == len(b) else f" (first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)})"))
     if args.json:
         json.dump(runs, open(args.json, "w"), indent=1)
     return 0 if layers else 1

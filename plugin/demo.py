@@ -63,15 +63,19 @@ def llm_kwargs(mode: str | None, on_gpu: bool, max_model_len: int) -> dict:
     return kw
 
 
-def run_engine(model: str, prompt: list[int], max_tokens: int, mode: str | None, on_gpu: bool,
+def run_engine(model: str, prompts: list[list[int]], max_tokens: int, mode: str | None, on_gpu: bool,
                timeout: float = 1800) -> dict:
-    """Run one engine in a subprocess; return tokens, text, timings and longseq's trace (if our backend ran)."""
+    """Run one engine in a subprocess over ``prompts`` (one after another, each timed on its own).
+
+    Returns ``{"mode", "load_s", "results": [{tokens, text, prompt_tokens, ttft_s, tpot_ms, ...}], "trace"}``;
+    ``trace`` holds longseq's per-process call counts (empty when our backend did not run).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         spec, out, trace = (os.path.join(tmp, n) for n in ("spec.json", "out.json", "trace"))
         os.makedirs(trace)
-        json.dump({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                   "llm_kwargs": llm_kwargs(mode, on_gpu, max(4096, len(prompt) + max_tokens + 16))},
-                  open(spec, "w"))
+        longest = max(len(p) for p in prompts)
+        json.dump({"model": model, "prompts": prompts, "max_tokens": max_tokens,
+                   "llm_kwargs": llm_kwargs(mode, on_gpu, max(4096, longest + max_tokens + 16))}, open(spec, "w"))
         proc = subprocess.run([sys.executable, "-m", "longseq.plugin.demo", spec, out],
                               env=engine_env(mode, on_gpu, trace), cwd=tmp, capture_output=True, text=True,
                               timeout=timeout)
@@ -92,21 +96,23 @@ def _engine_main(spec_path: str, out_path: str) -> None:
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], **spec["llm_kwargs"])
     load_s = time.perf_counter() - t0
-    prompt = [TokensPrompt(prompt_token_ids=spec["prompt"])]
 
-    def timed(n: int):
+    def timed(prompt: list[int], n: int):
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         t = time.perf_counter()
-        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0].outputs[0]
         return time.perf_counter() - t, out
 
-    timed(1)  # warm-up (first-call allocations)
-    ttft, _ = timed(1)
-    total, out = timed(spec["max_tokens"])
-    tpot = (total - ttft) / max(1, spec["max_tokens"] - 1)
-    json.dump({"tokens": list(out.token_ids), "text": out.text, "prompt_tokens": len(spec["prompt"]),
-               "load_s": load_s, "ttft_s": ttft, "tpot_ms": tpot * 1e3, "total_s": total,
-               "decode_tok_per_s": 1.0 / tpot if tpot > 0 else None}, open(out_path, "w"))
+    timed(spec["prompts"][0][:64], 4)  # warm-up (first-call allocations)
+    results = []
+    for prompt in spec["prompts"]:
+        ttft, _ = timed(prompt, 1)
+        total, out = timed(prompt, spec["max_tokens"])
+        tpot = (total - ttft) / max(1, spec["max_tokens"] - 1)
+        results.append({"tokens": list(out.token_ids), "text": out.text, "prompt_tokens": len(prompt),
+                        "ttft_s": ttft, "tpot_ms": tpot * 1e3, "total_s": total,
+                        "decode_tok_per_s": 1.0 / tpot if tpot > 0 else None})
+    json.dump({"load_s": load_s, "results": results}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

@@ -256,6 +256,7 @@ def test_topk_with_ties_and_extremes(max_pages, k):
     scores = torch.randint(-5, 5, (bsz, hkv, max_pages), generator=g).float() * 0.5
     scores[:, :, 3] = float("inf")
     scores[0, 0, :20] = -1e30
+    scores[1] -= 10.0  # every score negative: the threshold's top byte is below the sign flip
     seq_lens = torch.tensor([max_pages * page_size, 40 * page_size - 3, 5], dtype=torch.int32)
     for b, s in enumerate(seq_lens.tolist()):
         scores[b, :, math.ceil(s / page_size) :] = float("-inf")

@@ -36,15 +36,28 @@ def test_cpu_impl_rejects_unsupported_layers(kwargs, match):
         LongSeqCPUImpl(**args)
 
 
-def test_cpu_impl_forward_matches_reference_through_vllm_cache_view():
-    """The impl's KV write + attention on a vLLM-shaped [B, H, N, 2D] cache equals the reference math."""
+def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch):
+    """The torch-kernel impl's KV write + attention on a vLLM-shaped [B, H, N, 2D] cache equals the reference."""
+    import types
+
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
     from longseq.attention_backends.vllm.common import LongSeqStepInfo
     from longseq.attention_backends.vllm.cpu import LongSeqCPUImpl, LongSeqCPUMetadata
     from longseq.kernels.paged_attention.naive import gather_paged_kv
+    from longseq.plugin.config import get_config
 
+    monkeypatch.setenv("LONGSEQ_CPU_KERNEL", "torch")
+    get_config(refresh=True)
     torch.manual_seed(0)
     hq, hkv, d, n, blocks = 6, 2, 64, 32, 8
+    # The stock impl reads the model dtype from the current vLLM config (set by the engine while it builds layers).
+    fake = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: fake)
     impl = LongSeqCPUImpl(num_heads=hq, head_size=d, scale=d ** -0.5, num_kv_heads=hkv)
+    monkeypatch.delenv("LONGSEQ_CPU_KERNEL")
+    get_config(refresh=True)
+    assert impl.use_torch
     kv_cache = torch.randn(blocks, hkv, n, 2 * d)
     # One request, 40 tokens of prefill in blocks [5, 2].
     t = 40
@@ -62,7 +75,10 @@ def test_cpu_impl_forward_matches_reference_through_vllm_cache_view():
 
     impl.do_kv_cache_update(Layer(), k, v, kv_cache, slots)
     out = torch.zeros(t, hq * d)
-    impl.forward(Layer(), q, k, v, kv_cache, LongSeqCPUMetadata(step), out)
+    meta = LongSeqCPUMetadata(num_actual_tokens=t, max_query_len=t, query_start_loc=step.query_start_loc,
+                              max_seq_len=t, seq_lens=step.seq_lens, block_table=block_table, slot_mapping=slots,
+                              scheduler_metadata=None, step=step)
+    impl.forward(Layer(), q, k, v, kv_cache, meta, out)
     # The cache holds K then V per (block, head) as vLLM's CPU kernels expect.
     key_cache = kv_cache.view(blocks, hkv, 2 * n, d)[:, :, :n]
     torch.testing.assert_close(gather_paged_kv(key_cache, block_table[0], t).transpose(0, 1), k)

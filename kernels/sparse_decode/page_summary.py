@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T changes every step: one compiled variant for all
 def _update_page_summary_kernel(
     key_cache, slot_mapping, page_min, page_max, T,
     s_kb, s_ko, s_kh, s_kd,  # key_cache strides: block, offset, head, dim

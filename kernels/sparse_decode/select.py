@@ -74,28 +74,30 @@ def _topk_pages_kernel(
     j = tl.arange(0, BLOCK)
     valid = j < n_pages
     s = tl.load(scores + b * s_sb + h * s_sh + j, mask=valid, other=float("-inf"))
-    # Order-preserving float -> integer key in [0, 2^32): flip the magnitude bits of negatives, then shift
-    # the signed range up. Held in int64 so that no step depends on unsigned arithmetic.
+    # Order-preserving float -> int32 key: flipping the magnitude bits of negative floats makes signed
+    # integer order equal float order (-inf lowest). Radix digits are taken in unsigned order, which for
+    # the top byte means flipping its sign bit.
     bits = s.to(tl.int32, bitcast=True)
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    key = bits.to(tl.int64) + 2147483648
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     bins = tl.arange(0, 256)
     kr = k  # how many still to take among the keys that match the prefix found so far
-    prefix = tl.full((), 0, tl.int64)  # the k-th largest key's digits found so far
+    prefix = tl.full((), 0, tl.int32)  # the k-th largest key's bytes found so far
     for i in tl.static_range(4):
         shift = 24 - 8 * i  # a compile-time constant (static_range)
         if i == 0:
-            match = j >= 0
+            hist = tl.histogram(((key >> 24) & 255) ^ 128, 256)
         else:
             match = (key >> (shift + 8)) == (prefix >> (shift + 8))
-        digit = tl.where(match, (key >> shift) & 255, 0).to(tl.int32)
-        # Non-matching keys were counted in bin 0: take them back out.
-        hist = tl.histogram(digit, 256)
-        hist = hist - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), axis=0), 0)
+            # Non-matching keys are counted in bin 0: take them back out.
+            hist = tl.histogram(tl.where(match, (key >> shift) & 255, 0), 256)
+            hist = hist - tl.where(bins == 0, BLOCK - tl.sum(match.to(tl.int32), axis=0), 0)
         ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= bin
         sel_bin = tl.sum((ge >= kr).to(tl.int32), axis=0) - 1  # the largest bin still holding the k-th
         kr = kr - tl.sum(tl.where(bins > sel_bin, hist, 0), axis=0)
-        prefix = prefix + (sel_bin.to(tl.int64) << shift)
+        if i == 0:
+            prefix = (sel_bin ^ 128) << 24  # back to signed order (wraps to negative for low bins)
+        else:
+            prefix = prefix | (sel_bin << shift)
     # prefix is the k-th largest key; take every larger key and the first kr equal ones (lowest pages).
     eq = key == prefix
     sel = ((key > prefix) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= kr))) & valid
