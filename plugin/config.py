@@ -13,7 +13,7 @@ import os
 from typing import Any, Mapping
 
 #: Techniques selectable with ``LONGSEQ_ATTENTION``. Later techniques add themselves here.
-ATTENTION_TECHNIQUES = ("dense",)
+ATTENTION_TECHNIQUES = ("dense", "sparse")
 
 #: Test-only fault injection, used by the end-to-end tests as a negative control: it proves the engine
 #: really runs our backend (a broken variant must change the tokens).
@@ -48,6 +48,11 @@ class LongSeqConfig:
             counts there (``LONGSEQ_TRACE_DIR``); tests use it to prove our code ran in the engine.
         debug_fault: test-only fault injection (``LONGSEQ_DEBUG_FAULT``).
         cpu_kernel: dense-mode math of the CPU backend (``LONGSEQ_CPU_KERNEL``): ``vllm`` or ``torch``.
+        sparse_budget: sparse mode: KV tokens each decode query attends per KV head (``LONGSEQ_SPARSE_BUDGET``).
+        sparse_page_size: tokens per scored page; divides the KV block size (``LONGSEQ_SPARSE_PAGE_SIZE``).
+        sparse_dense_layers: the first N layers stay dense (``LONGSEQ_SPARSE_DENSE_LAYERS``; Quest keeps 2).
+        sparse_sink_pages: first pages always kept (attention sinks) (``LONGSEQ_SPARSE_SINK_PAGES``).
+        sparse_recent_pages: last pages always kept (``LONGSEQ_SPARSE_RECENT_PAGES``).
     """
 
     attention: str = "dense"
@@ -56,6 +61,11 @@ class LongSeqConfig:
     trace_dir: str | None = None
     debug_fault: str = "none"
     cpu_kernel: str = "vllm"
+    sparse_budget: int = 2048
+    sparse_page_size: int = 16
+    sparse_dense_layers: int = 2
+    sparse_sink_pages: int = 1
+    sparse_recent_pages: int = 4
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TECHNIQUES:
@@ -67,10 +77,30 @@ class LongSeqConfig:
             raise LongSeqConfigError(
                 f"LONGSEQ_CPU_KERNEL={self.cpu_kernel!r} is not allowed; allowed values: {', '.join(CPU_KERNELS)}"
             )
+        self._check_sparse()
         if self.debug_fault not in DEBUG_FAULTS:
             raise LongSeqConfigError(
                 f"LONGSEQ_DEBUG_FAULT={self.debug_fault!r} is not allowed; allowed values: {', '.join(DEBUG_FAULTS)}"
             )
+
+    def _check_sparse(self) -> None:
+        env = self.ENV_NAMES
+        for name in ("sparse_budget", "sparse_page_size"):
+            if getattr(self, name) <= 0:
+                raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be a positive integer")
+        for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages"):
+            if getattr(self, name) < 0:
+                raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be >= 0")
+        p = self.sparse_page_size
+        if p & (p - 1):
+            raise LongSeqConfigError(f"LONGSEQ_SPARSE_PAGE_SIZE={p} must be a power of two (it divides the KV block size)")
+        if self.sparse_budget % p:
+            raise LongSeqConfigError(
+                f"LONGSEQ_SPARSE_BUDGET={self.sparse_budget} must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE={p}")
+        if self.sparse_sink_pages + self.sparse_recent_pages > self.sparse_budget // p:
+            raise LongSeqConfigError(
+                f"LONGSEQ_SPARSE_SINK_PAGES + LONGSEQ_SPARSE_RECENT_PAGES ({self.sparse_sink_pages} + "
+                f"{self.sparse_recent_pages}) exceed the budget of {self.sparse_budget // p} pages")
 
     # Environment / JSON field names, in the order `longseq info` prints them.
     ENV_NAMES = {
@@ -80,10 +110,16 @@ class LongSeqConfig:
         "trace_dir": "LONGSEQ_TRACE_DIR",
         "debug_fault": "LONGSEQ_DEBUG_FAULT",
         "cpu_kernel": "LONGSEQ_CPU_KERNEL",
+        "sparse_budget": "LONGSEQ_SPARSE_BUDGET",
+        "sparse_page_size": "LONGSEQ_SPARSE_PAGE_SIZE",
+        "sparse_dense_layers": "LONGSEQ_SPARSE_DENSE_LAYERS",
+        "sparse_sink_pages": "LONGSEQ_SPARSE_SINK_PAGES",
+        "sparse_recent_pages": "LONGSEQ_SPARSE_RECENT_PAGES",
     }
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "LongSeqConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config",
+                     display: Mapping[str, str] | None = None) -> "LongSeqConfig":
         """Build from a dict keyed by field name (a JSON config file). Unknown keys are an error."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
@@ -93,7 +129,8 @@ class LongSeqConfig:
             )
         kwargs: dict[str, Any] = {}
         for name, raw in values.items():
-            kwargs[name] = _coerce(name, raw, fields[name].type, f"{source} key {name!r}")
+            where = (display or {}).get(name) or f"{source} key {name!r}"
+            kwargs[name] = _coerce(name, raw, fields[name].type, where)
         return cls(**kwargs)
 
     @classmethod
@@ -117,10 +154,13 @@ class LongSeqConfig:
             raise LongSeqConfigError(
                 f"unknown environment variable(s) {', '.join(stray)}; longseq reads: {', '.join(sorted(known_env))}"
             )
+        from_env_vars = {}
         for field, var in cls.ENV_NAMES.items():
             if var in env:
                 values[field] = env[var]
-        return cls.from_mapping(values, source="environment" if not path else f"LONGSEQ_CONFIG={path!r} + environment")
+                from_env_vars[field] = var
+        return cls.from_mapping(values, source="environment" if not path else f"LONGSEQ_CONFIG={path!r}",
+                                display=from_env_vars)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -141,6 +181,13 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
         if s in _FALSE:
             return False
         raise LongSeqConfigError(f"{where}={raw!r} must be a boolean (1/0, true/false)")
+    if t == "int":
+        if isinstance(raw, bool):
+            raise LongSeqConfigError(f"{where}={raw!r} must be an integer")
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise LongSeqConfigError(f"{where}={raw!r} must be an integer") from None
     if t.startswith("str | None"):
         return None if raw in (None, "") else str(raw)
     if t == "str":

@@ -56,3 +56,27 @@ def test_unreadable_json_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(LongSeqConfigError, match="LONGSEQ_CONFIG"):
         LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path)})
+
+
+def test_sparse_knobs_parse_from_env_and_json(tmp_path):
+    cfg = LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "sparse", "LONGSEQ_SPARSE_BUDGET": "1024",
+                                  "LONGSEQ_SPARSE_PAGE_SIZE": "32", "LONGSEQ_SPARSE_DENSE_LAYERS": "0"})
+    assert (cfg.attention, cfg.sparse_budget, cfg.sparse_page_size, cfg.sparse_dense_layers) == ("sparse", 1024, 32, 0)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"attention": "sparse", "sparse_budget": 512, "sparse_recent_pages": 2}))
+    cfg = LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path)})
+    assert (cfg.sparse_budget, cfg.sparse_recent_pages) == (512, 2)
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"LONGSEQ_SPARSE_BUDGET": "0"}, "LONGSEQ_SPARSE_BUDGET=0 must be a positive integer"),
+    ({"LONGSEQ_SPARSE_BUDGET": "-16"}, "LONGSEQ_SPARSE_BUDGET=-16 must be a positive integer"),
+    ({"LONGSEQ_SPARSE_BUDGET": "lots"}, "LONGSEQ_SPARSE_BUDGET.*'lots' must be an integer"),
+    ({"LONGSEQ_SPARSE_PAGE_SIZE": "24"}, "LONGSEQ_SPARSE_PAGE_SIZE=24 must be a power of two"),
+    ({"LONGSEQ_SPARSE_BUDGET": "1000"}, "LONGSEQ_SPARSE_BUDGET=1000 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=16"),
+    ({"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "4"}, "exceed the budget of 4 pages"),
+    ({"LONGSEQ_SPARSE_DENSE_LAYERS": "-1"}, "LONGSEQ_SPARSE_DENSE_LAYERS=-1 must be >= 0"),
+])
+def test_bad_sparse_knobs_are_named(env, match):
+    with pytest.raises(LongSeqConfigError, match=match):
+        LongSeqConfig.from_env(env)

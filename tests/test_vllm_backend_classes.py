@@ -68,7 +68,8 @@ def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch)
     step = LongSeqStepInfo(num_reqs=1, num_actual_tokens=t, query_start_loc=torch.tensor([0, t], dtype=torch.int32),
                            query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
                            seq_lens=torch.tensor([t], dtype=torch.int32), block_table=block_table, slot_mapping=slots,
-                           max_query_len=t, max_seq_len=t, num_decode_reqs=0, block_size=n)
+                           max_query_len=t, max_seq_len=t, num_decode_reqs=0, num_leading_decodes=0,
+                           block_size=n)
 
     class Layer:
         layer_name = "model.layers.0.self_attn.attn"

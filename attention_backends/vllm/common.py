@@ -35,6 +35,8 @@ class LongSeqStepInfo:
         slot_mapping: ``[num_tokens]`` int64 cache slot per new token, ``-1`` = padding.
         max_query_len, max_seq_len: upper bounds for this step.
         num_decode_reqs: requests with exactly one new token (decode steps).
+        num_leading_decodes: how many of the first requests are decodes (vLLM puts decodes first when the
+            builder sets ``reorder_batch_threshold = 1``), so their queries are ``query[:num_leading_decodes]``.
         block_size: tokens per KV block.
     """
 
@@ -48,6 +50,7 @@ class LongSeqStepInfo:
     max_query_len: int
     max_seq_len: int
     num_decode_reqs: int
+    num_leading_decodes: int
     block_size: int
 
     @classmethod
@@ -55,6 +58,9 @@ class LongSeqStepInfo:
         """From vLLM's ``CommonAttentionMetadata`` (fields common to vLLM 0.26 .. 0.33)."""
         qsl_cpu = cam.query_start_loc_cpu
         q_lens = qsl_cpu[1 : cam.num_reqs + 1] - qsl_cpu[: cam.num_reqs]
+        is_decode = q_lens == 1
+        not_decode = (~is_decode).nonzero()
+        leading = int(not_decode[0, 0]) if len(not_decode) else cam.num_reqs
         return cls(
             num_reqs=cam.num_reqs,
             num_actual_tokens=cam.num_actual_tokens,
@@ -65,7 +71,8 @@ class LongSeqStepInfo:
             slot_mapping=cam.slot_mapping,
             max_query_len=cam.max_query_len,
             max_seq_len=cam.max_seq_len,
-            num_decode_reqs=int((q_lens == 1).sum()),
+            num_decode_reqs=int(is_decode.sum()),
+            num_leading_decodes=leading,
             block_size=block_size,
         )
 
@@ -128,7 +135,7 @@ class BackendTrace:
     def __init__(self, backend: str, config: LongSeqConfig):
         self.backend = backend
         self.config = config
-        self.counts = {"forward_calls": 0, "kv_writes": 0, "tokens_attended": 0}
+        self.counts = {"forward_calls": 0, "kv_writes": 0, "tokens_attended": 0, "sparse_decode_calls": 0}
         self.layers: set[str] = set()
         self._next_flush = 1
 

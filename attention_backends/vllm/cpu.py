@@ -9,6 +9,9 @@ The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv,
 - ``torch``: the PyTorch paged path from ``longseq.kernels.paged_attention`` (fp32 math, our own cache
   write in the plain layout). Techniques that read the cache themselves (sparse, duo) need this one,
   because vLLM's CPU cache write may use an ISA-specific layout.
+
+Sparse mode runs on the ``torch`` path: sparse layers keep a Quest page index (PyTorch reference kernels)
+and every decode request attends to its top pages only; prefill rows stay dense.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
 from longseq.attention_backends.vllm.common import (
     BackendTrace,
     LongSeqStepInfo,
@@ -44,6 +48,13 @@ class LongSeqCPUMetadata(CPUAttentionMetadata):
 
 
 class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = get_config()
+        if config.attention == "sparse":
+            SparseSettings.from_config(config).validate_layer(
+                block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
+
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LongSeqCPUMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -80,8 +91,19 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
             raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
                          kv_sharing_target_layer_name)
-        self.use_torch = self.config.cpu_kernel == "torch"
+        self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
+        self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None
+        self.page_index: QuestPageIndex | None = None
+        self._is_sparse_layer: bool | None = None
         self.trace = BackendTrace.for_backend("cpu", self.config)
+
+    def _sparse_layer(self, layer) -> bool:
+        if self._is_sparse_layer is None:
+            self._is_sparse_layer = self.sparse is not None and self.sparse.is_sparse_layer(
+                getattr(layer, "layer_name", ""))
+            if self._is_sparse_layer:
+                self.page_index = QuestPageIndex(self.sparse.page_size)
+        return self._is_sparse_layer
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -90,6 +112,8 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
         if self.use_torch:
             key_cache, value_cache = split_cpu_kv_cache(kv_cache)
             write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+            if self._sparse_layer(layer):  # the index reads [blocks, block_size, Hkv, D] views
+                self.page_index.update(key_cache.transpose(1, 2), slot_mapping)
         else:
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         self.trace.record("kv_writes")
@@ -111,10 +135,24 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
                 step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale,
                 output=out,
             )
+            if step.num_decode_reqs and self._sparse_layer(layer):
+                self._sparse_decode_rows(query, key_cache, value_cache, step, out)
         else:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
         return output
+
+    def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:
+        """Overwrite every decode request's row with attention over its top pages (the dense rows were the
+        reference path's; requests within the budget get the same pages, so the same result)."""
+        qsl = step.query_start_loc_cpu[: step.num_reqs + 1]
+        reqs = ((qsl[1:] - qsl[:-1]) == 1).nonzero().squeeze(1)
+        rows = qsl[reqs].long()
+        res = torch.empty(len(rows), self.num_heads, self.head_size, dtype=query.dtype)
+        sparse_decode(query[rows], key_cache.transpose(1, 2), value_cache.transpose(1, 2),
+                      step.block_table[reqs], step.seq_lens[reqs], self.page_index, self.sparse, self.scale, res)
+        out[rows] = res.to(out.dtype)
+        self.trace.counts["sparse_decode_calls"] += 1
 
 
 class LongSeqCPUBackend(CPUAttentionBackend):

@@ -3,6 +3,12 @@
 Dense mode subclasses vLLM's FlashAttention backend: the KV write and the attention math are vLLM's own
 kernels (so dense tokens match ``FLASH_ATTN`` exactly, CUDA graphs included), and this layer adds what
 later techniques plug into: per-step :class:`LongSeqStepInfo` on the metadata and KV-write hooks.
+
+Sparse mode (``LONGSEQ_ATTENTION=sparse``): every KV write of a sparse layer refreshes the layer's Quest page
+index; decode queries (put first in the batch by ``reorder_batch_threshold = 1``) attend to their top pages
+through longseq's Triton kernels; prefill stays on FlashAttention. In a mixed batch FlashAttention runs over
+the whole batch and the decode rows are then overwritten by the sparse result (pure decode batches, the
+steady state and what CUDA graphs capture, never call FlashAttention).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
 from longseq.attention_backends.vllm.common import (
     BackendTrace,
     KVWriteHook,
@@ -50,6 +57,15 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     # slot_mapping (update_block_table); our `step` would keep the first group's. Ask for a fresh build.
     supports_update_block_table: bool = False
 
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = get_config()
+        if config.attention == "sparse":
+            SparseSettings.from_config(config).validate_layer(
+                block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
+            # Decodes first: their queries are then the leading rows, a fixed slice under CUDA graphs.
+            self.reorder_batch_threshold = 1
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> LongSeqFlashMetadata:
         inner = super().build(common_prefix_len, common_attn_metadata, fast_build)
         return _wrap_flash_metadata(inner, LongSeqStepInfo.from_common(common_attn_metadata, self.block_size))
@@ -70,21 +86,49 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         )
         self.kv_write_hooks: list[KVWriteHook] = []
         self.trace = BackendTrace.for_backend("cuda", self.config)
+        self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
+        self.page_index: QuestPageIndex | None = None
+        self._is_sparse_layer: bool | None = None  # known once the layer's name is seen
+
+    def _sparse_layer(self, layer) -> bool:
+        if self._is_sparse_layer is None:
+            self._is_sparse_layer = self.sparse is not None and self.sparse.is_sparse_layer(
+                getattr(layer, "layer_name", ""))
+            if self._is_sparse_layer:
+                self.page_index = QuestPageIndex(self.sparse.page_size)
+        return self._is_sparse_layer
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if self.config.debug_fault != "skip_kv_write":
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self._sparse_layer(layer):
+            self.page_index.update(kv_cache.unbind(0)[0], slot_mapping)
         for hook in self.kv_write_hooks:
             hook(getattr(layer, "layer_name", ""), key, value, kv_cache, slot_mapping)
         self.trace.record("kv_writes")
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
-        if attn_metadata is not None:
-            self.trace.record("forward_calls", getattr(layer, "layer_name", ""), attn_metadata.num_actual_tokens)
-        return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                               output_scale, output_block_scale)
+        if attn_metadata is None or not self._sparse_layer(layer):
+            if attn_metadata is not None:
+                self.trace.record("forward_calls", getattr(layer, "layer_name", ""), attn_metadata.num_actual_tokens)
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("longseq sparse: fused output quantization is not supported")
+        step = attn_metadata.step
+        nd = step.num_leading_decodes
+        if nd < step.num_reqs:  # prefill or mixed batch: FlashAttention for all rows
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        if nd:
+            key_cache, value_cache = kv_cache.unbind(0)
+            out = output[:nd].view(nd, self.num_heads, self.head_size)
+            sparse_decode(query[:nd].view(nd, self.num_heads, self.head_size), key_cache, value_cache,
+                          step.block_table[:nd], step.seq_lens[:nd], self.page_index, self.sparse, self.scale, out)
+            self.trace.counts["sparse_decode_calls"] += 1
+        self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+        return output
 
 
 class LongSeqFlashBackend(FlashAttentionBackend):
