@@ -102,7 +102,7 @@ class Cache:
         self.values = [torch.randn(s, hkv, d, generator=g).to(dtype) for s in seq_lens]
 
     def slots(self, i, start, end):
-        pos = torch.arange(start, end)
+        pos = torch.arange(start, end, device=self.block_table.device)
         return self.block_table[i].long()[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def write(self, i, start, end):
@@ -121,24 +121,37 @@ class Cache:
         return self
 
 
-def summaries(cache, page_size, dev=DEV):
+FP8 = torch.float8_e4m3fn
+SUMMARY_DTYPES = ["cache", "fp8"]
+
+
+def summary_dtype(name, cache_dtype):
+    return FP8 if name == "fp8" else cache_dtype
+
+
+def summaries(cache, page_size, dev=DEV, summary="cache"):
     """Summaries of a fully written cache, by the reference (the kernel has its own tests; the
     interpreter would take a program per token here). Pages never written stay NaN."""
     pmin, pmax = sd.allocate_page_summary(cache.num_blocks, cache.block_size, cache.hkv, cache.d, page_size,
-                                          cache.dtype, dev)
+                                          cache.dtype, dev, summary_dtype=summary_dtype(summary, cache.dtype))
     pmin.fill_(float("nan"))
     pmax.fill_(float("nan"))
     naive.update_page_summary_ref(cache.key_cache, cache.slot_mapping, pmin, pmax, page_size)
     return pmin, pmax
 
 
-def build(seq_lens, hq, hkv, d, block_size, page_size, dtype, seed, layout="flash"):
+def build(seq_lens, hq, hkv, d, block_size, page_size, dtype, seed, layout="flash", summary="cache"):
     c = Cache(seq_lens, hkv, d, block_size, dtype, seed, layout)
     c.slot_mapping = c.write_all()
     c.to(DEV)
-    c.page_min, c.page_max = summaries(c, page_size)
+    c.page_min, c.page_max = summaries(c, page_size, summary=summary)
     c.q = torch.randn(len(seq_lens), hq, d, generator=c.g).to(dtype).to(DEV)
     return c
+
+
+def same(a, b):
+    """Equal values (NaN == NaN, -0 == +0), whatever the dtypes."""
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), rtol=0, atol=0, equal_nan=True)
 
 
 def rel_err(a, b):
@@ -168,17 +181,21 @@ def check_selection(ids, num_valid, scores, seq_lens, page_size, num_select):
 
 
 # --------------------------------------------------------------------------------------------- summaries
+@pytest.mark.parametrize("summary", SUMMARY_DTYPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size,layout", [(16, "flash"), (8, "cpu"), (4, "flash")])
-def test_update_page_summary_steps_match_reference(dtype, page_size, layout):
+def test_update_page_summary_steps_match_reference(dtype, page_size, layout, summary):
     """Prefill chunks with padding, then decode steps, over a cache full of stale keys."""
     block_size, hkv, d = 16, 2, 64
+    sdt = summary_dtype(summary, dtype)
     c = Cache([37, 70, 9, 16], hkv, d, block_size, dtype, seed=11 + page_size, layout=layout).to(DEV)
     c.keys = [k.to(DEV) for k in c.keys]
     c.values = [v.to(DEV) for v in c.values]
-    pmin, pmax = sd.allocate_page_summary(c.num_blocks, block_size, hkv, d, page_size, dtype, DEV)
-    pmin.copy_(torch.randn(pmin.shape, generator=c.g).to(dtype))
-    pmax.copy_(torch.randn(pmax.shape, generator=c.g).to(dtype))
+    pmin, pmax = sd.allocate_page_summary(c.num_blocks, block_size, hkv, d, page_size, dtype, DEV,
+                                          summary_dtype=sdt)
+    assert pmin.dtype == pmax.dtype == sdt and pmin.shape == (c.num_blocks * block_size // page_size, hkv, d)
+    pmin.copy_(torch.randn(pmin.shape, generator=c.g).to(sdt))
+    pmax.copy_(torch.randn(pmax.shape, generator=c.g).to(sdt))
     rmin, rmax = pmin.clone(), pmax.clone()
     pad = torch.tensor([-1], device=DEV)
     # (request, start, end) per step; decode steps write one token, prefill steps chunks.
@@ -188,20 +205,53 @@ def test_update_page_summary_steps_match_reference(dtype, page_size, layout):
         sm = torch.cat([torch.cat([c.write(i, a, e).to(DEV), pad]) for i, a, e in step] + [pad, pad])
         sd.update_page_summary(c.key_cache, sm, pmin, pmax, page_size)
         naive.update_page_summary_ref(c.key_cache, sm, rmin, rmax, page_size)
-        assert torch.equal(pmin.cpu(), rmin.cpu()) and torch.equal(pmax.cpu(), rmax.cpu())
-    # Independent of the reference: each page's summary is the min/max of exactly its request's keys.
+        same(pmin, rmin)
+        same(pmax, rmax)
+    # Independent of the reference: each page's summary is the min/max of exactly its request's keys
+    # (fp8: the nearest fp8 values outward, within one fp8 step).
     for i, n in enumerate(c.seq_lens_list):
         for j in range(math.ceil(n / page_size)):
             gp = int(c.slots(i, j * page_size, j * page_size + 1)) // page_size
             keys = c.keys[i][j * page_size : (j + 1) * page_size].float()
-            assert torch.equal(pmin[gp].float(), keys.amin(0)) and torch.equal(pmax[gp].float(), keys.amax(0))
+            lo, hi = pmin[gp].float(), pmax[gp].float()
+            if summary == "fp8":
+                assert (lo <= keys.amin(0)).all() and (hi >= keys.amax(0)).all()
+                assert ((keys.amin(0) - lo) <= keys.amin(0).abs() / 8 + 2**-9).all()
+                assert ((hi - keys.amax(0)) <= keys.amax(0).abs() / 8 + 2**-9).all()
+            else:
+                assert torch.equal(lo, keys.amin(0)) and torch.equal(hi, keys.amax(0))
+
+
+def test_fp8_summary_rounds_outward_at_the_edges():
+    """Exact fp8 values stay, others step outward; subnormals, zeros, +-448 and out-of-range (NaN)."""
+    vals = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(FP8).float()
+    vals = vals[~vals.isnan()]
+    edge = torch.tensor([448.0, 449.0, 479.0, 480.0, 1e6, -448.0, -449.0, -1e6, 0.0, -0.0, 1e-30, -1e-30,
+                         2.0**-9, 2.0**-10, -(2.0**-10), 0.0019, 2.0**-6, 0.0157, 3.3e38])
+    x = torch.cat([vals, vals * 1.01, vals * 0.99, vals + 1e-6, vals - 1e-6, edge,
+                   torch.randn(400, generator=torch.Generator().manual_seed(0)) * 30])
+    # One "page" per key row: a block of 1 token per page, so min == max == the value itself.
+    n, d = x.numel(), 16
+    x = torch.nn.functional.pad(x, (0, (-n) % d)).view(-1, 1, 1, d)  # [pages, 1 token, 1 head, D]
+    key_cache = x.to(DEV)
+    slots = torch.arange(x.shape[0], device=DEV)
+    pmin, pmax = sd.allocate_page_summary(x.shape[0], 1, 1, d, 1, torch.float32, DEV, summary_dtype=FP8)
+    sd.update_page_summary(key_cache, slots, pmin, pmax, 1)
+    xs = x.view(-1, 1, d)
+    same(pmin, naive.round_summary_ref(xs, False, FP8))
+    same(pmax, naive.round_summary_ref(xs, True, FP8))
+    lo, hi = pmin.float().cpu(), pmax.float().cpu()
+    assert (lo[~lo.isnan()] <= xs[~lo.isnan()]).all() and (hi[~hi.isnan()] >= xs[~hi.isnan()]).all()
+    assert hi[xs > 448].isnan().all() and lo[xs < -448].isnan().all()
+    assert (hi[xs < -448] == -448).all() and (lo[xs > 448] == 448).all()
 
 
 # --------------------------------------------------------------------------------------------- scoring
+@pytest.mark.parametrize("summary", SUMMARY_DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", [(2, 2, 64), (8, 2, 128), (16, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_score_pages_matches_reference(hq, hkv, d, dtype):
-    c = build([130, 7, 64, 33], hq, hkv, d, 16, 8, dtype, seed=hq * 7 + d)
+def test_score_pages_matches_reference(hq, hkv, d, dtype, summary):
+    c = build([130, 7, 64, 33], hq, hkv, d, 16, 8, dtype, seed=hq * 7 + d, summary=summary)
     args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, 8, 16, 2, 3)
     got, ref = sd.score_pages(*args).cpu(), naive.score_pages_ref(*args).cpu()
     assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
@@ -210,31 +260,67 @@ def test_score_pages_matches_reference(hq, hkv, d, dtype):
     torch.testing.assert_close(got[fin], ref[fin], rtol=1e-5, atol=1e-4 * float(ref[fin].abs().max()))
 
 
+@pytest.mark.parametrize("summary", SUMMARY_DTYPES)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
-def test_quest_bound_upper_bounds_every_token(hq, hkv):
+def test_quest_bound_upper_bounds_every_token(hq, hkv, summary):
+    """The score bounds every token's (group-summed) q . k; with fp8 summaries too, including keys of all
+    magnitudes and pages with keys past fp8's range (scored +inf)."""
     d, page_size, block_size = 64, 8, 16
-    c = build([100, 45], hq, hkv, d, block_size, page_size, torch.float32, seed=5)
-    scores = sd.score_pages(c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size).cpu()
+    c = Cache([100, 45], hkv, d, block_size, torch.float32, seed=5)
+    big_pages = {(0, 3), (1, 5)}
+    if summary == "fp8":
+        for b, keys in enumerate(c.keys):  # magnitudes from 1e-3 to 1e2 per page, two pages past 448
+            for j in range(math.ceil(keys.shape[0] / page_size)):
+                keys[j * page_size : (j + 1) * page_size] *= 10.0 ** ((j % 6) - 3)
+            for bb, j in big_pages:
+                if bb == b:
+                    keys[j * page_size + 2, 0, 5] = 600.0 if b == 0 else -1000.0
+    c.slot_mapping = c.write_all()
+    c.to(DEV)
+    pmin, pmax = summaries(c, page_size, summary=summary)
+    q = torch.randn(2, hq, d, generator=c.g).to(DEV)
+    scores = sd.score_pages(q, pmin, pmax, c.block_table, c.seq_lens, page_size, block_size).cpu()
     g = hq // hkv
     for b, n in enumerate(c.seq_lens_list):
-        qb = c.q[b].cpu().double().view(hkv, g, d).sum(1)  # the group's summed q . k is what is bounded
+        qb = q[b].cpu().double().view(hkv, g, d).sum(1)  # the group's summed q . k is what is bounded
         dots = torch.einsum("thd,hd->ht", c.keys[b].double(), qb)  # [Hkv, n]
         for j in range(math.ceil(n / page_size)):
             page_dots = dots[:, j * page_size : (j + 1) * page_size]
             bound = scores[b, :, j].double()
             assert (page_dots.max(1).values <= bound + 1e-4 * bound.abs().clamp_min(1)).all()
+            if summary == "fp8" and (b, j) in big_pages:
+                assert bound[0] == float("inf")
+            else:
+                assert torch.isfinite(bound).all()
 
 
 # --------------------------------------------------------------------------------------------- top-k
+# select_topk_pages variants: torch top-k; triton unfused / fused (one launch), over whole rows (cap 0) and
+# with the group-max candidate filter (cap 64; rows overflowing the cap: test_fused_select_clustered_scores).
+SELECT_VARIANTS = {
+    "torch": dict(topk_impl="torch"),
+    "triton": dict(topk_impl="triton", fused=False, candidate_cap=0),
+    "fused": dict(topk_impl="triton", fused=True, candidate_cap=0),
+    "filter": dict(topk_impl="triton", fused=False, candidate_cap=64),
+    "fused-filter": dict(topk_impl="triton", fused=True, candidate_cap=64),
+}
+
+
+def counters_are_zero():
+    """The fused kernels leave their per-row counters at zero for the next launch."""
+    buf = sd.select.counters(torch.device(DEV), 1)
+    return int(buf.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (16, 2, 64)])
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_select_topk_pages_matches_reference(hq, hkv, d, impl):
+@pytest.mark.parametrize("variant", list(SELECT_VARIANTS))
+def test_select_topk_pages_matches_reference(hq, hkv, d, variant):
     # Budget 6 pages of 8 tokens: requests shorter than the budget, one exactly at it, longer ones, and an
     # empty one (a padded batch slot under CUDA graphs: no page, num_valid 0).
     page_size, block_size, k = 8, 16, 6
     c = build([150, 30, 48, 81, 1, 0], hq, hkv, d, block_size, page_size, torch.float32, seed=hq + d)
     args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size, k, 1, 2)
-    ids, nv = sd.select_topk_pages(*args, topk_impl=impl)
+    ids, nv = sd.select_topk_pages(*args, **SELECT_VARIANTS[variant])
     rids, rnv = naive.select_topk_pages_ref(*args)
     assert ids.dtype == torch.int32 and nv.dtype == torch.int32 and ids.shape == rids.shape
     assert torch.equal(nv.cpu(), rnv.cpu())
@@ -246,9 +332,10 @@ def test_select_topk_pages_matches_reference(hq, hkv, d, impl):
         need = set(range(min(1, n_pages))) | set(range(max(n_pages - 2, 0), n_pages))
         for h in range(hkv):
             assert need <= set(ids[b, h].tolist())
+    assert counters_are_zero()
 
 
-@pytest.mark.parametrize("max_pages,k", [(300, 17), (64, 64), (1000, 1)])
+@pytest.mark.parametrize("max_pages,k", [(300, 17), (64, 64), (1000, 1), (1000, 40)])
 def test_topk_with_ties_and_extremes(max_pages, k):
     """Integer-valued scores (many ties), negative and positive, +inf forced pages: a valid top-k."""
     g = torch.Generator().manual_seed(max_pages + k)
@@ -257,16 +344,63 @@ def test_topk_with_ties_and_extremes(max_pages, k):
     scores[:, :, 3] = float("inf")
     scores[0, 0, :20] = -1e30
     scores[1] -= 10.0  # every score negative: the threshold's top byte is below the sign flip
+    scores[2, 1, 50:] = torch.randn(max_pages - 50, generator=g)  # a row without ties
     seq_lens = torch.tensor([max_pages * page_size, 40 * page_size - 3, 5], dtype=torch.int32)
     for b, s in enumerate(seq_lens.tolist()):
         scores[b, :, math.ceil(s / page_size) :] = float("-inf")
-    for impl in ("triton", "torch"):
-        ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl=impl)
+    for impl, cap in (("triton", None), ("triton", 0), ("triton", 128), ("torch", None)):
+        ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl=impl, candidate_cap=cap)
         check_selection(ids, nv, scores, seq_lens, page_size, k)
 
 
-def test_needle_pages_are_recalled():
-    """Random keys plus needle pages whose keys point along the group's query: >= 95% are selected."""
+@pytest.mark.parametrize("k", [5, 50, 128])
+@pytest.mark.parametrize("cap", [256, 1024])
+def test_topk_candidate_filter_is_exact(k, cap):
+    """Long rows of continuous scores: the filtered select equals torch.topk, whether the candidates fit
+    (random rows) or not (sorted rows: the top pages fill whole groups, so the group-max bound is loose and
+    the full-row fallback runs), at every row length and with the sink/recent +inf pages."""
+    g = torch.Generator().manual_seed(k + cap)
+    bsz, hkv, max_pages, page_size = 3, 4, 3000, 16
+    scores = torch.randn(bsz, hkv, max_pages, generator=g) * 3 + 40
+    scores[1] = scores[1].sort(dim=-1).values  # clustered: ascending pages
+    scores[:, :, :1] = float("inf")
+    seq_lens = torch.tensor([max_pages * page_size, 2000 * page_size - 7, 60 * page_size], dtype=torch.int32)
+    for b, s in enumerate(seq_lens.tolist()):
+        n = math.ceil(s / page_size)
+        scores[b, :, n - 4 : n] = float("inf")
+        scores[b, :, n:] = float("-inf")
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=cap)
+    rids, rnv = sd.topk_pages(scores, seq_lens, page_size, k, impl="torch")
+    check_selection(ids, nv, scores, seq_lens, page_size, k)
+    assert torch.equal(ids.cpu(), rids) and torch.equal(nv.cpu(), rnv)
+
+
+@pytest.mark.parametrize("cap", [32, 64])
+def test_fused_select_clustered_scores(cap):
+    """Page scores rising with the page index: the top pages fill whole groups, so the group-max bound lets
+    through 64 candidates: over a cap of 32 (the fused kernel's full-row fallback), within a cap of 64."""
+    hq, hkv, d, page_size, block_size, k = 4, 2, 32, 16, 16, 16
+    c = Cache([2048, 2000], hkv, d, block_size, torch.float32, seed=4)
+    q = torch.randn(2, hq, d, generator=c.g)
+    for b, keys in enumerate(c.keys):
+        u = q[b].view(hkv, hq // hkv, d).sum(1)  # [Hkv, D]: keys along the group query: score ~ page index
+        j = torch.arange(keys.shape[0]) // page_size
+        keys[:] = (1.0 + j / 128.0)[:, None, None] * u[None]
+    c.slot_mapping = c.write_all()
+    c.to(DEV)
+    pmin, pmax = summaries(c, page_size)
+    args = (q.to(DEV), pmin, pmax, c.block_table, c.seq_lens, page_size, block_size, k)
+    ids, nv = sd.select_topk_pages(*args, fused=True, candidate_cap=cap, topk_num_warps=1)
+    rids, rnv = naive.select_topk_pages_ref(*args)
+    assert torch.equal(ids.cpu(), rids.cpu()) and torch.equal(nv.cpu(), rnv.cpu()) and counters_are_zero()
+    n = math.ceil(2000 / page_size)
+    assert ids[1, 0].tolist() == list(range(n - k, n))
+
+
+@pytest.mark.parametrize("summary", SUMMARY_DTYPES)
+def test_needle_pages_are_recalled(summary):
+    """Random keys plus needle pages whose keys point along the group's query: >= 95% are selected, with exact
+    and with fp8 summaries."""
     hq, hkv, d, page_size, block_size = 8, 2, 64, 16, 16
     seq_lens = [2048, 1500]
     num_needles, k = 6, 16
@@ -289,7 +423,7 @@ def test_needle_pages_are_recalled():
                 c.keys[b][rows, h] = 3.0 * math.sqrt(d) * u + 0.5 * torch.randn(m, d, generator=g)
     c.slot_mapping = c.write_all()
     c.to(DEV)
-    pmin, pmax = summaries(c, page_size)
+    pmin, pmax = summaries(c, page_size, summary=summary)
     ids, nv = sd.select_topk_pages(q.to(DEV), pmin, pmax, c.block_table, c.seq_lens, page_size, block_size,
                                    k, num_sink_pages=1, num_recent_pages=4)
     for (b, h), want in needles.items():
@@ -307,11 +441,13 @@ DECODE_CASES = [  # hq, hkv, d, dtype, page_size, num_splits
     (8, 2, 64, torch.bfloat16, 16, 2),
     (8, 1, 128, torch.float16, 8, None),
     (6, 2, 80, torch.float32, 8, 2),
+    (8, 2, 128, torch.float32, 8, 20),  # empty splits; merged two heads at a time (S * D > 4096)
 ]
 
 
+@pytest.mark.parametrize("fuse_merge", [True, False])
 @pytest.mark.parametrize("hq,hkv,d,dtype,page_size,num_splits", DECODE_CASES)
-def test_sparse_paged_decode_matches_reference(hq, hkv, d, dtype, page_size, num_splits):
+def test_sparse_paged_decode_matches_reference(hq, hkv, d, dtype, page_size, num_splits, fuse_merge):
     block_size, k = 16, 7
     layout = "cpu" if d == 64 else "flash"
     c = build([100, 30, 57, 1, 0], hq, hkv, d, block_size, page_size, dtype, seed=hq * d + page_size, layout=layout)
@@ -329,8 +465,8 @@ def test_sparse_paged_decode_matches_reference(hq, hkv, d, dtype, page_size, num
     scale = d ** -0.5
     out = torch.full_like(c.q, float("nan"))
     got = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size,
-                                 scale, out=out, num_splits=num_splits)
-    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+                                 scale, out=out, num_splits=num_splits, fuse_merge=fuse_merge)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype and counters_are_zero()
     ref = naive.sparse_paged_decode_ref(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids,
                                         page_size, scale)
     assert not got.isnan().any()
@@ -374,21 +510,31 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 128), (32, 4, 64), (28, 4, 128)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_llama_sized_pipeline(hq, hkv, d, dtype):
+@pytest.mark.parametrize("hq,hkv,d,dtype,summary", [
+    (32, 8, 128, torch.bfloat16, "fp8"), (32, 8, 128, torch.float16, "cache"),
+    (32, 4, 64, torch.bfloat16, "cache"), (32, 4, 64, torch.float16, "fp8"),
+    (28, 4, 128, torch.bfloat16, "fp8"), (28, 4, 128, torch.float16, "cache")])
+def test_llama_sized_pipeline(hq, hkv, d, dtype, summary):
     page_size, block_size, k = 16, 16, 128
-    c = build([32768, 9000, 2000, 513], hq, hkv, d, block_size, page_size, dtype, seed=hq + d)
+    c = build([32768, 9000, 2000, 513], hq, hkv, d, block_size, page_size, dtype, seed=hq + d, summary=summary)
     # Summaries of the whole cache in one step through the kernel vs the reference (NaN: never written).
-    kmin, kmax = torch.full_like(c.page_min, float("nan")), torch.full_like(c.page_max, float("nan"))
+    kmin, kmax = (torch.full(c.page_min.shape, float("nan"), device=DEV).to(c.page_min.dtype) for _ in range(2))
     sd.update_page_summary(c.key_cache, c.slot_mapping.to(DEV), kmin, kmax, page_size)
-    torch.testing.assert_close(kmin, c.page_min, rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(kmax, c.page_max, rtol=0, atol=0, equal_nan=True)
+    same(kmin, c.page_min)
+    same(kmax, c.page_max)
     args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size, k, 1, 4)
     scores = naive.score_pages_ref(*args[:7], 1, 4)
-    for impl in ("triton", "torch"):
-        ids, nv = sd.select_topk_pages(*args, topk_impl=impl)
+    got_scores = sd.score_pages(*args[:7], 1, 4)
+    fin = torch.isfinite(scores)
+    assert torch.equal(fin, torch.isfinite(got_scores))
+    torch.testing.assert_close(got_scores[fin], scores[fin], rtol=1e-5, atol=1e-4 * float(scores[fin].abs().max()))
+    for variant in SELECT_VARIANTS.values():
+        ids, nv = sd.select_topk_pages(*args, **variant)
         check_selection(ids, nv, scores, c.seq_lens, page_size, k)
+    for cap in (None, 256, 2048):
+        ids, nv = sd.select_topk_pages(*args, candidate_cap=cap)
+        check_selection(ids, nv, scores, c.seq_lens, page_size, k)
+    assert counters_are_zero()
     out = sd.sparse_paged_decode(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids, page_size,
                                  d ** -0.5)
     ref = naive.sparse_paged_decode_ref(c.q, c.key_cache, c.value_cache, c.block_table, c.seq_lens, ids,
@@ -413,9 +559,11 @@ def test_topk_long_rows_fall_back_to_torch():
 
 @pytest.mark.gpu
 @gpu
-def test_cuda_graph_replay_follows_new_inputs():
+@pytest.mark.parametrize("fused", [True, False])
+def test_cuda_graph_replay_follows_new_inputs(fused):
+    """Replays with new queries and lengths (the fused kernels' counters must reset every launch)."""
     hq, hkv, d, page_size, block_size, k = 32, 8, 128, 16, 16, 64
-    c = build([4000, 1500], hq, hkv, d, block_size, page_size, torch.bfloat16, seed=1)
+    c = build([4000, 1500], hq, hkv, d, block_size, page_size, torch.bfloat16, seed=1, summary="fp8")
     slot = torch.zeros(2, dtype=torch.int64, device=DEV)
     q, seq_lens = c.q.clone(), c.seq_lens.clone()
     out = torch.empty_like(q)
@@ -423,9 +571,9 @@ def test_cuda_graph_replay_follows_new_inputs():
     def step():
         sd.update_page_summary(c.key_cache, slot, c.page_min, c.page_max, page_size)
         ids, _ = sd.select_topk_pages(q, c.page_min, c.page_max, c.block_table, seq_lens, page_size,
-                                      block_size, k, 1, 4)
+                                      block_size, k, 1, 4, fused=fused)
         sd.sparse_paged_decode(q, c.key_cache, c.value_cache, c.block_table, seq_lens, ids, page_size,
-                               d ** -0.5, out=out)
+                               d ** -0.5, out=out, num_splits=8, fuse_merge=fused)
         return ids
 
     slot.copy_(torch.tensor([int(c.slot_mapping[3999]), -1]))
@@ -445,3 +593,4 @@ def test_cuda_graph_replay_follows_new_inputs():
         ref = naive.sparse_paged_decode_ref(q, c.key_cache, c.value_cache, c.block_table, seq_lens, ids_g,
                                             page_size, d ** -0.5)
         assert rel_err(out, ref) < 1e-2
+    assert counters_are_zero()

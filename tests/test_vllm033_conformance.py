@@ -106,7 +106,8 @@ def test_overrides_accept_what_vllm_passes(api):
         for name, m in cls.methods.items():
             base = api.lookup(cls, name, skip_self=True)
             sites = [s for s in FRAMEWORK_CALLS if s[0] in vllm_names and s[1] == name]
-            if base is None and not sites:
+            own_helper = name.startswith("_") and not name.startswith("__")  # ours; vLLM calls public names
+            if base is None and not sites and not own_helper:
                 problems.append(f"{cls.name}.{name}: overrides nothing and no framework call site is known")
             if base is not None:
                 owner, bm = base

@@ -4,7 +4,10 @@ Flash-decoding: the selected pages of one (request, kv head), seen as a flat lis
 slots, are cut into ``num_splits`` contiguous ranges; a program per (request, kv head, split) runs an
 online softmax over its range for all ``G`` query heads of the group at once (one ``[G_pad, D] x [D, N]``
 ``tl.dot``; ``G`` padded to 16, the smallest dot tile), and a second kernel merges the splits by their
-log-sum-exp. With one split the first kernel writes the output directly and the second is skipped.
+log-sum-exp. With one split the first kernel writes the output directly and the second is skipped. By
+default the merge runs inside the first kernel instead: the last split program of each (request, kv head) to
+finish (an atomic counter, reset by that program; see ``select.py`` on the shared counter workspace) merges
+that group's splits, which saves a launch.
 Shapes depend only on ``(B, Hq, D, S)``, never on ``seq_lens``: safe to capture in a CUDA graph.
 """
 
@@ -16,18 +19,22 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.kernels.sparse_decode.select import counters
+
 _LOG2E = 1.4426950408889634
+FUSE_MERGE_DEFAULT = True
 
 
 @triton.jit
 def _sparse_decode_kernel(
-    q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse,
+    q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse, row_counters,
     scale_log2, list_tokens, tokens_per_split, num_splits,
     s_qb, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
     s_btb, s_btn, s_pb, s_ph, s_ob, s_oh, s_od,
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -83,9 +90,42 @@ def _sparse_decode_kernel(
         tl.store(part_o + row[:, None] * HEAD_DIM + d[None, :], o, mask=g_mask[:, None] & d_mask[None, :])
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse + row, lse, mask=g_mask)
+        if FUSE_MERGE:
+            # The last split of this (request, kv head) to finish merges the group's splits. The barrier
+            # orders every thread's partial stores before the (single-thread, acq_rel) increment.
+            tl.debug_barrier()
+            done = tl.atomic_add(row_counters + bh, 1, sem="acq_rel", scope="gpu")
+            if done == num_splits - 1:
+                tl.store(row_counters + bh, 0)  # ready for the next launch
+                for g0 in range(0, GROUP, MERGE_G):
+                    _merge_group(part_o, part_lse, out, b, h * GROUP + g0, GROUP - g0, num_splits,
+                                 s_ob, s_oh, s_od, HKV * GROUP, HEAD_DIM, BLOCK_S, BLOCK_D, MERGE_G)
     else:
         tl.store(out + b * s_ob + heads[:, None] * s_oh + d[None, :] * s_od, o.to(out.dtype.element_ty),
                  mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _merge_group(part_o, part_lse, out, b, hq0, n_heads, num_splits, s_ob, s_oh, s_od,
+                 HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MERGE_G: tl.constexpr):
+    """Merge the splits of query heads ``hq0 .. hq0 + min(n_heads, MERGE_G) - 1`` of request ``b`` (.cg loads:
+    other programs wrote the partials)."""
+    g = tl.arange(0, MERGE_G)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < n_heads
+    sm = gm[:, None] & (s < num_splits)[None, :]
+    row = (b * HQ + hq0 + g)[:, None] * num_splits + s[None, :]  # [G, S]
+    lse = tl.load(part_lse + row, mask=sm, other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, axis=1)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty splits weigh 0
+    o = tl.load(part_o + row[:, :, None] * HEAD_DIM + d[None, None, :],
+                mask=sm[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
+    w_sum = tl.sum(w, axis=1)
+    res = tl.sum(w[:, :, None] * o, axis=1) / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    tl.store(out + b * s_ob + (hq0 + g)[:, None] * s_oh + d[None, :] * s_od, res.to(out.dtype.element_ty),
+             mask=gm[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -114,9 +154,13 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+SPLIT_PROGRAMS_PER_SM = 2  # default_num_splits aims at this many programs per SM
+
+
 def default_num_splits(batch: int, num_kv_heads: int, num_select: int, page_size: int, head_size: int,
-                       device: torch.device) -> int:
-    """Splits so that about two programs per SM run, but no split gets less than one ``BLOCK_N`` tile.
+                       device: torch.device, programs_per_sm: float | None = None) -> int:
+    """Splits so that about ``programs_per_sm`` (default ``SPLIT_PROGRAMS_PER_SM``) programs per SM run, but
+    no split gets less than one ``BLOCK_N`` tile.
 
     Depends on shapes only (not on ``seq_lens``), so a captured graph stays valid.
     """
@@ -124,7 +168,8 @@ def default_num_splits(batch: int, num_kv_heads: int, num_select: int, page_size
     max_splits = triton.cdiv(num_select * page_size, block_n)
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 4
-    return max(1, min(max_splits, triton.cdiv(2 * sms, max(batch * num_kv_heads, 1)), 64))
+    per_sm = SPLIT_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    return max(1, min(max_splits, triton.cdiv(int(per_sm * sms), max(batch * num_kv_heads, 1)), 64))
 
 
 def _block_n(head_size: int) -> int:
@@ -145,7 +190,8 @@ def dense_page_ids(block_table: torch.Tensor, seq_lens: torch.Tensor, page_size:
 def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
                         page_size: int, scale: float, out: torch.Tensor | None = None,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, fuse_merge: bool | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Decode attention over the selected pages only.
 
     Args:
@@ -158,6 +204,8 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         scale: softmax scale.
         out: optional ``[B, Hq, D]`` output (any strides, any float dtype).
         num_splits: split-K factor (default: ``default_num_splits``, from shapes only).
+        fuse_merge: merge the splits in the split kernel (default ``FUSE_MERGE_DEFAULT``) instead of a second
+            launch. num_warps, num_stages: tuning.
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (or ``out``'s); zeros for a request that sees no token.
@@ -177,25 +225,32 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     list_tokens = num_select * page_size
     tokens_per_split = triton.cdiv(triton.cdiv(list_tokens, num_splits), block_n) * block_n
     split = num_splits > 1
+    fuse = split and (FUSE_MERGE_DEFAULT if fuse_merge is None else fuse_merge)
     if split:
         part_o = torch.empty(bsz, hq, num_splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(bsz, hq, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused
+    ctr = counters(q.device, bsz * hkv) if fuse else part_lse
     group = hq // hkv
+    block_s = triton.next_power_of_2(num_splits)
+    block_d = triton.next_power_of_2(d)
+    # heads merged at once: keep the [G, S, D] fp32 tile near 8K elements
+    merge_g = min(triton.next_power_of_2(group), max(1, 8192 // (block_s * block_d)))
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
-        q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse,
+        q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse, ctr,
         scale * _LOG2E, list_tokens, tokens_per_split, num_splits,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         page_ids.stride(0), page_ids.stride(1), *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_N=block_n, SPLIT=split, DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
-        DOT_FP32=interp_bf16,
-        num_warps=4,
+        DOT_FP32=interp_bf16, FUSE_MERGE=fuse, BLOCK_S=block_s, MERGE_G=merge_g,
+        num_warps=num_warps or 4, **extra,
     )
-    if split:
+    if split and not fuse:
         _merge_splits_kernel[(bsz * hq,)](
             part_o, part_lse, out, num_splits, *out.stride(),
             HQ=hq, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),

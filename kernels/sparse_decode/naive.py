@@ -7,8 +7,11 @@ so the global page of slot ``s`` is ``s // page_size`` and a request's logical p
 
     block_table[b, (j * P) // block_size] * (block_size // P) + ((j * P) % block_size) // P
 
-Page summaries ``page_min``/``page_max`` are ``[num_blocks * block_size // P, Hkv, D]`` in the cache dtype:
-the channel-wise min/max of the page's keys (exact in any dtype, so no rounding is involved).
+Page summaries ``page_min``/``page_max`` are ``[num_blocks * block_size // P, Hkv, D]``: the channel-wise
+min/max of the page's keys. In the cache dtype (or fp32) they are exact. In ``torch.float8_e4m3fn`` (half the
+bytes for the scoring pass) the min is rounded down and the max up to the next representable value, so the
+Quest score stays an upper bound of every key's ``q . k``; a max above 448 (or a min below -448) has no such
+value and is stored as NaN, which makes the page's score ``+inf`` (always selected: still a bound).
 
 These are loops written for clarity: the Triton kernels beside this file are tested against them, with
 fp32 math throughout.
@@ -25,6 +28,33 @@ def logical_to_global_pages(block_table_row: torch.Tensor, num_pages: int, page_
     j = torch.arange(num_pages, device=block_table_row.device)
     blocks = block_table_row.long()[(j * page_size) // block_size]
     return blocks * (block_size // page_size) + ((j * page_size) % block_size) // page_size
+
+
+_FP8_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
+def _fp8_values(device: torch.device) -> torch.Tensor:
+    """Every finite ``float8_e4m3fn`` value, ascending (``-0`` and ``+0`` merged), as fp32."""
+    if device not in _FP8_VALUES:
+        v = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+        _FP8_VALUES[device] = v[~v.isnan()].unique().to(device)
+    return _FP8_VALUES[device]
+
+
+def round_summary_ref(x: torch.Tensor, up: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (fp32) in the summary ``dtype``: exact dtypes by a plain cast; ``float8_e4m3fn`` by directed rounding
+    (``up``: the smallest fp8 value ``>= x``, else the largest ``<= x``; NaN where none exists)."""
+    if dtype != torch.float8_e4m3fn:
+        return x.to(dtype)
+    vals = _fp8_values(x.device)
+    n = vals.numel()
+    if up:
+        i = torch.searchsorted(vals, x.contiguous(), side="left")
+        r = torch.where(i < n, vals[i.clamp(max=n - 1)], float("nan"))
+    else:
+        i = torch.searchsorted(vals, x.contiguous(), side="right") - 1
+        r = torch.where(i >= 0, vals[i.clamp(min=0)], float("nan"))
+    return r.to(dtype)
 
 
 def update_page_summary_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor, page_min: torch.Tensor,
@@ -52,8 +82,8 @@ def update_page_summary_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor,
         s0 = page * page_size  # slot of the page's first token
         blk, o0 = s0 // block_size, s0 % block_size
         keys = key_cache[blk, o0 : o0 + off + 1].float()  # [off+1, Hkv, D]
-        page_min[page] = keys.amin(0).to(page_min.dtype)
-        page_max[page] = keys.amax(0).to(page_max.dtype)
+        page_min[page] = round_summary_ref(keys.amin(0), False, page_min.dtype)
+        page_max[page] = round_summary_ref(keys.amax(0), True, page_max.dtype)
 
 
 def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
@@ -70,7 +100,7 @@ def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
     Returns:
         ``[B, Hkv, max_blocks * block_size // P]`` fp32: ``sum_g sum_i max(q_i min_i, q_i max_i)``;
         ``-inf`` past the last valid page, ``+inf`` for the first ``num_sink_pages`` and last
-        ``num_recent_pages`` valid pages.
+        ``num_recent_pages`` valid pages and for pages whose (fp8) summary holds a NaN (out of range).
     """
     b_, hq, d = q.shape
     hkv = page_min.shape[1]
@@ -86,7 +116,8 @@ def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
         mx = page_max[gp].float()
         qb = q[b].float().view(hkv, g, d)  # [Hkv, G, D]
         s = torch.maximum(qb[None] * mn[:, :, None], qb[None] * mx[:, :, None])  # [n, Hkv, G, D]
-        out[b, :, :n] = s.sum((2, 3)).t()
+        s = s.sum((2, 3)).t()
+        out[b, :, :n] = torch.where(s.isnan(), float("inf"), s)
         out[b, :, : min(num_sink_pages, n)] = float("inf")
         if num_recent_pages > 0:
             out[b, :, max(n - num_recent_pages, 0) : n] = float("inf")

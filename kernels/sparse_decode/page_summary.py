@@ -3,6 +3,12 @@
 Called after the step's keys were written into the cache (same ``slot_mapping``). Only pages touched in
 this step are recomputed, and each by exactly one program (its "last writer" token), so the kernel needs
 no atomics, is deterministic, and has a fixed grid (``T`` programs): safe to capture in a CUDA graph.
+
+Summary dtypes: the cache dtype or fp32 (exact), or ``torch.float8_e4m3fn`` (the default of
+``allocate_page_summary`` where the GPU converts fp8 natively): half the bytes of bf16 for the scoring pass,
+which reads every page's summary each decode step. fp8 rounds the min down and the max up (directed
+rounding), so the Quest score computed from them is still an upper bound of every key's ``q . k``; a value
+outside +-448 in the unsafe direction is stored as NaN, which the scorer turns into a ``+inf`` page score.
 """
 
 from __future__ import annotations
@@ -11,6 +17,39 @@ import torch
 import triton
 import triton.language as tl
 
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _fp8e4m3_directed_bits(x, UP: tl.constexpr):
+    """int32 bit pattern of the e4m3fn value next to fp32 ``x`` in one direction (``UP``: the smallest value
+    ``>= x``, else the largest ``<= x``); 0x7F/0xFF (NaN) where that value would be past +-448.
+
+    Integer arithmetic only (round toward zero, then one step away from zero when inexact and the direction
+    asks for it), so the interpreter and every GPU give the same bits.
+    """
+    xb = x.to(tl.int32, bitcast=True)
+    neg = xb < 0
+    ab = xb & 0x7FFFFFFF
+    e = (ab >> 23) - 127  # unbiased exponent of |x|
+    normal = ((e + 7) << 3) | ((ab >> 20) & 7)  # e4m3 exponent bias 7, top 3 mantissa bits
+    normal_exact = (ab & 0xFFFFF) == 0
+    a512 = tl.minimum(ab.to(tl.float32, bitcast=True), 1.0) * 512.0  # subnormals: multiples of 2^-9
+    sub = a512.to(tl.int32)
+    sub_exact = sub.to(tl.float32) == a512
+    is_sub = e < -6
+    t = tl.where(is_sub, sub, normal)
+    exact = tl.where(is_sub, sub_exact, normal_exact)
+    big = (e > 8) | (t > 0x7E)  # |x| past 448 (0x7E): saturate, and never exact
+    t = tl.where(big, 0x7E, t)
+    exact = exact & ~big
+    if UP:
+        away = ~neg
+    else:
+        away = neg
+    t = tl.where(away & ~exact, t + 1, t)  # 0x7E + 1 = 0x7F: NaN, "no bound here"
+    return tl.where(neg, t | 0x80, t)
+
 
 @triton.jit(do_not_specialize=["T"])  # T changes every step: one compiled variant for all
 def _update_page_summary_kernel(
@@ -18,7 +57,7 @@ def _update_page_summary_kernel(
     s_kb, s_ko, s_kh, s_kd,  # key_cache strides: block, offset, head, dim
     s_pp, s_ph, s_pd,  # page_min/page_max strides: page, head, dim
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    HD: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_R: tl.constexpr,
+    HD: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_R: tl.constexpr, FP8_OUT: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping + t).to(tl.int64)
@@ -48,21 +87,49 @@ def _update_page_summary_kernel(
         mn = tl.minimum(mn, tl.min(tl.where(m, k, float("inf")), axis=0))
         mx = tl.maximum(mx, tl.max(tl.where(m, k, float("-inf")), axis=0))
     out = page * s_pp + h * s_ph + d * s_pd
-    tl.store(page_min + out, mn.to(page_min.dtype.element_ty), mask=hd_mask)
-    tl.store(page_max + out, mx.to(page_max.dtype.element_ty), mask=hd_mask)
+    if FP8_OUT:  # page_min/page_max are uint8 views of the fp8 tensors
+        tl.store(page_min + out, _fp8e4m3_directed_bits(mn, False).to(tl.uint8), mask=hd_mask)
+        tl.store(page_max + out, _fp8e4m3_directed_bits(mx, True).to(tl.uint8), mask=hd_mask)
+    else:
+        tl.store(page_min + out, mn.to(page_min.dtype.element_ty), mask=hd_mask)
+        tl.store(page_max + out, mx.to(page_max.dtype.element_ty), mask=hd_mask)
+
+
+def fp8_summaries_supported(device: torch.device | str) -> bool:
+    """fp8 summaries need native e4m3 conversion on the GPU (compute capability 8.9+); the interpreter
+    (CPU tensors) handles them too."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def default_summary_dtype(cache_dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``float8_e4m3fn`` where supported (half the bytes to score), else the cache dtype."""
+    return FP8 if fp8_summaries_supported(device) else cache_dtype
 
 
 def allocate_page_summary(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
-                          page_size: int, dtype: torch.dtype,
-                          device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+                          page_size: int, dtype: torch.dtype, device: torch.device | str,
+                          summary_dtype: torch.dtype | str | None = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Empty ``(page_min, page_max)``, each ``[num_blocks * block_size // page_size, Hkv, D]``.
 
-    Contents are garbage until a page is written: a page's summary is only read for logical pages below
-    ``ceil(seq_len / P)``, all of which were written (and so summarized) by their request.
+    Args:
+        dtype: the cache dtype.
+        summary_dtype: the summaries' dtype: ``"auto"``/``None`` (``default_summary_dtype``: fp8 e4m3 where
+            supported), or a dtype (``torch.float8_e4m3fn``, the cache dtype, ``torch.float32``...).
+
+    Both are views of one ``[pages, Hkv, 2, D]`` buffer, so a page's min and max of one kv head are one
+    contiguous run of memory for the scorer. Contents are garbage until a page is written: a page's
+    summary is only read for logical pages below ``ceil(seq_len / P)``, all of which were written (and so
+    summarized) by their request.
     """
     assert block_size % page_size == 0, "page_size must divide block_size"
-    shape = (num_blocks * block_size // page_size, num_kv_heads, head_size)
-    return (torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+    if summary_dtype is None or summary_dtype == "auto":
+        summary_dtype = default_summary_dtype(dtype, device)
+    buf = torch.empty((num_blocks * block_size // page_size, num_kv_heads, 2, head_size), dtype=summary_dtype,
+                      device=device)
+    return buf[:, :, 0], buf[:, :, 1]
 
 
 def update_page_summary(key_cache: torch.Tensor, slot_mapping: torch.Tensor, page_min: torch.Tensor,
@@ -74,7 +141,8 @@ def update_page_summary(key_cache: torch.Tensor, slot_mapping: torch.Tensor, pag
             step's keys.
         slot_mapping: ``[T]`` int32/int64 slots written this step (``-1`` = padding). A page's tokens in
             one step must be consecutive entries (as vLLM lays out each request's tokens).
-        page_min, page_max: ``[num_blocks * block_size // page_size, Hkv, D]``, any strides.
+        page_min, page_max: ``[num_blocks * block_size // page_size, Hkv, D]``, any strides (the same for
+            both), any float dtype; ``torch.float8_e4m3fn`` is rounded outward (module docstring).
         page_size: tokens per page ``P``; divides ``block_size``.
 
     The summary covers the page's rows ``0..o`` (``o`` = the largest in-page offset written this step),
@@ -83,10 +151,13 @@ def update_page_summary(key_cache: torch.Tensor, slot_mapping: torch.Tensor, pag
     num_blocks, block_size, hkv, d = key_cache.shape
     assert block_size % page_size == 0, "page_size must divide block_size"
     assert page_min.shape == page_max.shape == (num_blocks * block_size // page_size, hkv, d)
-    assert page_min.stride() == page_max.stride()
+    assert page_min.stride() == page_max.stride() and page_min.dtype == page_max.dtype
     t = slot_mapping.shape[0]
     if t == 0:
         return
+    fp8 = page_min.dtype == FP8
+    if fp8:
+        page_min, page_max = page_min.view(torch.uint8), page_max.view(torch.uint8)
     hd = hkv * d
     block_hd = min(triton.next_power_of_2(hd), 512)
     block_r = min(triton.next_power_of_2(page_size), 16)
@@ -95,5 +166,5 @@ def update_page_summary(key_cache: torch.Tensor, slot_mapping: torch.Tensor, pag
         key_cache, slot_mapping, page_min, page_max, t,
         *key_cache.stride(), *page_min.stride(),
         HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size, HD=hd, BLOCK_HD=block_hd, BLOCK_R=block_r,
-        num_warps=4,
+        FP8_OUT=fp8, num_warps=4,
     )
