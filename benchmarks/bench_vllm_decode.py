@@ -84,6 +84,30 @@ def run_backend(args, backend: str, env: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def plot(result: dict, path: str) -> str:
+    """TPOT vs context (log2 x) per batch size, vLLM default and longseq, from a result file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mode = result["inputs"]["mode"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for batch in sorted({r["batch"] for r in result["table"]}):
+        rows = sorted((r for r in result["table"] if r["batch"] == batch), key=lambda r: r["context"])
+        x = [r["context"] for r in rows]
+        ax.plot(x, [r["default_tpot_ms"] for r in rows], "o--", label=f"vLLM default, batch {batch}")
+        ax.plot(x, [r["longseq_tpot_ms"] for r in rows], "o-", label=f"longseq {mode}, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("time per output token (ms)")
+    ax.set_title(f"{result['inputs']['shape']}, {result['env'].get('device')}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -99,6 +123,7 @@ def parse_args(argv=None):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
     p.add_argument("--name", default=None, help="results file name (default: vllm_decode_<mode>_<shape>)")
+    p.add_argument("--plot", default=None, metavar="RESULT_JSON", help="only draw <RESULT_JSON>.png from a result file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -108,6 +133,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child(args)
+    if args.plot:
+        print(plot(json.load(open(args.plot)), args.plot[:-5] + ".png"))
+        return
     from benchmarks.common import command_line, environment, write_result
 
     if args.model_dir is None:
@@ -139,6 +167,10 @@ def main(argv=None) -> None:
         print(f"| {r['context']} | {r['batch']} | {r['default_tpot_ms']:.2f} | {r['longseq_tpot_ms']:.2f} | "
               f"{r['tpot_ratio']:.3f} | {r['default_ttft_s']:.3f} | {r['longseq_ttft_s']:.3f} | {r['ttft_ratio']:.3f} |")
     print("wrote", path)
+    try:
+        print("plot", plot(json.load(open(path)), path[:-5] + ".png"))
+    except ImportError as e:
+        print(f"no plot: {e}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def environment() -> dict:
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("BENCH_COMMIT"):  # a copied tree whose .git is stale (the GPU machine's copy)
+        return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None

@@ -14,9 +14,14 @@ from longseq.models.prompts import make_prompts
 
 def fidelity_study(model: str, tokenizer, budgets: list[int], fid_lengths: list[int], passkey_lengths: list[int],
                    max_tokens: int, base_env: dict[str, str], llm_kwargs: dict, dense_env: dict[str, str],
-                   sparse_env: dict[str, str] | None = None, seed: int = 0, logprobs: int = 20) -> dict:
-    """Returns ``{"dense": {...}, "budgets": {budget: {"agreement", "mean_kl", "free_running_match",
-    "passkey_correct", ...}}}``; ``dense_env``/``sparse_env`` are added to ``base_env`` for each engine."""
+                   sparse_envs: dict[str, dict[str, str]] | None = None, seed: int = 0, logprobs: int = 20) -> dict:
+    """Dense once, then every (variant, budget) of sparse against it.
+
+    ``sparse_envs``: variant label -> extra environment of the sparse engines (default ``{"default": {}}``);
+    ``dense_env`` and each variant's are added to ``base_env``.
+    Returns ``{"inputs", "dense": {"passkey_correct", "trace"}, "variants": {label: {budget: {"agreement",
+    "mean_kl", "max_kl", "free_running_match", "passkey_correct", "per_prompt", "trace", ...}}}}``.
+    """
     prompts = make_prompts(tokenizer, fid_lengths, seed=seed)
     pk = [passkey_prompt(tokenizer, n, seed=seed * 100 + i) for i, n in enumerate(passkey_lengths)]
     pk_prompts, keys = [p for p, _ in pk], [k for _, k in pk]
@@ -33,19 +38,21 @@ def fidelity_study(model: str, tokenizer, budgets: list[int], fid_lengths: list[
                       "budgets": budgets, "seed": seed},
            "dense": {"passkey_correct": passkeys(dense["runs"][1]) if pk_prompts else [],
                      "trace": dense["trace"]},
-           "budgets": {}}
-    for budget in budgets:
-        runs = [{"prompts": prompts, "max_tokens": max_tokens, "forced": d_run["tokens"]},
-                {"prompts": prompts, "max_tokens": max_tokens}]
-        if pk_prompts:
-            runs.append({"prompts": pk_prompts, "max_tokens": 8})
-        env = {**base_env, "LONGSEQ_ATTENTION": "sparse", "LONGSEQ_SPARSE_BUDGET": str(budget), **(sparse_env or {})}
-        res = run_session(model, runs, env, llm_kwargs, logprobs)
-        forced, free = res["runs"][0], res["runs"][1]
-        if forced["tokens"] != d_run["tokens"]:
-            raise RuntimeError("teacher forcing failed: the forced run did not emit the dense tokens")
-        metrics = compare(d_run, forced, free)
-        metrics["passkey_correct"] = passkeys(res["runs"][2]) if pk_prompts else []
-        metrics["trace"] = res["trace"]
-        out["budgets"][budget] = metrics
+           "variants": {}}
+    for label, extra_env in (sparse_envs or {"default": {}}).items():
+        out["variants"][label] = {}
+        for budget in budgets:
+            runs = [{"prompts": prompts, "max_tokens": max_tokens, "forced": d_run["tokens"]},
+                    {"prompts": prompts, "max_tokens": max_tokens}]
+            if pk_prompts:
+                runs.append({"prompts": pk_prompts, "max_tokens": 8})
+            env = {**base_env, "LONGSEQ_ATTENTION": "sparse", "LONGSEQ_SPARSE_BUDGET": str(budget), **extra_env}
+            res = run_session(model, runs, env, llm_kwargs, logprobs)
+            forced, free = res["runs"][0], res["runs"][1]
+            if forced["tokens"] != d_run["tokens"]:
+                raise RuntimeError("teacher forcing failed: the forced run did not emit the dense tokens")
+            metrics = compare(d_run, forced, free)
+            metrics["passkey_correct"] = passkeys(res["runs"][2]) if pk_prompts else []
+            metrics["trace"] = res["trace"]
+            out["variants"][label][budget] = metrics
     return out

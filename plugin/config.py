@@ -22,6 +22,9 @@ DEBUG_FAULTS = ("none", "skip_kv_write")
 #: Math under our CPU backend in dense mode: vLLM's own CPU kernel (bit-identical tokens) or our PyTorch path.
 CPU_KERNELS = ("vllm", "torch")
 
+#: Page-summary dtypes of sparse mode.
+SPARSE_SUMMARIES = ("auto", "fp8", "cache")
+
 #: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
@@ -53,6 +56,9 @@ class LongSeqConfig:
         sparse_dense_layers: the first N layers stay dense (``LONGSEQ_SPARSE_DENSE_LAYERS``; Quest keeps 2).
         sparse_sink_pages: first pages always kept (attention sinks) (``LONGSEQ_SPARSE_SINK_PAGES``).
         sparse_recent_pages: last pages always kept (``LONGSEQ_SPARSE_RECENT_PAGES``).
+        sparse_summary: dtype of the page summaries (``LONGSEQ_SPARSE_SUMMARY``): ``fp8`` (e4m3, rounded
+            outward so the Quest bound still holds; half the bytes to score), ``cache`` (the KV cache dtype,
+            exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
     """
 
     attention: str = "dense"
@@ -66,6 +72,7 @@ class LongSeqConfig:
     sparse_dense_layers: int = 2
     sparse_sink_pages: int = 1
     sparse_recent_pages: int = 4
+    sparse_summary: str = "auto"
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TECHNIQUES:
@@ -91,6 +98,9 @@ class LongSeqConfig:
         for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages"):
             if getattr(self, name) < 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be >= 0")
+        if self.sparse_summary not in SPARSE_SUMMARIES:
+            raise LongSeqConfigError(f"LONGSEQ_SPARSE_SUMMARY={self.sparse_summary!r} is not allowed; "
+                                     f"allowed values: {', '.join(SPARSE_SUMMARIES)}")
         p = self.sparse_page_size
         if p & (p - 1):
             raise LongSeqConfigError(f"LONGSEQ_SPARSE_PAGE_SIZE={p} must be a power of two (it divides the KV block size)")
@@ -115,6 +125,7 @@ class LongSeqConfig:
         "sparse_dense_layers": "LONGSEQ_SPARSE_DENSE_LAYERS",
         "sparse_sink_pages": "LONGSEQ_SPARSE_SINK_PAGES",
         "sparse_recent_pages": "LONGSEQ_SPARSE_RECENT_PAGES",
+        "sparse_summary": "LONGSEQ_SPARSE_SUMMARY",
     }
 
     @classmethod
@@ -191,7 +202,8 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
     if t.startswith("str | None"):
         return None if raw in (None, "") else str(raw)
     if t == "str":
-        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel") else str(raw)
+        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel",
+                                                     "sparse_summary") else str(raw)
     raise AssertionError(f"no coercion for {name}: {t}")  # a new field must add its coercion
 
 

@@ -7,6 +7,7 @@ module is imported by the factory), and anything wrong (SGLang version, ``LONGSE
 here and raised again by the factory, which runs only when the user selected our backend.
 
 Usage:  ``python -m sglang.launch_server --model-path M --attention-backend longseq_dense``
+        ``python -m sglang.launch_server --model-path M --attention-backend longseq_sparse --page-size 16``
         (``sgl.Engine(..., attention_backend="longseq_dense")`` works the same way).
 """
 
@@ -20,6 +21,7 @@ from longseq.plugin.versions import SGLANG_SUPPORTED, LongSeqVersionError, insta
 logger = logging.getLogger("longseq")
 
 DENSE_BACKEND = "longseq_dense"
+SPARSE_BACKEND = "longseq_sparse"
 _checked = False  # the version/config problems are logged once per process
 
 
@@ -50,8 +52,25 @@ def create_dense_backend(model_runner):
     return LongSeqDenseBackend(model_runner, config)
 
 
+def create_sparse_backend(model_runner):
+    """``ATTENTION_BACKENDS["longseq_sparse"]`` factory: Quest sparse decode over a wrapped dense backend.
+
+    Raises:
+        LongSeqVersionError: the installed SGLang is not a supported version.
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or SGLang's ``--page-size`` (or the model)
+            does not fit the sparse settings.
+    """
+    check_sglang_version()
+    config = get_config()
+    from longseq.attention_backends.sglang.sparse import LongSeqSparseBackend
+
+    return LongSeqSparseBackend(model_runner, config)
+
+
 def register() -> None:
-    """Register ``longseq_dense`` with SGLang's attention registry and CLI choices. Safe to call repeatedly."""
+    """Register ``longseq_dense`` and ``longseq_sparse`` with SGLang's attention registry and CLI choices.
+
+    Safe to call repeatedly."""
     global _checked
     if not _checked:
         _checked = True
@@ -59,10 +78,12 @@ def register() -> None:
             check_sglang_version()
             get_config()  # validate LONGSEQ_* early so a typo shows in the front-end log
         except (LongSeqVersionError, LongSeqConfigError) as e:  # still register: the factory raises it again
-            logger.error("longseq: %s; --attention-backend %s will fail", e, DENSE_BACKEND)
+            logger.error("longseq: %s; --attention-backend %s will fail (and so will %s)", e, DENSE_BACKEND,
+                         SPARSE_BACKEND)
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
-    register_attention_backend(DENSE_BACKEND)(create_dense_backend)
-    if DENSE_BACKEND not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
-        add_attention_backend_choices([DENSE_BACKEND])
+    for name, factory in ((DENSE_BACKEND, create_dense_backend), (SPARSE_BACKEND, create_sparse_backend)):
+        register_attention_backend(name)(factory)
+        if name not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
+            add_attention_backend_choices([name])

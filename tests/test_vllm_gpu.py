@@ -48,3 +48,56 @@ def test_negative_control_changes_tokens_on_gpu(smollm2_path, prompts, flash_run
     bad = run_llm(smollm2_path, prompts[3:], 8, {"LONGSEQ_DEBUG_FAULT": "skip_kv_write"},
                   {**GPU_KWARGS, "attention_config": {"backend": "CUSTOM"}})
     assert bad["tokens"] != [t[:8] for t in flash_run["tokens"][3:]]
+
+
+# ------------------------------------------------------------------------------------------ sparse mode
+SPARSE_KW = {**GPU_KWARGS, "dtype": "bfloat16", "seed": 0, "enable_prefix_caching": True,
+             "attention_config": {"backend": "CUSTOM"}}
+
+
+def _sparse_vs_dense(smollm2_path, prompts, dense_tokens, env, max_tokens):
+    """Teacher-forced (dense tokens fed) and free-running sparse runs in one engine, vs dense."""
+    from longseq.eval.fidelity import run_session
+
+    res = run_session(smollm2_path, [{"prompts": prompts, "max_tokens": max_tokens, "forced": dense_tokens},
+                                     {"prompts": prompts, "max_tokens": max_tokens}],
+                      {"LONGSEQ_ATTENTION": "sparse", **env}, SPARSE_KW)
+    return res
+
+
+@pytest.fixture(scope="module")
+def dense_logprob_run(smollm2_path, prompts):
+    from longseq.eval.fidelity import run_generation
+
+    return run_generation(smollm2_path, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, SPARSE_KW)
+
+
+def test_sparse_budget_covering_context_matches_dense_with_cuda_graphs(smollm2_path, prompts, dense_logprob_run):
+    """Budget 2048 >= every request's length (<= 2000 + 48): every page is selected, so sparse decode computes
+    dense attention (another summation order): teacher-forced argmax agreement and KL at float noise level."""
+    from longseq.eval.fidelity import compare
+
+    res = _sparse_vs_dense(smollm2_path, prompts, dense_logprob_run["tokens"], {"LONGSEQ_SPARSE_BUDGET": "2048"},
+                           MAX_TOKENS)
+    m = compare(dense_logprob_run, res["runs"][0], res["runs"][1])
+    assert res["runs"][0]["tokens"] == dense_logprob_run["tokens"]  # forcing worked
+    assert any(t["technique"] == "sparse" and t.get("sparse_decode_calls", 0) > 0 for t in res["trace"]), res["trace"]
+    assert m["agreement"] >= 0.99 and m["mean_kl"] <= 1e-3, m
+
+
+def test_sparse_small_budget_fidelity_and_negative_control(smollm2_path, prompts, dense_logprob_run):
+    """Budget 1024 on prompts up to 2000 tokens (mixed batch: short requests dense-equivalent, long ones sparse):
+    close to dense; budget 64 with no dense layers must change tokens (the sparse path is live under graphs)."""
+    from longseq.eval.fidelity import compare
+
+    res = _sparse_vs_dense(smollm2_path, prompts, dense_logprob_run["tokens"], {"LONGSEQ_SPARSE_BUDGET": "1024"},
+                           MAX_TOKENS)
+    m = compare(dense_logprob_run, res["runs"][0], res["runs"][1])
+    print("budget 1024:", {k: m[k] for k in ("agreement", "mean_kl", "free_running_match")})
+    assert m["agreement"] >= 0.97 and m["mean_kl"] <= 0.02, m
+    low = _sparse_vs_dense(smollm2_path, prompts[:2], dense_logprob_run["tokens"][:2],
+                           {"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "1",
+                            "LONGSEQ_SPARSE_DENSE_LAYERS": "0"}, MAX_TOKENS)
+    m_low = compare({k: v[:2] for k, v in dense_logprob_run.items() if k in ("tokens", "logprobs")},
+                    low["runs"][0], low["runs"][1])
+    assert m_low["mean_kl"] > 10 * m["mean_kl"] and low["runs"][1]["tokens"] != dense_logprob_run["tokens"][:2], m_low

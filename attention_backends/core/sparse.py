@@ -32,6 +32,8 @@ class SparseSettings:
         page_size: tokens per scored page.
         dense_layers: layers ``0 .. dense_layers-1`` stay dense.
         sink_pages, recent_pages: always-kept first / last pages.
+        summary: page-summary dtype choice: ``fp8``, ``cache`` or ``auto`` (fp8 on CUDA devices that support
+            it; the cache dtype elsewhere, where the PyTorch references run).
     """
 
     budget_tokens: int
@@ -39,11 +41,25 @@ class SparseSettings:
     dense_layers: int
     sink_pages: int
     recent_pages: int
+    summary: str = "auto"
 
     @classmethod
     def from_config(cls, config: LongSeqConfig) -> "SparseSettings":
         return cls(config.sparse_budget, config.sparse_page_size, config.sparse_dense_layers,
-                   config.sparse_sink_pages, config.sparse_recent_pages)
+                   config.sparse_sink_pages, config.sparse_recent_pages, config.sparse_summary)
+
+    def summary_dtype(self, cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The page summaries' dtype for a cache of ``cache_dtype`` on ``device``."""
+        from longseq.kernels.sparse_decode.page_summary import FP8, fp8_summaries_supported
+
+        if self.summary == "fp8":
+            if device.type == "cuda" and not fp8_summaries_supported(device):
+                raise LongSeqConfigError("LONGSEQ_SPARSE_SUMMARY=fp8 needs a GPU with fp8 support (compute "
+                                         "capability 8.9+); use LONGSEQ_SPARSE_SUMMARY=cache")
+            return FP8
+        if self.summary == "auto" and device.type == "cuda" and fp8_summaries_supported(device):
+            return FP8
+        return cache_dtype
 
     @property
     def num_select(self) -> int:
@@ -68,14 +84,16 @@ class SparseSettings:
 class QuestPageIndex:
     """Channel-wise key min/max per page of one layer's paged cache, addressed by global page id.
 
-    ``page_min``/``page_max``: ``[num_blocks * block_size // page_size, Hkv, D]`` in the cache dtype, allocated
-    on the first update (the engine allocates its KV cache after our backend is built). Global page ids are
+    ``page_min``/``page_max``: ``[num_blocks * block_size // page_size, Hkv, D]`` in ``summary_dtype`` (default: the
+    cache dtype; fp8 e4m3 is rounded outward so the bound holds), allocated on the first update (the engine allocates its KV cache after our backend is built). Global page ids are
     physical (block id based), so the index stays right under prefix caching and block reuse: a page's summary
     is recomputed from the cache whenever one of its tokens is written.
     """
 
-    def __init__(self, page_size: int):
+    def __init__(self, page_size: int, summary_dtype=None):
+        """``summary_dtype``: a dtype, or a callable ``(cache_dtype, device) -> dtype``, or None (cache dtype)."""
         self.page_size = page_size
+        self.summary_dtype = summary_dtype
         self.page_min: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
         self._cache_ptr: int | None = None
@@ -84,12 +102,16 @@ class QuestPageIndex:
         num_blocks, block_size, hkv, d = key_cache.shape
         if self.page_min is not None and self._cache_ptr == key_cache.data_ptr():
             return
+        from longseq.kernels.sparse_decode import allocate_page_summary
+
         shape = (num_blocks * block_size // self.page_size, hkv, d)
+        sdt = self.summary_dtype
+        sdt = sdt(key_cache.dtype, key_cache.device) if callable(sdt) else (sdt or key_cache.dtype)
         try:
-            self.page_min = torch.empty(shape, dtype=key_cache.dtype, device=key_cache.device)
-            self.page_max = torch.empty(shape, dtype=key_cache.dtype, device=key_cache.device)
+            self.page_min, self.page_max = allocate_page_summary(num_blocks, block_size, hkv, d, self.page_size,
+                                                                 key_cache.dtype, key_cache.device, summary_dtype=sdt)
         except torch.OutOfMemoryError as e:  # vLLM's memory planner does not count this side cache
-            need = 2 * self.page_min_bytes(shape, key_cache.dtype) / 2**30
+            need = 2 * self.page_min_bytes(shape, sdt) / 2**30
             raise LongSeqConfigError(
                 f"longseq sparse: no memory for the page index ({need:.2f} GiB per layer, 1/{self.page_size} of "
                 "the key cache); lower --gpu-memory-utilization a little or raise LONGSEQ_SPARSE_PAGE_SIZE") from e

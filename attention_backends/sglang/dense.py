@@ -30,8 +30,9 @@ def resolve_inner_backend(setting: str, device) -> str:
     """Name of the SGLang backend to wrap, from ``sglang_dense_backend`` (``auto`` = by device)."""
     if setting == "auto":
         return DEFAULT_INNER.get(str(device).split(":")[0], "triton")
-    if setting == BACKEND_NAME or setting not in ATTENTION_BACKENDS:
-        allowed = ["auto"] + sorted(n for n in ATTENTION_BACKENDS if n != BACKEND_NAME)
+    # longseq's own backends are never wrapped (longseq_sparse wrapping itself would recurse).
+    if setting.startswith("longseq_") or setting not in ATTENTION_BACKENDS:
+        allowed = ["auto"] + sorted(n for n in ATTENTION_BACKENDS if not n.startswith("longseq_"))
         raise LongSeqConfigError(
             f"LONGSEQ_SGLANG_DENSE={setting!r} is not an SGLang attention backend longseq_dense can wrap; "
             f"allowed values: {', '.join(allowed)}"
@@ -40,15 +41,20 @@ def resolve_inner_backend(setting: str, device) -> str:
 
 
 class _Trace:
-    """Per-process call counters of ``longseq_dense``.
+    """Per-process call counters of one longseq SGLang backend (``longseq_dense`` unless told otherwise).
 
-    With ``trace_dir`` set they are written to ``<trace_dir>/sglang-longseq_dense-<pid>.json`` when a backend
+    With ``trace_dir`` set they are written to ``<trace_dir>/sglang-<backend>-<pid>.json`` when a backend
     is built, at forward calls 1, 2, 4, 8, ... and at exit, so the file costs nothing in steady state.
     Under CUDA graphs only eager calls (capture, non-graphed batches) reach Python and are counted.
+    ``extra_counts`` are further counters the backend bumps itself; ``technique`` fixes the reported
+    technique (default: the configured ``LONGSEQ_ATTENTION``).
     """
 
-    def __init__(self) -> None:
-        self.counts = {"forward_calls": 0, "extend_calls": 0, "decode_calls": 0, "backends_built": 0}
+    def __init__(self, backend: str = BACKEND_NAME, extra_counts: tuple[str, ...] = (),
+                 technique: str | None = None) -> None:
+        self.backend, self._technique = backend, technique
+        self.counts = {"forward_calls": 0, "extend_calls": 0, "decode_calls": 0, "backends_built": 0,
+                       **dict.fromkeys(extra_counts, 0)}
         self.inner: set[str] = set()
         self.trace_dir: str | None = None
         self.technique = ""
@@ -60,7 +66,7 @@ class _Trace:
         with self._lock:
             self.counts["backends_built"] += 1
             self.inner.add(inner)
-            self.trace_dir, self.technique = config.trace_dir, config.attention
+            self.trace_dir, self.technique = config.trace_dir, self._technique or config.attention
             if self.trace_dir and not self._atexit:
                 atexit.register(self.flush)
                 self._atexit = True
@@ -77,9 +83,9 @@ class _Trace:
         if not self.trace_dir:
             return
         os.makedirs(self.trace_dir, exist_ok=True)
-        path = os.path.join(self.trace_dir, f"sglang-{BACKEND_NAME}-{os.getpid()}.json")
+        path = os.path.join(self.trace_dir, f"sglang-{self.backend}-{os.getpid()}.json")
         with open(path + ".tmp", "w") as f:
-            json.dump({"framework": "sglang", "backend": BACKEND_NAME, "pid": os.getpid(),
+            json.dump({"framework": "sglang", "backend": self.backend, "pid": os.getpid(),
                        "inner": sorted(self.inner), "technique": self.technique, **self.counts}, f)
         os.replace(path + ".tmp", path)
 
@@ -94,24 +100,26 @@ class LongSeqDenseBackend(AttentionBackend):
     ``needs_cpu_seq_lens``) is forwarded to the inner backend; reads and writes of any other attribute
     go to the inner backend too (``__getattr__``/``__setattr__``), so SGLang code that pokes at
     backend state sees the inner backend's. Only the forward entry points are ours (they count calls).
+    Subclasses (``longseq_sparse``) extend ``_OWN`` with their own attributes and set their own ``trace``.
     """
 
     _OWN = frozenset({"inner", "inner_name", "config"})
+    trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
         inner_name = resolve_inner_backend(config.sglang_dense_backend, model_runner.device)
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "inner_name", inner_name)
         object.__setattr__(self, "inner", ATTENTION_BACKENDS[inner_name](model_runner))
-        TRACE.configure(config, inner_name)
+        self.trace.configure(config, inner_name)
 
     def __getattr__(self, name):  # only reached when normal lookup fails
-        if name in LongSeqDenseBackend._OWN:
+        if name in type(self)._OWN:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __setattr__(self, name, value):
-        if name in LongSeqDenseBackend._OWN:
+        if name in type(self)._OWN:
             object.__setattr__(self, name, value)
         else:
             setattr(self.inner, name, value)
@@ -122,19 +130,19 @@ class LongSeqDenseBackend(AttentionBackend):
     # The forward entry points: count, then delegate. `forward` goes to the inner `forward` (not ours
     # below) so one call is counted once, whichever entry point SGLang uses.
     def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        TRACE.record("decode_calls" if forward_batch.forward_mode.is_decode() else "extend_calls")
+        self.trace.record("decode_calls" if forward_batch.forward_mode.is_decode() else "extend_calls")
         return self.inner.forward(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        TRACE.record("decode_calls")
+        self.trace.record("decode_calls")
         return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        TRACE.record("extend_calls")
+        self.trace.record("extend_calls")
         return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
     def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        TRACE.record("extend_calls")
+        self.trace.record("extend_calls")
         return self.inner.forward_mixed(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
 
 

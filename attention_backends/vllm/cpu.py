@@ -102,7 +102,7 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
             self._is_sparse_layer = self.sparse is not None and self.sparse.is_sparse_layer(
                 getattr(layer, "layer_name", ""))
             if self._is_sparse_layer:
-                self.page_index = QuestPageIndex(self.sparse.page_size)
+                self.page_index = QuestPageIndex(self.sparse.page_size, self.sparse.summary_dtype)
         return self._is_sparse_layer
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
