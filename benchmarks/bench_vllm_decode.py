@@ -35,7 +35,7 @@ def child(args) -> None:
 
     kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                  max_num_seqs=max(args.batches), seed=0,
+                  max_num_seqs=max(b for _, b in cases(args)), seed=0,
                   compilation_config={"mode": 0, "cudagraph_mode": args.cudagraph_mode})
     if args.backend != "default":
         kwargs["attention_config"] = {"backend": args.backend}
@@ -53,8 +53,8 @@ def child(args) -> None:
     warm = [TokensPrompt(prompt_token_ids=[random.Random(7).randrange(100, 30000) for _ in range(64)])]
     timed(warm, many)  # warm-up: first-call costs (allocator, sampler) out of the measurements
     rows = []
-    for ctx in args.contexts:
-        for batch in args.batches:
+    for ctx, batch in cases(args):
+        if True:  # one (context, batch) case
             rng = random.Random(ctx * 100 + batch)
             prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
                        for _ in range(batch)]
@@ -69,10 +69,17 @@ def child(args) -> None:
     print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "rows": rows}), flush=True)
 
 
+def cases(args) -> list[tuple[int, int]]:
+    """(context, batch) pairs: ``--cases``, else every context with every batch size."""
+    if args.cases:
+        return [tuple(int(x) for x in c.split("x")) for c in args.cases.split(",")]
+    return [(c, b) for c in args.contexts for b in args.batches]
+
+
 def run_backend(args, backend: str, env: dict) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend,
            "--model-dir", args.model_dir, "--contexts", ",".join(map(str, args.contexts)),
-           "--batches", ",".join(map(str, args.batches)), "--repeats", str(args.repeats),
+           "--batches", ",".join(map(str, args.batches)), *(["--cases", args.cases] if args.cases else []), "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
@@ -113,6 +120,8 @@ def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--contexts", type=ints, default=[8192, 32768, 129024])
     p.add_argument("--batches", type=ints, default=[1])
+    p.add_argument("--cases", default=None,
+                   help="CTXxBATCH list instead of every (context, batch), e.g. 32768x1,129024x1,32768x8")
     p.add_argument("--mode", default="dense", help="LONGSEQ_ATTENTION for the longseq run")
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
@@ -156,8 +165,7 @@ def main(argv=None) -> None:
                       "ttft_ratio": o["ttft_s"] / d["ttft_s"]})
     name = args.name or f"vllm_decode_{args.mode}_{args.shape}"
     path = write_result(name, {"benchmark": "vllm_decode", "command": command_line(), "env": environment(),
-                               "inputs": {"mode": args.mode, "shape": args.shape, "contexts": args.contexts,
-                                          "batches": args.batches, "repeats": args.repeats,
+                               "inputs": {"mode": args.mode, "shape": args.shape, "cases": cases(args), "repeats": args.repeats,
                                           "decode_tokens": args.decode_tokens,
                                           "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
                                "default": default, "longseq": ours, "table": table})

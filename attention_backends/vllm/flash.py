@@ -98,12 +98,17 @@ class LongSeqFlashImpl(FlashAttentionImpl):
                 self.page_index = QuestPageIndex(self.sparse.page_size, self.sparse.summary_dtype)
         return self._is_sparse_layer
 
+    def _key_value_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[num_blocks, block_size, Hkv, D]`` key and value views of the layer's ``[B, Hkv, N, 2*D]`` cache
+        (the logical layout of every supported vLLM version, see ``plugin/versions.py``)."""
+        return kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if self.config.debug_fault != "skip_kv_write":
             super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self._sparse_layer(layer):
-            self.page_index.update(kv_cache.unbind(0)[0], slot_mapping)
+            self.page_index.update(self._key_value_caches(kv_cache)[0], slot_mapping)
         for hook in self.kv_write_hooks:
             hook(getattr(layer, "layer_name", ""), key, value, kv_cache, slot_mapping)
         self.trace.record("kv_writes")
@@ -122,7 +127,7 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         if nd < step.num_reqs:  # prefill or mixed batch: FlashAttention for all rows
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         if nd:
-            key_cache, value_cache = kv_cache.unbind(0)
+            key_cache, value_cache = self._key_value_caches(kv_cache)
             out = output[:nd].view(nd, self.num_heads, self.head_size)
             sparse_decode(query[:nd].view(nd, self.num_heads, self.head_size), key_cache, value_cache,
                           step.block_table[:nd], step.seq_lens[:nd], self.page_index, self.sparse, self.scale, out)
