@@ -122,6 +122,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=ints, default=[1])
     p.add_argument("--cases", default=None,
                    help="CTXxBATCH list instead of every (context, batch), e.g. 32768x1,129024x1,32768x8")
+    p.add_argument("--skip-default", action="store_true", help="time only the longseq run (diagnostics)")
+    p.add_argument("--longseq-env", default="", help="extra K=V,K=V environment of the longseq run")
     p.add_argument("--mode", default="dense", help="LONGSEQ_ATTENTION for the longseq run")
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
@@ -154,8 +156,14 @@ def main(argv=None) -> None:
         write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
                           max_model_len=args.max_model_len)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
+    extra = dict(kv.split("=", 1) for kv in args.longseq_env.split(",") if kv)
+    ours_env = {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra}
+    if args.skip_default:
+        ours = run_backend(args, "CUSTOM", ours_env)
+        print("RESULT-ONLY " + json.dumps({"longseq_env": extra, **ours}))
+        return
     default = run_backend(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
-    ours = run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode})
+    ours = run_backend(args, "CUSTOM", ours_env)
     table = []
     for d, o in zip(default["rows"], ours["rows"]):
         table.append({"context": d["context"], "batch": d["batch"],
