@@ -110,11 +110,12 @@ class QuestPageIndex:
         try:
             self.page_min, self.page_max = allocate_page_summary(num_blocks, block_size, hkv, d, self.page_size,
                                                                  key_cache.dtype, key_cache.device, summary_dtype=sdt)
-        except torch.OutOfMemoryError as e:  # vLLM's memory planner does not count this side cache
+        except torch.OutOfMemoryError as e:  # the framework's memory planner does not count this side cache
             need = 2 * self.page_min_bytes(shape, sdt) / 2**30
             raise LongSeqConfigError(
                 f"longseq sparse: no memory for the page index ({need:.2f} GiB per layer, 1/{self.page_size} of "
-                "the key cache); lower --gpu-memory-utilization a little or raise LONGSEQ_SPARSE_PAGE_SIZE") from e
+                "the key cache); leave it room (vLLM: lower --gpu-memory-utilization a little; SGLang: lower "
+                "--mem-fraction-static) or raise LONGSEQ_SPARSE_PAGE_SIZE") from e
         self._cache_ptr = key_cache.data_ptr()
 
     @staticmethod

@@ -24,6 +24,7 @@ from longseq.plugin.config import LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_dense"
 DEFAULT_INNER = {"cpu": "torch_native"}  # any other device: "triton"
+LONGSEQ_BACKENDS = frozenset({BACKEND_NAME, "longseq_sparse"})  # never wrapped as the inner backend
 
 
 def resolve_inner_backend(setting: str, device) -> str:
@@ -31,8 +32,8 @@ def resolve_inner_backend(setting: str, device) -> str:
     if setting == "auto":
         return DEFAULT_INNER.get(str(device).split(":")[0], "triton")
     # longseq's own backends are never wrapped (longseq_sparse wrapping itself would recurse).
-    if setting.startswith("longseq_") or setting not in ATTENTION_BACKENDS:
-        allowed = ["auto"] + sorted(n for n in ATTENTION_BACKENDS if not n.startswith("longseq_"))
+    if setting in LONGSEQ_BACKENDS or setting not in ATTENTION_BACKENDS:
+        allowed = ["auto"] + sorted(n for n in ATTENTION_BACKENDS if n not in LONGSEQ_BACKENDS)
         raise LongSeqConfigError(
             f"LONGSEQ_SGLANG_DENSE={setting!r} is not an SGLang attention backend longseq_dense can wrap; "
             f"allowed values: {', '.join(allowed)}"

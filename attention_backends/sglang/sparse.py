@@ -19,10 +19,13 @@ allocated at the first write of each layer (eager: SGLang's warmup runs precede 
 
 Not covered: KV that reaches the pool without passing through this backend (HiCache load-back,
 PD-disaggregation transfers) is not summarized, so such pages are selected from stale summaries. The page
-index adds ``2 / LONGSEQ_SPARSE_PAGE_SIZE`` of the key cache per sparse layer, outside SGLang's memory plan.
+index (``LONGSEQ_SPARSE_SUMMARY``) adds up to ``2 / LONGSEQ_SPARSE_PAGE_SIZE`` of the key cache per sparse layer,
+outside SGLang's memory plan (lower ``--mem-fraction-static`` a little if it does not fit).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
@@ -35,12 +38,17 @@ from longseq.plugin.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, Long
 BACKEND_NAME = "longseq_sparse"
 TRACE = _Trace(BACKEND_NAME, extra_counts=("sparse_decode_calls", "index_updates"), technique="sparse")
 
+# Page indexes per KV pool (then per layer id), shared by every backend built on that pool: SGLang builds
+# several backends per runner (two-batch overlap, PD multiplexing), and each must see all pages' summaries.
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def check_runner(model_runner, settings: SparseSettings) -> int:
     """Validate what the sparse path needs from the model runner; return SGLang's page size ``P``.
 
     Raises:
-        LongSeqConfigError: the page size, head size, KV dtype, KV layout or model kind is unsupported.
+        LongSeqConfigError: the page size, head size, KV dtype, KV layout, summary dtype or model kind is
+            unsupported.
     """
     where = f"--attention-backend {BACKEND_NAME}"
     page_size = int(model_runner.page_size or 1)
@@ -61,8 +69,9 @@ def check_runner(model_runner, settings: SparseSettings) -> int:
         raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
                                  f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
     layout = getattr(model_runner.token_to_kv_pool, "kv_cache_layout", "nhd")
-    if layout not in ("nhd", "hnd"):
-        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (nhd, hnd)")
+    if layout != "nhd":  # HND (SGLANG_USE_HND_KVCACHE) / vectorized_5d: not slot rows; the dense backends neither
+        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
+    settings.summary_dtype(model_runner.dtype, torch.device(model_runner.device))  # LONGSEQ_SPARSE_SUMMARY=fp8
     translator = getattr(model_runner, "kv_index_translator", None)
     if getattr(translator, "is_translating", False):  # slots would not be physical pool rows
         raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
@@ -74,7 +83,8 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
 
     Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
     output ``[T, Hq * D]`` in ``q``'s dtype. Own state: ``indexes`` (layer id -> :class:`QuestPageIndex`
-    over ``[num_slots // P_q, Hkv, D]``) and ``block_table`` ``[B, pages]`` int32 for the current decode batch.
+    over ``[num_slots // P_q, Hkv, D]``, shared per KV pool) and ``block_table`` ``[B, pages]`` int32 for the
+    current decode batch.
     """
 
     _OWN = LongSeqDenseBackend._OWN | {"settings", "page_size", "pool", "req_to_token", "indexes",
@@ -88,7 +98,7 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
         self.settings, self.page_size = settings, page_size
         self.pool = model_runner.token_to_kv_pool
         self.req_to_token = model_runner.req_to_token_pool.req_to_token  # [reqs + 1, max_context_len] int32
-        self.indexes: dict[int, QuestPageIndex] = {}
+        self.indexes: dict[int, QuestPageIndex] = _INDEXES.setdefault(self.pool, {})
         self.block_table: torch.Tensor | None = None
         self.graph_block_table: torch.Tensor | None = None
 
@@ -134,13 +144,12 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
         window = getattr(layer, "sliding_window_size", -1)
         return (layer.layer_id >= self.settings.dense_layers and (window is None or window < 0)
                 and not layer.is_cross_attention and not getattr(layer, "logit_cap", 0)
-                and layer.qk_head_dim == layer.v_head_dim and all(v is None for v in kwargs.values()))
+                and layer.qk_head_dim == layer.v_head_dim
+                and all(value is None or value is False for value in kwargs.values()))
 
     def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
-        def paged(buf: torch.Tensor) -> torch.Tensor:
-            if buf.dim() == 4:  # HND layout (SGLANG_USE_HND_KVCACHE): [pages, Hkv, P, D]
-                return buf.transpose(1, 2)
+        def paged(buf: torch.Tensor) -> torch.Tensor:  # [num_slots, Hkv, D]
             rows = buf.shape[0] // self.page_size * self.page_size  # allocated slots never reach the tail
             return buf[:rows].view(-1, self.page_size, *buf.shape[1:])
 
@@ -149,7 +158,8 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
     def _update_index(self, layer, key_cache: torch.Tensor, forward_batch) -> QuestPageIndex:
         index = self.indexes.get(layer.layer_id)
         if index is None:
-            index = self.indexes[layer.layer_id] = QuestPageIndex(self.settings.page_size)
+            index = self.indexes[layer.layer_id] = QuestPageIndex(self.settings.page_size,
+                                                                  self.settings.summary_dtype)
         # Only this step's slots: pages are physical, so prefix-cache hits were summarized when first written.
         index.update(key_cache, forward_batch.out_cache_loc)
         self.trace.counts["index_updates"] += 1
