@@ -37,7 +37,10 @@ _MAX_TRITON_TOPK = 16384  # pages per row held in one program's registers
 _INT_MIN = tl.constexpr(-2147483648)
 
 # Defaults (H100 measurements in benchmarks/bench_sparse_kernels.py).
-FUSED_DEFAULT = True
+# Fused score + top-k launch: off. On an H200 (benchmarks/results/sparse_kernels.json, 2026-11-29) separate
+# launches were as fast or faster in every case: 30.9 vs 40.5 us at 128K batch 1, 80.8 vs 175.8 us at batch 8
+# (the fused kernel's score programs carry the top-k's 16-warp register budget).
+FUSED_DEFAULT = False
 CANDIDATE_CAP = 1024  # candidate slots of the filtered top-k (0: no filter)
 GROUP_PASSES = 3  # radix passes for the group-max bound (3: within 2^-15 of the exact k-th group max)
 
