@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
 #: Techniques selectable with ``LONGSEQ_ATTENTION``. Later techniques add themselves here.
-ATTENTION_TECHNIQUES = ("dense", "sparse")
+ATTENTION_TECHNIQUES = ("dense", "sparse", "duo")
 
 #: Test-only fault injection, used by the end-to-end tests as a negative control: it proves the engine
 #: really runs our backend (a broken variant must change the tokens).
@@ -59,6 +60,16 @@ class LongSeqConfig:
         sparse_summary: dtype of the page summaries (``LONGSEQ_SPARSE_SUMMARY``): ``fp8`` (e4m3, rounded
             outward so the Quest bound still holds; half the bytes to score), ``cache`` (the KV cache dtype,
             exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
+        duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
+            authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
+            ``smollm2-135m-instruct``. Required when ``attention`` is ``duo``.
+        duo_sparsity: fraction of all KV heads made streaming, the lowest gates first (``LONGSEQ_DUO_SPARSITY``,
+            in [0, 1]). Exclusive with ``duo_threshold``; when both are unset, duo mode uses sparsity 0.5.
+        duo_threshold: KV heads whose gate is below this value stream (``LONGSEQ_DUO_THRESHOLD``, in [0, 1]).
+        duo_sink: attention-sink tokens kept by streaming heads (``LONGSEQ_DUO_SINK``); unset = the pattern's
+            ``sink_size`` (64 for patterns that have none).
+        duo_recent: most recent tokens kept by streaming heads, the query's own included (``LONGSEQ_DUO_RECENT``);
+            unset = the pattern's ``recent_size`` (256 for patterns that have none).
     """
 
     attention: str = "dense"
@@ -73,6 +84,11 @@ class LongSeqConfig:
     sparse_sink_pages: int = 1
     sparse_recent_pages: int = 4
     sparse_summary: str = "auto"
+    duo_pattern: str | None = None
+    duo_sparsity: float | None = None
+    duo_threshold: float | None = None
+    duo_sink: int | None = None
+    duo_recent: int | None = None
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TECHNIQUES:
@@ -85,6 +101,7 @@ class LongSeqConfig:
                 f"LONGSEQ_CPU_KERNEL={self.cpu_kernel!r} is not allowed; allowed values: {', '.join(CPU_KERNELS)}"
             )
         self._check_sparse()
+        self._check_duo()
         if self.debug_fault not in DEBUG_FAULTS:
             raise LongSeqConfigError(
                 f"LONGSEQ_DEBUG_FAULT={self.debug_fault!r} is not allowed; allowed values: {', '.join(DEBUG_FAULTS)}"
@@ -112,6 +129,25 @@ class LongSeqConfig:
                 f"LONGSEQ_SPARSE_SINK_PAGES + LONGSEQ_SPARSE_RECENT_PAGES ({self.sparse_sink_pages} + "
                 f"{self.sparse_recent_pages}) exceed the budget of {self.sparse_budget // p} pages")
 
+    def _check_duo(self) -> None:
+        env = self.ENV_NAMES
+        if self.attention == "duo" and not self.duo_pattern:
+            raise LongSeqConfigError(
+                "LONGSEQ_ATTENTION=duo needs LONGSEQ_DUO_PATTERN: a DuoAttention pattern folder "
+                "(full_attention_heads.tsv + config.json) or a built-in pattern name such as smollm2-135m-instruct")
+        if self.duo_sparsity is not None and self.duo_threshold is not None:
+            raise LongSeqConfigError(
+                f"LONGSEQ_DUO_SPARSITY={self.duo_sparsity} and LONGSEQ_DUO_THRESHOLD={self.duo_threshold} are both "
+                "set; they are mutually exclusive: set one (or neither: sparsity 0.5)")
+        for name in ("duo_sparsity", "duo_threshold"):
+            val = getattr(self, name)
+            if val is not None and not 0.0 <= val <= 1.0:
+                raise LongSeqConfigError(f"{env[name]}={val} must be in [0, 1]")
+        for name in ("duo_sink", "duo_recent"):
+            val = getattr(self, name)
+            if val is not None and val <= 0:
+                raise LongSeqConfigError(f"{env[name]}={val} must be a positive integer (or unset: from the pattern)")
+
     # Environment / JSON field names, in the order `longseq info` prints them.
     ENV_NAMES = {
         "attention": "LONGSEQ_ATTENTION",
@@ -126,6 +162,11 @@ class LongSeqConfig:
         "sparse_sink_pages": "LONGSEQ_SPARSE_SINK_PAGES",
         "sparse_recent_pages": "LONGSEQ_SPARSE_RECENT_PAGES",
         "sparse_summary": "LONGSEQ_SPARSE_SUMMARY",
+        "duo_pattern": "LONGSEQ_DUO_PATTERN",
+        "duo_sparsity": "LONGSEQ_DUO_SPARSITY",
+        "duo_threshold": "LONGSEQ_DUO_THRESHOLD",
+        "duo_sink": "LONGSEQ_DUO_SINK",
+        "duo_recent": "LONGSEQ_DUO_RECENT",
     }
 
     @classmethod
@@ -192,6 +233,10 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
         if s in _FALSE:
             return False
         raise LongSeqConfigError(f"{where}={raw!r} must be a boolean (1/0, true/false)")
+    if t in ("int | None", "float | None"):  # optional numbers: unset (None / empty string) or the number
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        t = t.split(" |")[0]
     if t == "int":
         if isinstance(raw, bool):
             raise LongSeqConfigError(f"{where}={raw!r} must be an integer")
@@ -199,6 +244,16 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
             return int(str(raw).strip())
         except ValueError:
             raise LongSeqConfigError(f"{where}={raw!r} must be an integer") from None
+    if t == "float":
+        if isinstance(raw, bool):
+            raise LongSeqConfigError(f"{where}={raw!r} must be a number")
+        try:
+            val = float(str(raw).strip())
+        except ValueError:
+            raise LongSeqConfigError(f"{where}={raw!r} must be a number") from None
+        if not math.isfinite(val):
+            raise LongSeqConfigError(f"{where}={raw!r} must be a finite number")
+        return val
     if t.startswith("str | None"):
         return None if raw in (None, "") else str(raw)
     if t == "str":

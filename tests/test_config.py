@@ -80,3 +80,63 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
 def test_bad_sparse_knobs_are_named(env, match):
     with pytest.raises(LongSeqConfigError, match=match):
         LongSeqConfig.from_env(env)
+
+
+def test_duo_is_a_technique_and_its_knobs_default_to_unset():
+    assert "duo" in ATTENTION_TECHNIQUES
+    cfg = LongSeqConfig.from_env({})
+    assert (cfg.duo_pattern, cfg.duo_sparsity, cfg.duo_threshold, cfg.duo_sink, cfg.duo_recent) == (None,) * 5
+
+
+def test_duo_knobs_parse_from_env_and_json(tmp_path):
+    cfg = LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "smollm2-135m-instruct",
+                                  "LONGSEQ_DUO_SPARSITY": " 0.75 ", "LONGSEQ_DUO_SINK": "32",
+                                  "LONGSEQ_DUO_RECENT": "128"})
+    assert (cfg.attention, cfg.duo_pattern, cfg.duo_sparsity, cfg.duo_sink, cfg.duo_recent) == (
+        "duo", "smollm2-135m-instruct", 0.75, 32, 128)
+    assert cfg.duo_threshold is None
+    cfg = LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "/p", "LONGSEQ_DUO_THRESHOLD": "1",
+                                  "LONGSEQ_DUO_SPARSITY": "", "LONGSEQ_DUO_SINK": ""})
+    assert (cfg.duo_threshold, cfg.duo_sparsity, cfg.duo_sink) == (1.0, None, None)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"attention": "duo", "duo_pattern": "/pat", "duo_sparsity": 0.5, "duo_threshold": None,
+                                "duo_recent": 64, "duo_sink": None}))
+    cfg = LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path)})
+    assert (cfg.duo_pattern, cfg.duo_sparsity, cfg.duo_threshold, cfg.duo_sink, cfg.duo_recent) == (
+        "/pat", 0.5, None, None, 64)
+    # env wins over the file: the file's sparsity unset by an empty variable, a threshold given instead
+    cfg = LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path), "LONGSEQ_DUO_SPARSITY": "",
+                                  "LONGSEQ_DUO_THRESHOLD": "0.4"})
+    assert (cfg.duo_sparsity, cfg.duo_threshold) == (None, 0.4)
+
+
+def test_duo_knobs_do_not_need_duo_mode():
+    cfg = LongSeqConfig.from_env({"LONGSEQ_DUO_SPARSITY": "0.5"})  # set but unused: dense mode
+    assert cfg.attention == "dense" and cfg.duo_sparsity == 0.5
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"LONGSEQ_ATTENTION": "duo"}, "LONGSEQ_ATTENTION=duo needs LONGSEQ_DUO_PATTERN"),
+    ({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": ""}, "LONGSEQ_ATTENTION=duo needs LONGSEQ_DUO_PATTERN"),
+    ({"LONGSEQ_DUO_SPARSITY": "0.5", "LONGSEQ_DUO_THRESHOLD": "0.5"},
+     "LONGSEQ_DUO_SPARSITY=0.5 and LONGSEQ_DUO_THRESHOLD=0.5 are both set; they are mutually exclusive"),
+    ({"LONGSEQ_DUO_SPARSITY": "1.5"}, r"LONGSEQ_DUO_SPARSITY=1.5 must be in \[0, 1\]"),
+    ({"LONGSEQ_DUO_SPARSITY": "-0.1"}, r"LONGSEQ_DUO_SPARSITY=-0.1 must be in \[0, 1\]"),
+    ({"LONGSEQ_DUO_SPARSITY": "half"}, "LONGSEQ_DUO_SPARSITY.*'half' must be a number"),
+    ({"LONGSEQ_DUO_SPARSITY": "nan"}, "LONGSEQ_DUO_SPARSITY.*'nan' must be a finite number"),
+    ({"LONGSEQ_DUO_THRESHOLD": "2"}, r"LONGSEQ_DUO_THRESHOLD=2.0 must be in \[0, 1\]"),
+    ({"LONGSEQ_DUO_SINK": "0"}, "LONGSEQ_DUO_SINK=0 must be a positive integer"),
+    ({"LONGSEQ_DUO_RECENT": "-8"}, "LONGSEQ_DUO_RECENT=-8 must be a positive integer"),
+    ({"LONGSEQ_DUO_SINK": "64.5"}, "LONGSEQ_DUO_SINK.*'64.5' must be an integer"),
+    ({"LONGSEQ_DUO_PATERN": "x"}, "LONGSEQ_DUO_PATERN"),
+])
+def test_bad_duo_knobs_are_named(env, match):
+    with pytest.raises(LongSeqConfigError, match=match):
+        LongSeqConfig.from_env(env)
+
+
+def test_bad_duo_json_values_are_named(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"duo_sparsity": True}))
+    with pytest.raises(LongSeqConfigError, match="duo_sparsity.*must be a number"):
+        LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path)})

@@ -4,8 +4,8 @@ Framework adapters (vLLM, SGLang) call three things:
   ``SparseSettings.from_config(config)`` and ``.validate_layer(...)`` at start-up (clear errors);
   ``QuestPageIndex.update(key_cache, slot_mapping)`` after every KV write of a sparse layer;
   ``sparse_decode(...)`` for the decode queries of a sparse layer.
-On CUDA the Triton kernels of ``longseq.kernels.sparse_decode`` run; elsewhere (CPU engine, tests) the
-PyTorch references beside them, so CPU CI exercises the same selection logic.
+On CUDA the Triton kernels of ``longseq.kernels.sparse_decode`` run; elsewhere (CPU engine) their batched
+PyTorch versions (``torch_ops.py``, tested against the references), so CPU CI exercises the same selection.
 
 Tensor parallelism: every rank holds its own KV heads, so each rank's page index covers only its heads and
 selection is per KV head; nothing is exchanged between ranks.
@@ -21,6 +21,12 @@ import torch
 from longseq.plugin.config import LongSeqConfig, LongSeqConfigError
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(layer_name: str) -> int | None:
+    """The ``<i>`` of a ``...layers.<i>....`` module path (vLLM's attention layer names), else None."""
+    m = _LAYER_RE.search(layer_name)
+    return None if m is None else int(m.group(1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +83,8 @@ class SparseSettings:
 
     def is_sparse_layer(self, layer_name: str) -> bool:
         """Layers are numbered by their ``layers.<i>.`` path component; unnumbered layers stay dense."""
-        m = _LAYER_RE.search(layer_name)
-        return m is not None and int(m.group(1)) >= self.dense_layers
+        i = layer_index(layer_name)
+        return i is not None and i >= self.dense_layers
 
 
 class QuestPageIndex:
@@ -164,9 +170,9 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
                             out=out)
         return out
-    from longseq.kernels.sparse_decode import select_topk_pages_ref, sparse_paged_decode_ref
+    from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
 
-    page_ids, _ = select_topk_pages_ref(*args)
-    out.copy_(sparse_paged_decode_ref(q, key_cache, value_cache, block_table, seq_lens, page_ids,
-                                      settings.page_size, scale))
+    page_ids, _ = select_topk_pages_torch(*args)
+    out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
+                                        settings.page_size, scale))
     return out

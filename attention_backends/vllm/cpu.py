@@ -12,6 +12,8 @@ The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv,
 
 Sparse mode runs on the ``torch`` path: sparse layers keep a Quest page index (PyTorch reference kernels)
 and every decode request attends to its top pages only; prefill rows stay dense.
+Duo mode runs on the ``torch`` path too: every row (prefill chunks and decodes) goes through the DuoAttention
+reference, streaming KV heads seeing only sink + recent tokens.
 """
 
 from __future__ import annotations
@@ -29,13 +31,15 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, layer_index, sparse_decode
 from longseq.attention_backends.vllm.common import (
     BackendTrace,
     LongSeqStepInfo,
     current_model_dtype,
+    duo_mask_for_this_rank,
     validate_attention_layer,
 )
+from longseq.kernels.duo_attention import duo_paged_attention_ref
 from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
 from longseq.plugin.config import LongSeqConfigError, get_config
 
@@ -54,6 +58,8 @@ class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if config.attention == "sparse":
             SparseSettings.from_config(config).validate_layer(
                 block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
+        if config.attention == "duo":
+            duo_mask_for_this_rank(config, vllm_config)  # the pattern must fit the model: fail at start-up
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LongSeqCPUMetadata:
@@ -92,7 +98,8 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
                          kv_sharing_target_layer_name)
         self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
-        self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None
+        self.duo = duo_mask_for_this_rank(self.config) if self.config.attention == "duo" else None
+        self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None
         self.page_index: QuestPageIndex | None = None
         self._is_sparse_layer: bool | None = None
         self.trace = BackendTrace.for_backend("cpu", self.config)
@@ -130,6 +137,10 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
         if self.use_torch:
             key_cache, value_cache = split_cpu_kv_cache(kv_cache)
             out = output.view(output.shape[0], self.num_heads, self.head_size)
+            if self.duo is not None:
+                self._duo_rows(layer, query, key_cache, value_cache, step, out)
+                self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+                return output
             paged_attention_naive(
                 query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
                 step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale,
@@ -141,6 +152,19 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
         return output
+
+    def _duo_rows(self, layer, query, key_cache, value_cache, step, out) -> None:
+        """Every row through the DuoAttention reference with this layer's streaming heads."""
+        name = getattr(layer, "layer_name", "")
+        i = layer_index(name)
+        if i is None:
+            raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {name!r}")
+        duo_paged_attention_ref(
+            query[: step.num_actual_tokens].view(-1, self.num_heads, self.head_size), key_cache.transpose(1, 2),
+            value_cache.transpose(1, 2), step.block_table[: step.num_reqs], step.query_start_loc_cpu[: step.num_reqs + 1],
+            step.seq_lens[: step.num_reqs], self.duo.for_layer(i), self.duo.sink_size, self.duo.recent_size,
+            self.scale, output=out[: step.num_actual_tokens])
+        self.trace.counts["duo_calls"] += 1
 
     def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:
         """Overwrite every decode request's row with attention over its top pages (the dense rows were the

@@ -32,7 +32,7 @@ from longseq.attention_backends.vllm.common import (
     current_model_dtype,
     validate_attention_layer,
 )
-from longseq.plugin.config import SUPPORTED_HEAD_SIZES, get_config
+from longseq.plugin.config import SUPPORTED_HEAD_SIZES, LongSeqConfigError, get_config
 
 
 @dataclasses.dataclass
@@ -60,6 +60,10 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = get_config()
+        if config.attention == "duo":
+            raise LongSeqConfigError(
+                "longseq CUDA backend: LONGSEQ_ATTENTION=duo is not available on GPU yet (issue 4: its Triton kernel "
+                "is in progress); duo runs on vLLM's CPU engine (LONGSEQ_CPU=1) in this release")
         if config.attention == "sparse":
             SparseSettings.from_config(config).validate_layer(
                 block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")

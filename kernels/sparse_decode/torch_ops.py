@@ -1,0 +1,85 @@
+"""Batched PyTorch versions of page selection and sparse decode, for devices without the Triton kernels.
+
+Same contracts as ``select_topk_pages`` / ``sparse_paged_decode`` (and their references in ``naive.py``),
+computed for the whole batch at once: requests padded to the longest one and masked, instead of the
+references' per-request loops. vLLM's CPU engine runs these (``core/sparse.py``). The GQA reduction of the
+Quest bound is the linear form of ``select.py`` (``max_i * sum_g relu(q_gi) + min_i * sum_g min(q_gi, 0)``),
+which sums in another order than the reference: scores agree to float rounding, so two pages whose bounds
+differ by less than that may swap places in the selection.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _page_geometry(block_table: torch.Tensor, page_size: int, block_size: int) -> tuple[torch.Tensor, int]:
+    """``[B, max_pages]`` int64 global page id of every logical page slot of the block table, and max_pages."""
+    max_pages = block_table.shape[1] * block_size // page_size
+    j = torch.arange(max_pages, device=block_table.device)
+    blocks = block_table.long()[:, (j * page_size) // block_size]  # [B, max_pages]
+    return blocks * (block_size // page_size) + ((j * page_size) % block_size) // page_size, max_pages
+
+
+def score_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, block_table: torch.Tensor,
+                      seq_lens: torch.Tensor, page_size: int, block_size: int, num_sink_pages: int = 0,
+                      num_recent_pages: int = 0) -> torch.Tensor:
+    """``score_pages_ref``'s result (``[B, Hkv, max_pages]`` fp32, same ``-inf``/``+inf`` rules), batched."""
+    b_, hq, d = q.shape
+    hkv = page_min.shape[1]
+    gp, max_pages = _page_geometry(block_table, page_size, block_size)
+    n_pages = (seq_lens.long() + page_size - 1) // page_size  # [B]
+    j = torch.arange(max_pages, device=q.device)
+    valid = j[None] < n_pages[:, None]  # [B, max_pages]
+    qg = q.float().view(b_, hkv, hq // hkv, d)
+    q_pos, q_neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)  # [B, Hkv, D]
+    gp = torch.where(valid, gp, 0)  # pages past the end may point anywhere: read page 0, masked below
+    mn, mx = page_min[gp].float(), page_max[gp].float()  # [B, max_pages, Hkv, D]
+    s = torch.einsum("bphd,bhd->bhp", mx, q_pos) + torch.einsum("bphd,bhd->bhp", mn, q_neg)
+    s = torch.where(s.isnan(), float("inf"), s)
+    forced = (j[None] < num_sink_pages) | (j[None] >= n_pages[:, None] - num_recent_pages)
+    s = torch.where(forced[:, None], float("inf"), s)
+    return torch.where(valid[:, None], s, float("-inf"))
+
+
+def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
+                            block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
+                            num_select: int, num_sink_pages: int = 0,
+                            num_recent_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_topk_pages``'s contract: ``page_ids`` ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded;
+    ``num_valid`` ``[B]`` int32 ``min(num_select, ceil(seq_len / P))``."""
+    scores = score_pages_torch(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
+                               num_sink_pages, num_recent_pages)
+    max_pages = scores.shape[-1]
+    k = min(num_select, max_pages)
+    vals, idx = scores.topk(k, dim=-1)
+    idx = torch.where(vals == float("-inf"), max_pages, idx).sort(dim=-1).values  # invalid pages sort last
+    page_ids = torch.where(idx == max_pages, -1, idx).to(torch.int32)
+    if k < num_select:
+        page_ids = torch.nn.functional.pad(page_ids, (0, num_select - k), value=-1)
+    n_pages = (seq_lens.long() + page_size - 1) // page_size
+    return page_ids, n_pages.clamp(max=num_select).to(torch.int32)
+
+
+def sparse_paged_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                              block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
+                              page_size: int, scale: float) -> torch.Tensor:
+    """``sparse_paged_decode_ref``'s result (``[B, Hq, D]`` in ``q.dtype``, fp32 softmax), batched.
+
+    Args: as ``sparse_paged_decode_ref``: caches ``[num_blocks, block_size, Hkv, D]`` (any strides),
+    ``page_ids`` ``[B, Hkv, S]`` logical pages, ``-1`` skipped, tokens at positions ``>= seq_len`` masked.
+    """
+    b_, hq, d = q.shape
+    block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    pos = (page_ids.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(2)  # [B,Hkv,N]
+    ok = (page_ids.long()[..., None] >= 0).expand(-1, -1, -1, page_size).flatten(2) & (pos < seq_lens.long()[:, None, None])
+    pos = torch.where(ok, pos, 0)
+    blk = torch.gather(block_table.long()[:, None, :].expand(-1, hkv, -1), 2, pos // block_size)  # [B, Hkv, N]
+    head = torch.arange(hkv, device=q.device)[None, :, None]
+    k = key_cache[blk, pos % block_size, head].float()  # [B, Hkv, N, D]
+    v = value_cache[blk, pos % block_size, head].float()
+    qg = q.float().view(b_, hkv, hq // hkv, d)
+    s = torch.einsum("bhgd,bhnd->bhgn", qg, k) * scale
+    s = s.masked_fill(~ok[:, :, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a head that sees no token: zeros
+    return torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(b_, hq, d).to(q.dtype)
