@@ -219,7 +219,7 @@ class LongSeqConfig:
 
 
 # Variables with the LONGSEQ_ prefix that belong to tooling (tests, benchmarks), not the plugin.
-_FOREIGN_OK = {"LONGSEQ_TEST_MODEL", "LONGSEQ_CACHE_DIR", "LONGSEQ_VENV", "LONGSEQ_SGLANG_VENV"}
+_FOREIGN_OK = {"LONGSEQ_TEST_MODEL", "LONGSEQ_CACHE_DIR", "LONGSEQ_VENV", "LONGSEQ_SGLANG_VENV", "LONGSEQ_RESULTS_DIR"}
 
 
 def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:

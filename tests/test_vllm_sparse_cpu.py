@@ -101,8 +101,8 @@ def test_small_budget_changes_tokens(smollm2_path):
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"LONGSEQ_SPARSE_PAGE_SIZE": "4096", "LONGSEQ_SPARSE_BUDGET": "8192"},
-     "LONGSEQ_SPARSE_PAGE_SIZE=4096 does not divide the KV block size"),
+    ({"LONGSEQ_SPARSE_PAGE_SIZE": "256", "LONGSEQ_SPARSE_BUDGET": "4096"},
+     "LONGSEQ_SPARSE_PAGE_SIZE=256 does not divide the KV block size"),
     ({"LONGSEQ_SPARSE_BUDGET": "0"}, "LONGSEQ_SPARSE_BUDGET=0 must be a positive integer"),
 ])
 def test_bad_sparse_setting_stops_engine_at_startup(smollm2_path, env, message):
