@@ -3,6 +3,8 @@
     longseq info                 versions, plugin entry points, registered backends, effective config
     longseq demo [--mode dense]  SmolLM2-135M-Instruct through vLLM on this machine (CPU or GPU):
                                  prints the generation and timings; --compare also runs vLLM's own backend
+    longseq duo calibrate --out DIR  DuoAttention gate calibration (longseq.tools.duo_calibrate): writes
+                                 full_attention_heads.tsv + config.json
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shlex
 import sys
 
 
@@ -30,7 +33,7 @@ def _cuda() -> str:
 
 def info(as_json: bool = False) -> int:
     from longseq.plugin import config as cfg_mod
-    from longseq.plugin.sglang import DENSE_BACKEND, check_sglang_version
+    from longseq.plugin.sglang import DENSE_BACKEND, SPARSE_BACKEND, check_sglang_version
     from longseq.plugin.versions import LongSeqVersionError, check_vllm_version, installed_version
     from longseq.plugin.vllm import CPU_BACKEND_PATH, GPU_BACKEND_PATH
 
@@ -49,7 +52,7 @@ def info(as_json: bool = False) -> int:
         vllm_backends = {"CUSTOM": GPU_BACKEND_PATH}
         if config.cpu_override:
             vllm_backends["CPU_ATTN"] = CPU_BACKEND_PATH
-        report["backends"] = {"vllm": vllm_backends, "sglang": [DENSE_BACKEND]}
+        report["backends"] = {"vllm": vllm_backends, "sglang": [DENSE_BACKEND, SPARSE_BACKEND]}
         rc = 0
     except cfg_mod.LongSeqConfigError as e:
         report["config_error"] = str(e)
@@ -124,9 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--max-tokens", type=int, default=48)
     p_demo.add_argument("--compare", action="store_true", help="also run vLLM's own backend and compare tokens")
     p_demo.add_argument("--json", help="write the runs (tokens, timings, trace) to this file")
+    from longseq.tools import duo_calibrate  # standard library only at import time (torch loads in run)
+
+    p_duo = sub.add_parser("duo", help="DuoAttention tools")
+    duo_sub = p_duo.add_subparsers(dest="duo_command", required=True)
+    duo_calibrate.add_arguments(duo_sub.add_parser(
+        "calibrate", help="learn the full-attention (retrieval) gate of every KV head on synthetic passkey data"))
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.json)
+    if args.command == "duo":
+        return duo_calibrate.run(args, command="longseq " + shlex.join(argv))
     return demo(args)
 
 
