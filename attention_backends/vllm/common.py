@@ -194,7 +194,7 @@ def duo_mask_for_this_rank(config, vllm_config=None):
     tp_size = cfg.parallel_config.tensor_parallel_size
     tp_rank = 0
     if tp_size > 1:
-        from vllm.distributed import get_tensor_model_parallel_rank
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         tp_rank = get_tensor_model_parallel_rank()
     return rank_streaming_mask(config, model.hf_config.num_hidden_layers, model.get_total_num_kv_heads(),
