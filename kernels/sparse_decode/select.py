@@ -361,17 +361,9 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
             HKV=hkv, PAGE_SIZE=page_size, **cfg,
         )
         return page_ids, num_valid
-    # torch path: invalid pages score -inf and lose to every valid one, so the first
-    # min(k, n_pages) winners are exactly the valid selection.
-    k = min(num_select, max_pages)
-    vals, idx = scores.topk(k, dim=-1, sorted=False)
-    idx = torch.where(vals == float("-inf"), max_pages, idx).sort(dim=-1).values
-    page_ids = torch.where(idx == max_pages, -1, idx).to(torch.int32)
-    if k < num_select:
-        page_ids = torch.nn.functional.pad(page_ids, (0, num_select - k), value=-1)
-    n_pages = (seq_lens.to(torch.int64) + page_size - 1) // page_size
-    num_valid = n_pages.clamp(max=min(num_select, max_pages)).to(torch.int32)
-    return page_ids, num_valid
+    from longseq.kernels.sparse_decode.torch_ops import topk_pages_torch
+
+    return topk_pages_torch(scores, seq_lens, page_size, num_select)
 
 
 def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,

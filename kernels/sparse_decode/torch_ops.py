@@ -42,6 +42,22 @@ def score_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
     return torch.where(valid[:, None], s, float("-inf"))
 
 
+def topk_pages_torch(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                     num_select: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded (``torch.topk``
+    + sort; ties broken arbitrarily), and ``num_valid`` ``[B]``. Invalid pages score ``-inf`` and lose to every
+    valid one, so the first ``min(k, n_pages)`` winners are exactly the valid selection."""
+    max_pages = scores.shape[-1]
+    k = min(num_select, max_pages)
+    vals, idx = scores.topk(k, dim=-1, sorted=False)
+    idx = torch.where(vals == float("-inf"), max_pages, idx).sort(dim=-1).values  # invalid pages sort last
+    page_ids = torch.where(idx == max_pages, -1, idx).to(torch.int32)
+    if k < num_select:
+        page_ids = torch.nn.functional.pad(page_ids, (0, num_select - k), value=-1)
+    n_pages = (seq_lens.to(torch.int64) + page_size - 1) // page_size
+    return page_ids, n_pages.clamp(max=k).to(torch.int32)
+
+
 def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                             block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
                             num_select: int, num_sink_pages: int = 0,
@@ -50,15 +66,7 @@ def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: t
     ``num_valid`` ``[B]`` int32 ``min(num_select, ceil(seq_len / P))``."""
     scores = score_pages_torch(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
                                num_sink_pages, num_recent_pages)
-    max_pages = scores.shape[-1]
-    k = min(num_select, max_pages)
-    vals, idx = scores.topk(k, dim=-1)
-    idx = torch.where(vals == float("-inf"), max_pages, idx).sort(dim=-1).values  # invalid pages sort last
-    page_ids = torch.where(idx == max_pages, -1, idx).to(torch.int32)
-    if k < num_select:
-        page_ids = torch.nn.functional.pad(page_ids, (0, num_select - k), value=-1)
-    n_pages = (seq_lens.long() + page_size - 1) // page_size
-    return page_ids, n_pages.clamp(max=num_select).to(torch.int32)
+    return topk_pages_torch(scores, seq_lens, page_size, num_select)
 
 
 def sparse_paged_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
