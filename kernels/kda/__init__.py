@@ -1,0 +1,1 @@
+"""Kimi Delta Attention kernels (chunked prefill, recurrent decode, gate) with a naive reference."""
