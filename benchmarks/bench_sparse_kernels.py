@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--hkv", type=int, default=8)
     p.add_argument("--head-size", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--table-tokens", type=int, default=0,
+                   help="block table width in tokens, as the engine's max_model_len makes it (0: the context)")
     p.add_argument("--num-splits", type=int, default=None, help="sparse decode split-K (default: heuristic)")
     p.add_argument("--inner", type=int, default=20, help="calls per captured graph")
     p.add_argument("--reps", type=int, default=30, help="graph replays timed")
@@ -155,7 +157,10 @@ class Setup:
         kv = torch.empty(2, num_blocks, bs, args.hkv, args.head_size, dtype=dt, device=dev).normal_()
         self.key_cache, self.value_cache = kv[0], kv[1]
         perm = torch.randperm(num_blocks, device=dev)
-        self.block_table = perm[: batch * bps].view(batch, bps).to(torch.int32).contiguous()
+        self.block_table = perm[: batch * bps].view(batch, bps).to(torch.int32)
+        width = math.ceil(max(args.table_tokens, ctx) / bs)  # vLLM's table is max_model_len wide
+        pad = torch.zeros(batch, width - bps, dtype=torch.int32, device=dev)
+        self.block_table = torch.cat([self.block_table, pad], dim=1).contiguous()
         self.seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
         pos = torch.arange(ctx, device=dev)
         self.slots = (self.block_table.long()[:, pos // bs] * bs + pos % bs).reshape(-1)  # request order

@@ -222,13 +222,37 @@ def _topk_pages_kernel(
     s_sb, s_sh, s_ob, s_oh,
     HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     GS: tl.constexpr, CAP: tl.constexpr, GPASSES: tl.constexpr, FILTER: tl.constexpr,
+    CAND_STRIDE: tl.constexpr, NARROW: tl.constexpr,
+    BLOCK_1: tl.constexpr, GS_1: tl.constexpr, CAP_1: tl.constexpr, FILTER_1: tl.constexpr,
+    BLOCK_2: tl.constexpr, GS_2: tl.constexpr, CAP_2: tl.constexpr, FILTER_2: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
-    _topk_row(scores + b * s_sb + h * s_sh, n_pages, num_select, page_ids + b * s_ob + h * s_oh,
-              cand + bh * (2 * CAP), BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+    s_row = scores + b * s_sb + h * s_sh
+    out_row = page_ids + b * s_ob + h * s_oh
+    cand_row = cand + bh * CAND_STRIDE
+    # The row width is the block table's (max_model_len), fixed for CUDA graphs, but a request's live pages
+    # may be far fewer: a runtime branch picks a narrower compiled variant so the select's work follows
+    # the live length (all variants are compiled into this one kernel; no host sync, no recapture).
+    if NARROW >= 2:
+        if n_pages <= BLOCK_2:
+            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_2, BLOCK_K, GS_2, CAP_2, GPASSES,
+                      FILTER_2)
+        elif n_pages <= BLOCK_1:
+            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                      FILTER_1)
+        else:
+            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+    elif NARROW == 1:
+        if n_pages <= BLOCK_1:
+            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                      FILTER_1)
+        else:
+            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+    else:
+        _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
     if h == 0:
         tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
 
@@ -255,6 +279,35 @@ def _topk_config(max_pages: int, num_select: int, candidate_cap: int | None, num
         cap, n_groups = 16, block  # unused scratch
     return dict(BLOCK=block, BLOCK_K=triton.next_power_of_2(num_select), GS=block // n_groups, CAP=cap,
                 GPASSES=GROUP_PASSES, FILTER=filt, num_warps=num_warps)
+
+
+NARROW_LEVELS = 2  # narrower top-k variants (each half the previous width) compiled into the kernel
+
+
+def _narrow_topk_config(max_pages: int, num_select: int, candidate_cap: int | None, num_warps: int | None,
+                        levels: int | None = None) -> dict:
+    """``_topk_config`` of the full row plus up to ``levels`` half-width variants (``BLOCK_1``, ``BLOCK_2``)
+    picked at run time by the live page count. A variant must keep one element per thread in every
+    histogram (``>= 32 * num_warps``) and hold ``num_select`` winners."""
+    cfg = _topk_config(max_pages, num_select, candidate_cap, num_warps)
+    levels = NARROW_LEVELS if levels is None else levels
+    threads = 32 * cfg["num_warps"]
+    out = dict(cfg, CAND_STRIDE=2 * cfg["CAP"], NARROW=0)
+    for lvl in (1, 2):
+        block = cfg["BLOCK"] >> lvl
+        sub = None
+        if lvl <= levels and block >= max(threads, 256, triton.next_power_of_2(num_select)):
+            sub = _topk_config(block, num_select, candidate_cap, cfg["num_warps"])
+            if sub["num_warps"] != cfg["num_warps"]:
+                sub = None
+        if sub is None:
+            sub = dict(BLOCK=cfg["BLOCK"], GS=cfg["GS"], CAP=cfg["CAP"], FILTER=cfg["FILTER"])  # unused
+        else:
+            out["NARROW"] = lvl
+            out["CAND_STRIDE"] = max(out["CAND_STRIDE"], 2 * sub["CAP"])
+        out.update({f"BLOCK_{lvl}": sub["BLOCK"], f"GS_{lvl}": sub["GS"], f"CAP_{lvl}": sub["CAP"],
+                    f"FILTER_{lvl}": sub["FILTER"]})
+    return out
 
 
 def _score_config(d: int, block_n: int | None) -> tuple[int, int]:
@@ -337,14 +390,15 @@ def _resolve_impl(impl: str, max_pages: int) -> str:
 
 
 def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
-               impl: str = "auto", candidate_cap: int | None = None,
-               num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               impl: str = "auto", candidate_cap: int | None = None, num_warps: int | None = None,
+               narrow_levels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded.
 
     ``impl``: ``"triton"`` (radix select, rows up to ``_MAX_TRITON_TOPK`` pages), ``"torch"``
     (``torch.topk`` + sort), or ``"auto"`` (triton when it fits). Equal scores go to the lower page in
     the triton path; the torch path breaks ties arbitrarily. ``candidate_cap``: candidate slots of the
     group-max filter (default ``CANDIDATE_CAP``; ``0``: select over whole rows). ``num_warps``: tuning.
+    ``narrow_levels``: half-width variants chosen per row by its live length (default ``NARROW_LEVELS``).
     """
     bsz, hkv, max_pages = scores.shape
     dev = scores.device
@@ -353,8 +407,8 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
         assert max_pages <= _MAX_TRITON_TOPK and scores.stride(2) == 1
         page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
         num_valid = torch.empty(bsz, dtype=torch.int32, device=dev)
-        cfg = _topk_config(max_pages, num_select, candidate_cap, num_warps)
-        cand = torch.empty(bsz * hkv * 2 * cfg["CAP"], dtype=torch.int32, device=dev)
+        cfg = _narrow_topk_config(max_pages, num_select, candidate_cap, num_warps, narrow_levels)
+        cand = torch.empty(bsz * hkv * cfg["CAND_STRIDE"], dtype=torch.int32, device=dev)
         _topk_pages_kernel[(bsz * hkv,)](
             scores, seq_lens, page_ids, num_valid, cand, max_pages, num_select,
             scores.stride(0), scores.stride(1), page_ids.stride(0), page_ids.stride(1),
