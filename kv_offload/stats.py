@@ -1,0 +1,113 @@
+"""Counters of the block store: hits, misses, bytes and seconds per tier, and the one-line log summary."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, replace
+
+TIERS = ("dram", "disk")
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier. Read = served by ``get``; written = inserted by ``put`` (or a disk promotion)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    read_seconds: float = 0.0
+    bytes_written: int = 0
+    write_seconds: float = 0.0
+    blocks_written: int = 0
+    evictions: int = 0
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / self.read_seconds / 1e9 if self.read_seconds > 0 else 0.0
+
+    @property
+    def write_gbps(self) -> float:
+        return self.bytes_written / self.write_seconds / 1e9 if self.write_seconds > 0 else 0.0
+
+
+@dataclass
+class StoreStats:
+    """A snapshot of a ``BlockStore``'s counters.
+
+    corrupt_blocks: disk blocks that failed a check (header, fingerprint, key, size, checksum) -> served as misses
+    read_errors:    disk reads that failed with an OS error other than "file not found"
+    write_errors:   disk writes that failed (ENOSPC, EACCES, read-only dir, ...); DRAM kept serving
+    dropped_writes: disk writes skipped because too many bytes were already queued (the engine is never blocked)
+    """
+
+    tiers: dict[str, TierStats] = field(default_factory=lambda: {t: TierStats() for t in TIERS})
+    corrupt_blocks: int = 0
+    read_errors: int = 0
+    write_errors: int = 0
+    dropped_writes: int = 0
+    dram_bytes: int = 0
+    dram_blocks: int = 0
+    disk_bytes: int = 0
+
+    @property
+    def dram(self) -> TierStats:
+        return self.tiers["dram"]
+
+    @property
+    def disk(self) -> TierStats:
+        return self.tiers["disk"]
+
+    def copy(self) -> "StoreStats":
+        return replace(self, tiers={k: replace(v) for k, v in self.tiers.items()})
+
+    def summary(self) -> str:
+        """One log line: per tier hits/misses, bytes read at GB/s, bytes written at GB/s; then the fault counters."""
+        parts = []
+        for name, t in self.tiers.items():
+            parts.append(f"{name}: {t.hits} hit/{t.misses} miss, read {t.bytes_read / 2**20:.1f} MiB"
+                         f" @ {t.read_gbps:.2f} GB/s, wrote {t.bytes_written / 2**20:.1f} MiB"
+                         f" @ {t.write_gbps:.2f} GB/s, {t.evictions} evicted")
+        parts.append(f"dram holds {self.dram_blocks} blocks {self.dram_bytes / 2**20:.1f} MiB,"
+                     f" disk ~{self.disk_bytes / 2**20:.1f} MiB")
+        parts.append(f"corrupt {self.corrupt_blocks}, read errors {self.read_errors},"
+                     f" write errors {self.write_errors}, dropped writes {self.dropped_writes}")
+        return "kv store: " + "; ".join(parts)
+
+
+class StatsRecorder:
+    """Thread-safe counter updates (the engine thread and the disk writer thread both record)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats = StoreStats()
+
+    def hit(self, tier: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            t = self._stats.tiers[tier]
+            t.hits += 1
+            t.bytes_read += nbytes
+            t.read_seconds += seconds
+
+    def miss(self, tier: str) -> None:
+        with self._lock:
+            self._stats.tiers[tier].misses += 1
+
+    def wrote(self, tier: str, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            t = self._stats.tiers[tier]
+            t.blocks_written += 1
+            t.bytes_written += nbytes
+            t.write_seconds += seconds
+
+    def add(self, name: str, n: int = 1, tier: str | None = None) -> None:
+        """Increment a fault counter (``corrupt_blocks``, ...) or, with ``tier``, a tier counter."""
+        with self._lock:
+            obj = self._stats.tiers[tier] if tier else self._stats
+            setattr(obj, name, getattr(obj, name) + n)
+
+    def snapshot(self, **gauges: int) -> StoreStats:
+        with self._lock:
+            snap = self._stats.copy()
+        for k, v in gauges.items():
+            setattr(snap, k, v)
+        return snap

@@ -1,0 +1,267 @@
+"""Two-tier content-addressed KV block store: CPU DRAM (LRU) in front of a shared disk directory.
+
+Framework-free: the vLLM connector (``kv_offload/vllm.py``) and the SGLang HiCache backend
+(``kv_offload/sglang.py``) both sit on this. A block is a flat run of bytes (one page of KV for every
+layer this process holds, in whatever layout the framework uses); the key is the caller's prefix-hash-chain
+element for that block, and the store namespaces it with the ``KVFingerprint`` digest, so blocks of
+another model / layout / dtype / block size are never returned.
+
+Threads: ``put``/``get``/``contains`` are called from the engine thread; disk writes run in one background
+writer thread (``async_disk_writes=True``). One lock guards the DRAM tier and the pending-write map; disk
+reads and writes happen outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from .dram import DramTier, as_bytes, default_pin_memory
+from .disk import DiskTier
+from .fingerprint import KVFingerprint
+from .stats import StatsRecorder, StoreStats, TierStats
+
+__all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
+
+log = logging.getLogger("longseq.kv_offload")
+GIB = 1 << 30
+
+
+def _check_key(key: bytes) -> bytes:
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
+    if not isinstance(key, bytes) or not key:
+        raise TypeError(f"block key must be non-empty bytes, got {type(key).__name__}")
+    return key
+
+
+class BlockStore:
+    """Two-tier content-addressed KV block store. Keys are bytes (caller's prefix-hash chain element);
+    the store namespaces them with the fingerprint digest, so other models' blocks are never returned.
+
+    cpu_gib:        DRAM tier size (GiB); 0 disables it (then blocks wait in DRAM only until written to disk)
+    disk_dir:       disk tier directory (created; may be shared by several servers), None = DRAM only
+    disk_gib:       disk tier size cap (GiB) for the whole directory; must be > 0 with ``disk_dir``
+    pin_memory:     pinned host buffers for the DRAM tier; default: ``torch.cuda.is_available()``
+    async_disk_writes: write-through to disk in a background thread (False: inside ``put``)
+    fsync:          fsync each block file before publishing it (durability across power loss; slower)
+    max_pending_write_gib: disk writes queued beyond this are dropped (counted), so a slow disk never
+                    blocks the engine or grows memory without bound
+    log_interval_s: seconds between one-line stats summaries on the ``longseq.kv_offload`` logger (0: never)
+    """
+
+    def __init__(self, fingerprint: KVFingerprint, *, cpu_gib: float, disk_dir: str | None = None,
+                 disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool = True,
+                 fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0) -> None:
+        if not isinstance(fingerprint, KVFingerprint):
+            raise TypeError(f"fingerprint must be a KVFingerprint, got {type(fingerprint).__name__}")
+        if not cpu_gib >= 0:
+            raise ValueError(f"kv store: cpu_gib must be >= 0, got {cpu_gib!r}")
+        if disk_dir is not None and not disk_gib > 0:
+            raise ValueError(f"kv store: disk_gib must be > 0 when disk_dir is set (disk_dir={disk_dir!r}, "
+                             f"disk_gib={disk_gib!r})")
+        self.fingerprint = fingerprint
+        self.pin_memory = default_pin_memory() if pin_memory is None else bool(pin_memory)
+        if self.pin_memory and not torch.cuda.is_available():
+            raise ValueError("kv store: pin_memory=True needs a CUDA device (pinned host memory is a CUDA feature)")
+        self._rec = StatsRecorder()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: dict[bytes, torch.Tensor] = {}  # key -> bytes waiting for the disk writer
+        self._pending_bytes = 0
+        self._max_pending_bytes = int(max_pending_write_gib * GIB)
+        self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
+        self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync) \
+            if disk_dir is not None else None
+        self._log_interval_s = log_interval_s
+        self._last_log = time.monotonic()
+        self._closed = False
+        self._queue: queue.SimpleQueue | None = None
+        self._writer: threading.Thread | None = None
+        if self._disk is not None and async_disk_writes:
+            self._queue = queue.SimpleQueue()
+            self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-disk-writer", daemon=True)
+            self._writer.start()
+        log.info("kv store: %s, dram %.3g GiB (%s), disk %s", fingerprint.model, cpu_gib,
+                 "pinned" if self.pin_memory else "pageable",
+                 f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off")
+
+    # ---- lookups ----------------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        """In DRAM, waiting for the disk writer, or on disk with a valid header. Cheap (no payload read)."""
+        key = _check_key(key)
+        with self._lock:
+            if key in self._dram or key in self._pending:
+                return True
+        return self._disk is not None and self._disk.probe(key)
+
+    def count_prefix_hits(self, keys: list[bytes]) -> int:
+        """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks."""
+        n = 0
+        for key in keys:
+            if not self.contains(key):
+                break
+            n += 1
+        return n
+
+    def get(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The block's bytes, or None on a miss or on ANY failed check (logged and counted, never data).
+
+        out: optional contiguous tensor of exactly the block's byte size (any dtype/shape); filled and
+             returned. Without it a new flat uint8 CPU tensor (a copy, safe to keep) is returned.
+        A disk hit is promoted into the DRAM tier.
+        """
+        key = _check_key(key)
+        out_bytes = as_bytes(out) if out is not None else None
+        t0 = time.perf_counter()
+        with self._lock:
+            buf = self._dram.lookup(key)
+            if buf is None:
+                buf = self._pending.get(key)
+            if buf is not None:
+                if out_bytes is not None and out_bytes.numel() != buf.numel():
+                    log.warning("kv store: get(out=) has %d bytes but the block has %d: miss",
+                                out_bytes.numel(), buf.numel())
+                    self._rec.miss("dram")
+                    return None
+                result = out_bytes.copy_(buf) if out_bytes is not None else buf.clone()
+                self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
+                self._maybe_log()
+                return out if out is not None else result
+        self._rec.miss("dram")
+        if self._disk is None:
+            return None
+        got = self._read_disk(key, out_bytes)
+        self._maybe_log()
+        if got is None:
+            return None
+        return out if out is not None else got
+
+    def _read_disk(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
+        direct = out_bytes is not None and out_bytes.device.type == "cpu"
+
+        def alloc(nbytes: int) -> torch.Tensor:
+            if out_bytes is not None and out_bytes.numel() != nbytes:
+                raise ValueError(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
+            return out_bytes if direct else torch.empty(nbytes, dtype=torch.uint8)
+
+        t0 = time.perf_counter()
+        buf = self._disk.read(key, alloc)
+        if buf is None:
+            self._rec.miss("disk")
+            return None
+        self._rec.hit("disk", buf.numel(), time.perf_counter() - t0)
+        if out_bytes is not None and not direct:
+            out_bytes.copy_(buf)
+        with self._lock:
+            self._insert_dram(key, buf)
+        return buf
+
+    # ---- inserts ----------------------------------------------------------------------------
+    def put(self, key: bytes, data: torch.Tensor) -> None:
+        """Store a block: ``data`` is a contiguous tensor of any dtype/shape (CPU; a CUDA tensor is copied
+        synchronously). The bytes are copied into the DRAM tier now and written through to disk in the
+        background. Re-putting a key already held only refreshes it (equal keys mean equal bytes)."""
+        key = _check_key(key)
+        src = as_bytes(data)
+        write_now = None
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("kv store: put() after close()")
+            if key in self._pending or self._dram.lookup(key) is not None:
+                return
+            buf = self._insert_dram(key, src)
+            if self._disk is not None:
+                if buf is None:  # too big for / no DRAM tier: keep a private copy for the writer
+                    buf = src.to("cpu", copy=True)
+                if self._pending_bytes + buf.numel() > self._max_pending_bytes:
+                    self._rec.add("dropped_writes")
+                else:
+                    self._pending[key] = buf
+                    self._pending_bytes += buf.numel()
+                    if self._queue is not None:
+                        self._queue.put(key)
+                    else:
+                        write_now = buf
+        if write_now is not None:
+            self._write_disk(key, write_now)
+        self._maybe_log()
+
+    def _insert_dram(self, key: bytes, src: torch.Tensor) -> torch.Tensor | None:
+        """Under ``self._lock``."""
+        t0 = time.perf_counter()
+        buf, evicted = self._dram.insert(key, src)
+        if evicted:
+            self._rec.add("evictions", evicted, tier="dram")
+        if buf is not None:
+            self._rec.wrote("dram", buf.numel(), time.perf_counter() - t0)
+        return buf
+
+    def _write_disk(self, key: bytes, buf: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self._disk.write(key, buf):
+                self._rec.wrote("disk", buf.numel(), time.perf_counter() - t0)
+        except Exception:  # never let one bad block kill the writer thread
+            self._rec.add("write_errors")
+            log.exception("kv store: unexpected error writing a block to disk")
+        finally:
+            with self._lock:
+                if self._pending.pop(key, None) is not None:
+                    self._pending_bytes -= buf.numel()
+                self._idle.notify_all()
+
+    def _writer_loop(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            with self._lock:
+                buf = self._pending.get(key)
+            if buf is not None:
+                self._write_disk(key, buf)
+
+    # ---- lifecycle and observability --------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued disk write is done (or ``timeout`` seconds passed)."""
+        with self._lock:
+            self._idle.wait_for(lambda: not self._pending, timeout=timeout)
+
+    def stats(self, log_summary: bool = True) -> StoreStats:
+        """Snapshot of the counters; also logs the one-line summary (INFO) unless ``log_summary=False``."""
+        with self._lock:
+            gauges = dict(dram_bytes=self._dram.used_bytes, dram_blocks=len(self._dram))
+        gauges["disk_bytes"] = self._disk.usage_bytes if self._disk is not None else 0
+        snap = self._rec.snapshot(**gauges)
+        if log_summary:
+            log.info(snap.summary())
+        return snap
+
+    def _maybe_log(self) -> None:
+        if self._log_interval_s and time.monotonic() - self._last_log >= self._log_interval_s:
+            self._last_log = time.monotonic()
+            self.stats()
+
+    def close(self) -> None:
+        """Finish queued disk writes, stop the writer, drop the DRAM tier. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+        self.flush(timeout=0)  # synchronous mode leaves nothing pending; this just wakes waiters
+        self.stats()
+        with self._lock:
+            self._dram.clear()
+
+    def __enter__(self) -> "BlockStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
