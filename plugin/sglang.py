@@ -8,6 +8,7 @@ here and raised again by the factory, which runs only when the user selected our
 
 Usage:  ``python -m sglang.launch_server --model-path M --attention-backend longseq_dense``
         ``python -m sglang.launch_server --model-path M --attention-backend longseq_sparse --page-size 16``
+        ``python -m sglang.launch_server --model-path M --attention-backend longseq_duo`` (``LONGSEQ_DUO_*``)
         (``sgl.Engine(..., attention_backend="longseq_dense")`` works the same way).
 """
 
@@ -22,6 +23,7 @@ logger = logging.getLogger("longseq")
 
 DENSE_BACKEND = "longseq_dense"
 SPARSE_BACKEND = "longseq_sparse"
+DUO_BACKEND = "longseq_duo"
 _checked = False  # the version/config problems are logged once per process
 
 
@@ -67,8 +69,23 @@ def create_sparse_backend(model_runner):
     return LongSeqSparseBackend(model_runner, config)
 
 
+def create_duo_backend(model_runner):
+    """``ATTENTION_BACKENDS["longseq_duo"]`` factory: DuoAttention (``LONGSEQ_DUO_*``) over a wrapped dense backend.
+
+    Raises:
+        LongSeqVersionError: the installed SGLang is not a supported version.
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or the pattern does not fit the model.
+    """
+    check_sglang_version()
+    config = get_config()
+    from longseq.attention_backends.sglang.duo import LongSeqDuoBackend
+
+    return LongSeqDuoBackend(model_runner, config)
+
+
 def register() -> None:
-    """Register ``longseq_dense`` and ``longseq_sparse`` with SGLang's attention registry and CLI choices.
+    """Register ``longseq_dense``, ``longseq_sparse`` and ``longseq_duo`` with SGLang's attention registry and
+    CLI choices.
 
     Safe to call repeatedly."""
     global _checked
@@ -83,7 +100,8 @@ def register() -> None:
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
-    for name, factory in ((DENSE_BACKEND, create_dense_backend), (SPARSE_BACKEND, create_sparse_backend)):
+    for name, factory in ((DENSE_BACKEND, create_dense_backend), (SPARSE_BACKEND, create_sparse_backend),
+                          (DUO_BACKEND, create_duo_backend)):
         register_attention_backend(name)(factory)
         if name not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
             add_attention_backend_choices([name])
