@@ -66,7 +66,36 @@ def child(args) -> None:
                          "tpot_ms": tpot * 1e3, "throughput_tok_s": batch / tpot})
             print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
                   file=sys.stderr, flush=True)
+            if args.profile_steps:
+                rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, SamplingParams(
+                    temperature=0.0, max_tokens=args.profile_steps + 1, ignore_eos=True)), args.profile_steps)
     print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "rows": rows}), flush=True)
+
+
+def profile_kernels(run, steps: int, top: int = 25) -> list[dict]:
+    """GPU kernel time per decode step, by kernel name, of one ``run()`` with ``steps`` decode steps (torch
+    profiler; the engine must run in this process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``). The prefill of a
+    cached prompt and the first token are included once; with ``steps`` >> 1 they are a small share."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
+        if dev_us > 0:
+            rows.append({"kernel": ev.key[:120], "us_per_step": round(dev_us / steps, 2),
+                         "calls_per_step": round(ev.count / steps, 2)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"[prof] profiled {steps} steps: {total:.0f} us of GPU kernels per step; top:", file=sys.stderr)
+    for r in rows[:top]:
+        print(f"[prof] {r['us_per_step']:9.1f} us  x{r['calls_per_step']:6.1f}  {r['kernel']}", file=sys.stderr)
+    return [{"total_us_per_step": round(total, 1)}] + rows[:top]
 
 
 def cases(args) -> list[tuple[int, int]]:
@@ -81,7 +110,10 @@ def run_backend(args, backend: str, env: dict) -> dict:
            "--model-dir", args.model_dir, "--contexts", ",".join(map(str, args.contexts)),
            "--batches", ",".join(map(str, args.batches)), *(["--cases", args.cases] if args.cases else []), "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode]
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
+           "--profile-steps", str(args.profile_steps)]
+    if args.profile_steps:
+        env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the profiler must see the engine's GPU work
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
         l + "\n" for l in proc.stderr.splitlines() if l.startswith("[")))
@@ -133,6 +165,8 @@ def parse_args(argv=None):
     p.add_argument("--max-model-len", type=int, default=131072)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing each case, profile this many decode steps: GPU kernel time per step by kernel")
     p.add_argument("--name", default=None, help="results file name (default: vllm_decode_<mode>_<shape>)")
     p.add_argument("--plot", default=None, metavar="RESULT_JSON", help="only draw <RESULT_JSON>.png from a result file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
