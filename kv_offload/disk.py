@@ -34,12 +34,13 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .fingerprint import DIGEST_BYTES, KVFingerprint
 from .stats import StatsRecorder
+
+if TYPE_CHECKING:  # torch only for annotations: ``longseq kv stats`` imports this module without torch
+    import torch
 
 log = logging.getLogger("longseq.kv_offload")
 
@@ -168,11 +169,18 @@ class DiskTier:
         self._usage: int | None = None  # unknown until the first scan (done by the writer, not at startup)
         self._last_scan = 0.0
         self._warned: set = set()
+        self._fingerprint = fingerprint
+        self._sidecar_written = False
         try:
             os.makedirs(os.path.join(self.root, "blocks"), exist_ok=True)
-            write_fingerprint_sidecar(self.root, fingerprint)
+            self._write_sidecar()
         except OSError as e:
             self._write_failed("init", e)
+
+    def _write_sidecar(self) -> None:
+        """The fingerprint's JSON sidecar (for ``longseq kv stats``); retried with each block until written."""
+        write_fingerprint_sidecar(self.root, self._fingerprint)
+        self._sidecar_written = True
 
     # ---- paths and checks ------------------------------------------------------------------
     def path_for(self, key: bytes) -> str:
@@ -187,15 +195,16 @@ class DiskTier:
 
     def probe(self, key: bytes) -> bool:
         """File exists and its header passes every check (payload checksum is left to ``read``)."""
-        path = self.path_for(key)
+        path, st = self.path_for(key), None
         try:
             with open(path, "rb") as f:
-                self._check_identity(read_header(f, os.fstat(f.fileno()).st_size), key)
+                st = os.fstat(f.fileno())
+                self._check_identity(read_header(f, st.st_size), key)
             return True
         except FileNotFoundError:
             return False
         except BlockCheckError as e:
-            self._corrupt(path, None, e)
+            self._corrupt(path, st, e)
             return False
         except OSError as e:
             self._read_failed(path, e)
@@ -240,13 +249,14 @@ class DiskTier:
             self._read_failed(path, e)
             return None
 
-    def _corrupt(self, path: str, st: os.stat_result | None, err: Exception) -> None:
-        """Count and log a failed check; delete the file only if the path still names the file we checked."""
+    def _corrupt(self, path: str, st: os.stat_result, err: Exception) -> None:
+        """Count and log a failed check; delete the file only if the path still names the file we checked
+        (another server may have published a good block there meanwhile)."""
         self.rec.add("corrupt_blocks")
         log.warning("kv store: disk block %s failed a check (%s): treated as a miss", path, err)
         try:
             now = os.stat(path)
-            if st is None or (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == \
+            if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == \
                     (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
                 os.unlink(path)
         except OSError:
@@ -284,6 +294,8 @@ class DiskTier:
         header = encode_header(self.digest, key, len(view), zlib.crc32(view))
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not self._sidecar_written:
+                self._write_sidecar()
             write_atomic(path, [header, view], self.fsync)
         except OSError as e:
             self._write_failed("write", e)

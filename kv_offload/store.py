@@ -117,29 +117,31 @@ class BlockStore:
         """
         key = _check_key(key)
         out_bytes = as_bytes(out) if out is not None else None
+        got = self._get_dram(key, out_bytes)
+        if got is None and self._disk is not None:
+            got = self._read_disk(key, out_bytes)
+        self._maybe_log()
+        if got is None:
+            return None
+        return out if out is not None else got
+
+    def _get_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
+        """DRAM tier (or a block still waiting for the disk writer): copied out under the lock, because an
+        evicted buffer is recycled for the next insert."""
         t0 = time.perf_counter()
         with self._lock:
             buf = self._dram.lookup(key)
             if buf is None:
                 buf = self._pending.get(key)
-            if buf is not None:
-                if out_bytes is not None and out_bytes.numel() != buf.numel():
+            if buf is None or (out_bytes is not None and out_bytes.numel() != buf.numel()):
+                if buf is not None:
                     log.warning("kv store: get(out=) has %d bytes but the block has %d: miss",
                                 out_bytes.numel(), buf.numel())
-                    self._rec.miss("dram")
-                    return None
-                result = out_bytes.copy_(buf) if out_bytes is not None else buf.clone()
-                self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
-                self._maybe_log()
-                return out if out is not None else result
-        self._rec.miss("dram")
-        if self._disk is None:
-            return None
-        got = self._read_disk(key, out_bytes)
-        self._maybe_log()
-        if got is None:
-            return None
-        return out if out is not None else got
+                self._rec.miss("dram")
+                return None
+            result = out_bytes.copy_(buf) if out_bytes is not None else buf.clone()
+        self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
+        return result
 
     def _read_disk(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
         direct = out_bytes is not None and out_bytes.device.type == "cpu"

@@ -5,6 +5,7 @@
                                  prints the generation and timings; --compare also runs vLLM's own backend
     longseq duo calibrate --out DIR  DuoAttention gate calibration (longseq.tools.duo_calibrate): writes
                                  full_attention_heads.tsv + config.json
+    longseq kv stats DIR [--verify]  a disk KV cache directory: size, blocks, models seen, corrupt files
 """
 
 from __future__ import annotations
@@ -133,12 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     duo_sub = p_duo.add_subparsers(dest="duo_command", required=True)
     duo_calibrate.add_arguments(duo_sub.add_parser(
         "calibrate", help="learn the full-attention (retrieval) gate of every KV head on synthetic passkey data"))
+    from longseq.kv_offload import disk_stats  # standard library only (no torch)
+
+    p_kv = sub.add_parser("kv", help="KV offload cache tools")
+    kv_sub = p_kv.add_subparsers(dest="kv_command", required=True)
+    disk_stats.add_arguments(kv_sub.add_parser(
+        "stats", help="size, blocks, models seen and corrupt files of a disk KV cache"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.json)
     if args.command == "duo":
         return duo_calibrate.run(args, command="longseq " + shlex.join(argv))
+    if args.command == "kv":
+        return disk_stats.run(args)
     return demo(args)
 
 

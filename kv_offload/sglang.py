@@ -1,0 +1,254 @@
+"""SGLang HiCache storage backend (L3) over the longseq block store.
+
+Load it with (SGLang 0.5.23)::
+
+    --enable-hierarchical-cache --hicache-storage-backend dynamic
+    --hicache-storage-backend-extra-config '{"backend_name": "longseq",
+        "module_path": "longseq.kv_offload.sglang", "class_name": "LongSeqHiCacheStorage",
+        "interface_v1": 1, "cpu_gib": 8, "disk_dir": "/mnt/nvme/kv", "disk_gib": 200}'
+
+``interface_v1: 1`` makes SGLang call the zero-copy ``batch_get_v1`` / ``batch_set_v1`` (host indices):
+pages are read from disk straight into the host KV pool and stored from it, with no per-page tensor
+from the pool API. Without it SGLang uses the legacy ``batch_get`` / ``batch_set`` (page copies).
+
+One block = one page of ``page_size`` tokens for every layer this rank holds, in the host pool's own byte
+layout. The fingerprint carries the model, the pool class and layout, the geometry, the dtype, the page
+size and the shard (TP rank and size; PP, attention CP and DCP parts when used), so each TP rank keeps
+its own heads and a change of any of these never serves stale bytes. MLA KV is replicated over TP ranks,
+so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, List, Optional
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
+
+from .dram import as_bytes
+from .fingerprint import KVFingerprint
+from .store import BlockStore
+
+log = logging.getLogger("longseq.kv_offload")
+
+# Keys SGLang itself puts in / reads from extra_config; ours with their types and defaults.
+SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
+OUR_KEYS = {"cpu_gib": (float, 0.0), "disk_dir": (str, None), "disk_gib": (float, 0.0), "fsync": (bool, False)}
+# Host pool attributes that may hold the pool's root tensors (zero-copy pointers point into these).
+_ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
+
+
+def parse_extra_config(extra: Optional[dict]) -> dict:
+    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` from SGLang's extra_config, validated.
+    Raises ValueError naming the allowed keys on an unknown key, and on a wrong type or no tier at all."""
+    extra = dict(extra or {})
+    unknown = sorted(set(extra) - set(SGLANG_KEYS) - set(OUR_KEYS))
+    if unknown:
+        raise ValueError(f"longseq HiCache backend: unknown extra_config key(s) {unknown}; allowed: "
+                         f"{', '.join(OUR_KEYS)} (ours) and {', '.join(SGLANG_KEYS)} (SGLang's)")
+    opts = {}
+    for name, (typ, default) in OUR_KEYS.items():
+        value = extra.get(name, default)
+        if value is not None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float \
+                else isinstance(value, typ)
+            if not ok:
+                raise ValueError(f"longseq HiCache backend: extra_config {name}={value!r} must be a {typ.__name__}")
+            value = typ(value)
+        opts[name] = value
+    if opts["cpu_gib"] <= 0 and not opts["disk_dir"]:
+        raise ValueError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) in extra_config")
+    return opts
+
+
+def _shard(cfg: HiCacheStorageConfig) -> str:
+    """Which slice of the model's KV this rank holds (MLA: replicated over TP, so no TP part)."""
+    parts = ["mla"] if cfg.is_mla_model else [f"tp{cfg.tp_rank}of{cfg.tp_size}"]
+    if cfg.pp_size > 1:
+        parts.append(f"pp{cfg.pp_rank}of{cfg.pp_size}")
+    if cfg.attn_cp_size > 1:
+        parts.append(f"cp{cfg.attn_cp_rank}of{cfg.attn_cp_size}")
+    if cfg.dcp_size > 1:
+        parts.append(f"dcp{cfg.dcp_rank}of{cfg.dcp_size}:lpage{cfg.logical_page_size}")
+    return "/".join(parts)
+
+
+def sglang_fingerprint(cfg: HiCacheStorageConfig, pool: Any, page_nbytes: int) -> KVFingerprint:
+    geometry = [f"{a}={getattr(pool, a)}" for a in ("layer_num", "head_num", "head_dim", "v_head_dim",
+                                                     "kv_cache_dim", "kv_lora_rank", "qk_rope_head_dim")
+                if isinstance(getattr(pool, a, None), int)]
+    layout = ":".join(["sglang", type(pool).__name__, str(getattr(pool, "layout", "?")), *geometry,
+                       f"page_bytes={page_nbytes}", _shard(cfg)])
+    return KVFingerprint(model=cfg.model_name or "unknown-model", layout=layout,
+                         dtype=str(pool.dtype).removeprefix("torch."), block_size=int(pool.page_size))
+
+
+def _pool_roots(pool: Any) -> list[tuple[int, int, torch.Tensor]]:
+    """(start address, end address, flat uint8 view) of each contiguous CPU root tensor of the host pool."""
+    roots = []
+    for attr in _ROOT_ATTRS:
+        try:
+            value = getattr(pool, attr, None)
+        except Exception:  # a property that does not apply to this layout
+            continue
+        for t in value if isinstance(value, (tuple, list)) else [value]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous() and t.numel():
+                roots.append((t.data_ptr(), t.data_ptr() + t.nbytes, as_bytes(t)))
+    return roots
+
+
+class LongSeqHiCacheStorage(HiCacheStorage):
+    """HiCache L3 storage on ``BlockStore`` (DRAM LRU + shared disk directory). Built by SGLang's dynamic
+    loader as ``cls(storage_config, kwargs)``; the store is opened when the host pool is registered,
+    because the fingerprint needs the pool's layout, dtype and page size."""
+
+    def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
+        self.storage_config = storage_config
+        self.options = parse_extra_config(storage_config.extra_config)
+        self.store: BlockStore | None = None
+        self.fingerprint: KVFingerprint | None = None
+        self._roots: list[tuple[int, int, torch.Tensor]] = []
+        self._staging = threading.local()  # per thread: SGLang's prefetch and backup threads run in parallel
+        self.page_nbytes = 0
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        super().register_mem_pool_host(mem_pool_host)
+        self._roots = _pool_roots(mem_pool_host)
+        try:
+            ptrs, sizes = mem_pool_host.get_page_buffer_meta(torch.arange(mem_pool_host.page_size))
+            self.page_nbytes = int(sum(sizes))
+        except (NotImplementedError, ValueError, AttributeError):
+            self.page_nbytes = mem_pool_host.get_dummy_flat_data_page().nbytes
+        self.fingerprint = sglang_fingerprint(self.storage_config, mem_pool_host, self.page_nbytes)
+        if self.store is not None:
+            self.store.close()
+        o = self.options
+        self.store = BlockStore(self.fingerprint, cpu_gib=o["cpu_gib"], disk_dir=o["disk_dir"],
+                                disk_gib=o["disk_gib"], fsync=o["fsync"])
+        log.info("longseq HiCache backend: %s", self.fingerprint)
+
+    def _require_store(self) -> BlockStore:
+        if self.store is None:
+            raise RuntimeError("longseq HiCache backend: register_mem_pool_host() was not called")
+        return self.store
+
+    # ---- zero-copy v1 (host indices) --------------------------------------------------------
+    def _page_chunks(self, host_indices: torch.Tensor, n_pages: int) -> list[list[torch.Tensor]] | None:
+        """For each page, the byte views of its pieces inside the host pool (e.g. [K, V] for MHA page_first,
+        2 x layers pieces for layer_first), or None when the pool gives no pointers we can map."""
+        try:
+            ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
+        except (NotImplementedError, ValueError, AttributeError):
+            return None
+        if n_pages == 0 or len(ptrs) % n_pages:
+            return None
+        views = []
+        for ptr, size in zip(ptrs, sizes):
+            root = next((r for r in self._roots if r[0] <= ptr and ptr + size <= r[1]), None)
+            if root is None:
+                return None
+            views.append(root[2][ptr - root[0]: ptr - root[0] + size])
+        per = len(views) // n_pages
+        return [views[i * per:(i + 1) * per] for i in range(n_pages)]
+
+    def _staging_buffer(self, nbytes: int) -> torch.Tensor:
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.numel() != nbytes:
+            buf = self._staging.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return buf
+
+    def _get_into(self, key: bytes, chunks: list[torch.Tensor]) -> bool:
+        store = self._require_store()
+        if len(chunks) == 1:  # the page is one contiguous run: disk reads land in the pool directly
+            return store.get(key, out=chunks[0]) is not None
+        staging = self._staging_buffer(sum(c.numel() for c in chunks))
+        if store.get(key, out=staging) is None:
+            return False
+        offset = 0
+        for c in chunks:
+            c.copy_(staging[offset: offset + c.numel()])
+            offset += c.numel()
+        return True
+
+    def _put_from(self, key: bytes, chunks: list[torch.Tensor]) -> None:
+        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, out=self._staging_buffer(
+            sum(c.numel() for c in chunks)))
+        self._require_store().put(key, data)
+
+    def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        """Read pages into the host pool at ``host_indices`` (``len(keys) * page_size`` token slots).
+        Stops at the first miss (SGLang only uses the leading run of hits); later pages report False."""
+        page_size = self.mem_pool_host.page_size
+        chunks = self._page_chunks(host_indices, len(keys))
+        results = [False] * len(keys)
+        for i, key in enumerate(keys):
+            if chunks is not None:
+                ok = self._get_into(key.encode(), chunks[i])
+            else:
+                ok = self._get_copy(key, host_indices[i * page_size].item())
+            if not ok:
+                break
+            results[i] = True
+        return results
+
+    def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
+                     extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
+        """Store pages from the host pool at ``host_indices``. Non-writer MLA ranks report success without
+        writing (another rank writes the replicated page)."""
+        if not self.storage_config.is_storage_writer:
+            return [True] * len(keys)
+        page_size = self.mem_pool_host.page_size
+        chunks = self._page_chunks(host_indices, len(keys))
+        for i, key in enumerate(keys):
+            if chunks is not None:
+                self._put_from(key.encode(), chunks[i])
+            else:
+                self.set(key, self.mem_pool_host.get_data_page(host_indices[i * page_size].item(), flat=True))
+        return [True] * len(keys)
+
+    def _get_copy(self, key: str, host_index: int) -> bool:
+        """Fallback without pool pointers: through a flat page and ``set_from_flat_data_page``."""
+        page = self.get(key, self.mem_pool_host.get_dummy_flat_data_page())
+        if page is None:
+            return False
+        self.mem_pool_host.set_from_flat_data_page(host_index, page)
+        return True
+
+    # ---- legacy copy path (SGLang's default for dynamic backends) ------------------------------
+    def get(self, key: str, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> torch.Tensor | None:
+        """Fill ``target_location`` (a flat page tensor) with the page, or return a new uint8 tensor."""
+        return self._require_store().get(key.encode(), out=target_location)
+
+    def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
+        return [self.get(k, t) for k, t in zip(keys, target_locations or [None] * len(keys))]
+
+    def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
+            target_sizes: Optional[Any] = None) -> bool:
+        if not self.storage_config.is_storage_writer:
+            return True
+        if value is None:
+            raise ValueError("longseq HiCache backend: set() needs the page tensor (value)")
+        self._require_store().put(key.encode(), value.contiguous())
+        return True
+
+    def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,
+                  target_sizes: Optional[Any] = None) -> bool:
+        return all(self.set(k, v) for k, v in zip(keys, values))
+
+    def exists(self, key: str) -> bool:
+        return self._require_store().contains(key.encode())
+
+    def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
+        """Number of leading keys present (DRAM, pending write, or a disk file whose header checks out)."""
+        return self._require_store().count_prefix_hits([k.encode() for k in keys])
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None

@@ -1,0 +1,205 @@
+"""longseq's SGLang HiCache storage backend (``longseq.kv_offload.sglang``) at its interface, on CPU.
+
+HiCache's data path needs CUDA, so (as SGLang's own storage-backend tests do, e.g.
+``storage/tensorcast_store/test_tensorcast_store.py``) the host KV pool is a real SGLang pool class built
+with ``object.__new__`` and CPU tensors; the backend is built by SGLang's own factory
+(``StorageBackendFactory.create_backend("dynamic", ...)``) exactly as ``--hicache-storage-backend dynamic``
+does. Run: ``.venv-sglang/bin/python -m pytest tests/sglang/test_sglang_kv_offload.py -m sglang -q``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.sglang
+
+PAGE_SIZE, PAGE_NUM, LAYERS, HEADS, HEAD_DIM = 4, 8, 3, 2, 8
+
+
+def _extra(tmp_path, **over):
+    cfg = {"backend_name": "longseq", "module_path": "longseq.kv_offload.sglang",
+           "class_name": "LongSeqHiCacheStorage", "interface_v1": 1,
+           "cpu_gib": 0.001, "disk_dir": str(tmp_path / "kv"), "disk_gib": 0.05}
+    cfg.update(over)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def _storage_config(extra, *, mla=False, tp_rank=0, tp_size=1, model="test-org/tiny-model"):
+    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
+
+    return HiCacheStorageConfig(tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0,
+                                attn_cp_size=1, is_mla_model=mla, enable_storage_metrics=False,
+                                is_page_first_layout=True, model_name=model, extra_config=dict(extra))
+
+
+def _pool(family="mha", layout="page_first", dtype=torch.bfloat16, seed=0):
+    """A real SGLang host pool class with CPU tensors, filled with random values."""
+    from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
+    from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost
+
+    size = PAGE_NUM * PAGE_SIZE
+    g = torch.Generator().manual_seed(seed)
+    if family == "mha":
+        pool = object.__new__(MHATokenToKVPoolHost)
+        shape = (2, size, LAYERS, HEADS, HEAD_DIM) if layout == "page_first" else (2, LAYERS, size, HEADS, HEAD_DIM)
+        pool.head_dim = HEAD_DIM
+        pool.head_num = HEADS
+    else:
+        pool = object.__new__(MLATokenToKVPoolHost)
+        shape = (size, LAYERS, 1, HEAD_DIM)
+        pool.kv_cache_dim = HEAD_DIM
+        pool.kv_lora_rank, pool.qk_rope_head_dim = HEAD_DIM - 2, 2
+        pool.head_num = 1
+        pool.dcp_size, pool.dcp_rank = 1, 0
+    pool.kv_buffer = torch.randn(shape, generator=g).to(dtype)
+    pool.layout, pool.page_size, pool.page_num, pool.size = layout, PAGE_SIZE, PAGE_NUM, size
+    pool.layer_num, pool.dtype, pool.device, pool.pin_memory = LAYERS, dtype, "cpu", False
+    return pool
+
+
+def _backend(extra, pool, **cfg):
+    from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
+
+    backend = StorageBackendFactory.create_backend("dynamic", _storage_config(extra, **cfg), pool)
+    backend.register_mem_pool_host(pool)  # what HiCacheController does right after create_backend
+    return backend
+
+
+def _indices(pages):
+    return torch.cat([torch.arange(p * PAGE_SIZE, (p + 1) * PAGE_SIZE) for p in pages])
+
+
+def _page(pool, p):
+    return pool.get_data_page(p * PAGE_SIZE, flat=True).clone()
+
+
+@pytest.mark.parametrize("family,layout", [("mha", "page_first"), ("mha", "layer_first"), ("mla", "page_first")])
+def test_v1_roundtrip_prefix_and_new_server(tmp_path, family, layout):
+    from longseq.kv_offload.sglang import LongSeqHiCacheStorage
+
+    src = _pool(family, layout, seed=1)
+    backend = _backend(_extra(tmp_path), src, mla=family == "mla")
+    assert isinstance(backend, LongSeqHiCacheStorage)
+    keys = [f"{i:064x}" for i in range(1, 5)]
+    chunks = backend._page_chunks(_indices([0, 1]), 2)  # the zero-copy path: views into the pool itself
+    pieces = {("mha", "page_first"): 2, ("mha", "layer_first"): 2 * LAYERS, ("mla", "page_first"): 1}
+    assert chunks is not None and len(chunks[0]) == pieces[family, layout]
+    assert backend.batch_set_v1(keys, _indices([0, 1, 2, 3])) == [True] * 4
+    assert backend.batch_exists(keys + ["ff" * 32]) == 4
+    assert backend.batch_exists(["ff" * 32] + keys) == 0
+
+    dst = _pool(family, layout, seed=2)  # different contents, so a no-op read would show
+    backend.register_mem_pool_host(dst)
+    assert backend.batch_get_v1(keys[:3], _indices([5, 6, 7])) == [True] * 3
+    for a, b in ((0, 5), (1, 6), (2, 7)):
+        assert torch.equal(_page(dst, b), _page(src, a))
+    backend.store.flush()
+    backend.close()
+
+    # A fresh backend on the same directory (a restarted or second server) finds the pages on disk.
+    dst2 = _pool(family, layout, seed=3)
+    fresh = _backend(_extra(tmp_path), dst2, mla=family == "mla")
+    assert fresh.batch_exists(keys) == 4
+    got = fresh.batch_get_v1([keys[3], "ee" * 32, keys[0]], _indices([1, 2, 3]))
+    assert got == [True, False, False]  # stops at the first miss
+    assert torch.equal(_page(dst2, 1), _page(src, 3))
+    assert fresh.store.stats().disk.hits == 1
+    fresh.close()
+
+
+def test_legacy_get_set_and_tp_ranks_are_separate(tmp_path):
+    pool = _pool(seed=4)
+    rank0 = _backend(_extra(tmp_path, interface_v1=None), pool, tp_rank=0, tp_size=2)
+    rank1 = _backend(_extra(tmp_path, interface_v1=None), pool, tp_rank=1, tp_size=2)
+    assert rank0.batch_set(["aa", "bb"], [_page(pool, 0), _page(pool, 1)])
+    out = pool.get_dummy_flat_data_page()
+    assert torch.equal(rank0.get("bb", out), _page(pool, 1))
+    assert rank0.exists("aa") and not rank1.exists("aa")  # each TP rank stores its own heads
+    rank0.store.flush()
+    assert rank1.batch_get(["aa"], [pool.get_dummy_flat_data_page()]) == [None]
+    rank0.close()
+    rank1.close()
+
+
+def test_unknown_extra_config_key_is_a_clear_error(tmp_path):
+    from longseq.kv_offload.sglang import LongSeqHiCacheStorage
+
+    with pytest.raises(ValueError, match=r"unknown extra_config key\(s\) \['disk_size'\].*cpu_gib, disk_dir, disk_gib"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_size=3)))
+    with pytest.raises(ValueError, match="cpu_gib=.* must be a float"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, cpu_gib="8")))
+    with pytest.raises(ValueError, match="set cpu_gib > 0 and/or disk_dir"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, cpu_gib=0, disk_dir=None)))
+
+
+def _corrupt_truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 7)
+
+
+def _corrupt_flip(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("fault", ["truncated", "flipped_byte", "other_model"])
+def test_damaged_or_foreign_block_is_a_miss(tmp_path, fault):
+    pool = _pool(seed=5)
+    backend = _backend(_extra(tmp_path, cpu_gib=0), pool)  # disk only, so every read goes to the file
+    backend.batch_set_v1(["k1"], _indices([0]))
+    backend.store.flush()
+    (path,) = glob.glob(str(tmp_path / "kv" / "blocks" / "*" / "*" / "*.kvb"))
+    if fault == "truncated":
+        _corrupt_truncate(path)
+    elif fault == "flipped_byte":
+        _corrupt_flip(path)
+    else:  # another model's block for the same key, planted at our file name
+        other = _backend(_extra(tmp_path, cpu_gib=0), pool, model="other-org/other-model")
+        other.batch_set_v1(["k1"], _indices([0]))
+        other.store.flush()
+        other.close()
+        (theirs,) = [p for p in glob.glob(str(tmp_path / "kv" / "blocks" / "*" / "*" / "*.kvb")) if p != path]
+        os.replace(theirs, path)
+    backend.register_mem_pool_host(_pool(seed=6))
+    assert backend.batch_get_v1(["k1"], _indices([2])) == [False]  # SGLang never uses a slot reported False
+    assert backend.store.stats().corrupt_blocks >= 1
+    assert backend.batch_exists(["k1"]) == 0  # the bad file was removed
+    backend.close()
+
+
+@pytest.mark.parametrize("how", ["dir_under_a_file", "eacces"])
+def test_unwritable_dir_serves_from_dram(tmp_path, monkeypatch, how):
+    """Disk writes fail; the backend keeps answering from its DRAM tier and counts the errors.
+    ``dir_under_a_file`` is a real OS failure (ENOTDIR) that holds even as root; ``eacces`` simulates a
+    permission error by patching the writer (chmod does not stop root, and tests may run as root)."""
+    import errno
+
+    from longseq.kv_offload import disk
+
+    if how == "eacces":
+        def deny(*a, **k):
+            raise PermissionError(errno.EACCES, "Permission denied (simulated)")
+
+        monkeypatch.setattr(disk, "write_atomic", deny)
+        extra = _extra(tmp_path)
+    else:
+        (tmp_path / "afile").write_text("not a directory")
+        extra = _extra(tmp_path, disk_dir=str(tmp_path / "afile" / "kv"))
+    src = _pool(seed=7)
+    backend = _backend(extra, src)
+    assert backend.batch_set_v1(["a"], _indices([0])) == [True]
+    backend.store.flush()
+    assert backend.store.stats().write_errors >= 1
+    assert backend.batch_get_v1(["a"], _indices([3])) == [True]  # DRAM hit into another slot
+    assert torch.equal(_page(src, 3), _page(src, 0))
+    fresh = _backend(extra, _pool(seed=8))  # nothing reached the disk
+    assert fresh.batch_exists(["a"]) == 0
+    backend.close()
+    fresh.close()
