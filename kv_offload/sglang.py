@@ -130,6 +130,16 @@ class LongSeqHiCacheStorage(HiCacheStorage):
                                 disk_gib=o["disk_gib"], fsync=o["fsync"])
         log.info("longseq HiCache backend: %s", self.fingerprint)
 
+    def on_host_pools_registered(self) -> None:
+        """Refuse hybrid models at attach time (raising here fails the attach with this message): their side
+        pools (Mamba/SWA state, indexer, ...) go through ``batch_*_v2``, which this backend does not
+        implement yet, and SGLang would otherwise fail later, mid-serving."""
+        extra = sorted(str(name) for name in getattr(self, "registered_pools", {}) if str(name) != "kv")
+        if extra:
+            raise ValueError(f"longseq HiCache backend stores the KV pool only; this model also has host pools "
+                             f"{extra} (hybrid model), which need the v2 interface it does not implement yet. "
+                             f"Use SGLang's 'file' backend for this model.")
+
     def _require_store(self) -> BlockStore:
         if self.store is None:
             raise RuntimeError("longseq HiCache backend: register_mem_pool_host() was not called")

@@ -81,10 +81,10 @@ class StatsRecorder:
         self._lock = threading.Lock()
         self._stats = StoreStats()
 
-    def hit(self, tier: str, nbytes: int, seconds: float) -> None:
+    def hit(self, tier: str, nbytes: int, seconds: float, n: int = 1) -> None:
         with self._lock:
             t = self._stats.tiers[tier]
-            t.hits += 1
+            t.hits += n
             t.bytes_read += nbytes
             t.read_seconds += seconds
 

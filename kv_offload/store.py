@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -93,11 +94,7 @@ class BlockStore:
     # ---- lookups ----------------------------------------------------------------------------
     def contains(self, key: bytes) -> bool:
         """In DRAM, waiting for the disk writer, or on disk with a valid header. Cheap (no payload read)."""
-        key = _check_key(key)
-        with self._lock:
-            if key in self._dram or key in self._pending:
-                return True
-        return self._disk is not None and self._disk.probe(key)
+        return self.in_dram(key) or (self._disk is not None and self._disk.probe(_check_key(key)))
 
     def count_prefix_hits(self, keys: list[bytes]) -> int:
         """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks."""
@@ -113,6 +110,7 @@ class BlockStore:
 
         out: optional contiguous tensor of exactly the block's byte size (any dtype/shape); filled and
              returned. Without it a new flat uint8 CPU tensor (a copy, safe to keep) is returned.
+             On a miss ``out`` may have been partly written (disk reads land in it directly): ignore it.
         A disk hit is promoted into the DRAM tier.
         """
         key = _check_key(key)
@@ -124,6 +122,43 @@ class BlockStore:
         if got is None:
             return None
         return out if out is not None else got
+
+    def in_dram(self, key: bytes) -> bool:
+        """In the DRAM tier or waiting for the disk writer: ``get`` needs no disk read."""
+        key = _check_key(key)
+        with self._lock:
+            return key in self._dram or key in self._pending
+
+    def get_dram_batch(self, keys: list[bytes], outs: list[torch.Tensor],
+                       synchronize: Callable[[], None] | None = None) -> list[bool]:
+        """Copy the DRAM-resident blocks among ``keys`` into ``outs`` (same-nbytes tensors, e.g. slices of one
+        GPU staging tensor) with ``non_blocking=True``; others are left alone and reported False (read
+        them with ``get``). ``synchronize`` (e.g. ``torch.cuda.current_stream().synchronize``) runs before
+        the lock is released, because the async copies read buffers that eviction may recycle; pass it
+        whenever ``outs`` are on a GPU. Counted as DRAM hits/misses."""
+        found = []
+        t0 = time.perf_counter()
+        nbytes = 0
+        with self._lock:
+            for key, out in zip(keys, outs):
+                key = _check_key(key)
+                buf = self._dram.lookup(key)
+                if buf is None:
+                    buf = self._pending.get(key)
+                dst = as_bytes(out)
+                ok = buf is not None and dst.numel() == buf.numel()
+                if ok:
+                    dst.copy_(buf, non_blocking=True)
+                    nbytes += buf.numel()
+                found.append(ok)
+            if synchronize is not None:
+                synchronize()
+        if any(found):
+            self._rec.hit("dram", nbytes, time.perf_counter() - t0, n=sum(found))
+        if not all(found):
+            self._rec.add("misses", len(found) - sum(found), tier="dram")
+        self._maybe_log()
+        return found
 
     def _get_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
         """DRAM tier (or a block still waiting for the disk writer): copied out under the lock, because an

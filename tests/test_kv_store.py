@@ -310,3 +310,39 @@ def test_periodic_summary_is_logged_from_get_and_put(tmp_path, caplog):
             assert store.get(_key(0)) is not None  # DRAM hit path
             assert store.get(_key(1)) is None  # DRAM miss + disk miss path
     assert caplog.text.count("kv store: dram:") >= 3  # put, two gets (+ close)
+
+
+def test_dram_batch_copy_and_residency(tmp_path):
+    with BlockStore(FP, cpu_gib=2 * BLOCK_BYTES / (1 << 30), disk_dir=str(tmp_path), disk_gib=0.01) as store:
+        for i in range(3):
+            store.put(_key(i), _block(i))
+        store.flush()
+        assert [store.in_dram(_key(i)) for i in range(3)] == [False, True, True]  # 0 was evicted (disk only)
+        outs = torch.zeros((3, *BLOCK_SHAPE), dtype=torch.bfloat16)
+        assert store.get_dram_batch([_key(i) for i in range(3)], list(outs)) == [False, True, True]
+        assert torch.equal(outs[1], _block(1)) and torch.equal(outs[2], _block(2)) and not outs[0].any()
+        s = store.stats(log_summary=False)
+        assert (s.dram.hits, s.dram.misses, s.dram.bytes_read) == (2, 1, 2 * BLOCK_BYTES)
+
+
+@pytest.mark.gpu
+def test_pinned_dram_tier_with_cuda_tensors(tmp_path):
+    """On the GPU machine: pinned DRAM buffers (the default with CUDA), puts from CUDA tensors, batched
+    non-blocking copies back to the GPU, buffers recycled after eviction stay pinned."""
+    assert torch.cuda.is_available(), "this test runs on the GPU machine"
+    dev = torch.device("cuda")
+    cap = 4 * BLOCK_BYTES / (1 << 30)
+    with BlockStore(FP, cpu_gib=cap, disk_dir=str(tmp_path), disk_gib=0.01) as store:
+        assert store.pin_memory
+        blocks = [_block(i).to(dev) for i in range(8)]
+        for i, b in enumerate(blocks):
+            store.put(_key(i), b)
+        assert all(buf.is_pinned() for buf in store._dram._blocks.values())
+        stage = torch.zeros((4, *BLOCK_SHAPE), dtype=torch.bfloat16, device=dev)
+        keys = [_key(i) for i in range(4, 8)]
+        assert store.get_dram_batch(keys, list(stage), synchronize=torch.cuda.current_stream().synchronize) == \
+            [True] * 4
+        assert all(torch.equal(stage[j], blocks[4 + j]) for j in range(4))
+        store.flush()
+        host = torch.empty(BLOCK_SHAPE, dtype=torch.bfloat16, pin_memory=True)
+        assert torch.equal(store.get(_key(0), out=host).to(dev), blocks[0])  # evicted: from disk

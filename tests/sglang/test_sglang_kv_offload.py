@@ -203,3 +203,14 @@ def test_unwritable_dir_serves_from_dram(tmp_path, monkeypatch, how):
     assert fresh.batch_exists(["a"]) == 0
     backend.close()
     fresh.close()
+
+
+def test_hybrid_side_pools_are_refused_at_attach(tmp_path):
+    pool = _pool(seed=9)
+    backend = _backend(_extra(tmp_path), pool)
+    backend.register_mem_host_pool_v2(pool, "kv")
+    backend.on_host_pools_registered()  # the KV pool alone is fine
+    backend.register_mem_host_pool_v2(pool, "mamba")
+    with pytest.raises(ValueError, match=r"KV pool only.*\['mamba'\].*v2 interface"):
+        backend.on_host_pools_registered()
+    backend.close()
