@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 
@@ -111,3 +113,21 @@ class StatsRecorder:
         for k, v in gauges.items():
             setattr(snap, k, v)
         return snap
+
+
+def ensure_log_visible(logger: logging.Logger) -> None:
+    """Make the INFO summaries show up when the host process configured no logging for us.
+
+    SGLang configures the root logger, so nothing is added there. vLLM configures only its own "vllm"
+    logger: without this our INFO lines would reach Python's last-resort handler (WARNING and up) and be
+    lost. Adds one stderr handler to the top "longseq" logger only if no handler exists up the chain.
+    """
+    top = logging.getLogger("longseq")
+    if logger.hasHandlers() or getattr(top, "_longseq_handler", False):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s", "%m-%d %H:%M:%S"))
+    top.addHandler(handler)
+    top._longseq_handler = True
+    if top.level == logging.NOTSET:
+        top.setLevel(logging.INFO)

@@ -24,7 +24,7 @@ import torch
 from .dram import DramTier, as_bytes, default_pin_memory
 from .disk import DiskTier
 from .fingerprint import KVFingerprint
-from .stats import StatsRecorder, StoreStats, TierStats
+from .stats import StatsRecorder, StoreStats, TierStats, ensure_log_visible
 
 __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
@@ -87,6 +87,7 @@ class BlockStore:
             self._queue = queue.SimpleQueue()
             self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-disk-writer", daemon=True)
             self._writer.start()
+        ensure_log_visible(log)
         log.info("kv store: %s, dram %.3g GiB (%s), disk %s", fingerprint.model, cpu_gib,
                  "pinned" if self.pin_memory else "pageable",
                  f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off")
