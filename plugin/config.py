@@ -70,6 +70,9 @@ class LongSeqConfig:
             ``sink_size`` (64 for patterns that have none).
         duo_recent: most recent tokens kept by streaming heads, the query's own included (``LONGSEQ_DUO_RECENT``);
             unset = the pattern's ``recent_size`` (256 for patterns that have none).
+        kda: run Kimi Delta Attention (Kimi-Linear's linear-attention layers) on longseq's KDA kernels instead of
+            the framework's vendored ones (``LONGSEQ_KDA``, ``0``/``1``): vLLM's KDA layer is replaced through its
+            out-of-tree layer registry, SGLang's through its KDA kernel dispatcher.
     """
 
     attention: str = "dense"
@@ -89,6 +92,7 @@ class LongSeqConfig:
     duo_threshold: float | None = None
     duo_sink: int | None = None
     duo_recent: int | None = None
+    kda: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_TECHNIQUES:
@@ -167,6 +171,7 @@ class LongSeqConfig:
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",
         "duo_sink": "LONGSEQ_DUO_SINK",
         "duo_recent": "LONGSEQ_DUO_RECENT",
+        "kda": "LONGSEQ_KDA",
     }
 
     @classmethod

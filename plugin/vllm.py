@@ -5,6 +5,7 @@ imports only vLLM's backend registry: the backend classes are given as import pa
 where they are used.
 
 Usage:  ``LONGSEQ_ATTENTION=dense vllm serve MODEL --attention-backend CUSTOM``  (GPU)
+        ``LONGSEQ_KDA=1 vllm serve moonshotai/Kimi-Linear-48B-A3B-Instruct``  (Kimi-Linear on longseq's KDA kernels)
         ``LONGSEQ_CPU=1 LONGSEQ_ATTENTION=dense python -m vllm.entrypoints.openai.api_server ...``  (CPU)
 """
 
@@ -43,4 +44,11 @@ def register() -> None:
         # registry's overrides, so overriding that member is how the CPU engine runs our backend.
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_PATH)
         _registered.add("CPU_ATTN")
+    if config.kda and "KDA" not in _registered:
+        # Kimi-Linear's KDA layer -> ours, through vLLM's out-of-tree layer registry. Deferred until vLLM's
+        # layer module is imported (only processes that build the model pay for that import).
+        from longseq.plugin.kda_compat import register_vllm_kda_layer
+
+        register_vllm_kda_layer()
+        _registered.add("KDA")
     logger.debug("longseq registered %s (technique %s)", sorted(_registered), config.attention)
