@@ -25,7 +25,7 @@ BACKEND_MOD = "vllm.v1.attention.backend"
 REGISTRY_MOD = "vllm.v1.attention.backends.registry"
 OUR_MODULES = sorted(f"longseq.attention_backends.vllm.{os.path.basename(p)[:-3]}"
                      for p in glob.glob(os.path.join(REPO, "attention_backends", "vllm", "*.py"))
-                     if not p.endswith("__init__.py"))
+                     if not p.endswith("__init__.py")) + ["longseq.kv_offload.vllm"]  # + the KV connector
 PLUGIN_MOD = "longseq.plugin.vllm"
 
 #: Where vLLM itself calls impl methods that ``AttentionImpl`` does not declare (or declares narrower):

@@ -1,0 +1,216 @@
+"""Worker half of ``LongSeqOffloadConnector``: copies between vLLM's paged KV caches and the block store.
+
+One store entry per block holds that page for every layer this rank has: a contiguous tensor
+``[num_layers, *page_shape]`` in the cache dtype, where ``page_shape`` is one page of one layer's cache
+tensor with the block dimension removed (CUDA FlashAttention: cache ``[2, num_blocks, block_size, H, D]``
+-> page ``[2, block_size, H, D]``; vLLM CPU: cache ``[num_blocks, H, block_size, 2*D]`` -> page
+``[H, block_size, 2*D]``). The page shape and device type are part of the fingerprint, so CPU and GPU
+blocks never mix.
+
+Loads (synchronous, before the forward pass): the scheduler already verified every block and pulled disk
+blocks into DRAM, so here each block is copied straight from the store's DRAM buffer (pinned on CUDA) into a
+staging tensor on the cache device, chunk by chunk, then scattered into every layer with one
+``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
+a staging tensor, copied to pinned host memory, and handed to a background thread that ``put``s them;
+requests with saves are reported finished-sending once their device->host copy is done, so vLLM keeps
+their pages until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from .store import BlockStore
+from .vllm_scheduler import BlockTransfer
+
+log = logging.getLogger("longseq.kv_offload")
+
+#: Staging size per load/save chunk on the device (bounds the extra device memory the connector uses).
+CHUNK_BYTES = 256 << 20
+#: Saves waiting for the background thread beyond this are dropped (a dropped save is only a future miss).
+MAX_QUEUED_SAVE_BYTES = 4 << 30
+
+
+def find_block_dim(shape: tuple[int, ...], num_blocks: int) -> int:
+    """The dimension of a per-layer cache tensor that indexes pages (the one of size ``num_blocks``)."""
+    dims = [d for d, n in enumerate(shape) if n == num_blocks]
+    if not dims:
+        raise ValueError(f"LongSeqOffloadConnector: no dimension of size num_blocks={num_blocks} in KV cache "
+                         f"shape {list(shape)}")
+    return dims[0]
+
+
+class OffloadWorker:
+    """Holds the per-layer page views ``[num_blocks, *page_shape]`` and moves pages to/from ``store``."""
+
+    def __init__(self, kv_caches: list[torch.Tensor], num_blocks: int) -> None:
+        views, seen = [], set()
+        for t in kv_caches:
+            if t.data_ptr() in seen:  # layers sharing one cache (KV sharing) are stored once
+                continue
+            seen.add(t.data_ptr())
+            views.append(t.movedim(find_block_dim(tuple(t.shape), num_blocks), 0))
+        shapes = {tuple(v.shape[1:]) for v in views}
+        if len(shapes) != 1 or len({v.dtype for v in views}) != 1:
+            raise ValueError(f"LongSeqOffloadConnector: layers differ in page shape/dtype: {sorted(shapes)}")
+        self.views = views
+        self.page_shape = shapes.pop()
+        self.dtype = views[0].dtype
+        self.device = views[0].device
+        self.block_shape = (len(views), *self.page_shape)
+        self.block_bytes = torch.Size(self.block_shape).numel() * views[0].element_size()
+        self.chunk_blocks = max(1, CHUNK_BYTES // self.block_bytes)
+        self.cuda = self.device.type == "cuda"
+        self.store: BlockStore | None = None
+        self.save_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._save_queue: queue.Queue = queue.Queue()
+        self._queued_bytes = 0
+        self._queued_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._req_events: dict[str, object] = {}  # req id -> last save's CUDA event (None on CPU)
+        self._to_report: set[str] = set()
+        self.load_errors: set[int] = set()
+        self.counters = dict(loaded_blocks=0, loaded_tokens=0, load_seconds=0.0, load_bytes=0,
+                             saved_blocks=0, save_bytes=0, dropped_save_blocks=0, load_failed_blocks=0)
+
+    def attach(self, store: BlockStore) -> None:
+        self.store = store
+        self._thread = threading.Thread(target=self._save_loop, name="longseq-kv-save", daemon=True)
+        self._thread.start()
+
+    # ---- loads -------------------------------------------------------------------------------
+    def load(self, transfers: list[BlockTransfer], block_size: int) -> None:
+        for tr in transfers:
+            t0 = time.perf_counter()
+            done = 0
+            for start in range(0, len(tr.block_ids), self.chunk_blocks):
+                ids, keys = tr.block_ids[start:start + self.chunk_blocks], tr.keys[start:start + self.chunk_blocks]
+                ok = self._load_chunk(ids, keys)
+                done += ok
+                if ok < len(ids):  # this block and all later ones are recomputed by vLLM
+                    self.load_errors.update(tr.block_ids[start + ok:])
+                    self.counters["load_failed_blocks"] += len(tr.block_ids) - start - ok
+                    break
+            dt = time.perf_counter() - t0
+            c = self.counters
+            c["loaded_blocks"] += done
+            c["loaded_tokens"] += done * block_size
+            c["load_seconds"] += dt
+            c["load_bytes"] += done * self.block_bytes
+            log.info("LongSeqOffloadConnector: loaded %d tokens (%d blocks, %.1f MiB) for request %s in %.1f ms"
+                     " (%.2f GB/s)", done * block_size, done, done * self.block_bytes / 2**20, tr.req_id, dt * 1e3,
+                     done * self.block_bytes / max(dt, 1e-9) / 1e9)
+
+    def _load_chunk(self, block_ids: list[int], keys: list[bytes]) -> int:
+        """Copy blocks into the caches; returns how many leading blocks were loaded."""
+        stage = torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device)
+        store = self.store
+        missing = []
+        # Under the store's lock nobody can evict (and recycle) a DRAM buffer while an async copy reads it.
+        with store._lock:
+            for i, key in enumerate(keys):
+                buf = store._dram.lookup(key)
+                if buf is None:
+                    buf = store._pending.get(key)
+                if buf is None:
+                    missing.append(i)
+                    continue
+                as_flat_bytes(stage[i]).copy_(buf, non_blocking=self.cuda)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+        n = len(keys)
+        for i in missing:  # evicted since the scheduler's check: read again (disk), verified by the store
+            host = torch.empty(self.block_bytes, dtype=torch.uint8)
+            if store.get(keys[i], out=host) is None:
+                n = i
+                break
+            as_flat_bytes(stage[i]).copy_(host)
+        if n:
+            ids = torch.tensor(block_ids[:n], dtype=torch.long, device=self.device)
+            for layer, view in enumerate(self.views):
+                view.index_copy_(0, ids, stage[:n, layer])
+        return n
+
+    # ---- saves -------------------------------------------------------------------------------
+    def save(self, transfers: list[BlockTransfer]) -> None:
+        """Gather the pages now (after this step's forward) and queue them for the store."""
+        for tr in transfers:
+            self._req_events[tr.req_id] = None
+            for start in range(0, len(tr.block_ids), self.chunk_blocks):
+                ids, keys = tr.block_ids[start:start + self.chunk_blocks], tr.keys[start:start + self.chunk_blocks]
+                nbytes = len(ids) * self.block_bytes
+                with self._queued_lock:
+                    if self._queued_bytes + nbytes > MAX_QUEUED_SAVE_BYTES:
+                        self.counters["dropped_save_blocks"] += len(ids)
+                        continue
+                    self._queued_bytes += nbytes
+                host, event = self._gather(ids)
+                self._req_events[tr.req_id] = event
+                self._save_queue.put((keys, host, event))
+
+    def _gather(self, block_ids: list[int]):
+        if not self.cuda:
+            ids = torch.tensor(block_ids, dtype=torch.long)
+            return torch.stack([v.index_select(0, ids) for v in self.views], dim=1), None
+        main = torch.cuda.current_stream(self.device)
+        self.save_stream.wait_stream(main)  # the forward that wrote these pages comes first
+        host = torch.empty((len(block_ids), *self.block_shape), dtype=self.dtype, pin_memory=True)
+        with torch.cuda.stream(self.save_stream):
+            ids = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            staged = torch.stack([v.index_select(0, ids) for v in self.views], dim=1)
+            host.copy_(staged, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.save_stream)
+        return host, event
+
+    def _save_loop(self) -> None:
+        while True:
+            item = self._save_queue.get()
+            if item is None:
+                self._save_queue.task_done()
+                return
+            keys, host, event = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                for i, key in enumerate(keys):
+                    self.store.put(key, host[i])
+                self.counters["saved_blocks"] += len(keys)
+                self.counters["save_bytes"] += len(keys) * self.block_bytes
+            except Exception:  # a failed save is a future miss, never a crash
+                log.exception("LongSeqOffloadConnector: saving %d blocks failed", len(keys))
+            finally:
+                with self._queued_lock:
+                    self._queued_bytes -= len(keys) * self.block_bytes
+                self._save_queue.task_done()
+
+    def finished_sending(self, finished_req_ids: set[str]) -> set[str]:
+        """Finished requests whose pages may be freed: every device->host copy of theirs is done."""
+        self._to_report.update(r for r in finished_req_ids if r in self._req_events)
+        done = {r for r in self._to_report if self._req_events[r] is None or self._req_events[r].query()}
+        for r in done:
+            self._to_report.discard(r)
+            del self._req_events[r]
+        return done
+
+    def sync_saves(self) -> None:
+        """Finish in-flight device->host copies (before preempted requests' pages are reused)."""
+        if self.cuda:
+            self.save_stream.synchronize()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every queued save is in the store and the store's disk writes are done."""
+        if self._thread is None:
+            return
+        self._save_queue.join()
+        self.store.flush(timeout)
+
+
+def as_flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A flat uint8 view of a contiguous tensor."""
+    return t.reshape(-1).view(torch.uint8)

