@@ -21,6 +21,8 @@ logger = logging.getLogger("longseq")
 #: Import paths vLLM resolves lazily (see vllm/v1/attention/backends/registry.py).
 GPU_BACKEND_PATH = "longseq.attention_backends.vllm.flash.LongSeqFlashBackend"
 CPU_BACKEND_PATH = "longseq.attention_backends.vllm.cpu.LongSeqCPUBackend"
+#: KV offload connector (``longseq.kv_offload.vllm``), registered under its class name.
+KV_CONNECTOR_NAME, KV_CONNECTOR_MODULE = "LongSeqOffloadConnector", "longseq.kv_offload.vllm"
 
 _registered: set[str] = set()
 
@@ -51,4 +53,11 @@ def register() -> None:
 
         register_vllm_kda_layer()
         _registered.add("KDA")
+    if "KV_CONNECTOR" not in _registered:
+        # --kv-transfer-config '{"kv_connector":"LongSeqOffloadConnector",...}' without a module path.
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+        if KV_CONNECTOR_NAME not in KVConnectorFactory._registry:  # the user may have registered it already
+            KVConnectorFactory.register_connector(KV_CONNECTOR_NAME, KV_CONNECTOR_MODULE, KV_CONNECTOR_NAME)
+        _registered.add("KV_CONNECTOR")
     logger.debug("longseq registered %s (technique %s)", sorted(_registered), config.attention)
