@@ -214,3 +214,26 @@ def test_hybrid_side_pools_are_refused_at_attach(tmp_path):
     with pytest.raises(ValueError, match=r"KV pool only.*\['mamba'\].*v2 interface"):
         backend.on_host_pools_registered()
     backend.close()
+
+
+def test_sglang_controller_page_functions_drive_the_backend(tmp_path):
+    """SGLang's own HiCacheController data-path functions (the zero-copy pair chosen with interface_v1=1,
+    and the legacy pair otherwise), called on a stand-in controller that holds our backend and a CPU pool."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.cache_controller import HiCacheController as C
+
+    src, dst = _pool(seed=10), _pool(seed=11)
+    backend = _backend(_extra(tmp_path), src)
+    ctrl = SimpleNamespace(storage_backend=backend, storage_host_pool=src, page_size=PAGE_SIZE)
+    op = SimpleNamespace(request_id="r1", is_terminated=lambda: False)
+    keys = [f"{i:064x}" for i in range(20, 24)]
+    assert C._page_set_zero_copy(ctrl, keys[:2], _indices([0, 1]))
+    assert C._generic_page_set(ctrl, keys[2:], _indices([2, 3]))
+    backend.register_mem_pool_host(dst)
+    ctrl.storage_host_pool = dst
+    assert C._page_get_zero_copy(ctrl, op, keys[2:] + ["dd" * 32], _indices([4, 5, 6])) == 2
+    assert C._generic_page_get(ctrl, op, keys[:2], _indices([6, 7])) == 2
+    for s, d in ((2, 4), (3, 5), (0, 6), (1, 7)):
+        assert torch.equal(_page(dst, d), _page(src, s))
+    backend.close()
