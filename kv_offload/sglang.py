@@ -15,7 +15,8 @@ One block = one page of ``page_size`` tokens for every layer this rank holds, in
 layout. The fingerprint carries the model, the pool class and layout, the geometry, the dtype, the page
 size and the shard (TP rank and size; PP, attention CP and DCP parts when used), so each TP rank keeps
 its own heads and a change of any of these never serves stale bytes. MLA KV is replicated over TP ranks,
-so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write.
+so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write the disk copy
+(every rank keeps its own DRAM copy). With MLA and TP > 1, ``disk_dir`` must be one directory all ranks see.
 """
 
 from __future__ import annotations
@@ -183,10 +184,15 @@ class LongSeqHiCacheStorage(HiCacheStorage):
             offset += c.numel()
         return True
 
+    def _put(self, key: bytes, data: torch.Tensor) -> None:
+        """Every rank keeps its own DRAM copy (a replica rank's hit query must see the page too: SGLang takes
+        the minimum over ranks), but only storage writers write the disk copy (MLA: one per replicated page)."""
+        self._require_store().put(key, data, write_to_disk=self.storage_config.is_storage_writer)
+
     def _put_from(self, key: bytes, chunks: list[torch.Tensor]) -> None:
         data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, out=self._staging_buffer(
             sum(c.numel() for c in chunks)))
-        self._require_store().put(key, data)
+        self._put(key, data)
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
@@ -207,10 +213,7 @@ class LongSeqHiCacheStorage(HiCacheStorage):
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
-        """Store pages from the host pool at ``host_indices``. Non-writer MLA ranks report success without
-        writing (another rank writes the replicated page)."""
-        if not self.storage_config.is_storage_writer:
-            return [True] * len(keys)
+        """Store pages from the host pool at ``host_indices`` (DRAM tier now, disk in the background)."""
         page_size = self.mem_pool_host.page_size
         chunks = self._page_chunks(host_indices, len(keys))
         for i, key in enumerate(keys):
@@ -240,11 +243,9 @@ class LongSeqHiCacheStorage(HiCacheStorage):
 
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> bool:
-        if not self.storage_config.is_storage_writer:
-            return True
         if value is None:
             raise ValueError("longseq HiCache backend: set() needs the page tensor (value)")
-        self._require_store().put(key.encode(), value.contiguous())
+        self._put(key.encode(), value.contiguous())
         return True
 
     def batch_set(self, keys: List[str], values: Optional[Any] = None, target_locations: Optional[Any] = None,

@@ -200,10 +200,11 @@ class BlockStore:
         return buf
 
     # ---- inserts ----------------------------------------------------------------------------
-    def put(self, key: bytes, data: torch.Tensor) -> None:
+    def put(self, key: bytes, data: torch.Tensor, *, write_to_disk: bool = True) -> None:
         """Store a block: ``data`` is a contiguous tensor of any dtype/shape (CPU; a CUDA tensor is copied
         synchronously). The bytes are copied into the DRAM tier now and written through to disk in the
-        background. Re-putting a key already held only refreshes it (equal keys mean equal bytes)."""
+        background. Re-putting a key already held only refreshes it (equal keys mean equal bytes).
+        ``write_to_disk=False``: DRAM only (e.g. a replica rank whose peer writes the shared disk copy)."""
         key = _check_key(key)
         src = as_bytes(data)
         write_now = None
@@ -213,7 +214,7 @@ class BlockStore:
             if key in self._pending or self._dram.lookup(key) is not None:
                 return
             buf = self._insert_dram(key, src)
-            if self._disk is not None:
+            if self._disk is not None and write_to_disk:
                 if buf is None:  # too big for / no DRAM tier: keep a private copy for the writer
                     buf = src.to("cpu", copy=True)
                 if self._pending_bytes + buf.numel() > self._max_pending_bytes:

@@ -323,6 +323,9 @@ def test_dram_batch_copy_and_residency(tmp_path):
         assert torch.equal(outs[1], _block(1)) and torch.equal(outs[2], _block(2)) and not outs[0].any()
         s = store.stats(log_summary=False)
         assert (s.dram.hits, s.dram.misses, s.dram.bytes_read) == (2, 1, 2 * BLOCK_BYTES)
+        store.put(_key(7), _block(7), write_to_disk=False)  # DRAM only
+        store.flush()
+        assert store.in_dram(_key(7)) and not os.path.exists(store._disk.path_for(_key(7)))
 
 
 @pytest.mark.gpu
