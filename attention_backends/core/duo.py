@@ -14,7 +14,9 @@ repository): a folder with
       :attr:`DuoPattern.meta` and written back unchanged.
 
 Built-in patterns live in ``longseq/attention_backends/core/duo_patterns/<name>/`` (package data) and are
-loaded by name: ``load_duo_pattern("smollm2-135m-instruct")``.
+loaded by name: ``load_duo_pattern("smollm2-135m-instruct")``. The name ``random`` (or ``random:<seed>``, seed 0
+by default) is no file: :func:`rank_streaming_mask` builds :func:`random_pattern` for the model's shape, for
+shape-only benchmarks (dummy weights) and as the "random heads at the same sparsity" control.
 
 From a pattern to the heads that stream (:class:`StreamingHeadMask`): either ``sparsity`` (a fraction of
 ALL KV heads of the model, the lowest gates first) or ``threshold`` (gate below it streams).
@@ -315,6 +317,9 @@ class StreamingHeadMask:
         if pattern is None:
             if not config.duo_pattern:
                 raise LongSeqConfigError("duo mode needs LONGSEQ_DUO_PATTERN (a pattern folder or a built-in name)")
+            if random_pattern_seed(config.duo_pattern) is not None:
+                raise LongSeqConfigError(f"duo pattern {config.duo_pattern!r} is built for a model's shape: use "
+                                         "rank_streaming_mask(config, num_layers, num_kv_heads)")
             pattern = load_duo_pattern(config.duo_pattern)
         sparsity, threshold = config.duo_sparsity, config.duo_threshold
         if sparsity is None and threshold is None:
@@ -376,11 +381,29 @@ class StreamingHeadMask:
                                    kv_head_ids=tuple(self.kv_head_ids[c] for c in cols))
 
 
+RANDOM_PATTERN = "random"
+
+
+def random_pattern_seed(name: str | None) -> int | None:
+    """The seed of a ``random`` / ``random:<seed>`` pattern name, ``None`` for any other name."""
+    if not name or name.split(":", 1)[0] != RANDOM_PATTERN:
+        return None
+    _, _, seed = name.partition(":")
+    try:
+        return int(seed) if seed else 0
+    except ValueError:
+        raise LongSeqConfigError(f"LONGSEQ_DUO_PATTERN={name!r}: the seed of a random pattern must be an integer "
+                                 "(random or random:<seed>)") from None
+
+
 def rank_streaming_mask(config: LongSeqConfig, num_layers: int, num_kv_heads: int, tp_rank: int = 0,
                         tp_size: int = 1) -> StreamingHeadMask:
-    """The mask one tensor-parallel rank applies: loaded from ``config``, validated against the whole model
-    (``num_layers`` x ``num_kv_heads`` KV heads, before sharding: a clear start-up error otherwise), then
-    restricted to the KV heads this rank holds."""
-    mask = StreamingHeadMask.from_config(config)
+    """The mask one tensor-parallel rank applies: loaded from ``config`` (a ``random[:seed]`` pattern is built
+    for this shape, the same on every rank), validated against the whole model (``num_layers`` x
+    ``num_kv_heads`` KV heads, before sharding: a clear start-up error otherwise), then restricted to the KV
+    heads this rank holds."""
+    seed = random_pattern_seed(config.duo_pattern)
+    pattern = None if seed is None else random_pattern(num_layers, num_kv_heads, seed)
+    mask = StreamingHeadMask.from_config(config, pattern)
     mask.validate(num_layers, num_kv_heads)
     return mask.shard(tp_rank, tp_size) if tp_size > 1 else mask

@@ -9,6 +9,13 @@ index; decode queries (put first in the batch by ``reorder_batch_threshold = 1``
 through longseq's Triton kernels; prefill stays on FlashAttention. In a mixed batch FlashAttention runs over
 the whole batch and the decode rows are then overwritten by the sparse result (pure decode batches, the
 steady state and what CUDA graphs capture, never call FlashAttention).
+
+Duo mode (``LONGSEQ_ATTENTION=duo``): every row of every layer follows the layer's streaming-head mask (this
+rank's, :func:`duo_mask_for_this_rank`). Decode-only steps (what CUDA graphs capture): one launch of longseq's
+Triton DuoAttention kernel for all heads, split-K sized from shapes only, plus its merge. Steps with prefill
+rows: FlashAttention on the runs of consecutive retrieval KV heads (strided head views, causal over the whole
+context) and the Triton kernel on the streaming heads only, which visit sink + window tiles (prefill cost of
+a streaming head is O(T * (sink + recent)) instead of O(T^2)).
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, layer_index, sparse_decode
 from longseq.attention_backends.vllm.common import (
     BackendTrace,
     KVWriteHook,
     LongSeqStepInfo,
     current_model_dtype,
+    duo_mask_for_this_rank,
     validate_attention_layer,
 )
+from longseq.kernels.duo_attention.unified import default_num_splits, duo_paged_attention, retrieval_head_runs
 from longseq.plugin.config import SUPPORTED_HEAD_SIZES, LongSeqConfigError, get_config
 
 
@@ -61,9 +70,14 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = get_config()
         if config.attention == "duo":
-            raise LongSeqConfigError(
-                "longseq CUDA backend: LONGSEQ_ATTENTION=duo is not available on GPU yet (issue 4: its Triton kernel "
-                "is in progress); duo runs on vLLM's CPU engine (LONGSEQ_CPU=1) in this release")
+            duo_mask_for_this_rank(config, vllm_config)  # the pattern must fit the model: fail at start-up
+            # Each layer's duo tensors go to the GPU now (host-to-device copies), not in its first forward,
+            # which may run inside a CUDA-graph capture.
+            layers = vllm_config.compilation_config.static_forward_context
+            for name in layer_names:
+                impl = getattr(layers.get(name), "impl", None)
+                if isinstance(impl, LongSeqFlashImpl):
+                    impl._duo_for(layers[name], device)
         if config.attention == "sparse":
             SparseSettings.from_config(config).validate_layer(
                 block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
@@ -93,6 +107,8 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
         self.page_index: QuestPageIndex | None = None
         self._is_sparse_layer: bool | None = None  # known once the layer's name is seen
+        self.duo = duo_mask_for_this_rank(self.config) if self.config.attention == "duo" else None
+        self._duo_layer: DuoLayer | None = None  # built on the first forward (needs the layer's name, device)
 
     def _sparse_layer(self, layer) -> bool:
         if self._is_sparse_layer is None:
@@ -119,6 +135,11 @@ class LongSeqFlashImpl(FlashAttentionImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if self.duo is not None and attn_metadata is not None and self._duo_for(layer, query.device).num_streaming:
+            if output_scale is not None or output_block_scale is not None:
+                raise NotImplementedError("longseq duo: fused output quantization is not supported")
+            self._duo_forward(layer, query, kv_cache, attn_metadata, output)
+            return output
         if attn_metadata is None or not self._sparse_layer(layer):
             if attn_metadata is not None:
                 self.trace.record("forward_calls", getattr(layer, "layer_name", ""), attn_metadata.num_actual_tokens)
@@ -138,6 +159,84 @@ class LongSeqFlashImpl(FlashAttentionImpl):
             self.trace.counts["sparse_decode_calls"] += 1
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
         return output
+
+    def _duo_for(self, layer, device: torch.device) -> "DuoLayer":
+        """The layer's duo tensors. A layer without streaming heads is dense: it keeps vLLM's FlashAttention
+        path (same kernels, same schedule, so its rows match ``FLASH_ATTN`` exactly)."""
+        if self._duo_layer is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("longseq duo: layer tensors must be built before CUDA-graph capture (the "
+                                   "metadata builder does it for the layers it is given)")
+            self._duo_layer = DuoLayer.build(self.duo, getattr(layer, "layer_name", ""), device)
+        return self._duo_layer
+
+    def _duo_forward(self, layer, query, kv_cache, attn_metadata, output) -> None:
+        """DuoAttention for every row of the step (see the module docstring for the two paths)."""
+        step = attn_metadata.step
+        duo = self._duo_layer
+        t, nr = step.num_actual_tokens, step.num_reqs
+        q = query[:t].view(t, self.num_heads, self.head_size)
+        out = output[:t].view(t, self.num_heads, self.head_size)
+        key_cache, value_cache = self._key_value_caches(kv_cache)
+        args = (key_cache, value_cache, step.block_table[:nr], step.query_start_loc[: nr + 1], step.seq_lens[:nr],
+                duo.is_streaming, self.duo.sink_size, self.duo.recent_size, self.scale)
+        if step.max_query_len <= 1:  # decode only: one launch for both kinds, split-K over the long heads
+            splits = default_num_splits(nr, duo.num_retrieval, q.device) if duo.num_retrieval else 1
+            duo_paged_attention(q, *args, max_query_len=1, out=out, num_splits=splits)
+        else:
+            flash_retrieval_heads(q, key_cache, value_cache, out, duo.retrieval_runs, attn_metadata, self.scale,
+                                  self.vllm_flash_attn_version)
+            if duo.num_streaming:
+                duo_paged_attention(q, *args, max_query_len=step.max_query_len, out=out,
+                                    kv_heads=duo.streaming_heads, num_splits=1)
+        self.trace.counts["duo_calls"] += 1
+        self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+
+
+@dataclasses.dataclass
+class DuoLayer:
+    """One attention layer's DuoAttention tensors on the model's device (built once per layer).
+
+    Attributes:
+        is_streaming: ``[Hkv]`` int8 (this rank's KV heads).
+        streaming_heads: ``[n]`` int32 ids of the streaming KV heads.
+        retrieval_runs: ``[(lo, hi), ...]`` runs of consecutive retrieval KV heads (host side).
+        num_streaming, num_retrieval: head counts (host side: grid sizes stay fixed under CUDA graphs).
+    """
+
+    is_streaming: torch.Tensor
+    streaming_heads: torch.Tensor
+    retrieval_runs: list[tuple[int, int]]
+    num_streaming: int
+    num_retrieval: int
+
+    @classmethod
+    def build(cls, mask, layer_name: str, device: torch.device) -> "DuoLayer":
+        i = layer_index(layer_name)
+        if i is None:
+            raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {layer_name!r}")
+        flags = mask.for_layer(i).to(torch.bool)
+        heads = flags.nonzero().squeeze(1).to(torch.int32)
+        return cls(flags.to(device=device, dtype=torch.int8), heads.to(device), retrieval_head_runs(flags),
+                   int(flags.sum()), int((~flags).sum()))
+
+
+def flash_retrieval_heads(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
+                          runs: list[tuple[int, int]], meta, scale: float, fa_version: int | None) -> None:
+    """Causal FlashAttention over the whole context for the KV heads of ``runs`` (one call per run, on strided
+    head views of ``q``/caches/``out``: ``[T, Hq, D]``, ``[num_blocks, block_size, Hkv, D]``). ``meta`` gives
+    ``query_start_loc``, ``max_query_len``, ``seq_lens``, ``max_seq_len``, ``block_table`` and
+    ``max_num_splits`` (FlashAttention's metadata fields). vLLM's ahead-of-time schedule is for all heads, so
+    it is not passed (FlashAttention schedules each call itself)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    group = q.shape[1] // key_cache.shape[2]
+    for lo, hi in runs:
+        flash_attn_varlen_func(
+            q=q[:, lo * group : hi * group], k=key_cache[:, :, lo:hi], v=value_cache[:, :, lo:hi],
+            out=out[:, lo * group : hi * group], cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
+            seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=scale, causal=True,
+            block_table=meta.block_table, fa_version=fa_version, num_splits=getattr(meta, "max_num_splits", 0))
 
 
 class LongSeqFlashBackend(FlashAttentionBackend):
