@@ -62,7 +62,8 @@ class LongSeqConfig:
             exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
         duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
             authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
-            ``smollm2-135m-instruct``. Required when ``attention`` is ``duo``.
+            ``smollm2-135m-instruct``, or ``random`` / ``random:<seed>`` (random gates for the model's shape, built at
+            start-up: shape-only benchmarks). Required when ``attention`` is ``duo``.
         duo_sparsity: fraction of all KV heads made streaming, the lowest gates first (``LONGSEQ_DUO_SPARSITY``,
             in [0, 1]). Exclusive with ``duo_threshold``; when both are unset, duo mode uses sparsity 0.5.
         duo_threshold: KV heads whose gate is below this value stream (``LONGSEQ_DUO_THRESHOLD``, in [0, 1]).
