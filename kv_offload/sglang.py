@@ -15,8 +15,9 @@ One block = one page of ``page_size`` tokens for every layer this rank holds, in
 layout. The fingerprint carries the model, the pool class and layout, the geometry, the dtype, the page
 size and the shard (TP rank and size; PP, attention CP and DCP parts when used), so each TP rank keeps
 its own heads and a change of any of these never serves stale bytes. MLA KV is replicated over TP ranks,
-so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write the disk copy
-(every rank keeps its own DRAM copy). With MLA and TP > 1, ``disk_dir`` must be one directory all ranks see.
+so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write. SGLang backs
+pages up on the writer rank only and takes the minimum hit count over ranks, so MLA with TP > 1 needs
+``disk_dir`` (one directory every rank sees); a DRAM-only setup is refused at startup there.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class LongSeqHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
         self.storage_config = storage_config
         self.options = parse_extra_config(storage_config.extra_config)
+        if storage_config.is_mla_model and storage_config.tp_size > 1 and not self.options["disk_dir"]:
+            raise ValueError("longseq HiCache backend: an MLA model with TP > 1 needs disk_dir (a directory all "
+                             "ranks share): SGLang stores each page from one rank only, so a DRAM-only tier "
+                             "would never give the other ranks a hit")
         self.store: BlockStore | None = None
         self.fingerprint: KVFingerprint | None = None
         self._roots: list[tuple[int, int, torch.Tensor]] = []
@@ -185,8 +190,9 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         return True
 
     def _put(self, key: bytes, data: torch.Tensor) -> None:
-        """Every rank keeps its own DRAM copy (a replica rank's hit query must see the page too: SGLang takes
-        the minimum over ranks), but only storage writers write the disk copy (MLA: one per replicated page)."""
+        """Only storage writers write the disk copy (MLA: one per replicated page). SGLang already skips
+        backups on non-writer ranks (``HiCacheController.backup_skip``); if one is called anyway it stays in
+        that rank's DRAM."""
         self._require_store().put(key, data, write_to_disk=self.storage_config.is_storage_writer)
 
     def _put_from(self, key: bytes, chunks: list[torch.Tensor]) -> None:

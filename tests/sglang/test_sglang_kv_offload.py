@@ -239,20 +239,22 @@ def test_sglang_controller_page_functions_drive_the_backend(tmp_path):
     backend.close()
 
 
-def test_mla_replica_rank_keeps_dram_copy_but_only_writer_writes_disk(tmp_path):
+def test_mla_tp_ranks_share_the_writer_disk_copy(tmp_path):
+    from longseq.kv_offload.sglang import LongSeqHiCacheStorage
+
     pool = _pool("mla", seed=12)
     writer = _backend(_extra(tmp_path), pool, mla=True, tp_rank=0, tp_size=2)
-    replica = _backend(_extra(tmp_path), pool, mla=True, tp_rank=1, tp_size=2)
+    replica = _backend(_extra(tmp_path), _pool("mla", seed=13), mla=True, tp_rank=1, tp_size=2)
     assert writer.fingerprint == replica.fingerprint  # MLA KV is replicated: one shared copy on disk
     assert not replica.storage_config.is_storage_writer
-    replica.batch_set_v1(["m1"], _indices([0]))
-    replica.store.flush()
-    assert replica.batch_exists(["m1"]) == 1  # its own DRAM copy answers SGLang's per-rank hit query
-    assert writer.batch_exists(["m1"]) == 0  # nothing went to disk from the replica
     writer.batch_set_v1(["m1"], _indices([0]))
     writer.store.flush()
-    fresh_replica = _backend(_extra(tmp_path), _pool("mla", seed=13), mla=True, tp_rank=1, tp_size=2)
-    assert fresh_replica.batch_get_v1(["m1"], _indices([1])) == [True]  # the writer's disk copy
-    assert torch.equal(_page(fresh_replica.mem_pool_host, 1), _page(pool, 0))
-    for b in (writer, replica, fresh_replica):
+    assert replica.batch_exists(["m1"]) == 1 and replica.batch_get_v1(["m1"], _indices([1])) == [True]
+    assert torch.equal(_page(replica.mem_pool_host, 1), _page(pool, 0))
+    replica.batch_set_v1(["m2"], _indices([2]))  # SGLang skips this on replicas; if called, DRAM only
+    replica.store.flush()
+    assert replica.batch_exists(["m2"]) == 1 and writer.batch_exists(["m2"]) == 0
+    for b in (writer, replica):
         b.close()
+    with pytest.raises(ValueError, match="MLA model with TP > 1 needs disk_dir"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_dir=None), mla=True, tp_size=2))
