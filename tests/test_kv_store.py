@@ -227,6 +227,7 @@ def test_read_only_dir_still_serves_reads(tmp_path):
 
 def _server(root: str, seed: int, n: int, conn) -> None:
     """One 'server': writes n blocks (in its own order) and reads random earlier ones back."""
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     rnd = random.Random(seed)
     order = list(range(n))
     rnd.shuffle(order)
