@@ -16,7 +16,8 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
     hybrid       FA on the retrieval-head runs + the Triton kernel on the streaming heads (the backend's path)
     duo          the Triton kernel on all heads (``--variants`` only, and only up to 32K: slow by design)
 
-``--variants`` adds decode split counts / warps / stages of the duo kernel (``duo_s*``, ``duo_w8``, ``duo_st*``).
+``--variants`` adds decode split counts / warps / stages / key tiles of the duo kernel (``duo_s*``, ``duo_w8``,
+``duo_st*``, ``duo_t*``).
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
 
     python benchmarks/bench_duo_kernels.py                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
@@ -136,6 +137,8 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
             for s in (8, 16, 32, 64):
                 res[f"duo_s{s}"] = duo(mask, num_splits=s)
             res["duo_w8"] = duo(mask, num_warps=8)
+            for tn in (32, 128):
+                res[f"duo_t{tn}"] = duo(mask, tile_n=tn)
             for st in (2, 3, 4):
                 res[f"duo_st{st}"] = duo(mask, num_stages=st)
     elif args.variants and ctx <= 32768:

@@ -111,9 +111,10 @@ def test_bf16_mixed_batch():
     check(b.run(20, 24), b.ref(20, 24), torch.bfloat16)
 
 
-def test_streaming_heads_skip_tiles_outside_sink_and_window():
-    """NaN in the keys/values of tiles a streaming head must skip (64..255 for a query at 299 with sink 20,
-    recent 24): a kernel that visited them would turn NaN, even masked (0 * NaN)."""
+@pytest.mark.parametrize("tile_n", [None, 16])
+def test_streaming_heads_skip_tiles_outside_sink_and_window(tile_n):
+    """NaN in the keys/values of tiles a streaming head must skip (64..191 for queries at 250..299 with sink 20,
+    recent 24, 64- or 16-key tiles): a kernel that visited them would turn NaN, even masked (0 * NaN)."""
     b = Batch([(299, 1), (250, 2)], 8, 2, 64, seed=4)
     ref = b.ref(20, 24)
     pos = torch.arange(64, 192, device=DEV)  # skipped by both requests (second: queries at 250, 251)
@@ -123,8 +124,8 @@ def test_streaming_heads_skip_tiles_outside_sink_and_window():
         for h in heads.tolist():
             b.key_cache[blk, pos % 16, h] = float("nan")
             b.value_cache[blk, pos % 16, h] = float("nan")
-    check(b.run(20, 24), ref, torch.float32)
-    check(b.run(20, 24, num_splits=3), ref, torch.float32)
+    check(b.run(20, 24, tile_n=tile_n), ref, torch.float32)
+    check(b.run(20, 24, num_splits=3, tile_n=tile_n), ref, torch.float32)
 
 
 def test_subset_of_heads_leaves_other_rows():

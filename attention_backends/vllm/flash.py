@@ -182,7 +182,7 @@ class LongSeqFlashImpl(FlashAttentionImpl):
                 duo.is_streaming, self.duo.sink_size, self.duo.recent_size, self.scale)
         if step.max_query_len <= 1:  # decode only: one launch for both kinds, split-K over the long heads
             splits = default_num_splits(nr, duo.num_retrieval, q.device) if duo.num_retrieval else 1
-            duo_paged_attention(q, *args, max_query_len=1, out=out, num_splits=splits)
+            duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=duo.all_heads, num_splits=splits)
         else:
             flash_retrieval_heads(q, key_cache, value_cache, out, duo.retrieval_runs, attn_metadata, self.scale,
                                   self.vllm_flash_attn_version)
@@ -199,13 +199,14 @@ class DuoLayer:
 
     Attributes:
         is_streaming: ``[Hkv]`` int8 (this rank's KV heads).
-        streaming_heads: ``[n]`` int32 ids of the streaming KV heads.
+        streaming_heads: ``[n]`` int32 ids of the streaming KV heads; all_heads: ``[Hkv]`` int32 ``0..Hkv-1``.
         retrieval_runs: ``[(lo, hi), ...]`` runs of consecutive retrieval KV heads (host side).
         num_streaming, num_retrieval: head counts (host side: grid sizes stay fixed under CUDA graphs).
     """
 
     is_streaming: torch.Tensor
     streaming_heads: torch.Tensor
+    all_heads: torch.Tensor
     retrieval_runs: list[tuple[int, int]]
     num_streaming: int
     num_retrieval: int
@@ -217,7 +218,8 @@ class DuoLayer:
             raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {layer_name!r}")
         flags = mask.for_layer(i).to(torch.bool)
         heads = flags.nonzero().squeeze(1).to(torch.int32)
-        return cls(flags.to(device=device, dtype=torch.int8), heads.to(device), retrieval_head_runs(flags),
+        return cls(flags.to(device=device, dtype=torch.int8), heads.to(device),
+                   torch.arange(len(flags), dtype=torch.int32, device=device), retrieval_head_runs(flags),
                    int(flags.sum()), int((~flags).sum()))
 
 

@@ -200,7 +200,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
                         is_streaming: torch.Tensor, sink_size: int, recent_size: int, scale: float,
                         max_query_len: int, out: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
                         num_splits: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None) -> torch.Tensor:
+                        num_stages: int | None = None, tile_n: int | None = None) -> torch.Tensor:
     """DuoAttention for a batch of requests (prefill chunks and decodes, any mix) over a paged KV cache.
 
     Args:
@@ -218,7 +218,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         kv_heads: ``[n]`` int32 KV heads to compute (default: all).
         num_splits: split-K factor (default: 1 for prefill layouts, :func:`default_num_splits` over the
             retrieval heads for decode); needs ``kv_heads`` = all heads when > 1.
-        num_warps, num_stages: tuning.
+        num_warps, num_stages, tile_n (keys per tile, a power of two >= 16): tuning.
 
     Returns:
         ``out`` (allocated like ``query`` when not given).
@@ -237,7 +237,8 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     group = hq // hkv
     if kv_heads is None:
         kv_heads = torch.arange(hkv, dtype=torch.int32, device=query.device)
-    block_q, block_m, tile_n = block_shape(group, max_query_len, d)
+    block_q, block_m, default_tile = block_shape(group, max_query_len, d)
+    tile_n = tile_n or default_tile
     if num_splits is None:
         num_splits = 1 if max_query_len > 1 else default_num_splits(num_seqs, hkv, query.device)
     split = num_splits > 1
