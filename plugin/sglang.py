@@ -10,6 +10,8 @@ Usage:  ``python -m sglang.launch_server --model-path M --attention-backend long
         ``python -m sglang.launch_server --model-path M --attention-backend longseq_sparse --page-size 16``
         ``python -m sglang.launch_server --model-path M --attention-backend longseq_duo`` (``LONGSEQ_DUO_*``)
         (``sgl.Engine(..., attention_backend="longseq_dense")`` works the same way).
+        ``LONGSEQ_KDA=1 python -m sglang.launch_server --model-path moonshotai/Kimi-Linear-48B-A3B-Instruct ...``
+        (Kimi-Linear's KDA layers on longseq's kernels; any --attention-backend for its MLA layers)
 """
 
 from __future__ import annotations
@@ -83,9 +85,46 @@ def create_duo_backend(model_runner):
     return LongSeqDuoBackend(model_runner, config)
 
 
+#: SGLang's KDA (Kimi-Linear) linear-attention backend; its ``kernel_dispatcher`` picks the KDA kernels.
+KDA_BACKEND_INIT = "sglang.srt.layers.attention.linear.kda_backend.KDAAttnBackend.__init__"
+_kda_hooked = False
+
+
+def _install_kda_kernels_after_init(result, backend, model_runner, *args, **kwargs) -> None:
+    """``HookType.AFTER`` hook on ``KDAAttnBackend.__init__``: swap longseq's KDA kernels into the dispatcher it
+    just built. Hooked there rather than on ``KDAKernelDispatcher.__init__`` because the backend sees the state
+    pool, so unsupported shapes/dtypes stop the engine at start-up.
+
+    Raises:
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or the model's KDA shapes/state dtype are not
+            supported by our kernels.
+    """
+    if not get_config().kda:
+        return
+    from longseq.attention_backends.sglang.kda import install_kda_kernels
+
+    install_kda_kernels(backend.kernel_dispatcher, model_runner.req_to_token_pool.mamba_pool.mamba_cache.temporal)
+    logger.info("longseq: KDA decode/extend kernels -> longseq (LONGSEQ_KDA=1); verify stays SGLang's")
+
+
+def _register_kda_hook() -> None:
+    """Under ``LONGSEQ_KDA=1`` (or a config that does not parse: the hook then raises its error at start-up of a
+    KDA model), hook SGLang's KDA backend so it runs our kernels. ``load_plugins`` applies the hook."""
+    global _kda_hooked
+    try:
+        wanted = get_config().kda
+    except LongSeqConfigError:
+        wanted = True
+    if wanted and not _kda_hooked:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        HookRegistry.register(KDA_BACKEND_INIT, _install_kda_kernels_after_init, HookType.AFTER)
+        _kda_hooked = True
+
+
 def register() -> None:
     """Register ``longseq_dense``, ``longseq_sparse`` and ``longseq_duo`` with SGLang's attention registry and
-    CLI choices.
+    CLI choices, and (``LONGSEQ_KDA=1``) longseq's KDA kernels through a hook on SGLang's KDA backend.
 
     Safe to call repeatedly."""
     global _checked
@@ -105,3 +144,4 @@ def register() -> None:
         register_attention_backend(name)(factory)
         if name not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
             add_attention_backend_choices([name])
+    _register_kda_hook()

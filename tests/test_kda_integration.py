@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
+import pkgutil
 import sys
 import types
 
@@ -24,44 +24,18 @@ from longseq.plugin.config import LongSeqConfig, LongSeqConfigError
 from longseq.plugin.versions import LongSeqVersionError
 
 triton = pytest.importorskip("triton")
-CUDA = torch.cuda.is_available()
+from triton_interp import import_kernels, interpreter_env  # noqa: E402
+
 LAYER = kda_compat.VLLM_KDA_LAYER_CLASS
 
 
-def _import_kda_kernels():
-    """``longseq.kernels.kda``, its kernels interpreted when there is no GPU (``triton.jit`` decides at decoration
-    time, so modules decorated without the interpreter are re-executed in place)."""
-    if CUDA:
-        return importlib.import_module("longseq.kernels.kda")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(tl.standard.max, InterpretedFunction):
-            importlib.reload(tl.standard)
-            importlib.reload(tl)
-        pkg = importlib.import_module("longseq.kernels.kda")
-        subs = sorted(n for n in sys.modules if n.startswith("longseq.kernels.kda."))
-        for name in subs + subs:  # twice: the 2nd pass rebinds names a module imported from a not-yet-reloaded one
-            importlib.reload(sys.modules[name])
-        return importlib.reload(pkg)
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-kk = _import_kda_kernels()
+# Every kernel module twice: the 2nd pass rebinds names a module imported from one not yet re-imported.
+_KDA_MODULES = [f"longseq.kernels.kda.{m.name}" for m in pkgutil.iter_modules(
+    importlib.import_module("longseq.kernels.kda").__path__)]
+kk = import_kernels(*_KDA_MODULES, *_KDA_MODULES, "longseq.kernels.kda")[-1]
 from longseq.kernels.kda.naive import l2norm  # noqa: E402
 
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    if not CUDA:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+_interpreter = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 
 
 @pytest.fixture
@@ -299,5 +273,5 @@ def _run_layer(api, lower_bound, monkeypatch):
 
 
 @pytest.mark.parametrize("api,lower_bound", [("split_qkv", None), ("packed_qkv", None), ("packed_qkv", -3.0)])
-def test_layer_forward_matches_naive_kda(api, lower_bound, interpreter, monkeypatch):
+def test_layer_forward_matches_naive_kda(api, lower_bound, monkeypatch):
     _run_layer(api, lower_bound, monkeypatch)
