@@ -20,7 +20,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,13 +79,9 @@ def run_engine(args, label: str, env: dict) -> dict:
            "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens),
            "--repeats", str(args.repeats), "--max-model-len", str(args.max_model_len),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
-        line + "\n" for line in proc.stderr.splitlines() if line.startswith("[")))
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{label} engine failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    from benchmarks.common import run_child
+
+    return run_child(cmd, env, label)
 
 
 def parse_args(argv=None):
