@@ -24,37 +24,62 @@ def default_pin_memory() -> bool:
     return torch.cuda.is_available()
 
 
-class HostBufferAllocator:
-    """Allocates flat ``uint8`` host buffers, pinned if asked, and keeps a few freed ones per size for reuse.
+SLAB_BYTES = 64 << 20
 
-    Pinned allocation (``cudaHostAlloc``) costs milliseconds and serializes with the GPU, so evicted blocks'
-    buffers are recycled: KV blocks of one model all have the same size, so almost every insert after the
-    tier fills reuses a buffer. ``max_free_bytes`` bounds what is kept idle.
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class HostBufferAllocator:
+    """Flat ``uint8`` host buffers for blocks, pinned if asked, recycled after eviction.
+
+    Pinned allocation (``cudaHostAlloc``) costs milliseconds and serializes with the GPU, and torch's
+    caching host allocator rounds every pinned request up to a power of two (a 2.3 MiB block would hold
+    4 MiB). So pinned buffers are carved from power-of-two slabs (``slab_bytes``, default 64 MiB or the
+    tier size if smaller) into exact-size pieces that are recycled forever: pinned memory held =
+    the peak bytes in use + at most one partly carved slab per block size (``pinned_bytes``).
+    Pageable buffers come from the normal allocator; ``max_free_bytes`` of freed ones are kept for reuse.
     """
 
-    def __init__(self, pin_memory: bool, max_free_bytes: int) -> None:
+    def __init__(self, pin_memory: bool, max_free_bytes: int, use_slabs: bool | None = None,
+                 slab_bytes: int = SLAB_BYTES) -> None:
         self.pin_memory = pin_memory
+        self.use_slabs = pin_memory if use_slabs is None else use_slabs
+        self.slab_bytes = _pow2_ceil(max(1, slab_bytes))
         self.max_free_bytes = max_free_bytes
+        self.pinned_bytes = 0  # total size of the slabs (pinned memory held)
         self._free: dict[int, list[torch.Tensor]] = {}
         self._free_bytes = 0
 
     def alloc(self, nbytes: int) -> torch.Tensor:
         bucket = self._free.get(nbytes)
         if bucket:
-            self._free_bytes -= nbytes
+            if not self.use_slabs:
+                self._free_bytes -= nbytes
             return bucket.pop()
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        if not self.use_slabs:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        slab_size = max(self.slab_bytes, _pow2_ceil(nbytes))  # a power of two: nothing lost to rounding
+        slab = torch.empty(slab_size, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.pinned_bytes += slab_size
+        pieces = [slab[k * nbytes:(k + 1) * nbytes] for k in range(slab_size // nbytes)]
+        self._free[nbytes] = pieces[::-1][:-1]  # each piece keeps the slab alive
+        return pieces[0]
 
     def release(self, buf: torch.Tensor) -> None:
         """Give a buffer back. The caller guarantees nobody else still reads it."""
         n = buf.numel()
-        if self._free_bytes + n <= self.max_free_bytes:
+        if self.use_slabs:  # slab pieces are never given back to torch: the slab stays pinned anyway
+            self._free.setdefault(n, []).append(buf)
+        elif self._free_bytes + n <= self.max_free_bytes:
             self._free.setdefault(n, []).append(buf)
             self._free_bytes += n
 
     def clear(self) -> None:
         self._free.clear()
         self._free_bytes = 0
+        self.pinned_bytes = 0
 
 
 class DramTier:
@@ -70,14 +95,20 @@ class DramTier:
         self.used_bytes = 0
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._can_recycle = can_recycle
-        # Keep at most ~1/16 of the tier (or 64 MiB) idle for reuse.
-        self.allocator = HostBufferAllocator(pin_memory, max_free_bytes=min(self.capacity_bytes // 16, 64 << 20))
+        # Pageable: keep at most ~1/16 of the tier (or 64 MiB) idle for reuse. Pinned: slabs no larger
+        # than the tier itself.
+        self.allocator = HostBufferAllocator(pin_memory, max_free_bytes=min(self.capacity_bytes // 16, 64 << 20),
+                                             slab_bytes=min(SLAB_BYTES, max(1, self.capacity_bytes)))
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
+
+    def holds(self, key: bytes, buf: torch.Tensor) -> bool:
+        """``buf`` is the buffer stored for ``key`` (no LRU update)."""
+        return self._blocks.get(key) is buf
 
     def lookup(self, key: bytes) -> torch.Tensor | None:
         buf = self._blocks.get(key)

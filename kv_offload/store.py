@@ -74,6 +74,7 @@ class BlockStore:
         self._idle = threading.Condition(self._lock)
         self._pending: dict[bytes, torch.Tensor] = {}  # key -> bytes waiting for the disk writer
         self._pending_bytes = 0
+        self._pending_dram_owned: set[bytes] = set()  # pending keys whose buffer came from the DRAM allocator
         self._max_pending_bytes = int(max_pending_write_gib * GIB)
         self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
         self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync) \
@@ -217,6 +218,8 @@ class BlockStore:
             if self._disk is not None and write_to_disk:
                 if buf is None:  # too big for / no DRAM tier: keep a private copy for the writer
                     buf = src.to("cpu", copy=True)
+                else:
+                    self._pending_dram_owned.add(key)
                 if self._pending_bytes + buf.numel() > self._max_pending_bytes:
                     self._rec.add("dropped_writes")
                 else:
@@ -252,6 +255,10 @@ class BlockStore:
             with self._lock:
                 if self._pending.pop(key, None) is not None:
                     self._pending_bytes -= buf.numel()
+                if key in self._pending_dram_owned:
+                    self._pending_dram_owned.discard(key)
+                    if not self._dram.holds(key, buf):  # evicted while queued: recycle it now
+                        self._dram.allocator.release(buf)
                 self._idle.notify_all()
 
     def _writer_loop(self) -> None:

@@ -336,12 +336,14 @@ def test_pinned_dram_tier_with_cuda_tensors(tmp_path):
     assert torch.cuda.is_available(), "this test runs on the GPU machine"
     dev = torch.device("cuda")
     cap = 4 * BLOCK_BYTES / (1 << 30)
-    with BlockStore(FP, cpu_gib=cap, disk_dir=str(tmp_path), disk_gib=0.01) as store:
+    # synchronous disk writes: an evicted buffer is never still queued, so the one slab is always enough
+    with BlockStore(FP, cpu_gib=cap, disk_dir=str(tmp_path), disk_gib=0.01, async_disk_writes=False) as store:
         assert store.pin_memory
         blocks = [_block(i).to(dev) for i in range(8)]
         for i, b in enumerate(blocks):
             store.put(_key(i), b)
         assert all(buf.is_pinned() for buf in store._dram._blocks.values())
+        assert store._dram.allocator.pinned_bytes == 4 * BLOCK_BYTES  # one exact slab, pieces recycled
         stage = torch.zeros((4, *BLOCK_SHAPE), dtype=torch.bfloat16, device=dev)
         keys = [_key(i) for i in range(4, 8)]
         assert store.get_dram_batch(keys, list(stage), synchronize=torch.cuda.current_stream().synchronize) == \
@@ -350,3 +352,44 @@ def test_pinned_dram_tier_with_cuda_tensors(tmp_path):
         store.flush()
         host = torch.empty(BLOCK_SHAPE, dtype=torch.bfloat16, pin_memory=True)
         assert torch.equal(store.get(_key(0), out=host).to(dev), blocks[0])  # evicted: from disk
+
+
+def test_slab_allocator_exact_pieces_and_reuse():
+    """Pinned mode carves exact-size pieces from power-of-two slabs (torch's pinned allocator would round each
+    block up to a power of two). The carving runs the same with pageable memory, so it is tested on CPU."""
+    from longseq.kv_offload.dram import HostBufferAllocator
+
+    alloc = HostBufferAllocator(pin_memory=False, max_free_bytes=0, use_slabs=True, slab_bytes=8192)
+    pieces = [alloc.alloc(3000) for _ in range(4)]  # 2 pieces per 8 KiB slab
+    assert alloc.pinned_bytes == 2 * 8192 and all(p.numel() == 3000 for p in pieces)
+    for i, p in enumerate(pieces):
+        p.fill_(i)
+    assert [int(p[0]) for p in pieces] == [0, 1, 2, 3] and [int(p[-1]) for p in pieces] == [0, 1, 2, 3]
+    alloc.release(pieces[3])
+    again = alloc.alloc(3000)
+    assert again.data_ptr() == pieces[3].data_ptr() and alloc.pinned_bytes == 2 * 8192  # reused, no new slab
+    big = alloc.alloc(10000)  # larger than a slab: its own power-of-two slab
+    assert big.numel() == 10000 and alloc.pinned_bytes == 2 * 8192 + 16384
+
+
+def test_buffers_evicted_while_queued_for_disk_are_recycled(tmp_path, monkeypatch):
+    """A block evicted from DRAM before the writer wrote it keeps its buffer until written; then the buffer
+    goes back to the allocator (with pinned slabs, a lost piece would be pinned memory leaked for good)."""
+    from longseq.kv_offload.dram import HostBufferAllocator
+
+    with BlockStore(FP, cpu_gib=2 * BLOCK_BYTES / (1 << 30), disk_dir=str(tmp_path), disk_gib=0.1) as store:
+        store._dram.allocator = HostBufferAllocator(False, 0, use_slabs=True, slab_bytes=4 * BLOCK_BYTES)
+        real_write = disk.write_atomic
+        gate = __import__("threading").Event()
+        monkeypatch.setattr(disk, "write_atomic", lambda *a, **k: (gate.wait(10), real_write(*a, **k)))
+        for i in range(12):  # all 12 queued (writer blocked), 10 of them evicted from DRAM meanwhile
+            store.put(_key(i), _block(i))
+        held = store._dram.allocator.pinned_bytes
+        assert held == 3 * 4 * BLOCK_BYTES  # 12 live buffers: 2 in DRAM + 10 only in the write queue
+        gate.set()
+        store.flush()
+        for i in range(12, 24):  # the 10 recycled pieces serve the next blocks: no new slab
+            store.put(_key(i), _block(i))
+        store.flush()
+        assert store._dram.allocator.pinned_bytes == held
+        assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(24))
