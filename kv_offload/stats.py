@@ -49,6 +49,7 @@ class StoreStats:
     dropped_writes: int = 0
     dram_bytes: int = 0
     dram_blocks: int = 0
+    dram_pinned_bytes: int = 0  # pinned slabs held (>= dram_bytes: includes recycled, not yet used pieces)
     disk_bytes: int = 0
 
     @property
@@ -69,7 +70,8 @@ class StoreStats:
             parts.append(f"{name}: {t.hits} hit/{t.misses} miss, read {t.bytes_read / 2**20:.1f} MiB"
                          f" @ {t.read_gbps:.2f} GB/s, wrote {t.bytes_written / 2**20:.1f} MiB"
                          f" @ {t.write_gbps:.2f} GB/s, {t.evictions} evicted")
-        parts.append(f"dram holds {self.dram_blocks} blocks {self.dram_bytes / 2**20:.1f} MiB,"
+        pinned = f" (pinned slabs {self.dram_pinned_bytes / 2**20:.1f} MiB)" if self.dram_pinned_bytes else ""
+        parts.append(f"dram holds {self.dram_blocks} blocks {self.dram_bytes / 2**20:.1f} MiB{pinned},"
                      f" disk ~{self.disk_bytes / 2**20:.1f} MiB")
         parts.append(f"corrupt {self.corrupt_blocks}, read errors {self.read_errors},"
                      f" write errors {self.write_errors}, dropped writes {self.dropped_writes}")

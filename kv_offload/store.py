@@ -280,7 +280,8 @@ class BlockStore:
     def stats(self, log_summary: bool = True) -> StoreStats:
         """Snapshot of the counters; also logs the one-line summary (INFO) unless ``log_summary=False``."""
         with self._lock:
-            gauges = dict(dram_bytes=self._dram.used_bytes, dram_blocks=len(self._dram))
+            gauges = dict(dram_bytes=self._dram.used_bytes, dram_blocks=len(self._dram),
+                          dram_pinned_bytes=self._dram.allocator.pinned_bytes if self.pin_memory else 0)
         gauges["disk_bytes"] = self._disk.usage_bytes if self._disk is not None else 0
         snap = self._rec.snapshot(**gauges)
         if log_summary:
