@@ -124,9 +124,10 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         self._roots = _pool_roots(mem_pool_host)
         try:
-            ptrs, sizes = mem_pool_host.get_page_buffer_meta(torch.arange(mem_pool_host.page_size))
+            tokens = getattr(mem_pool_host, "logical_page_size", mem_pool_host.page_size)  # DCP: widened page
+            ptrs, sizes = mem_pool_host.get_page_buffer_meta(torch.arange(tokens))
             self.page_nbytes = int(sum(sizes))
-        except (NotImplementedError, ValueError, AttributeError):
+        except (NotImplementedError, ValueError, AttributeError, AssertionError):
             self.page_nbytes = mem_pool_host.get_dummy_flat_data_page().nbytes
         self.fingerprint = sglang_fingerprint(self.storage_config, mem_pool_host, self.page_nbytes)
         if self.store is not None:
@@ -157,7 +158,7 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         2 x layers pieces for layer_first), or None when the pool gives no pointers we can map."""
         try:
             ptrs, sizes = self.mem_pool_host.get_page_buffer_meta(host_indices)
-        except (NotImplementedError, ValueError, AttributeError):
+        except (NotImplementedError, ValueError, AttributeError, AssertionError):
             return None
         if n_pages == 0 or len(ptrs) % n_pages:
             return None
