@@ -51,3 +51,18 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
 
 def command_line() -> str:
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def run_child(cmd: list[str], env: dict, label: str) -> dict:
+    """Run a benchmark child process (a fresh engine) that prints ``RESULT <json>``; return that JSON.
+
+    Its ``[...]`` progress lines on stderr are echoed; on failure the stderr tail is shown and we exit."""
+    import tempfile
+
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
+        line + "\n" for line in proc.stderr.splitlines() if line.startswith("[")))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{label} run failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT "):])

@@ -185,7 +185,9 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         worker = OffloadWorker(caches, self._kv_cache_config.num_blocks)
         fp = fingerprint_for(self._vllm_config, worker, self.block_size)
         store = BlockStore(fp, cpu_gib=self.cfg["cpu_gib"], disk_dir=self.cfg["disk_dir"],
-                           disk_gib=self.cfg["disk_gib"] if self.cfg["disk_dir"] else 0.0)
+                           disk_gib=self.cfg["disk_gib"] if self.cfg["disk_dir"] else 0.0,
+                           # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
+                           max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]))
         worker.attach(store)
         self._engine = _ENGINES[self.engine_id] = _Engine(store, worker, self.cfg["stats_path"])
         log.info("%s: %d layers, page %s %s on %s, %.1f KiB per block; fingerprint %s", CONNECTOR_NAME,
@@ -247,7 +249,9 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         if not self.do_load:
             self._scheduler().track(request)  # still tracked, for saving
             return 0, False
-        return self._scheduler().num_new_matched_tokens(request, num_computed_tokens), False
+        n = self._scheduler().num_new_matched_tokens(request, num_computed_tokens)
+        _ENGINES[self.engine_id].write_stats()  # hits, misses and failed checks are visible right away
+        return n, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens > 0:

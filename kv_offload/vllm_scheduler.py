@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ from .store import BlockStore
 log = logging.getLogger("longseq.kv_offload")
 
 KEY_BYTES = 16
+#: Threads reading disk blocks when a request's prefix is found on disk.
+READ_THREADS = 8
 
 
 def chain_keys(token_ids, block_size: int, num_blocks: int, seed: bytes, prev: list[bytes] | None = None) -> list[bytes]:
@@ -82,6 +85,7 @@ class OffloadScheduler:
         self.reqs: dict[str, ReqState] = {}
         self.pending_loads: list[BlockTransfer] = []
         self.lookups = self.hit_tokens = self.miss_tokens = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def track(self, request) -> None:
         self._state(request)
@@ -118,16 +122,25 @@ class OffloadScheduler:
         keys = self._keys(st, max_blocks)
         self.lookups += 1
         present = first + self.store.count_prefix_hits(keys[first:])
-        hits = first
-        for key in keys[first:present]:
-            if not dram_resident(self.store, key) and self.store.get(key) is None:
-                break  # failed a check (counted and logged by the store): recompute from here
-            hits += 1
+        ok = self._verify(keys[first:present])
+        hits = first + (ok.index(False) if False in ok else len(ok))  # a failed block: recompute from there
         st.local_computed, st.hit_blocks = num_computed_tokens, hits
         new_tokens = max(0, hits * self.block_size - num_computed_tokens)
         self.hit_tokens += new_tokens
         self.miss_tokens += max(0, request.num_tokens - num_computed_tokens - new_tokens)
         return new_tokens
+
+    def _verify(self, keys: list[bytes]) -> list[bool]:
+        """Whether each block is usable now. DRAM blocks are; disk blocks are read (checksum) and promoted into
+        DRAM, several at once (file reads and crc32 release the GIL) since this is the disk tier's whole cost."""
+        on_disk = [k for k in keys if not dram_resident(self.store, k)]
+        if len(on_disk) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
+            got = dict(zip(on_disk, self._pool.map(lambda k: self.store.get(k) is not None, on_disk)))
+        else:
+            got = {k: self.store.get(k) is not None for k in on_disk}
+        return [got.get(k, True) for k in keys]
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
         st = self.reqs.get(request.request_id)

@@ -299,3 +299,28 @@ def test_scheduler_counts_verified_prefix_hits_and_saves_each_full_block_once(tm
     assert [(t.block_ids, t.keys) for t in saves] == [([11], chain_keys(tokens, 16, 5, request_seed(req))[4:])]
     assert sch.finished(req) is True and sch.finished(_request("never-seen", tokens)) is False
     store.close()
+
+
+def test_scheduler_stops_counting_at_a_corrupt_disk_block(tmp_path):
+    import torch
+
+    from longseq.kv_offload.vllm_scheduler import OffloadScheduler, chain_keys, request_seed
+
+    tokens = list(range(500, 500 + 100))  # 6 full blocks
+    keys = chain_keys(tokens, 16, 6, request_seed(_request("x", [])))
+    with _store(tmp_path) as writer:
+        for k in keys:
+            writer.put(k, torch.randint(0, 255, (4096,), dtype=torch.uint8))
+        writer.flush()
+        fp = writer.fingerprint
+    bad = block_path(str(tmp_path), fp, keys[3])
+    with open(bad, "r+b") as f:  # flip one payload byte: the header still looks fine
+        f.seek(-10, 2)
+        b = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([b[0] ^ 1]))
+    with _store(tmp_path) as reader:  # a new process: empty DRAM tier, same dir
+        sch = OffloadScheduler(reader, block_size=16)
+        assert sch.num_new_matched_tokens(_request("a", tokens), 0) == 3 * 16  # blocks 0-2 read and verified
+        s = reader.stats(log_summary=False)
+        assert s.corrupt_blocks == 1 and s.disk.hits >= 3

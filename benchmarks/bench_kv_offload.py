@@ -1,0 +1,261 @@
+"""TTFT when a long prompt's KV comes back from longseq's offload connector (DRAM / disk) vs recomputing it,
+vs a GPU prefix hit, vs vLLM's native ``OffloadingConnector``; pinned H2D bandwidth; TPOT with the connector
+on and no hits vs off. All in one invocation, one engine process per configuration (vLLM 0.26, GPU).
+
+Model: Llama-3.1-8B shape with dummy weights (``benchmarks/bench_vllm_decode.py``'s shape model), bf16,
+prefix caching on, engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the child can reach the
+connector's store). Per context (random token prompt):
+  recompute  first run of the prompt (TTFT = wall time of ``generate(max_tokens=1)``)
+  gpu_hit    the same prompt again (vLLM's GPU prefix cache)
+  dram       ``reset_prefix_cache()`` then again: the prefix comes from the connector's CPU tier
+  disk       (ours) the DRAM tier emptied and the block files dropped from the page cache
+             (``posix_fadvise(DONTNEED)``), then again: the prefix comes from the disk files
+Each state is repeated ``--repeats`` times (median). The disk's own read speed is measured on the same
+block files (cold, after DONTNEED). TPOT: a fresh 1K prompt, (t(1+N) - t(1)) / N, connector vs none.
+
+    python benchmarks/bench_kv_offload.py            # full (~3 min on an H200)
+    python benchmarks/bench_kv_offload.py --quick    # 2K context, 1 repeat (smoke test)
+Writes benchmarks/results/kv_offload.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()  # give the GPU memory back before vLLM sizes its KV cache
+    return nbytes / statistics.median(times) / 1e9
+
+
+def drop_page_cache(paths: list[str]) -> None:
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+
+def disk_read_gbps(paths: list[str]) -> float:
+    """Cold sequential read of the block files (after DONTNEED): the disk's own speed."""
+    drop_page_cache(paths)
+    t, n = time.perf_counter(), 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while chunk := f.read(8 << 20):
+                n += len(chunk)
+    return n / max(time.perf_counter() - t, 1e-9) / 1e9
+
+
+def child(args) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
+              max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
+              max_num_seqs=4)
+    disk_dir = None
+    if args.config == "ours":
+        disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=args.disk_parent)
+        kw["kv_transfer_config"] = {"kv_connector": "LongSeqOffloadConnector",
+                                    "kv_connector_module_path": "longseq.kv_offload.vllm", "kv_role": "kv_both",
+                                    "kv_connector_extra_config": {"cpu_gib": args.cpu_gib, "disk_dir": disk_dir,
+                                                                  "disk_gib": args.cpu_gib * 2}}
+    elif args.config == "native":
+        kw["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                                    "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}
+    out = {"config": args.config, "h2d_pinned_gbps": pinned_h2d_gbps(), "rows": []}
+    llm = LLM(**kw)
+    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+
+    def ttft(prompt) -> float:
+        t = time.perf_counter()
+        llm.generate([prompt], one, use_tqdm=False)
+        return time.perf_counter() - t
+
+    def engine():
+        from longseq.kv_offload import vllm as conn
+
+        (eng,) = conn._ENGINES.values()
+        return eng
+
+    def settle() -> None:
+        """Finish async saves/stores, let a step run (it reports finished saves, so vLLM frees the pages it
+        held for them), then drop the GPU prefix cache; raises if vLLM could not drop it."""
+        if args.config == "ours":
+            engine().worker.drain(timeout=120)
+        else:
+            time.sleep(1.0)
+        for _ in range(20):
+            llm.generate([TokensPrompt(prompt_token_ids=[11, 12, 13])], one, use_tqdm=False)
+            if llm.reset_prefix_cache():
+                return
+            time.sleep(0.2)
+        raise RuntimeError("reset_prefix_cache() kept failing: pages are still held")
+
+    rng = random.Random(1)
+    ttft(TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(256)]))  # warm-up
+    for ctx in args.contexts:
+        prompt = TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
+        row = {"context": ctx, "recompute_s": ttft(prompt)}
+        row["gpu_hit_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
+        if args.config != "plain":
+            dram = []
+            for _ in range(args.repeats):
+                settle()
+                c0 = dict(engine().worker.counters) if args.config == "ours" else {}
+                dram.append(ttft(prompt))
+                if args.config == "ours":
+                    c1 = engine().worker.counters
+                    row["loaded_bytes"] = c1["load_bytes"] - c0["load_bytes"]
+                    row["loaded_tokens"] = c1["loaded_tokens"] - c0["loaded_tokens"]
+                    row["load_copy_s"] = c1["load_seconds"] - c0["load_seconds"]
+            row["dram_s"] = statistics.median(dram)
+        if args.config == "ours":
+            eng = engine()
+            eng.worker.drain(timeout=120)
+            files = glob.glob(os.path.join(disk_dir, "blocks", "**", "*.kvb"), recursive=True)
+            row["disk_read_gbps"] = disk_read_gbps(files)
+            disk, t_load = [], []
+            for _ in range(args.repeats):
+                settle()
+                with eng.store._lock:
+                    eng.store._dram.clear()  # the DRAM tier "lost" (as after a restart); disk files remain
+                drop_page_cache(files)
+                s0 = eng.worker.counters["load_seconds"]
+                disk.append(ttft(prompt))
+                t_load.append(eng.worker.counters["load_seconds"] - s0)
+            row["disk_load_copy_s"] = statistics.median(t_load)
+            row["disk_s"] = statistics.median(disk)
+        out["rows"].append(row)
+        print(f"[{args.config}] {json.dumps(row)}", file=sys.stderr, flush=True)
+    # TPOT, no hits: a fresh prompt each repeat.
+    many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+    t1, tn = [], []
+    for _ in range(args.repeats + 1):
+        p = TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(1024)])
+        t = time.perf_counter()
+        llm.generate([p], one, use_tqdm=False)
+        t1.append(time.perf_counter() - t)
+        p = TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(1024)])
+        t = time.perf_counter()
+        llm.generate([p], many, use_tqdm=False)
+        tn.append(time.perf_counter() - t)
+    out["tpot_ms"] = (statistics.median(tn[1:]) - statistics.median(t1[1:])) / args.decode_tokens * 1e3
+    if args.config == "ours":
+        out["connector_stats"] = engine().stats()
+        shutil.rmtree(disk_dir, ignore_errors=True)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_config(args, config: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", config, "--model-dir", args.model_dir,
+           "--contexts", ",".join(map(str, args.contexts)), "--repeats", str(args.repeats),
+           "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+           "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)]
+    if args.disk_parent:
+        cmd += ["--disk-parent", args.disk_parent]
+    from benchmarks.common import run_child
+
+    return run_child(cmd, {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="2K context, 1 repeat, 32 decode tokens")
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--tokenizer-from", default=os.environ.get("LONGSEQ_TEST_MODEL"))
+    p.add_argument("--max-model-len", type=int, default=40960)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    p.add_argument("--cpu-gib", type=float, default=16.0, help="CPU tier of both connectors (GiB)")
+    p.add_argument("--disk-parent", default=None, help="folder for the disk tier (default: the temp dir)")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.contexts, args.repeats, args.decode_tokens = [2048], 1, 32
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    from benchmarks.common import command_line, environment, write_result
+
+    if args.model_dir is None:
+        from longseq.models.shapes import write_shape_model
+
+        args.model_dir = os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
+        write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
+                          max_model_len=args.max_model_len)
+    res = {c: run_config(args, c) for c in ("plain", "native", "ours")}
+    table = []
+    for p, n, o in zip(res["plain"]["rows"], res["native"]["rows"], res["ours"]["rows"]):
+        h2d = res["ours"]["h2d_pinned_gbps"]
+        # Reload bandwidth: bytes the connector copied into the KV cache / its copy time (store -> device).
+        reload_gbps = o.get("loaded_bytes", 0) / max(o.get("load_copy_s", 0), 1e-9) / 1e9
+        table.append({"context": p["context"], "recompute_s": p["recompute_s"], "gpu_hit_s": p["gpu_hit_s"],
+                      "native_dram_s": n["dram_s"], "ours_dram_s": o["dram_s"], "ours_disk_s": o["disk_s"],
+                      "dram_speedup_vs_recompute": p["recompute_s"] / o["dram_s"],
+                      "disk_speedup_vs_recompute": p["recompute_s"] / o["disk_s"],
+                      "ours_vs_native_dram": n["dram_s"] / o["dram_s"],
+                      "reload_gbps": reload_gbps, "loaded_tokens": o.get("loaded_tokens"), "reload_fraction_of_h2d": reload_gbps / h2d,
+                      "disk_read_gbps": o["disk_read_gbps"]})
+    tpot_ratio = res["ours"]["tpot_ms"] / res["plain"]["tpot_ms"]
+    path = write_result("kv_offload", {
+        "benchmark": "kv_offload", "command": command_line(), "env": environment(),
+        "inputs": {"shape": args.shape, "contexts": args.contexts, "repeats": args.repeats, "cpu_gib": args.cpu_gib,
+                   "decode_tokens": args.decode_tokens, "quick": args.quick},
+        "h2d_pinned_gbps": res["ours"]["h2d_pinned_gbps"], "runs": res, "table": table,
+        "tpot_ms": {"plain": res["plain"]["tpot_ms"], "ours_no_hits": res["ours"]["tpot_ms"],
+                    "native_no_hits": res["native"]["tpot_ms"]}, "tpot_ratio": tpot_ratio})
+    print(f"pinned H2D {res['ours']['h2d_pinned_gbps']:.1f} GB/s; TPOT ours/plain {tpot_ratio:.3f} "
+          f"({res['ours']['tpot_ms']:.2f} / {res['plain']['tpot_ms']:.2f} ms)")
+    print("| context | recompute s | GPU hit s | native DRAM s | ours DRAM s | ours disk s | DRAM x | disk x | "
+          "ours vs native | reload GB/s (% H2D) | disk read GB/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['context']} | {r['recompute_s']:.3f} | {r['gpu_hit_s']:.3f} | {r['native_dram_s']:.3f} | "
+              f"{r['ours_dram_s']:.3f} | {r['ours_disk_s']:.3f} | {r['dram_speedup_vs_recompute']:.1f} | "
+              f"{r['disk_speedup_vs_recompute']:.1f} | {r['ours_vs_native_dram']:.2f} | {r['reload_gbps']:.1f} "
+              f"({100 * r['reload_fraction_of_h2d']:.0f}%) | {r['disk_read_gbps']:.1f} |")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
