@@ -3,7 +3,9 @@
 Without CUDA the kernels run in Triton's interpreter at tiny shapes (T <= 130 with a ragged last chunk, H=2,
 K=16, V=32): TRITON_INTERPRET=1 is set while the kernel modules are imported (``triton.jit`` decides at
 decoration time) and while this module's tests run, and restored after (as tests/test_sparse_decode_kernels.py
-does). The ``gpu``-marked tests run Kimi-Linear-48B's shapes (H=32, K=V=128, bf16) natively.
+does). CPU inputs are fp32: the interpreter's bf16 ``tl.dot`` is wrong (Triton 3.9 reads the raw bits), so
+the bf16 path is covered by the ``gpu``-marked tests, which run Kimi-Linear-48B's shapes (H=32, K=V=128, bf16)
+natively, against the naive reference and against fla 0.6.0.
 """
 
 from __future__ import annotations

@@ -126,17 +126,24 @@ def _launch_recurrent(*, q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices,
         num_warps=4 if BV * K >= 4096 else 2)
 
 
-_IGNORED_DEFAULTS = {"head_first": False, "num_accepted_tokens": None, "cu_seqlens_cpu": None}
+# fla/vLLM keywords accepted when they ask for what these kernels do anyway (the default), or that are hints only
+_ACCEPTED_DEFAULTS = {"head_first": False, "num_accepted_tokens": None, "chunk_size": 64, "state_v_first": True,
+                      "transpose_state_layout": True, "allow_neg_eigval": False, "return_intermediate_states": False,
+                      "cp_context": None, "disable_recompute": False}
+_HINTS = {"cu_seqlens_cpu", "max_num_seqs", "use_graph"}
 
 
 def reject_unsupported(where: str, kwargs: dict) -> None:
-    """Raise for arguments the frameworks may pass that these kernels do not implement (naming them)."""
+    """Raise for arguments the frameworks may pass that these kernels do not implement, naming them."""
     for name, value in kwargs.items():
-        if name in _IGNORED_DEFAULTS and value is _IGNORED_DEFAULTS[name]:
+        if name in _HINTS:
             continue
-        if name in _IGNORED_DEFAULTS and value == _IGNORED_DEFAULTS[name]:
-            continue
-        raise NotImplementedError(f"{where}: argument `{name}`={value!r} is not supported by longseq's KDA kernels")
+        if name in _ACCEPTED_DEFAULTS:
+            default = _ACCEPTED_DEFAULTS[name]
+            if value is default or (default is not None and isinstance(value, (bool, int)) and value == default):
+                continue
+        raise NotImplementedError(f"{where}: argument `{name}`={value!r} is not supported by longseq's KDA kernels "
+                                  f"(state layout is V-first [.., H, V, K], chunk size 64, forward only)")
 
 
 def fused_recurrent_kda(
@@ -184,6 +191,10 @@ def fused_recurrent_kda(
     B, T, H, K = k.shape
     V = v.shape[-1]
     check_head_dims(K, V, "fused_recurrent_kda")
+    if q.shape != k.shape or g.shape != k.shape or v.shape[:3] != (B, T, H) or beta.shape != (B, T, H):
+        raise ValueError(f"fused_recurrent_kda: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"g {tuple(g.shape)}, beta {tuple(beta.shape)} do not match [B, T, H, K/V] / [B, T, H] "
+                         f"(one value head per key head; no head-wise beta)")
     check_state(initial_state, H, K, V, "fused_recurrent_kda")
     if ssm_state_indices is not None and initial_state is None:
         raise ValueError("fused_recurrent_kda: `ssm_state_indices` needs `initial_state` (the state pool)")
