@@ -96,15 +96,23 @@ def _install_kda_kernels_after_init(result, backend, model_runner, *args, **kwar
     pool, so unsupported shapes/dtypes stop the engine at start-up.
 
     Raises:
-        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or the model's KDA shapes/state dtype are not
-            supported by our kernels.
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, the model's KDA shapes/state dtype are not
+            supported by our kernels, or the radix cache needs KDA state snapshots.
     """
     if not get_config().kda:
         return
     from longseq.attention_backends.sglang.kda import install_kda_kernels
 
-    install_kda_kernels(backend.kernel_dispatcher, model_runner.req_to_token_pool.mamba_pool.mamba_cache.temporal)
+    install_kda_kernels(backend.kernel_dispatcher, model_runner.req_to_token_pool.mamba_pool.mamba_cache.temporal,
+                        state_tracking=_mamba_state_tracking())
     logger.info("longseq: KDA decode/extend kernels -> longseq (LONGSEQ_KDA=1); verify stays SGLang's")
+
+
+def _mamba_state_tracking() -> bool:
+    """Whether SGLang's hybrid radix cache snapshots KDA states during extends (resolved server arguments)."""
+    from sglang.srt.runtime_context import get_exec
+
+    return bool(get_exec().mamba.enable_mamba_extra_buffer)
 
 
 def _register_kda_hook() -> None:

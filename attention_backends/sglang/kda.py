@@ -52,7 +52,7 @@ class LongSeqKDAKernel(LinearAttnKernelBase):
 
     supports_packed_decode = True
     supports_packed_decode_safe_gate = True  # the bounded gate (``lower_bound``) runs in our kernels too
-    supports_track_state_snapshot = False  # SGLang then refuses the radix-cache track path with a clear message
+    supports_track_state_snapshot = False  # an extra-buffer radix cache is refused at start-up (install_kda_kernels)
 
     def __init__(self, trace=None):
         self.trace = trace  # optional per-process call counter (tests)
@@ -109,10 +109,21 @@ class LongSeqKDAKernel(LinearAttnKernelBase):
         return o
 
 
-def install_kda_kernels(dispatcher, ssm_states: torch.Tensor, trace=None) -> LongSeqKDAKernel:
+def install_kda_kernels(dispatcher, ssm_states: torch.Tensor, state_tracking: bool, trace=None) -> LongSeqKDAKernel:
     """Validate ``ssm_states`` and make ``dispatcher`` (a ``KDAKernelDispatcher``) run decode and extend on our
-    kernels. Returns the installed kernel object."""
+    kernels. Returns the installed kernel object.
+
+    Args:
+        state_tracking: SGLang's mamba radix cache keeps an extra state buffer (``enable_mamba_extra_buffer``):
+            extends must then snapshot per-chunk states, which our kernels do not produce; refused here, at
+            start-up, rather than by SGLang's assertion at the first such extend.
+    """
     check_kda_state_supported(ssm_states)
+    if state_tracking:
+        raise LongSeqConfigError(
+            "LONGSEQ_KDA=1: SGLang's mamba radix cache resolved to an extra state buffer (--mamba-radix-cache-"
+            "strategy auto/extra_buffer), which needs per-chunk KDA state snapshots longseq's kernels do not produce; "
+            f"pass --mamba-radix-cache-strategy no_buffer (or --disable-radix-cache), or {OFF}")
     kernel = LongSeqKDAKernel(trace)
     dispatcher.decode_kernel = kernel
     dispatcher.extend_kernel = kernel

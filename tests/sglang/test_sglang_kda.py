@@ -74,7 +74,16 @@ def _dispatcher_and_runner(temporal):
     return types.SimpleNamespace(kernel_dispatcher=dispatcher), runner
 
 
-def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env):
+@pytest.fixture
+def no_state_tracking(monkeypatch):
+    """The resolved server arguments the hook reads (not published outside a server): no extra state buffer."""
+    import longseq.plugin.sglang as plugin
+
+    monkeypatch.setattr(plugin, "_mamba_state_tracking", lambda: False)
+    return monkeypatch
+
+
+def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env, no_state_tracking):
     from sglang.srt.layers.attention.linear.kernels.kda_triton import TritonKDAKernel
 
     from longseq.attention_backends.sglang.kda import LongSeqKDAKernel
@@ -93,8 +102,11 @@ def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longse
     assert type(d.verify_kernel) is TritonKDAKernel and d.supports_packed_decode
 
 
-def test_unsupported_state_pool_fails_at_startup(longseq_env, monkeypatch):
+def test_unsupported_state_pool_fails_at_startup(longseq_env, no_state_tracking):
     import longseq.plugin.config as cfg_mod
+    import longseq.plugin.sglang as plugin
+
+    monkeypatch = no_state_tracking
 
     from longseq.plugin.config import LongSeqConfigError
     from longseq.plugin.sglang import _install_kda_kernels_after_init
@@ -105,6 +117,9 @@ def test_unsupported_state_pool_fails_at_startup(longseq_env, monkeypatch):
     big = kk.MAX_HEAD_DIM * 2
     with pytest.raises(LongSeqConfigError, match=rf"head dims \(K={big}, V={big}\) exceed the {kk.MAX_HEAD_DIM}"):
         _install_kda_kernels_after_init(None, *_dispatcher_and_runner(torch.zeros(1, 1, 1, big, big)))
+    monkeypatch.setattr(plugin, "_mamba_state_tracking", lambda: True)
+    with pytest.raises(LongSeqConfigError, match="--mamba-radix-cache-strategy no_buffer"):
+        _install_kda_kernels_after_init(None, *_dispatcher_and_runner(torch.zeros(1, 2, H, D, D)))
     monkeypatch.setenv("LONGSEQ_KDA", "maybe")  # a bad setting stops the KDA backend at start-up: config error
     monkeypatch.setattr(cfg_mod, "_CACHED", None)
     with pytest.raises(LongSeqConfigError, match="LONGSEQ_KDA='maybe' must be a boolean"):
