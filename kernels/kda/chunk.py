@@ -39,35 +39,42 @@ def kda_chunk_state_kernel(
     mask_k = o_k < K
     mask_v = o_v < V
     mask_s = mask_k[:, None] & mask_v[None, :]
-    offs_s = (i_n.to(tl.int64) * H + i_h) * (V * K) + o_v[None, :] * K + o_k[:, None]  # [K, BV] view of [V, K]
+    s_base = (i_n.to(tl.int64) * H + i_h) * (V * K)
+    offs_s = o_v[None, :] * K + o_k[:, None]  # [K, BV] view of the [V, K] state (int32: small, kept live)
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_H0:
-        b_s += tl.load(h0 + offs_s, mask=mask_s, other=0.0)
+        b_s += tl.load(h0 + s_base + offs_s, mask=mask_s, other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
-    for i_c in range(0, tl.cdiv(eos - bos, BT)):
-        o_r = bos + i_c * BT + o_t
-        valid = o_r < eos
+    # scalar 64-bit bases + 32-bit in-tile offsets: per-element 64-bit offsets of four [BT, K] tiles would not
+    # fit in registers next to the state
+    L = (eos - bos).to(tl.int32)
+    tile_k = o_t[:, None] * (H * K) + o_k[None, :]
+    tile_v = o_t[:, None] * (H * V) + o_v[None, :]
+    tile_a = o_t[:, None] * (H * BT) + o_t[None, :]
+    for i_c in range(0, tl.cdiv(L, BT)):
+        r = i_c * BT
+        row0 = bos + r
+        valid = (r + o_t) < L
         m_rk = valid[:, None] & mask_k[None, :]
-        m_rv = valid[:, None] & mask_v[None, :]
-        offs_k = o_r[:, None] * (H * K) + i_h * K + o_k[None, :]
-        offs_v = o_r[:, None] * (H * V) + i_h * V + o_v[None, :]
-        b_w = tl.load(w + offs_k, mask=m_rk, other=0.0)
-        b_qg = tl.load(qg + offs_k, mask=m_rk, other=0.0)
-        b_kd = tl.load(kd + offs_k, mask=m_rk, other=0.0)
-        b_u = tl.load(u + offs_v, mask=m_rv, other=0.0).to(tl.float32)
-        b_a = tl.load(aqk + o_r[:, None] * (H * BT) + i_h * BT + o_t[None, :], mask=valid[:, None] & causal,
-                      other=0.0)
-        last = tl.minimum(bos + i_c * BT + BT, eos) - 1
-        g_last = tl.load(gc + last * (H * K) + i_h * K + o_k, mask=mask_k, other=0.0)
-        b_sd = b_s.to(b_w.dtype)
-        b_un = b_u - tl.dot(b_w, b_sd, input_precision=DOT_PREC)
-        b_und = b_un.to(b_w.dtype)
-        b_o = tl.dot(b_qg, b_sd, input_precision=DOT_PREC) + tl.dot(b_a.to(b_w.dtype), b_und,
-                                                                    input_precision=DOT_PREC)
-        tl.store(o + offs_v, b_o.to(o.dtype.element_ty), mask=m_rv)
+        # each tile loaded right before its dot: they are register operands of the MMAs, not all live at once
+        last = tl.minimum(r + BT, L) - 1
+        g_last = tl.load(gc + (bos + last) * (H * K) + i_h * K + o_k, mask=mask_k, other=0.0)
+        b_sd = b_s.to(w.dtype.element_ty)
+        b_w = tl.load(w + (row0 * (H * K) + i_h * K) + tile_k, mask=m_rk, other=0.0)
+        b_u = tl.load(u + (row0 * (H * V) + i_h * V) + tile_v, mask=valid[:, None] & mask_v[None, :],
+                      other=0.0).to(tl.float32)
+        b_und = (b_u - tl.dot(b_w, b_sd, input_precision=DOT_PREC)).to(w.dtype.element_ty)
+        b_qg = tl.load(qg + (row0 * (H * K) + i_h * K) + tile_k, mask=m_rk, other=0.0)
+        b_o = tl.dot(b_qg, b_sd, input_precision=DOT_PREC)
+        # above the diagonal Aqk was never written: masked out, never read
+        b_a = tl.load(aqk + (row0 * (H * BT) + i_h * BT) + tile_a, mask=valid[:, None] & causal, other=0.0)
+        b_o = tl.dot(b_a.to(w.dtype.element_ty), b_und, acc=b_o, input_precision=DOT_PREC)
+        tl.store(o + (row0 * (H * V) + i_h * V) + tile_v, b_o.to(o.dtype.element_ty),
+                 mask=valid[:, None] & mask_v[None, :])
+        b_kd = tl.load(kd + (row0 * (H * K) + i_h * K) + tile_k, mask=m_rk, other=0.0)
         b_s = b_s * tl.exp(g_last)[:, None] + tl.dot(tl.trans(b_kd), b_und, input_precision=DOT_PREC)
     if STORE_HT:
-        tl.store(ht + offs_s, b_s, mask=mask_s)
+        tl.store(ht + s_base + offs_s, b_s, mask=mask_s)
 
 
 def _chunk_kda_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, cu_seqlens, A_log, dt_bias,
@@ -105,15 +112,17 @@ def _chunk_kda_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, l
     kda_chunk_intra_kernel[(NT, (1 if cu_seqlens is not None else B) * H)](
         q, k, v, gc, beta, w, u, qg, kd, aqk, cu_seqlens if cu_seqlens is not None else q,
         chunk_indices if chunk_indices is not None else q, float(scale), T,
-        H=H, K=K, V=V, BK=BK, BVF=triton.next_power_of_2(V), BT=CHUNK_SIZE, BC=BC, BKC=min(32, BK),
+        H=H, K=K, V=V, BK=BK, BVF=triton.next_power_of_2(V), BT=CHUNK_SIZE, BC=BC,
         L2NORM=l2norm, BETA_SIGMOID=beta_sigmoid, IS_VARLEN=cu_seqlens is not None, DOT_PREC=dot_prec,
         num_warps=4 if BK <= 64 else 8)
+    # BV=32, 4 warps, 2 stages: ~200 registers and no spills for K=V=128 on sm_90 (ptxas -res-usage); wider
+    # tiles or more stages spill (the [BT, K] tiles are register operands of the MMAs)
     BV = min(32, triton.next_power_of_2(V))
     kda_chunk_state_kernel[(triton.cdiv(V, BV), N * H)](
         qg, kd, w, u, aqk, gc, o, initial_state if initial_state is not None else q, ht if ht is not None else q,
         cu_seqlens if cu_seqlens is not None else q, T,
         H=H, K=K, V=V, BK=BK, BV=BV, BT=CHUNK_SIZE, HAS_H0=initial_state is not None, STORE_HT=ht is not None,
-        IS_VARLEN=cu_seqlens is not None, DOT_PREC=dot_prec, num_warps=4 if BK <= 128 else 8)
+        IS_VARLEN=cu_seqlens is not None, DOT_PREC=dot_prec, num_warps=4, num_stages=2)
     return o, ht
 
 

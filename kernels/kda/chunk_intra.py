@@ -95,25 +95,30 @@ def _offdiag_block(q, k, gc, row_i, row_j, eos, i_h, rq_i, rk_i, rk_j, H: tl.con
 
 @triton.jit
 def _diag_block(q, k, gc, row0, eos, i_h, rq, rk, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                BC: tl.constexpr, BKC: tl.constexpr):
-    """Same as _offdiag_block within one sub-chunk, decay exp(gc_i - gc_j) per channel (exact), j <= i."""
-    o_r = row0 + tl.arange(0, BC)
-    valid = o_r < eos
-    keep = (tl.arange(0, BC)[:, None] >= tl.arange(0, BC)[None, :]) & valid[:, None] & valid[None, :]
+                BC: tl.constexpr):
+    """Same as _offdiag_block within one sub-chunk, decay exp(gc_i - gc_j) per channel (exact), j <= i.
+
+    One row i per iteration against the sub-chunk's [BC, K] tiles (a [BC, BC, K] broadcast would not fit in
+    registers); a runtime loop, not unrolled, so the compiler does not hoist every row's loads at once.
+    """
+    o_c = tl.arange(0, BC)
+    o_k = tl.arange(0, BK)
+    valid = (row0 + o_c) < eos
+    g_j = _rows(gc, row0, eos, i_h, H, K, BK, BC)
+    k_j = _rows(k, row0, eos, i_h, H, K, BK, BC) * rk[:, None]
     a_kk = tl.zeros([BC, BC], dtype=tl.float32)
     a_qk = tl.zeros([BC, BC], dtype=tl.float32)
-    for c0 in tl.static_range(0, BK, BKC):
-        o_c = c0 + tl.arange(0, BKC)
-        mask = valid[:, None] & (o_c[None, :] < K)
-        offs = o_r[:, None] * (H * K) + i_h * K + o_c[None, :]
-        b_g = tl.load(gc + offs, mask=mask, other=0.0)
-        b_k = tl.load(k + offs, mask=mask, other=0.0).to(tl.float32) * rk[:, None]
-        b_q = tl.load(q + offs, mask=mask, other=0.0).to(tl.float32) * rq[:, None]
-        d = b_g[:, None, :] - b_g[None, :, :]  # [i, j, c]
-        e = tl.exp(tl.where(keep[:, :, None], d, float("-inf")))
-        kj_e = b_k[None, :, :] * e
-        a_kk += tl.sum(b_k[:, None, :] * kj_e, axis=2)
-        a_qk += tl.sum(b_q[:, None, :] * kj_e, axis=2)
+    for i in tl.range(0, BC, loop_unroll_factor=1):
+        row = row0 + i
+        m_k = (o_k < K) & (row + 0 * o_k < eos)
+        offs = row * (H * K) + i_h * K + o_k
+        g_i = tl.load(gc + offs, mask=m_k, other=0.0)
+        k_i = tl.load(k + offs, mask=m_k, other=0.0).to(tl.float32) * tl.sum(tl.where(o_c == i, rk, 0.0))
+        q_i = tl.load(q + offs, mask=m_k, other=0.0).to(tl.float32) * tl.sum(tl.where(o_c == i, rq, 0.0))
+        keep = (o_c <= i) & valid & (row + 0 * o_c < eos)  # columns j <= i, both rows inside the sequence
+        kj_e = k_j * tl.exp(tl.where(keep[:, None], g_i[None, :] - g_j, float("-inf")))
+        a_kk = tl.where(o_c[:, None] == i, tl.sum(kj_e * k_i[None, :], axis=1)[None, :], a_kk)
+        a_qk = tl.where(o_c[:, None] == i, tl.sum(kj_e * q_i[None, :], axis=1)[None, :], a_qk)
     return a_kk, a_qk
 
 
@@ -147,10 +152,34 @@ def _wy_rhs(k, v, gc, beta_j, rk_j, row_j, eos, i_h, H: tl.constexpr, K: tl.cons
 
 
 @triton.jit
+def _wy_block(w, u, k, v, gc, t_0, t_1, t_2, t_3, b_0, b_1, b_2, b_3, rk_0, rk_1, rk_2, rk_3, row_0, row_1, row_2,
+              row_3, row_out, eos, i_h, NB: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BK: tl.constexpr, BVF: tl.constexpr, BC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Rows ``row_out`` of w and u: sum over the first NB sub-chunks j of T[out, j] @ (rhs of sub-chunk j)."""
+    x, y = _wy_rhs(k, v, gc, b_0, rk_0, row_0, eos, i_h, H, K, V, BK, BVF, BC)
+    acc_w = tl.dot(t_0, x, input_precision=DOT_PREC)
+    acc_u = tl.dot(t_0, y, input_precision=DOT_PREC)
+    if NB > 1:
+        x, y = _wy_rhs(k, v, gc, b_1, rk_1, row_1, eos, i_h, H, K, V, BK, BVF, BC)
+        acc_w = tl.dot(t_1, x, acc=acc_w, input_precision=DOT_PREC)
+        acc_u = tl.dot(t_1, y, acc=acc_u, input_precision=DOT_PREC)
+    if NB > 2:
+        x, y = _wy_rhs(k, v, gc, b_2, rk_2, row_2, eos, i_h, H, K, V, BK, BVF, BC)
+        acc_w = tl.dot(t_2, x, acc=acc_w, input_precision=DOT_PREC)
+        acc_u = tl.dot(t_2, y, acc=acc_u, input_precision=DOT_PREC)
+    if NB > 3:
+        x, y = _wy_rhs(k, v, gc, b_3, rk_3, row_3, eos, i_h, H, K, V, BK, BVF, BC)
+        acc_w = tl.dot(t_3, x, acc=acc_w, input_precision=DOT_PREC)
+        acc_u = tl.dot(t_3, y, acc=acc_u, input_precision=DOT_PREC)
+    _store_rows(w, acc_w, row_out, eos, i_h, H, K, BK, BC)
+    _store_rows(u, acc_u, row_out, eos, i_h, H, V, BVF, BC)
+
+
+@triton.jit
 def kda_chunk_intra_kernel(
     q, k, v, gc, beta, w, u, qg, kd, aqk, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr, BT: tl.constexpr,
-    BC: tl.constexpr, BKC: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
+    BC: tl.constexpr, L2NORM: tl.constexpr, BETA_SIGMOID: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """q, k, gc, w, qg, kd: [tokens, H, K]; v, u: [tokens, H, V]; beta: [tokens, H]; aqk: [tokens, H, BT] fp32
@@ -175,10 +204,10 @@ def kda_chunk_intra_kernel(
 
     # A (scaled by beta of its row, strictly lower) and Aqk (scaled, lower incl. diagonal), block by block
     lower = tl.arange(0, BC)[:, None] > tl.arange(0, BC)[None, :]
-    a00, s00 = _diag_block(q, k, gc, r0, eos, i_h, rq0, rk0, H, K, BK, BC, BKC)
-    a11, s11 = _diag_block(q, k, gc, r1, eos, i_h, rq1, rk1, H, K, BK, BC, BKC)
-    a22, s22 = _diag_block(q, k, gc, r2, eos, i_h, rq2, rk2, H, K, BK, BC, BKC)
-    a33, s33 = _diag_block(q, k, gc, r3, eos, i_h, rq3, rk3, H, K, BK, BC, BKC)
+    a00, s00 = _diag_block(q, k, gc, r0, eos, i_h, rq0, rk0, H, K, BK, BC)
+    a11, s11 = _diag_block(q, k, gc, r1, eos, i_h, rq1, rk1, H, K, BK, BC)
+    a22, s22 = _diag_block(q, k, gc, r2, eos, i_h, rq2, rk2, H, K, BK, BC)
+    a33, s33 = _diag_block(q, k, gc, r3, eos, i_h, rq3, rk3, H, K, BK, BC)
     a10, s10 = _offdiag_block(q, k, gc, r1, r0, eos, i_h, rq1, rk1, rk0, H, K, BK, BC, DOT_PREC)
     a20, s20 = _offdiag_block(q, k, gc, r2, r0, eos, i_h, rq2, rk2, rk0, H, K, BK, BC, DOT_PREC)
     a21, s21 = _offdiag_block(q, k, gc, r2, r1, eos, i_h, rq2, rk2, rk1, H, K, BK, BC, DOT_PREC)
@@ -217,27 +246,16 @@ def kda_chunk_intra_kernel(
     t30 = -tl.dot(t33, tl.dot(a30, t00, input_precision=DOT_PREC) + tl.dot(a31, t10, input_precision=DOT_PREC)
                   + tl.dot(a32, t20, input_precision=DOT_PREC), input_precision=DOT_PREC)
 
-    # w = T diag(b) (K*G), u = T diag(b) V, row block by row block
-    x0, y0 = _wy_rhs(k, v, gc, b0, rk0, r0, eos, i_h, H, K, V, BK, BVF, BC)
-    x1, y1 = _wy_rhs(k, v, gc, b1, rk1, r1, eos, i_h, H, K, V, BK, BVF, BC)
-    x2, y2 = _wy_rhs(k, v, gc, b2, rk2, r2, eos, i_h, H, K, V, BK, BVF, BC)
-    x3, y3 = _wy_rhs(k, v, gc, b3, rk3, r3, eos, i_h, H, K, V, BK, BVF, BC)
-    _store_rows(w, tl.dot(t00, x0, input_precision=DOT_PREC), r0, eos, i_h, H, K, BK, BC)
-    _store_rows(u, tl.dot(t00, y0, input_precision=DOT_PREC), r0, eos, i_h, H, V, BVF, BC)
-    _store_rows(w, tl.dot(t10, x0, input_precision=DOT_PREC) + tl.dot(t11, x1, input_precision=DOT_PREC),
-                r1, eos, i_h, H, K, BK, BC)
-    _store_rows(u, tl.dot(t10, y0, input_precision=DOT_PREC) + tl.dot(t11, y1, input_precision=DOT_PREC),
-                r1, eos, i_h, H, V, BVF, BC)
-    _store_rows(w, tl.dot(t20, x0, input_precision=DOT_PREC) + tl.dot(t21, x1, input_precision=DOT_PREC)
-                + tl.dot(t22, x2, input_precision=DOT_PREC), r2, eos, i_h, H, K, BK, BC)
-    _store_rows(u, tl.dot(t20, y0, input_precision=DOT_PREC) + tl.dot(t21, y1, input_precision=DOT_PREC)
-                + tl.dot(t22, y2, input_precision=DOT_PREC), r2, eos, i_h, H, V, BVF, BC)
-    _store_rows(w, tl.dot(t30, x0, input_precision=DOT_PREC) + tl.dot(t31, x1, input_precision=DOT_PREC)
-                + tl.dot(t32, x2, input_precision=DOT_PREC) + tl.dot(t33, x3, input_precision=DOT_PREC),
-                r3, eos, i_h, H, K, BK, BC)
-    _store_rows(u, tl.dot(t30, y0, input_precision=DOT_PREC) + tl.dot(t31, y1, input_precision=DOT_PREC)
-                + tl.dot(t32, y2, input_precision=DOT_PREC) + tl.dot(t33, y3, input_precision=DOT_PREC),
-                r3, eos, i_h, H, V, BVF, BC)
+    # w = T diag(b) (K*G), u = T diag(b) V, row block by row block; the right-hand sides are rebuilt from
+    # (cached) memory at each use rather than kept: eight [16, K] fp32 tiles live at once would spill
+    _wy_block(w, u, k, v, gc, t00, t00, t00, t00, b0, b0, b0, b0, rk0, rk0, rk0, rk0, r0, r0, r0, r0, r0, eos,
+              i_h, 1, H, K, V, BK, BVF, BC, DOT_PREC)
+    _wy_block(w, u, k, v, gc, t10, t11, t11, t11, b0, b1, b1, b1, rk0, rk1, rk1, rk1, r0, r1, r1, r1, r1, eos,
+              i_h, 2, H, K, V, BK, BVF, BC, DOT_PREC)
+    _wy_block(w, u, k, v, gc, t20, t21, t22, t22, b0, b1, b2, b2, rk0, rk1, rk2, rk2, r0, r1, r2, r2, r2, eos,
+              i_h, 3, H, K, V, BK, BVF, BC, DOT_PREC)
+    _wy_block(w, u, k, v, gc, t30, t31, t32, t33, b0, b1, b2, b3, rk0, rk1, rk2, rk3, r0, r1, r2, r3, r3, eos,
+              i_h, 4, H, K, V, BK, BVF, BC, DOT_PREC)
 
     # qg = scale q exp(gc), kd = k exp(gc_last - gc), gc_last = gc of the chunk's last valid row
     o_k = tl.arange(0, BK)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 CHUNK_SIZE = 64  # rows per chunk of the chunked prefill (fla's KDA chunk size)
-MAX_HEAD_DIM = 256  # the kernels keep a [K, BV] fp32 state tile and [16, K] row blocks in registers
+MAX_HEAD_DIM = 128  # register budget of the state tile and the [16, K] / [BT, K] MMA operands (sm_90: no spills at 128)
 
 
 def check_head_dims(K: int, V: int, where: str) -> None:
