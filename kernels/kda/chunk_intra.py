@@ -14,6 +14,11 @@ then carries S across chunks. A and Aqk are built from 16-row sub-chunks: across
 factorizes around the row just before the later sub-chunk (both factors <= 1, no overflow for any gate
 value); within a sub-chunk it is computed exactly per channel (no factorization, so no overflow either).
 T comes from forward substitution on the 16x16 diagonal blocks and block merges for the rest.
+
+Known weak point: at K=V=128 on sm_90 this kernel spills (ptxas: 255 registers, ~2.2 KB stack per thread with
+8 warps, ~1.1 KB of it from the A/Aqk blocks alone), and compiles in about a minute. Next step if the bench
+shows it as the bottleneck: one [16, K] x [K, 64] dot per row block instead of six 16x16 blocks, or the
+A/Aqk part and the solve/WY part as two launches (as fla does).
 """
 
 from __future__ import annotations
