@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from longseq.attention_backends.core.duo import StreamingHeadMask, random_pattern, rank_streaming_mask
 from longseq.plugin.config import LongSeqConfig, LongSeqConfigError
@@ -35,3 +36,16 @@ def test_random_pattern_sizes_tp_and_errors():
         rank_streaming_mask(_config(duo_pattern="random:x"), 4, 8)
     with pytest.raises(LongSeqConfigError, match="model's shape"):
         StreamingHeadMask.from_config(_config(duo_pattern="random"))
+
+
+def test_masks_build_on_cpu_while_default_device_is_elsewhere():
+    """vLLM sets torch's default device to the GPU while it builds the model, when the mask is made: every tensor
+    must name its device (a CPU generator used with a GPU default device crashed the engine at start). The meta
+    device stands in for the GPU here: a tensor left on the default device cannot be read back."""
+    cfg = _config(duo_pattern="random:5", duo_sparsity=0.5)
+    want = rank_streaming_mask(cfg, 4, 8, tp_rank=1, tp_size=2).is_streaming
+    with torch.device("meta"):
+        got = rank_streaming_mask(cfg, 4, 8, tp_rank=1, tp_size=2).is_streaming
+        builtin = rank_streaming_mask(_config(duo_pattern="smollm2-135m-instruct", duo_sparsity=0.5), 30, 3, 2, 3)
+    assert got.device.type == "cpu" and got.equal(want)
+    assert builtin.is_streaming.device.type == "cpu" and builtin.is_streaming.shape == (30, 1)

@@ -82,7 +82,8 @@ class DuoPattern:
     source: str = "<in memory>"
 
     def __post_init__(self) -> None:
-        g = torch.as_tensor(self.gates).detach().to("cpu", torch.float64)
+        g = self.gates if isinstance(self.gates, torch.Tensor) else torch.as_tensor(self.gates, device="cpu")
+        g = g.detach().to("cpu", torch.float64)
         if g.dim() != 2 or g.numel() == 0:
             raise LongSeqConfigError(f"duo pattern {self.source}: gates must be a non-empty [num_layers, "
                                      f"num_kv_heads] table, got shape {tuple(g.shape)}")
@@ -173,7 +174,7 @@ def _parse_gates(text: str, source: str) -> torch.Tensor:
         rows.append(row)
     if not rows:
         raise LongSeqConfigError(f"duo pattern {source}: {GATES_FILE} holds no gate values")
-    return torch.tensor(rows, dtype=torch.float64)
+    return torch.tensor(rows, dtype=torch.float64, device="cpu")
 
 
 def load_duo_pattern(path: str | os.PathLike) -> DuoPattern:
@@ -232,10 +233,11 @@ def random_pattern(num_layers: int, num_kv_heads: int, seed: int, sink_size: int
                    recent_size: int = DEFAULT_RECENT_SIZE) -> DuoPattern:
     """Uniform random gates in [0, 1) (the "random heads at the same sparsity" control; shape-only benchmarks).
 
-    Deterministic for a given ``seed`` on every machine (CPU generator).
+    Deterministic for a given ``seed`` on every machine (CPU generator). Built at engine start while vLLM has
+    set torch's default device to the GPU, so every tensor here names its device.
     """
-    gen = torch.Generator().manual_seed(int(seed))
-    gates = torch.rand((num_layers, num_kv_heads), generator=gen, dtype=torch.float64)
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gates = torch.rand((num_layers, num_kv_heads), generator=gen, dtype=torch.float64, device="cpu")
     return DuoPattern(gates, sink_size, recent_size, {"random": True, "seed": int(seed)}, f"random(seed={seed})")
 
 
@@ -258,7 +260,8 @@ class StreamingHeadMask:
     kv_head_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        m = torch.as_tensor(self.is_streaming)
+        m = self.is_streaming if isinstance(self.is_streaming, torch.Tensor) else torch.as_tensor(
+            self.is_streaming, device="cpu")
         if m.dim() != 2 or m.dtype != torch.bool:
             raise LongSeqConfigError(f"duo mask {self.source}: is_streaming must be a 2-D bool tensor, got "
                                      f"{m.dtype} of shape {tuple(m.shape)}")
@@ -295,7 +298,7 @@ class StreamingHeadMask:
             n = gates.numel()
             k = min(n, int(math.floor(s * n + 0.5 + 1e-9)))
             order = torch.argsort(gates.reshape(-1), stable=True)  # ascending; equal gates keep row-major order
-            flat = torch.zeros(n, dtype=torch.bool)
+            flat = torch.zeros(n, dtype=torch.bool, device="cpu")
             flat[order[:k]] = True
             streaming = flat.view(gates.shape)
         else:
@@ -377,7 +380,8 @@ class StreamingHeadMask:
                 raise LongSeqConfigError(f"duo mask {self.source}: {h} KV heads cannot be replicated over "
                                          f"tp_size={tp_size} ranks")
             cols = [tp_rank * h // tp_size]
-        return dataclasses.replace(self, is_streaming=self.is_streaming[:, cols].clone(),
+        cols_t = torch.tensor(cols, dtype=torch.long, device=self.is_streaming.device)
+        return dataclasses.replace(self, is_streaming=self.is_streaming.index_select(1, cols_t),
                                    kv_head_ids=tuple(self.kv_head_ids[c] for c in cols))
 
 
