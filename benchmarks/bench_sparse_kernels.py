@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--table-tokens", type=int, default=0,
                    help="block table width in tokens, as the engine's max_model_len makes it (0: the context)")
+    p.add_argument("--key-pattern", default="random", choices=["random", "smooth"],
+                   help="smooth: page scores drift with position (runs of top pages), as in a real engine")
     p.add_argument("--num-splits", type=int, default=None, help="sparse decode split-K (default: heuristic)")
     p.add_argument("--inner", type=int, default=20, help="calls per captured graph")
     p.add_argument("--reps", type=int, default=30, help="graph replays timed")
@@ -155,6 +157,13 @@ class Setup:
         bps = math.ceil(ctx / bs)
         num_blocks = batch * bps + 1
         kv = torch.empty(2, num_blocks, bs, args.hkv, args.head_size, dtype=dt, device=dev).normal_()
+        if args.key_pattern == "smooth":
+            # Scores that drift slowly with position (as RoPE makes them): a fixed direction per kv head scaled
+            # by a slow wave over the context. Top pages then come in runs, the hard case for the top-k filter.
+            u = torch.randn(args.hkv, args.head_size, device=dev)
+            t = torch.arange(num_blocks * bs, device=dev, dtype=torch.float32).view(num_blocks, bs)
+            wave = 2.0 * torch.sin(t * (2 * math.pi / 9000.0))
+            kv[0] += (wave[:, :, None, None] * u[None, None]).to(dt)
         self.key_cache, self.value_cache = kv[0], kv[1]
         perm = torch.randperm(num_blocks, device=dev)
         self.block_table = perm[: batch * bps].view(batch, bps).to(torch.int32)

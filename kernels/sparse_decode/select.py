@@ -10,9 +10,11 @@ Fixed shapes, no host synchronization (CUDA-graph safe). By default ONE launch d
    reset by that program; ``fused=False`` runs it as a second kernel instead). It finds the exact
    ``k``-th largest score with a radix select (8-bit digits, ``tl.histogram``), but first shrinks the row:
    the ``k``-th largest of the maxima of ``GS``-page groups is a lower bound of the ``k``-th largest score,
-   so only pages at or above it (typically ~1.2 k of 8192) can win; they are compacted (prefix sum) into a
-   ``CAP``-slot scratch row and the 4-pass select runs on those. A row with more candidates than ``CAP``
-   (heavy ties) falls back to the select over the whole row. Winners are compacted in ascending page order.
+   so only pages at or above it can win (at most ``k * GS``, kept <= ``CAP / 2`` so that runs of top pages
+   fit too); they are compacted (prefix sum) into a ``CAP``-slot scratch row and the 4-pass select runs on
+   those. A row with more candidates than ``CAP`` (heavy ties) falls back to the select over the whole row.
+   The row width is the block table's (``max_model_len``); the top-k picks a half- or quarter-width
+   compiled variant at run time when the request's live pages fit, and scoring skips dead tiles. Winners are compacted in ascending page order.
    Rows longer than ``_MAX_TRITON_TOPK`` pages use ``torch.topk`` + sort.
 
 The GQA reduction is linear: ``max(q min, q max) = q max`` if ``q >= 0`` else ``q min``, so
@@ -175,34 +177,38 @@ def _score_pages_kernel(
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
     j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = j < n_pages
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    g = tl.arange(0, BLOCK_G)
-    qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
-                 mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
-    q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
-    # Invalid pages are masked out of every load: block_table past the request's blocks may hold anything.
-    blk = tl.load(block_table + b * s_btb + (j // PAGES_PER_BLOCK) * s_btn, mask=valid, other=0).to(tl.int64)
-    gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
-    offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
-    m = valid[:, None] & d_mask[None, :]
-    if FP8_BITS:  # interpreter: uint8 views; its fp8 cast reads NaN (0x7F/0xFF) as +-480, the GPU's as NaN
-        mn_b = tl.load(page_min + offs, mask=m, other=0)
-        mx_b = tl.load(page_max + offs, mask=m, other=0)
-        mn = tl.where((mn_b & 0x7F) == 0x7F, float("nan"), mn_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-        mx = tl.where((mx_b & 0x7F) == 0x7F, float("nan"), mx_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-    else:
-        mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
-        mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
-    s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
-    s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary out of range, no finite bound
-    s = tl.where(valid, s, float("-inf"))
-    forced = valid & ((j < num_sink) | (j >= n_pages - num_recent))
-    s = tl.where(forced, float("inf"), s)
     s_row = scores + b * s_sb + h * s_sh
-    tl.store(s_row + j, s, mask=j < max_pages)
+    if tile * BLOCK_N >= n_pages:
+        # Past the request's pages (the table is max_model_len wide): no loads, just the -inf row tail.
+        tl.store(s_row + j, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=j < max_pages)
+    else:
+        valid = j < n_pages
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        g = tl.arange(0, BLOCK_G)
+        qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
+                     mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
+        q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
+        # Invalid pages are masked out of every load: block_table past the request's blocks may hold anything.
+        blk = tl.load(block_table + b * s_btb + (j // PAGES_PER_BLOCK) * s_btn, mask=valid, other=0).to(tl.int64)
+        gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
+        offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
+        m = valid[:, None] & d_mask[None, :]
+        if FP8_BITS:  # interpreter: uint8 views; its fp8 cast reads NaN (0x7F/0xFF) as +-480, the GPU's as NaN
+            mn_b = tl.load(page_min + offs, mask=m, other=0)
+            mx_b = tl.load(page_max + offs, mask=m, other=0)
+            mn = tl.where((mn_b & 0x7F) == 0x7F, float("nan"), mn_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+            mx = tl.where((mx_b & 0x7F) == 0x7F, float("nan"), mx_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        else:
+            mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
+            mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
+        s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
+        s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary out of range, no finite bound
+        s = tl.where(valid, s, float("-inf"))
+        forced = valid & ((j < num_sink) | (j >= n_pages - num_recent))
+        s = tl.where(forced, float("inf"), s)
+        tl.store(s_row + j, s, mask=j < max_pages)
     if FUSED:
         # Last program of this row to finish selects its top k. The barrier orders every thread's score
         # stores before the (single-thread, acq_rel) counter increment.
@@ -273,7 +279,13 @@ def _topk_config(max_pages: int, num_select: int, candidate_cap: int | None, num
     threads = 32 * num_warps  # every tl.histogram input holds at least one element per thread
     cap = CANDIDATE_CAP if candidate_cap is None else candidate_cap
     cap = max(triton.next_power_of_2(cap), threads) if cap > 0 else 0
-    n_groups = min(block // 2, max(4 * triton.next_power_of_2(num_select), threads))  # ~k/4 of the maxima win
+    # Groups small enough that even fully clustered rows (the top pages filling whole groups: scores that vary
+    # smoothly with position, as RoPE makes them in real and dummy-weight models) fit the cap: at most
+    # k * GS candidates, kept <= cap / 2. With 4k groups iid rows pass ~k/4 of the maxima. A row over the cap
+    # falls back to the whole-row select, ~3x slower (measured in the engine before this bound existed).
+    k_pow2 = triton.next_power_of_2(num_select)
+    n_groups = max(4 * k_pow2, threads, triton.next_power_of_2(-(-2 * block * k_pow2 // max(cap, 1))))
+    n_groups = min(block // 2, n_groups)
     filt = 0 < cap < block and num_select <= n_groups and n_groups >= threads
     if not filt:
         cap, n_groups = 16, block  # unused scratch
