@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--recent", type=int, default=4, help="recent pages always kept")
     p.add_argument("--calib-length", type=int, default=2048)
+    p.add_argument("--group-variants", action="store_true",
+                   help="also combine per-query-head Quest bounds by max, logsumexp and normalized sum")
     p.add_argument("--name", default="scorer_recall")
     return p.parse_args(argv)
 
@@ -104,6 +106,13 @@ def recall_for_layer(q, k, bases, args):
         kmin, kmax = kp.amin(2), kp.amax(2)
         q_pos, q_neg = qt.clamp(min=0).sum(1), qt.clamp(max=0).sum(1)  # [Hkv, D]
         scores = {"quest": (kmax * q_pos[:, None]).sum(-1) + (kmin * q_neg[:, None]).sum(-1), "oracle": mass}
+        if args.group_variants:
+            # Per query head bounds [Hkv, G, n_pages], combined over the GQA group in other ways than the sum.
+            per_head = (torch.einsum("hgd,hpd->hgp", qt.clamp(min=0), kmax)
+                        + torch.einsum("hgd,hpd->hgp", qt.clamp(max=0), kmin)) / d**0.5
+            scores["quest-max"] = per_head.amax(1)
+            scores["quest-lse"] = per_head.logsumexp(1)
+            scores["quest-lse-norm"] = (per_head - per_head.amax(-1, keepdim=True)).exp().sum(1)
         q_sum = qt.sum(1)  # [Hkv, D]
         for r, basis in bases.items():  # basis [Hkv, D, r]
             qr = torch.einsum("hd,hdr->hr", q_sum, basis)
@@ -161,7 +170,7 @@ def main(argv=None) -> None:
     d = model.config.hidden_size // model.config.num_attention_heads
     rows = []
     for name in sorted({k[0] for k in sums}):
-        per_page = 2 * d if name == "quest" else (int(name.split("-")[1]) * args.page_size if "-" in name else None)
+        per_page = 2 * d if name.startswith("quest") else (int(name.split("-")[1]) * args.page_size if "-" in name else None)
         rows.append({"scorer": name, "values_per_page": per_page,
                      **{f"recall@{b}": round(sums[(name, b)] / n, 5) for b in args.budgets}})
     print(f"{'scorer':<12} {'vals/page':>9} " + " ".join(f"{'recall@' + str(b):>12}" for b in args.budgets))
