@@ -1,12 +1,14 @@
 """DuoAttention vs dense through vLLM's real engine on SmolLM2-135M-Instruct: the calibrated pattern against a
 random pattern at the same sparsity (the control that shows calibration matters).
 
-Same metrics as ``bench_sparse_fidelity.py`` (``longseq.eval``): teacher-forced next-token agreement and mean
-KL(dense || duo) with the dense run's tokens fed to duo, free-running greedy match, passkey retrieval.
-Duo runs on vLLM's CPU engine only in this release (``LONGSEQ_CPU=1``; PyTorch reference path).
+Same metrics as ``bench_sparse_fidelity.py`` (``longseq.eval.study.variant_study``): teacher-forced next-token
+agreement and mean KL(dense || duo) with the dense run's tokens fed to duo, free-running greedy match, passkey
+retrieval. Runs on vLLM's CPU engine by default (``LONGSEQ_CPU=1``; PyTorch reference path); ``--gpu`` uses the
+GPU engine (needs the GPU duo path).
 
     python benchmarks/bench_duo_fidelity.py --lengths 4096,4096 --passkey-lengths 4000,3000 --max-tokens 32
-Writes benchmarks/results/<name>.json.
+    python benchmarks/bench_duo_fidelity.py --quick        (one 1K prompt, one passkey, 8 tokens: a smoke run)
+Writes benchmarks/results/<name>.json (``patterns``: label -> metrics; ``--out-dir`` elsewhere).
 """
 
 from __future__ import annotations
@@ -19,13 +21,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-CPU_ENV = {"LONGSEQ_CPU": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-CPU_KW = {"dtype": "bfloat16", "max_model_len": 8192, "enforce_eager": True, "seed": 0,
-          "enable_prefix_caching": True, "max_num_batched_tokens": 4096}
 
-
-def main(argv=None) -> None:
+def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=ints, default=[4096, 4096])
@@ -34,46 +31,44 @@ def main(argv=None) -> None:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--pattern", default="smollm2-135m-instruct")
     p.add_argument("--random-seed", type=int, default=0)
-    p.add_argument("--name", default="duo_fidelity_cpu")
+    p.add_argument("--name", default=None, help="result name (default duo_fidelity_cpu / duo_fidelity_gpu, "
+                   "+ _quick with --quick)")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    p.add_argument("--gpu", action="store_true", help="the GPU engine instead of vLLM's CPU engine")
+    p.add_argument("--quick", action="store_true", help="smoke run: --lengths 1024 --passkey-lengths 1000 "
+                   "--max-tokens 8")
     args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.passkey_lengths, args.max_tokens = [1024], [1000], 8
+    args.name = args.name or ("duo_fidelity_gpu" if args.gpu else "duo_fidelity_cpu") + ("_quick" if args.quick else "")
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from transformers import AutoTokenizer
 
     from benchmarks.common import command_line, environment, write_result
-    from longseq.attention_backends.core.duo import load_duo_pattern, random_pattern, save_duo_pattern
-    from longseq.eval.fidelity import compare, run_session
-    from longseq.eval.passkey import passkey_found, passkey_prompt
-    from longseq.models.prompts import make_prompts
+    from longseq.eval.study import duo_variants, engine_setup, variant_study
     from longseq.models.smollm2 import smollm2_path
 
     model = smollm2_path()
     tok = AutoTokenizer.from_pretrained(model)
-    prompts = make_prompts(tok, args.lengths, seed=0)
-    pk = [passkey_prompt(tok, n, seed=i) for i, n in enumerate(args.passkey_lengths)]
-    runs = [{"prompts": prompts, "max_tokens": args.max_tokens}, {"prompts": [x for x, _ in pk], "max_tokens": 8}]
-    found = lambda run: [passkey_found(t, k) for t, (_, k) in zip(run["texts"], pk)]  # noqa: E731
-    dense = run_session(model, runs, {**CPU_ENV, "LONGSEQ_ATTENTION": "dense", "LONGSEQ_CPU_KERNEL": "torch"}, CPU_KW)
-    d_run = dense["runs"][0]
-    calibrated = load_duo_pattern(args.pattern)
-    result = {"name": args.name, "command": command_line(), "env": environment(), "inputs": vars(args),
-              "dense": {"passkey_correct": found(dense["runs"][1])}, "patterns": {}}
+    base_env, kw, dense_env = engine_setup(cpu=not args.gpu)
     with tempfile.TemporaryDirectory() as tmp:
-        rnd = os.path.join(tmp, "random")
-        save_duo_pattern(random_pattern(calibrated.num_layers, calibrated.num_kv_heads, args.random_seed,
-                                        calibrated.sink_size, calibrated.recent_size), rnd)
-        for label, pattern in (("calibrated", args.pattern), ("random", rnd)):
-            env = {**CPU_ENV, "LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": pattern,
-                   "LONGSEQ_DUO_SPARSITY": str(args.sparsity)}
-            res = run_session(model, [{**runs[0], "forced": d_run["tokens"]}, runs[0], runs[1]], env, CPU_KW)
-            if res["runs"][0]["tokens"] != d_run["tokens"]:
-                raise RuntimeError("teacher forcing failed")
-            m = compare(d_run, res["runs"][0], res["runs"][1])
-            m["passkey_correct"] = found(res["runs"][2])
-            result["patterns"][label] = m
-            print(f"{label}: agreement {m['agreement']:.4f} mean KL {m['mean_kl']:.4f} free-running "
-                  f"{m['free_running_match']:.3f} passkey {sum(m['passkey_correct'])}/{len(pk)} "
-                  f"(dense {sum(result['dense']['passkey_correct'])})", flush=True)
-    print(write_result(args.name, result))
+        variants = duo_variants(args.pattern, args.sparsity, args.random_seed, tmp)
+        res = variant_study(model, tok, variants, args.lengths, args.passkey_lengths, args.max_tokens, base_env,
+                            kw, dense_env)
+    dense_pk = res["dense"]["passkey_correct"]
+    result = {"name": args.name, "command": command_line(), "env": environment(), "inputs": vars(args),
+              "dense": {"passkey_correct": dense_pk}, "patterns": {}}
+    for label, m in res["variants"].items():
+        m.pop("trace", None)
+        result["patterns"][label] = m
+        print(f"{label}: agreement {m['agreement']:.4f} mean KL {m['mean_kl']:.4f} free-running "
+              f"{m['free_running_match']:.3f} passkey {sum(m['passkey_correct'])}/{len(dense_pk)} "
+              f"(dense {sum(dense_pk)})", flush=True)
+    print(write_result(args.name, result, args.out_dir))
 
 
 if __name__ == "__main__":

