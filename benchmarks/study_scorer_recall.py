@@ -16,7 +16,7 @@ SmolLM2's D = 64 and page 16).
 
     python benchmarks/study_scorer_recall.py --lengths 4096,4096 --budgets 512,1024,2048
 
-Writes ``benchmarks/results/scorer_recall.json`` (or under ``LONGSEQ_RESULTS_DIR``).
+Writes ``benchmarks/results/<name>.json``.
 """
 
 from __future__ import annotations
