@@ -16,8 +16,10 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
     hybrid       FA on the retrieval-head runs + the Triton kernel on the streaming heads (the backend's path)
     duo          the Triton kernel on all heads (``--variants`` only, and only up to 32K: slow by design)
 
-``--variants`` adds decode split counts / warps / stages / key tiles of the duo kernel (``duo_s*``, ``duo_w8``,
-``duo_st*``, ``duo_t*``).
+``--variants`` adds, for decode: split counts (``duo_s*``), a grid of key tiles x warps x pipeline stages
+(``duo_t{tile}_w{warps}_st{stages}``, applied in ``unified.DECODE_TUNING``), and ``hybrid_s32`` (the hybrid with
+FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``flash.HYBRID_DECODE_MIN_BATCH``
+switches decode to); each decode row reports its fastest variant (``best``).
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
 
     python benchmarks/bench_duo_kernels.py                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
@@ -134,16 +136,39 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
         res["duo"] = duo(mask, num_splits=default_num_splits(batch, max(n_retr, 1), q.device))
         res["duo_0pct"] = duo(none, num_splits=default_num_splits(batch, args.hkv, q.device))
         if args.variants:
+            splits = default_num_splits(batch, max(n_retr, 1), q.device)
             for s in (8, 16, 32, 64):
-                res[f"duo_s{s}"] = duo(mask, num_splits=s)
-            res["duo_w8"] = duo(mask, num_warps=8)
-            for tn in (32, 128):
-                res[f"duo_t{tn}"] = duo(mask, tile_n=tn)
-            for st in (2, 3, 4):
-                res[f"duo_st{st}"] = duo(mask, num_stages=st)
+                if s != splits:
+                    res[f"duo_s{s}"] = duo(mask, num_splits=s)
+            for tn, w, st in TUNING_GRID:
+                res[f"duo_t{tn}_w{w}_st{st}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, num_stages=st)
+            if fa:  # the engine's hybrid decode under CUDA graphs: vLLM fixes FlashAttention's splits at 32
+                meta32 = flash_meta(qsl, max_q, sl, ctx, bt)
+                meta32.max_num_splits = 32
+
+                def hybrid_s32(i):
+                    flash_retrieval_heads(q, *cache.kv[i], out, runs, meta32, scale, version)
+                    duo_paged_attention(q, *cache.kv[i], bt, qsl, sl, mask, args.sink, args.recent, scale, max_q,
+                                        out=out, kv_heads=streaming_heads, num_splits=1)
+
+                res["hybrid_s32"] = hybrid_s32
     elif args.variants and ctx <= 32768:
         res["duo"] = duo(mask)
     return res
+
+
+#: Decode kernel configurations ``(tile_n, num_warps, num_stages)`` timed by ``--variants`` (default splits).
+TUNING_GRID = [(tn, w, st) for tn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+
+
+def best_plan(row) -> dict:
+    """The fastest duo decode variant of a row (one-launch kernel configs and the hybrid), and its ratio."""
+    times = {k: v for k, v in row["times_us"].items() if k.startswith(("duo", "hybrid")) and k != "duo_0pct"}
+    name = min(times, key=times.get)
+    best = {"variant": name, "us": times[name]}
+    if "fa_dense" in row["times_us"]:
+        best["ratio_vs_fa_dense"] = times[name] / row["times_us"]["fa_dense"]
+    return best
 
 
 def dense_fa():
@@ -227,10 +252,19 @@ def main(argv=None) -> None:
             q = torch.randn(batch, args.hq, args.head_size, device="cuda", dtype=dt)
             qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
             out = torch.empty_like(q)
-            times = {name: time_graph(fn, copies, args.inner, args.reps)
-                     for name, fn in ops(args, cache, q, qsl, 1, ctx, mask, fa, fa_label, out).items()}
+            times = {}
+            for name, fn in ops(args, cache, q, qsl, 1, ctx, mask, fa, fa_label, out).items():
+                try:
+                    times[name] = time_graph(fn, copies, args.inner, args.reps)
+                except Exception as e:  # a tuning variant over the SM's resources (shared memory): skip it
+                    if not name.startswith("duo_") or name == "duo_0pct":
+                        raise
+                    torch.cuda.synchronize()
+                    print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)
             rows.append(_row("decode", ctx, batch, times, cache.bytes))
+            rows[-1]["best"] = best_plan(rows[-1])
             print(_line(rows[-1]), flush=True)
+            print(f"  best: {rows[-1]['best']}", flush=True)
             del cache
             torch.cuda.empty_cache()
     for n in args.prefill:

@@ -166,9 +166,11 @@ def _mask(hkv):
     return torch.tensor([i % 2 == 0 for i in range(hkv)])  # streaming, retrieval, ...: several retrieval runs
 
 
-@pytest.mark.parametrize("decode_only", [False, True])
-def test_window_covering_everything_is_dense(decode_only):
-    """Sink + recent covering every context: duo must be dense attention up to rounding, on every head."""
+@pytest.mark.parametrize("decode_only,hybrid", [(False, False), (True, False), (True, True)])
+def test_window_covering_everything_is_dense(decode_only, hybrid, monkeypatch):
+    """Sink + recent covering every context: duo must be dense attention up to rounding, on every head (decode
+    steps through the one-launch kernel, or with ``hybrid`` FlashAttention on the retrieval heads)."""
+    monkeypatch.setattr(flash, "HYBRID_DECODE_MIN_BATCH", 1 if hybrid else None)
     if CUDA:
         hq, hkv, d = SHAPES["smollm2"]
         reqs, dtype = [r for r in GPU_MIXED if not decode_only or r[1] == 1], torch.bfloat16
@@ -186,7 +188,8 @@ def test_window_covering_everything_is_dense(decode_only):
         assert mx.max() < 1e-4, mx
         return
     fmx, fmean = per_head_errors(s.flash_all_heads(), dense_ref)
-    _report("window covers everything" + (" (decode only)" if decode_only else ""), mask, hq // hkv,
+    _report("window covers everything" + (" (decode only)" if decode_only else "") + (" hybrid" if hybrid else ""),
+            mask, hq // hkv,
             duo=(mx, mean), flash=(fmx, fmean))
     # Rounding, not a bug: every head's error within twice FlashAttention's own error on that head (both round
     # P and the output to bf16), and a bf16-sized maximum.

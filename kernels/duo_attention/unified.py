@@ -29,6 +29,10 @@ _LOG2E = 1.4426950408889634
 #: Programs per SM that :func:`default_num_splits` aims at for the heads that do long work.
 SPLIT_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64
+#: Decode-layout tuning (one query token per program): keys per tile, warps, software-pipeline stages (``None``:
+#: Triton's default). One place to apply what ``benchmarks/bench_duo_kernels.py --variants`` measures best
+#: (variant ``duo_t{tile_n}_w{num_warps}_st{num_stages}``).
+DECODE_TUNING: dict[str, int | None] = {"tile_n": 64, "num_warps": 4, "num_stages": None}
 
 
 @triton.jit
@@ -238,6 +242,10 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     if kv_heads is None:
         kv_heads = torch.arange(hkv, dtype=torch.int32, device=query.device)
     block_q, block_m, default_tile = block_shape(group, max_query_len, d)
+    if max_query_len <= 1:
+        tile_n = tile_n or (DECODE_TUNING["tile_n"] if d <= 128 else None)
+        num_warps = num_warps or DECODE_TUNING["num_warps"]
+        num_stages = num_stages or DECODE_TUNING["num_stages"]
     tile_n = tile_n or default_tile
     if num_splits is None:
         num_splits = 1 if max_query_len > 1 else default_num_splits(num_seqs, hkv, query.device)
