@@ -137,7 +137,7 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
         res["duo_0pct"] = duo(none, num_splits=default_num_splits(batch, args.hkv, q.device))
         if args.variants:
             splits = default_num_splits(batch, max(n_retr, 1), q.device)
-            for s in (8, 16, 32, 64):
+            for s in (8, 16, 32, 64, 128):
                 if s != splits:
                     res[f"duo_s{s}"] = duo(mask, num_splits=s)
             for tn, w, st in TUNING_GRID:

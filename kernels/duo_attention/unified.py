@@ -28,7 +28,7 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 #: Programs per SM that :func:`default_num_splits` aims at for the heads that do long work.
 SPLIT_PROGRAMS_PER_SM = 4
-MAX_SPLITS = 64
+MAX_SPLITS = 128  # batch 1 at 126K with 4 long heads on 132 SMs wants 132 (64 left SMs half full)
 #: Decode-layout tuning (one query token per program): keys per tile, warps, software-pipeline stages (``None``:
 #: Triton's default). One place to apply what ``benchmarks/bench_duo_kernels.py --variants`` measures best
 #: (variant ``duo_t{tile_n}_w{num_warps}_st{num_stages}``).
@@ -275,7 +275,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         _merge_splits_kernel[(t * hq,)](
             part_o, part_lse, out, query_start_loc, num_seqs, num_splits, *out.stride(),
             HQ=hq, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+            BLOCK_D=triton.next_power_of_2(d), num_warps=8 if num_splits > 32 else 4,
         )
     return out
 
