@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ log = logging.getLogger("longseq.kv_offload")
 KEY_BYTES = 16
 #: Threads reading disk blocks when a request's prefix is found on disk.
 READ_THREADS = 8
+#: Keys of recently sent saves remembered, so requests sharing a prefix in flight save each block once.
+RECENT_SAVES = 1 << 16
 
 
 def chain_keys(token_ids, block_size: int, num_blocks: int, seed: bytes, prev: list[bytes] | None = None) -> list[bytes]:
@@ -86,6 +89,7 @@ class OffloadScheduler:
         self.pending_loads: list[BlockTransfer] = []
         self.lookups = self.hit_tokens = self.miss_tokens = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._recent_saves: OrderedDict[bytes, None] = OrderedDict()
 
     def track(self, request) -> None:
         self._state(request)
@@ -166,7 +170,7 @@ class OffloadScheduler:
             st.block_ids = list(new.block_ids[0])
             self._collect_save(st, new.num_computed_tokens + sched.get(new.req_id, 0), saves)
         cached = scheduler_output.scheduled_cached_reqs
-        resumed = cached_resumed_ids(cached)
+        resumed = set(cached.resumed_req_ids)  # resumed from preemption: new_block_ids replace the list
         for i, req_id in enumerate(cached.req_ids):
             st = self.reqs.get(req_id)
             if st is None:
@@ -187,7 +191,12 @@ class OffloadScheduler:
         keys = self._keys(st, n_full)
         ids, todo = [], []
         for b in range(st.saved_blocks, n_full):
-            if not self.store.contains(keys[b]):
+            if keys[b] in self._recent_saves:  # another request already sent it (its put may be in flight)
+                self._recent_saves.move_to_end(keys[b])
+            elif not self.store.contains(keys[b]):
+                self._recent_saves[keys[b]] = None
+                if len(self._recent_saves) > RECENT_SAVES:
+                    self._recent_saves.popitem(last=False)
                 ids.append(st.block_ids[b])
                 todo.append(keys[b])
         st.saved_blocks = n_full
@@ -207,12 +216,3 @@ def dram_resident(store: BlockStore, key: bytes) -> bool:
     so the store's public API stays small."""
     with store._lock:
         return key in store._dram or key in store._pending
-
-
-def cached_resumed_ids(cached) -> set[str]:
-    """Ids of requests resumed from preemption (their ``new_block_ids`` replace the old list)."""
-    ids = getattr(cached, "resumed_req_ids", None)
-    if ids is not None:
-        return set(ids)
-    flags = getattr(cached, "resumed_from_preemption", None) or []  # older vLLM: a list of bools
-    return {r for r, f in zip(cached.req_ids, flags) if f}
