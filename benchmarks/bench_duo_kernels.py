@@ -17,7 +17,8 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
     duo          the Triton kernel on all heads (``--variants`` only, and only up to 32K: slow by design)
 
 ``--variants`` adds, for decode: split counts (``duo_s*``), a grid of key tiles x warps x pipeline stages
-(``duo_t{tile}_w{warps}_st{stages}``, applied in ``unified.DECODE_TUNING``), and ``hybrid_s32`` (the hybrid with
+(``duo_t{tile}_w{warps}_st{stages}``, applied in ``unified.DECODE_TUNING``), the register multiply-and-sum decode
+(``duo_fma_t{tile}_w{warps}``: ``DECODE_TUNING["use_dot"] = False``), and ``hybrid_s32`` (the hybrid with
 FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``flash.HYBRID_DECODE_MIN_BATCH``
 switches decode to); each decode row reports its fastest variant (``best``).
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
@@ -142,6 +143,8 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
                     res[f"duo_s{s}"] = duo(mask, num_splits=s)
             for tn, w, st in TUNING_GRID:
                 res[f"duo_t{tn}_w{w}_st{st}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, num_stages=st)
+            for tn, w in FMA_GRID:
+                res[f"duo_fma_t{tn}_w{w}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, use_dot=False)
             if fa:  # the engine's hybrid decode under CUDA graphs: vLLM fixes FlashAttention's splits at 32
                 meta32 = flash_meta(qsl, max_q, sl, ctx, bt)
                 meta32.max_num_splits = 32
@@ -159,6 +162,8 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
 
 #: Decode kernel configurations ``(tile_n, num_warps, num_stages)`` timed by ``--variants`` (default splits).
 TUNING_GRID = [(tn, w, st) for tn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+#: ``(tile_n, num_warps)`` of the register multiply-and-sum decode (``use_dot=False``) timed by ``--variants``.
+FMA_GRID = [(tn, w) for tn in (16, 32, 64) for w in (4, 8)]
 
 
 def best_plan(row) -> dict:

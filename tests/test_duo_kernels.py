@@ -97,6 +97,18 @@ def test_decode_split_k(num_splits):
     assert (out[3:] == 0).all()
 
 
+@pytest.mark.parametrize("hq,hkv,dtype", [(12, 4, torch.float32), (12, 4, torch.bfloat16), (4, 4, torch.float32)])
+def test_decode_without_tensor_core_dots(hq, hkv, dtype):
+    """``use_dot=False`` (register multiply-and-sum over G rows), with and without split-K; refused for prefill."""
+    b = Batch(CASES["decode"], hq, hkv, 64, dtype=dtype, seed=10)
+    ref = b.ref(20, 24)
+    check(b.run(20, 24, use_dot=False, tile_n=32), ref, dtype)
+    check(b.run(20, 24, use_dot=False, num_splits=3), ref, dtype)
+    p = Batch(CASES["mixed"], 8, 2, 64, seed=10)
+    with pytest.raises(ValueError, match="decode layout"):
+        p.run(20, 24, use_dot=False)
+
+
 def test_short_sequences_see_every_key():
     """Shorter than sink + recent: streaming heads see everything, so the result is dense attention."""
     b = Batch([(30, 1), (0, 25), (5, 9)], 8, 2, 64, seed=2)
@@ -160,7 +172,11 @@ def test_llama_sized_mixed_batch(dtype):
     b = Batch([(6000, 1), (3000, 1), (0, 1500), (4000, 700)], 32, 8, 128, dtype=dtype, seed=6)
     check(b.run(64, 256), b.ref(64, 256), dtype)
     dec = Batch([(20000, 1), (9000, 1), (300, 1)], 32, 8, 128, dtype=dtype, seed=7)
-    check(dec.run(64, 256), dec.ref(64, 256), dtype)
+    ref = dec.ref(64, 256)
+    check(dec.run(64, 256), ref, dtype)
+    for tile_n, warps in ((32, 8), (64, 4)):
+        check(dec.run(64, 256, use_dot=False, tile_n=tile_n, num_warps=warps), ref, dtype)
+    check(dec.run(64, 256, tile_n=128, num_warps=8, num_stages=3), ref, dtype)
 
 
 @pytest.mark.gpu

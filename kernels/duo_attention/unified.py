@@ -32,7 +32,9 @@ MAX_SPLITS = 128  # batch 1 at 126K with 4 long heads on 132 SMs wants 132 (64 l
 #: Decode-layout tuning (one query token per program): keys per tile, warps, software-pipeline stages (``None``:
 #: Triton's default). One place to apply what ``benchmarks/bench_duo_kernels.py --variants`` measures best
 #: (variant ``duo_t{tile_n}_w{num_warps}_st{num_stages}``).
-DECODE_TUNING: dict[str, int | None] = {"tile_n": 64, "num_warps": 4, "num_stages": None}
+#: ``use_dot=False``: scores and P.V as multiply-and-sum in registers over ``G`` rows (variant ``duo_fma_*``)
+#: instead of tensor-core dots over 16 rows, which stage K and V through shared memory.
+DECODE_TUNING: dict[str, int | bool | None] = {"tile_n": 64, "num_warps": 4, "num_stages": None, "use_dot": True}
 
 
 @triton.jit
@@ -59,7 +61,7 @@ def _duo_attention_kernel(
     s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btb, s_btn, s_ot, s_oh, s_od,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
-    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.load(kv_heads + tl.program_id(1))
@@ -116,7 +118,10 @@ def _duo_attention_kernel(
         p_dtype = vt.dtype
         if DOT_FP32:
             k, vt = k.to(tl.float32), vt.to(tl.float32)
-        s = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N], log2 units
+        if USE_DOT:
+            s = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N], log2 units
+        else:  # decode with BLOCK_M = G rows: multiply-and-sum in registers, K never staged in shared memory
+            s = tl.sum(qt.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
         jj = j[None, :]
         visible = key_ok[None, :] & (jj <= pos[:, None]) & (
             retrieval | (jj < sink_size) | (jj > pos[:, None] - recent_size))
@@ -127,7 +132,10 @@ def _duo_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
-        acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(vt.dtype), vt, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
         m_i = m_new
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     rows = q_start + tok
@@ -204,7 +212,8 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
                         is_streaming: torch.Tensor, sink_size: int, recent_size: int, scale: float,
                         max_query_len: int, out: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
                         num_splits: int | None = None, num_warps: int | None = None,
-                        num_stages: int | None = None, tile_n: int | None = None) -> torch.Tensor:
+                        num_stages: int | None = None, tile_n: int | None = None,
+                        use_dot: bool | None = None) -> torch.Tensor:
     """DuoAttention for a batch of requests (prefill chunks and decodes, any mix) over a paged KV cache.
 
     Args:
@@ -222,7 +231,9 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         kv_heads: ``[n]`` int32 KV heads to compute (default: all).
         num_splits: split-K factor (default: 1 for prefill layouts, :func:`default_num_splits` over the
             retrieval heads for decode); needs ``kv_heads`` = all heads when > 1.
-        num_warps, num_stages, tile_n (keys per tile, a power of two >= 16): tuning.
+        num_warps, num_stages, tile_n (keys per tile, a power of two >= 16), use_dot (decode layout only:
+            ``False`` = register multiply-and-sum instead of tensor-core dots): tuning, defaults from
+            :data:`DECODE_TUNING` for decode.
 
     Returns:
         ``out`` (allocated like ``query`` when not given).
@@ -246,6 +257,11 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         tile_n = tile_n or (DECODE_TUNING["tile_n"] if d <= 128 else None)
         num_warps = num_warps or DECODE_TUNING["num_warps"]
         num_stages = num_stages or DECODE_TUNING["num_stages"]
+        use_dot = DECODE_TUNING["use_dot"] if use_dot is None else use_dot
+        if not use_dot:
+            block_m = max(2, triton.next_power_of_2(group))
+    elif use_dot is False:
+        raise ValueError("use_dot=False is for the decode layout (max_query_len <= 1) only")
     tile_n = tile_n or default_tile
     if num_splits is None:
         num_splits = 1 if max_query_len > 1 else default_num_splits(num_seqs, hkv, query.device)
@@ -267,7 +283,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         scale * _LOG2E, int(sink_size), int(recent_size), num_seqs, num_splits,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *out.stride(),
         HQ=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=block_size,
-        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SPLIT=split,
+        BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SPLIT=split, USE_DOT=use_dot is not False,
         DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
         DOT_FP32=interp_bf16, num_warps=num_warps or 4, **extra,
     )
