@@ -45,62 +45,66 @@ def prompts(tiny):
     return make_prompts(AutoTokenizer.from_pretrained(tiny), LENGTHS, seed=3, shared_prefix=(0, 1, 500))
 
 
-def _kw(tp: int, backend: str) -> dict:
-    return {**KW, "tensor_parallel_size": tp, "attention_config": {"backend": backend}}
+def _kw(tp: int, backend: str, graphs: bool = False) -> dict:
+    # The TP comparisons run eager (start-up in seconds); the dense test keeps CUDA graphs as served.
+    kw = {**KW, "tensor_parallel_size": tp, "attention_config": {"backend": backend}}
+    return kw if graphs else {**kw, "enforce_eager": True, "compilation_config": {"mode": 0}}
 
 
-def _forced_vs(model, prompts, reference: dict, env: dict, tp: int) -> dict:
-    """``env``'s engine at ``tp`` fed ``reference``'s tokens; agreement/KL against ``reference``."""
-    from longseq.eval.fidelity import compare, run_generation
+@pytest.fixture(scope="module")
+def dense_tp1(tiny, prompts):
+    from longseq.eval.fidelity import run_generation
 
-    run = run_generation(model, prompts, MAX_TOKENS, env, _kw(tp, "CUSTOM"), forced=reference["tokens"])
-    assert run["tokens"] == reference["tokens"]  # forcing worked
-    return compare(reference, run)
+    return run_generation(tiny, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, _kw(1, "CUSTOM"))
+
+
+def _tp1_then_tp2(model, prompts, dense: dict, env: dict) -> tuple[dict, dict, dict]:
+    """The technique at TP=1 (free-running, then fed dense's tokens: one engine), then at TP=2 fed TP=1's tokens.
+    Returns (TP=1 free run, TP=1 vs dense metrics, TP=2 vs TP=1 metrics)."""
+    from longseq.eval.fidelity import compare, run_generation, run_session
+
+    s = run_session(model, [{"prompts": prompts, "max_tokens": MAX_TOKENS},
+                            {"prompts": prompts, "max_tokens": MAX_TOKENS, "forced": dense["tokens"]}],
+                    env, _kw(1, "CUSTOM"))
+    tp1, tp1_forced = s["runs"]
+    tp1["trace"] = s["trace"]
+    tp2 = run_generation(model, prompts, MAX_TOKENS, env, _kw(2, "CUSTOM"), forced=tp1["tokens"])
+    assert tp1_forced["tokens"] == dense["tokens"] and tp2["tokens"] == tp1["tokens"]  # forcing worked
+    return tp1, compare(dense, tp1_forced), compare(tp1, tp2)
 
 
 def test_dense_tp2_matches_flash_attn_tp2(tiny, prompts):
     from engine_utils import run_llm
 
-    flash = run_llm(tiny, prompts, MAX_TOKENS, {}, _kw(2, "FLASH_ATTN"))
-    ours = run_llm(tiny, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, _kw(2, "CUSTOM"))
+    flash = run_llm(tiny, prompts, MAX_TOKENS, {}, _kw(2, "FLASH_ATTN", graphs=True))
+    ours = run_llm(tiny, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, _kw(2, "CUSTOM", graphs=True))
     assert ours["tokens"] == flash["tokens"]
 
 
-def test_sparse_tp2_follows_tp1(tiny, prompts):
+def test_sparse_tp2_follows_tp1(tiny, prompts, dense_tp1):
     """Budget 256 tokens (16 pages) on prompts up to 1800 tokens, no dense layers: selection matters. TP=2 fed
     TP=1's tokens must agree with it far more closely than sparse agrees with dense."""
-    from longseq.eval.fidelity import compare, run_generation
-
     env = {"LONGSEQ_ATTENTION": "sparse", "LONGSEQ_SPARSE_BUDGET": "256", "LONGSEQ_SPARSE_DENSE_LAYERS": "0"}
-    dense = run_generation(tiny, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, _kw(1, "CUSTOM"))
-    tp1 = run_generation(tiny, prompts, MAX_TOKENS, env, _kw(1, "CUSTOM"))
+    tp1, tp1_vs_dense, tp2_vs_tp1 = _tp1_then_tp2(tiny, prompts, dense_tp1, env)
     assert any(t.get("sparse_decode_calls", 0) > 0 for t in tp1["trace"]), tp1["trace"]
-    tp1_vs_dense = compare(dense, run_generation(tiny, prompts, MAX_TOKENS, env, _kw(1, "CUSTOM"),
-                                                 forced=dense["tokens"]))
-    tp2_vs_tp1 = _forced_vs(tiny, prompts, tp1, env, tp=2)
     print("sparse tp1 vs dense:", tp1_vs_dense["agreement"], tp1_vs_dense["mean_kl"],
           "| tp2 vs tp1:", tp2_vs_tp1["agreement"], tp2_vs_tp1["mean_kl"])
     assert tp2_vs_tp1["agreement"] >= 0.95 and tp2_vs_tp1["mean_kl"] <= 0.02, tp2_vs_tp1
     assert tp1_vs_dense["mean_kl"] > 2 * tp2_vs_tp1["mean_kl"], (tp1_vs_dense, tp2_vs_tp1)
 
 
-def test_duo_tp2_follows_tp1(tiny, prompts, tmp_path):
+def test_duo_tp2_follows_tp1(tiny, prompts, dense_tp1, tmp_path):
     """A pattern with one streaming KV head per layer, on a different rank in each layer: rank 0 streams in
     layer 0, rank 1 in layer 1. TP=2 must follow TP=1 (each rank applies its own slice of the pattern)."""
     import torch
 
     from longseq.attention_backends.core.duo import DuoPattern, save_duo_pattern
-    from longseq.eval.fidelity import compare, run_generation
 
     gates = torch.tensor([[0.1, 0.9], [0.9, 0.1]])  # [layers, kv heads]: low gate = streaming
     save_duo_pattern(DuoPattern(gates=gates, sink_size=16, recent_size=64), tmp_path / "pattern")
     env = {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": str(tmp_path / "pattern"),
            "LONGSEQ_DUO_SPARSITY": "0.5"}
-    dense = run_generation(tiny, prompts, MAX_TOKENS, {"LONGSEQ_ATTENTION": "dense"}, _kw(1, "CUSTOM"))
-    tp1 = run_generation(tiny, prompts, MAX_TOKENS, env, _kw(1, "CUSTOM"))
-    tp1_vs_dense = compare(dense, run_generation(tiny, prompts, MAX_TOKENS, env, _kw(1, "CUSTOM"),
-                                                 forced=dense["tokens"]))
-    tp2_vs_tp1 = _forced_vs(tiny, prompts, tp1, env, tp=2)
+    _, tp1_vs_dense, tp2_vs_tp1 = _tp1_then_tp2(tiny, prompts, dense_tp1, env)
     print("duo tp1 vs dense:", tp1_vs_dense["agreement"], tp1_vs_dense["mean_kl"],
           "| tp2 vs tp1:", tp2_vs_tp1["agreement"], tp2_vs_tp1["mean_kl"])
     assert tp2_vs_tp1["agreement"] >= 0.95 and tp2_vs_tp1["mean_kl"] <= 0.02, tp2_vs_tp1
