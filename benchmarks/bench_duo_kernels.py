@@ -18,9 +18,12 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
 
 ``--variants`` adds, for decode: split counts (``duo_s*``), a grid of key tiles x warps x pipeline stages
 (``duo_t{tile}_w{warps}_st{stages}``, applied in ``unified.DECODE_TUNING``), the register multiply-and-sum decode
-(``duo_fma_t{tile}_w{warps}``: ``DECODE_TUNING["use_dot"] = False``), and ``hybrid_s32`` (the hybrid with
+(``duo_fma_t{tile}_w{warps}``: ``DECODE_TUNING["use_dot"] = False``), the explicit next-tile prefetch (``*_pf``:
+``DECODE_TUNING["prefetch"] = True``), and ``hybrid_s32`` (the hybrid with
 FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``flash.HYBRID_DECODE_MIN_BATCH``
-switches decode to); each decode row reports its fastest variant (``best``).
+switches decode to); each decode row reports its fastest variant (``best``). Variants run at the contexts of
+``--variant-contexts`` (default 126K), at most ``--budget-s`` seconds per decode case (compiles included; the
+rest is listed as not timed), so ``--variants`` stays under about 4 minutes.
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
 
     python benchmarks/bench_duo_kernels.py                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
@@ -34,6 +37,7 @@ import argparse
 import math
 import os
 import sys
+import time
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.* from a checkout
@@ -55,6 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--inner", type=int, default=20)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--variants", action="store_true", help="also time split/warp/stage alternatives")
+    p.add_argument("--variant-contexts", default="129024",
+                   help="decode contexts that get the --variants (comma-separated; '' = all)")
+    p.add_argument("--budget-s", type=float, default=70.0,
+                   help="--variants: stop timing (and compiling) a decode case's variants after this many seconds")
     p.add_argument("--quick", action="store_true", help="8K decode at batch 1 and 8K prefill, few reps")
     p.add_argument("--name", default="duo_kernels")
     args = p.parse_args(argv)
@@ -62,6 +70,9 @@ def parse_args(argv=None):
         args.contexts, args.batches, args.prefill, args.inner, args.reps = "8192", "1", "8192", 5, 5
     to_ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
     args.contexts, args.batches, args.prefill = to_ints(args.contexts), to_ints(args.batches), to_ints(args.prefill)
+    args.variant_contexts = to_ints(args.variant_contexts) or args.contexts
+    if args.quick:
+        args.variant_contexts = args.contexts
     return args
 
 
@@ -136,15 +147,8 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
     if max_q == 1:
         res["duo"] = duo(mask, num_splits=default_num_splits(batch, max(n_retr, 1), q.device))
         res["duo_0pct"] = duo(none, num_splits=default_num_splits(batch, args.hkv, q.device))
-        if args.variants:
+        if args.variants and ctx in args.variant_contexts:
             splits = default_num_splits(batch, max(n_retr, 1), q.device)
-            for s in (8, 16, 32, 64, 128):
-                if s != splits:
-                    res[f"duo_s{s}"] = duo(mask, num_splits=s)
-            for tn, w, st in TUNING_GRID:
-                res[f"duo_t{tn}_w{w}_st{st}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, num_stages=st)
-            for tn, w in FMA_GRID:
-                res[f"duo_fma_t{tn}_w{w}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, use_dot=False)
             if fa:  # the engine's hybrid decode under CUDA graphs: vLLM fixes FlashAttention's splits at 32
                 meta32 = flash_meta(qsl, max_q, sl, ctx, bt)
                 meta32.max_num_splits = 32
@@ -155,6 +159,18 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
                                         out=out, kv_heads=streaming_heads, num_splits=1)
 
                 res["hybrid_s32"] = hybrid_s32
+            for s in (8, 16, 32, 64, 128):
+                if s != splits:
+                    res[f"duo_s{s}"] = duo(mask, num_splits=s)
+            for tn, w, st in PREFETCH_GRID:
+                res[f"duo_t{tn}_w{w}_st{st}_pf"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, num_stages=st,
+                                                       prefetch=True)
+            for tn, w in FMA_GRID:
+                for pf in (False, True):
+                    res[f"duo_fma_t{tn}_w{w}" + ("_pf" if pf else "")] = duo(
+                        mask, num_splits=splits, tile_n=tn, num_warps=w, use_dot=False, prefetch=pf)
+            for tn, w, st in TUNING_GRID:
+                res[f"duo_t{tn}_w{w}_st{st}"] = duo(mask, num_splits=splits, tile_n=tn, num_warps=w, num_stages=st)
     elif args.variants and ctx <= 32768:
         res["duo"] = duo(mask)
     return res
@@ -164,6 +180,8 @@ def ops(args, cache, q, qsl, max_q, ctx, mask, fa, fa_label, out):
 TUNING_GRID = [(tn, w, st) for tn in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
 #: ``(tile_n, num_warps)`` of the register multiply-and-sum decode (``use_dot=False``) timed by ``--variants``.
 FMA_GRID = [(tn, w) for tn in (16, 32, 64) for w in (4, 8)]
+#: ``(tile_n, num_warps, num_stages)`` timed with the explicit next-tile prefetch (``prefetch=True``, ``*_pf``).
+PREFETCH_GRID = [(tn, w, st) for tn in (64, 128) for w in (4, 8) for st in (1, 2)]
 
 
 def best_plan(row) -> dict:
@@ -257,12 +275,16 @@ def main(argv=None) -> None:
             q = torch.randn(batch, args.hq, args.head_size, device="cuda", dtype=dt)
             qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
             out = torch.empty_like(q)
-            times = {}
+            times, case_start = {}, time.monotonic()
             for name, fn in ops(args, cache, q, qsl, 1, ctx, mask, fa, fa_label, out).items():
+                variant = name not in ("fa_dense", "duo", "duo_0pct", "hybrid")
+                if variant and time.monotonic() - case_start > args.budget_s:
+                    print(f"  {name}: not timed (--budget-s {args.budget_s:.0f} spent)", flush=True)
+                    continue
                 try:
                     times[name] = time_graph(fn, copies, args.inner, args.reps)
                 except Exception as e:  # a tuning variant over the SM's resources (shared memory): skip it
-                    if not name.startswith("duo_") or name == "duo_0pct":
+                    if not variant:
                         raise
                     torch.cuda.synchronize()
                     print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})", flush=True)

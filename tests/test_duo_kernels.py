@@ -99,11 +99,13 @@ def test_decode_split_k(num_splits):
 
 @pytest.mark.parametrize("hq,hkv,dtype", [(12, 4, torch.float32), (12, 4, torch.bfloat16), (4, 4, torch.float32)])
 def test_decode_without_tensor_core_dots(hq, hkv, dtype):
-    """``use_dot=False`` (register multiply-and-sum over G rows), with and without split-K; refused for prefill."""
+    """``use_dot=False`` (register multiply-and-sum over G rows), with and without split-K and the next-tile
+    prefetch; refused for prefill."""
     b = Batch(CASES["decode"], hq, hkv, 64, dtype=dtype, seed=10)
     ref = b.ref(20, 24)
     check(b.run(20, 24, use_dot=False, tile_n=32), ref, dtype)
-    check(b.run(20, 24, use_dot=False, num_splits=3), ref, dtype)
+    check(b.run(20, 24, use_dot=False, num_splits=3, prefetch=True), ref, dtype)
+    check(b.run(20, 24, num_splits=2, prefetch=True, tile_n=32), ref, dtype)
     p = Batch(CASES["mixed"], 8, 2, 64, seed=10)
     with pytest.raises(ValueError, match="decode layout"):
         p.run(20, 24, use_dot=False)
@@ -123,8 +125,8 @@ def test_bf16_mixed_batch():
     check(b.run(20, 24), b.ref(20, 24), torch.bfloat16)
 
 
-@pytest.mark.parametrize("tile_n", [None, 16])
-def test_streaming_heads_skip_tiles_outside_sink_and_window(tile_n):
+@pytest.mark.parametrize("tile_n,prefetch", [(None, False), (16, True)])
+def test_streaming_heads_skip_tiles_outside_sink_and_window(tile_n, prefetch):
     """NaN in the keys/values of tiles a streaming head must skip (64..191 for queries at 250..299 with sink 20,
     recent 24, 64- or 16-key tiles): a kernel that visited them would turn NaN, even masked (0 * NaN)."""
     b = Batch([(299, 1), (250, 2)], 8, 2, 64, seed=4)
@@ -136,8 +138,8 @@ def test_streaming_heads_skip_tiles_outside_sink_and_window(tile_n):
         for h in heads.tolist():
             b.key_cache[blk, pos % 16, h] = float("nan")
             b.value_cache[blk, pos % 16, h] = float("nan")
-    check(b.run(20, 24, tile_n=tile_n), ref, torch.float32)
-    check(b.run(20, 24, num_splits=3, tile_n=tile_n), ref, torch.float32)
+    check(b.run(20, 24, tile_n=tile_n, prefetch=prefetch), ref, torch.float32)
+    check(b.run(20, 24, num_splits=3, tile_n=tile_n, prefetch=prefetch), ref, torch.float32)
 
 
 def test_subset_of_heads_leaves_other_rows():
@@ -176,6 +178,8 @@ def test_llama_sized_mixed_batch(dtype):
     check(dec.run(64, 256), ref, dtype)
     for tile_n, warps in ((32, 8), (64, 4)):
         check(dec.run(64, 256, use_dot=False, tile_n=tile_n, num_warps=warps), ref, dtype)
+        check(dec.run(64, 256, use_dot=False, tile_n=tile_n, num_warps=warps, prefetch=True), ref, dtype)
+    check(dec.run(64, 256, prefetch=True, num_stages=1), ref, dtype)
     check(dec.run(64, 256, tile_n=128, num_warps=8, num_stages=3), ref, dtype)
 
 

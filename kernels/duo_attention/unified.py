@@ -34,7 +34,10 @@ MAX_SPLITS = 128  # batch 1 at 126K with 4 long heads on 132 SMs wants 132 (64 l
 #: (variant ``duo_t{tile_n}_w{num_warps}_st{num_stages}``).
 #: ``use_dot=False``: scores and P.V as multiply-and-sum in registers over ``G`` rows (variant ``duo_fma_*``)
 #: instead of tensor-core dots over 16 rows, which stage K and V through shared memory.
-DECODE_TUNING: dict[str, int | bool | None] = {"tile_n": 64, "num_warps": 4, "num_stages": None, "use_dot": True}
+#: ``prefetch=True``: each program requests tile ``v+1`` before tile ``v``'s math (explicit double buffering in
+#: registers, independent of Triton's software pipelining; variants ``*_pf``).
+DECODE_TUNING: dict[str, int | bool | None] = {"tile_n": 64, "num_warps": 4, "num_stages": None, "use_dot": True,
+                                               "prefetch": False}
 
 
 @triton.jit
@@ -54,6 +57,54 @@ def _find_seq(query_start_loc, qb, num_seqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(key_cache, value_cache, bt_row, v, v_hi, n_a, b_lo, n_keys, h, n, d, d_mask,
+               s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn,
+               BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr):
+    """Virtual key tile ``v`` (tiles ``[0, n_a)`` then from ``b_lo``; nothing at or past ``v_hi``) of KV head
+    ``h``: ``(j, key_ok, k, vt)`` = ``[TILE_N]`` key positions, which exist, ``[TILE_N, BLOCK_D]`` keys, values."""
+    tile = tl.where(v < n_a, v, b_lo + v - n_a)
+    j = tile * TILE_N + n
+    key_ok = j < tl.where(v < v_hi, n_keys, 0)  # a tile past v_hi (the prefetch after the last) loads nothing
+    blk = tl.load(bt_row + (j // BLOCK_SIZE) * s_btn, mask=key_ok, other=0).to(tl.int64)
+    off = j % BLOCK_SIZE
+    kv_mask = key_ok[:, None] & d_mask[None, :]
+    k = tl.load(key_cache + (blk * s_kb + off * s_ko + h * s_kh)[:, None] + d[None, :] * s_kd, mask=kv_mask,
+                other=0.0)
+    vt = tl.load(value_cache + (blk * s_vb + off * s_vo + h * s_vh)[:, None] + d[None, :] * s_vd, mask=kv_mask,
+                 other=0.0)
+    return j, key_ok, k, vt
+
+
+@triton.jit
+def _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2, sink_size, recent_size,
+                 DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr):
+    """Online-softmax step of ``[BLOCK_M]`` query rows at positions ``pos`` over one key tile: ``(m_i, l_i, acc)``
+    updated (running max and sum in log2 units, unnormalized output)."""
+    p_dtype = vt.dtype
+    if DOT_FP32:
+        k, vt = k.to(tl.float32), vt.to(tl.float32)
+    if USE_DOT:
+        s = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N], log2 units
+    else:  # decode with BLOCK_M = G rows: multiply-and-sum in registers, K never staged in shared memory
+        s = tl.sum(qt.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
+    jj = j[None, :]
+    visible = key_ok[None, :] & (jj <= pos[:, None]) & (
+        retrieval | (jj < sink_size) | (jj > pos[:, None] - recent_size))
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: no NaNs
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
+    if USE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(vt.dtype), vt, input_precision=DOT_PRECISION)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _duo_attention_kernel(
     q, key_cache, value_cache, block_table, seq_lens, query_start_loc, kv_heads, is_streaming,
     out, part_o, part_lse,
@@ -62,6 +113,7 @@ def _duo_attention_kernel(
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.load(kv_heads + tl.program_id(1))
@@ -104,39 +156,23 @@ def _duo_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for v in range(v_lo, v_hi):
-        tile = tl.where(v < n_a, v, b_lo + v - n_a)
-        j = tile * TILE_N + n
-        key_ok = j < n_keys
-        blk = tl.load(bt_row + (j // BLOCK_SIZE) * s_btn, mask=key_ok, other=0).to(tl.int64)
-        off = j % BLOCK_SIZE
-        kv_mask = key_ok[:, None] & d_mask[None, :]
-        k = tl.load(key_cache + (blk * s_kb + off * s_ko + h * s_kh)[:, None] + d[None, :] * s_kd,
-                    mask=kv_mask, other=0.0)
-        vt = tl.load(value_cache + (blk * s_vb + off * s_vo + h * s_vh)[:, None] + d[None, :] * s_vd,
-                     mask=kv_mask, other=0.0)
-        p_dtype = vt.dtype
-        if DOT_FP32:
-            k, vt = k.to(tl.float32), vt.to(tl.float32)
-        if USE_DOT:
-            s = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N], log2 units
-        else:  # decode with BLOCK_M = G rows: multiply-and-sum in registers, K never staged in shared memory
-            s = tl.sum(qt.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
-        jj = j[None, :]
-        visible = key_ok[None, :] & (jj <= pos[:, None]) & (
-            retrieval | (jj < sink_size) | (jj > pos[:, None] - recent_size))
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: no NaNs
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(vt.dtype), vt, input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
-        m_i = m_new
+    if PREFETCH:  # tile v+1's keys/values are requested before tile v's math: two tiles in flight per program
+        j, key_ok, k, vt = _load_tile(key_cache, value_cache, bt_row, v_lo, v_hi, n_a, b_lo, n_keys, h, n, d, d_mask,
+                                      s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn, BLOCK_SIZE, TILE_N)
+        for v in range(v_lo, v_hi):
+            j2, key_ok2, k2, vt2 = _load_tile(key_cache, value_cache, bt_row, v + 1, v_hi, n_a, b_lo, n_keys, h, n,
+                                              d, d_mask, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn,
+                                              BLOCK_SIZE, TILE_N)
+            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2,
+                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT)
+            j, key_ok, k, vt = j2, key_ok2, k2, vt2
+    else:
+        for v in range(v_lo, v_hi):
+            j, key_ok, k, vt = _load_tile(key_cache, value_cache, bt_row, v, v_hi, n_a, b_lo, n_keys, h, n, d,
+                                          d_mask, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn,
+                                          BLOCK_SIZE, TILE_N)
+            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2,
+                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     rows = q_start + tok
     mask = row_mask[:, None] & d_mask[None, :]
@@ -213,7 +249,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
                         max_query_len: int, out: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
                         num_splits: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, tile_n: int | None = None,
-                        use_dot: bool | None = None) -> torch.Tensor:
+                        use_dot: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
     """DuoAttention for a batch of requests (prefill chunks and decodes, any mix) over a paged KV cache.
 
     Args:
@@ -232,7 +268,8 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         num_splits: split-K factor (default: 1 for prefill layouts, :func:`default_num_splits` over the
             retrieval heads for decode); needs ``kv_heads`` = all heads when > 1.
         num_warps, num_stages, tile_n (keys per tile, a power of two >= 16), use_dot (decode layout only:
-            ``False`` = register multiply-and-sum instead of tensor-core dots): tuning, defaults from
+            ``False`` = register multiply-and-sum instead of tensor-core dots), prefetch (request the next key
+            tile before the current one's math): tuning, defaults from
             :data:`DECODE_TUNING` for decode.
 
     Returns:
@@ -258,6 +295,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         num_warps = num_warps or DECODE_TUNING["num_warps"]
         num_stages = num_stages or DECODE_TUNING["num_stages"]
         use_dot = DECODE_TUNING["use_dot"] if use_dot is None else use_dot
+        prefetch = DECODE_TUNING["prefetch"] if prefetch is None else prefetch
         if not use_dot:
             block_m = max(2, triton.next_power_of_2(group))
     elif use_dot is False:
@@ -284,6 +322,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *out.stride(),
         HQ=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SPLIT=split, USE_DOT=use_dot is not False,
+        PREFETCH=bool(prefetch),
         DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
         DOT_FP32=interp_bf16, num_warps=num_warps or 4, **extra,
     )
