@@ -12,7 +12,8 @@ steady state and what CUDA graphs capture, never call FlashAttention).
 
 Duo mode (``LONGSEQ_ATTENTION=duo``): every row of every layer follows the layer's streaming-head mask (this
 rank's, :func:`duo_mask_for_this_rank`). Decode-only steps (what CUDA graphs capture): one launch of longseq's
-Triton DuoAttention kernel for all heads, split-K sized from shapes only, plus its merge. Steps with prefill
+Triton DuoAttention kernel for all heads, split-K sized from shapes only, plus its merge (or, from
+``HYBRID_DECODE_MIN_BATCH`` requests on, the prefill path below; off by default). Steps with prefill
 rows: FlashAttention on the runs of consecutive retrieval KV heads (strided head views, causal over the whole
 context) and the Triton kernel on the streaming heads only, which visit sink + window tiles (prefill cost of
 a streaming head is O(T * (sink + recent)) instead of O(T^2)).
