@@ -375,6 +375,26 @@ def test_topk_candidate_filter_is_exact(k, cap):
     assert torch.equal(ids.cpu(), rids) and torch.equal(nv.cpu(), rnv)
 
 
+@pytest.mark.parametrize("k", [40, 128])
+def test_topk_many_equal_scores_takes_the_tie_path(k):
+    """Rows where most scores are equal (summaries rounded to the same few fp8 values do this): more candidates
+    than the cap but fewer than k pages above the bound. The selection must equal the whole-row select's
+    (larger pages first, then the first equal pages), row by row, with and without a few distinct scores."""
+    g = torch.Generator().manual_seed(k)
+    bsz, hkv, max_pages, page_size = 3, 2, 3000, 16
+    scores = torch.full((bsz, hkv, max_pages), 0.25)
+    scores[0, 0, torch.randperm(max_pages, generator=g)[:10]] = 3.0  # 10 above the tie
+    scores[1, 1, torch.randperm(max_pages, generator=g)[:k + 5]] = torch.randn(k + 5, generator=g) + 5  # >= k above
+    scores[:, :, 0] = float("inf")
+    seq_lens = torch.tensor([max_pages * page_size, 2500 * page_size - 3, 900 * page_size], dtype=torch.int32)
+    for b, sl in enumerate(seq_lens.tolist()):
+        scores[b, :, math.ceil(sl / page_size):] = float("-inf")
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=256)
+    full, fnv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=0)
+    check_selection(ids, nv, scores, seq_lens, page_size, k)
+    assert torch.equal(ids.cpu(), full.cpu()) and torch.equal(nv.cpu(), fnv.cpu())
+
+
 @pytest.mark.parametrize("cap", [32, 64])
 def test_fused_select_clustered_scores(cap):
     """Page scores rising with the page index: the top pages fill whole groups, so the group-max bound lets

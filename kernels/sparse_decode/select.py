@@ -134,6 +134,7 @@ def _topk_row(s_row, n_pages, num_select, out_row, cand_row,
     s = tl.load(s_row + j, mask=valid, other=float("-inf"), cache_modifier=".cg")
     key = tl.where(valid, _float_key(s), _INT_MIN)
     c = CAP + 1
+    tied = tl.full((), 0, tl.int32)  # 1: the equal-scores path below already wrote the selection
     if FILTER:
         # Group maxima: at least k pages score >= the k-th largest group max `lo`, so the top k are among
         # the pages >= lo. `lo` with its low bits cleared (GPASSES < 4) is a lower bound too.
@@ -146,13 +147,27 @@ def _topk_row(s_row, n_pages, num_select, out_row, cand_row,
         if c <= CAP:
             tl.store(cand_row + pos, key, mask=cand)
             tl.store(cand_row + CAP + pos, j, mask=cand)
+        else:
+            # The exact k-th group max (all 4 radix passes) is a lower bound of the k-th largest score too.
+            # If fewer than k pages are above it, the k-th largest IS it: the top k are the pages above plus
+            # the first k - c_gt pages equal to it. Many equal scores (e.g. summaries rounded to the same fp8
+            # values) take this path instead of the slow whole-row select.
+            lo_x, _ = _kth_largest(gmax, k, BLOCK // GS, 4)
+            gt = valid & (key > lo_x)
+            c_gt = tl.sum(gt.to(tl.int32), axis=0)
+            if c_gt < k:
+                eq = valid & (key == lo_x)
+                sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - c_gt))
+                pos_sel = tl.cumsum(sel.to(tl.int32), axis=0) - 1
+                tl.store(out_row + pos_sel, j, mask=sel)
+                tied = tl.full((), 1, tl.int32)
     if c <= CAP:
         tl.debug_barrier()  # the scratch row was written by other threads of this program
         i = tl.arange(0, CAP)
         ck = tl.load(cand_row + i, mask=i < c, other=_INT_MIN)
         cj = tl.load(cand_row + CAP + i, mask=i < c, other=0)
         _take_top(ck, cj, k, out_row, CAP)
-    else:
+    elif tied == 0:
         _take_top(key, j, k, out_row, BLOCK)
     o = tl.arange(0, BLOCK_K)
     tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
