@@ -13,6 +13,10 @@ called with ``state_v_first=True`` so both read and write the same layout).
 
 Timing: ``triton.testing.do_bench`` (median, after its warm-up; L2 flushed between calls; launch included);
 decode also from a CUDA graph (``do_bench_cudagraph``, as vLLM replays decode: kernel time, no launch cost).
+Decode variants (``--variants``, default on; at batches 1 and 16, CUDA-graph time): ours with the raw gate and
+raw beta computed in the kernel (``fused_gate``: how the vLLM 0.26 and SGLang adapters call it, one launch), and
+each ``(BV, num_warps)`` tile of ``DECODE_TILE_GRID`` forced through ``fused_recurrent.DECODE_TILE``; the fastest
+is printed per batch (to pick ``_pick_tile``'s choice from one GPU run).
 Correctness first, at every size: ours vs fla, max abs diff of outputs and final states printed; the script
 exits non-zero if any is off. Writes benchmarks/results/kda_kernels.json. ``--quick``: T=8K, batch 1 only.
 """
@@ -34,6 +38,8 @@ DEV = "cuda"
 DTYPE = "bfloat16"  # q/k/v
 TARGET_PREFILL = 1.5  # ours >= 1.5x fla
 TARGET_DECODE = {1: 3.0, 16: 3.0, 64: 1.0}
+DECODE_TILE_GRID = [(bv, w) for bv in (8, 16, 32) for w in (1, 2, 4)]
+VARIANT_BATCHES = (1, 16)
 
 
 def parse_args(argv=None):
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=ints, default=[1, 16, 64], help="decode batch sizes")
     p.add_argument("--quick", action="store_true", help="T=8K prefill and batch-1 decode only (a few seconds)")
     p.add_argument("--tol", type=float, default=5e-2, help="max abs diff vs fla, relative to fla's max |value|")
+    p.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"time decode tile variants and the fused-gate call at batches {VARIANT_BATCHES}")
     p.add_argument("--name", default="kda_kernels")
     args = p.parse_args(argv)
     if args.quick:
@@ -142,7 +150,66 @@ def run_prefill(label, lengths, fla, tol, failures, fused_gate=False):
     return row
 
 
-def run_decode(batch, fla, tol, failures, copy_gbs):
+def decode_variants(batch, q, k, v, g, beta, pool, idx, row, tol, failures) -> dict:
+    """CUDA-graph microseconds of the decode variants (see the module docstring); each is checked first."""
+    import torch
+
+    from longseq.kernels.kda import fused_recurrent as fr
+    from longseq.kernels.kda import fused_recurrent_kda
+
+    gen = torch.Generator(device=DEV).manual_seed(200 + batch)
+    A_log = torch.rand(H, generator=gen, device=DEV)
+    dt_bias = torch.randn(H * K, generator=gen, device=DEV)
+    raw_g = torch.randn(batch, 1, H, K, generator=gen, device=DEV)
+    raw_beta = torch.randn(batch, 1, H, generator=gen, device=DEV)
+    base = pool.clone()  # the timed calls below update ``pool`` in place; checks start from this snapshot
+    ref_pool = pool.clone()
+    from longseq.kernels.kda import fused_kda_gate
+
+    g_ref = fused_kda_gate(raw_g.flatten(-2), A_log, K, g_bias=dt_bias).view_as(raw_g)
+    o_ref, _ = fused_recurrent_kda(q, k, v, g_ref, torch.sigmoid(raw_beta), initial_state=ref_pool,
+                                   ssm_state_indices=idx, use_qk_l2norm_in_kernel=True)
+
+    def fused(state):
+        return fused_recurrent_kda(q, k, v, raw_g, raw_beta, initial_state=state, ssm_state_indices=idx,
+                                   use_qk_l2norm_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                                   use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+
+    def two_launches(state):  # what the adapters ran before: gate kernel, then the recurrent kernel
+        g2 = fused_kda_gate(raw_g.flatten(-2), A_log, K, g_bias=dt_bias).view_as(raw_g)
+        return fused_recurrent_kda(q, k, v, g2, torch.sigmoid(raw_beta), initial_state=state,
+                                   ssm_state_indices=idx, use_qk_l2norm_in_kernel=True)
+
+    check = base.clone()
+    compare(f"decode b={batch} fused gate output", fused(check)[0], o_ref, tol, failures)
+    compare(f"decode b={batch} fused gate state", check, ref_pool, tol, failures)
+    out = {"fused_gate_graph_us": bench_graph_us(lambda: fused(pool)),
+           "gate_then_recurrent_graph_us": bench_graph_us(lambda: two_launches(pool)), "tiles": []}
+    o_plain, _ = fused_recurrent_kda(q, k, v, g, beta, initial_state=base.clone(), ssm_state_indices=idx,
+                                     use_qk_l2norm_in_kernel=True)
+    try:
+        for bv, warps in DECODE_TILE_GRID:
+            fr.DECODE_TILE = (bv, warps)
+            o_tile, _ = fused_recurrent_kda(q, k, v, g, beta, initial_state=base.clone(), ssm_state_indices=idx,
+                                            use_qk_l2norm_in_kernel=True)
+            compare(f"decode b={batch} tile BV={bv} warps={warps}", o_tile, o_plain, tol, failures)
+            us = bench_graph_us(lambda: fused_recurrent_kda(q, k, v, g, beta, initial_state=pool,
+                                                            ssm_state_indices=idx, use_qk_l2norm_in_kernel=True))
+            out["tiles"].append({"BV": bv, "num_warps": warps, "graph_us": us})
+    finally:
+        fr.DECODE_TILE = None
+    timed = [t for t in out["tiles"] if t["graph_us"]]
+    out["fastest_tile"] = min(timed, key=lambda t: t["graph_us"]) if timed else None
+    us = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731 - a graph timing that failed is None
+    print(f"  variants b={batch}: fused gate {us(out['fused_gate_graph_us'])} us vs gate+recurrent "
+          f"{us(out['gate_then_recurrent_graph_us'])} us (graph); tiles: "
+          + ", ".join(f"BV{t['BV']}/w{t['num_warps']} {t['graph_us']:.2f}" for t in timed)
+          + (f"; fastest BV={out['fastest_tile']['BV']} warps={out['fastest_tile']['num_warps']} "
+             f"(default {row['ours_graph_us']:.2f} us)" if timed and row.get("ours_graph_us") else ""), flush=True)
+    return out
+
+
+def run_decode(batch, fla, tol, failures, copy_gbs, variants=False):
     import torch
 
     from longseq.kernels.kda import fused_recurrent_kda
@@ -188,6 +255,8 @@ def run_decode(batch, fla, tol, failures, copy_gbs):
             row["speedup_graph"] = row["fla_graph_us"] / row["ours_graph_us"]
         row["target"] = TARGET_DECODE.get(batch)
         row["met"] = row["target"] is None or row["speedup"] >= row["target"]
+    if variants and batch in VARIANT_BATCHES:
+        row["variants"] = decode_variants(batch, q, k, v, g, beta, pool, idx, row, tol, failures)
     return row
 
 
@@ -232,7 +301,7 @@ def main(argv=None) -> None:
             print(fmt(prefill[-1]), flush=True)
         decode = []
         for b in args.batches:
-            decode.append(run_decode(b, fla, args.tol, failures, copy_gbs))
+            decode.append(run_decode(b, fla, args.tol, failures, copy_gbs, variants=args.variants))
             print(fmt(decode[-1]) + f", ours {decode[-1]['ours_state_gbs']:.0f} GB/s "
                   f"({100 * decode[-1]['ours_frac_of_copy_bw']:.0f}% of copy)", flush=True)
     env = environment()

@@ -18,6 +18,10 @@ The layer's ``_forward`` differs by version (detected from its signature, not th
 * vLLM 0.32+: ``_forward(mixed_qkv, g1, g2, beta, core_attn_out)`` with one packed convolution, raw ``beta``,
   the output norm inside, decorated with ``eager_break_during_capture``.
 The two bodies below mirror vLLM's and call the kernel steps of ``attention_backends/vllm/kda.py``.
+
+Routing (``LONGSEQ_KDA_PREFILL``): decode-only steps always run longseq's recurrent kernel (1.15-2.2x faster than
+vLLM's on H200). A step with prefills runs, by default (``framework``), the base layer's own ``_forward`` for the
+whole step (vLLM's vendored fla ``chunk_kda`` is 3.3x faster than our chunk kernel); ``longseq`` runs ours.
 """
 
 from __future__ import annotations
@@ -99,6 +103,29 @@ def _prefill_conv(ops, m, x, weight, bias, state):
                                 query_start_loc=m.non_spec_query_start_loc, metadata=m).transpose(0, 1)
 
 
+def _framework_prefill(self, args: tuple, recurrent_state) -> None:
+    """Run a step with prefills on the framework's own layer (``LONGSEQ_KDA_PREFILL=framework``).
+
+    ``self.longseq_framework_forward`` is the base class's undecorated ``_forward``, called with our ``_forward``'s
+    arguments. The test-only ``skip_kv_write`` fault restores the state pool after it, as our path then skips its
+    write. The call is counted as ``framework_prefill_calls`` in the trace (flushed at 1, 2, 4, ... calls: decode
+    runs from CUDA graphs afterwards, so no later ``forward_calls`` event would write it out)."""
+    saved = recurrent_state.clone() if self.longseq_config.debug_fault == "skip_kv_write" else None
+    self.longseq_framework_forward(*args)
+    if saved is not None:
+        recurrent_state.copy_(saved)
+    trace = self.longseq_trace
+    calls = trace.counts.get("framework_prefill_calls", 0) + 1
+    trace.counts["framework_prefill_calls"] = calls
+    trace.layers.add(self.prefix)
+    if calls & (calls - 1) == 0:
+        trace.flush()
+
+
+def _prefill_on_framework(self, m) -> bool:
+    return m.num_prefills > 0 and self.longseq_config.kda_prefill == "framework"
+
+
 def _heads(x, head_dim):
     return x.unflatten(-1, (-1, head_dim)).unsqueeze(0)  # [T, H*D] -> [1, T, H, D]
 
@@ -112,6 +139,9 @@ def forward_split_qkv(self, q_proj_states, k_proj_states, v_proj_states, g1, bet
     ops, n = _vllm_ops(), m.num_actual_tokens
     write_state = self.longseq_config.debug_fault != "skip_kv_write"
     conv_state, recurrent_state = _conv_states(self)
+    if _prefill_on_framework(self, m):
+        return _framework_prefill(self, (q_proj_states, k_proj_states, v_proj_states, g1, beta, core_attn_out),
+                                  recurrent_state)
     convs = (self.q_conv1d, self.k_conv1d, self.v_conv1d)
     weights = [c.weight.view(c.weight.size(0), c.weight.size(2)) for c in convs]
     states = conv_state.chunk(3, dim=-2)
@@ -148,6 +178,8 @@ def forward_packed_qkv(self, mixed_qkv, g1, g2, beta, core_attn_out) -> None:
     ops, n = _vllm_ops(), m.num_actual_tokens
     write_state = self.longseq_config.debug_fault != "skip_kv_write"
     conv_state, recurrent_state = _conv_states(self)
+    if _prefill_on_framework(self, m):
+        return _framework_prefill(self, (mixed_qkv, g1, g2, beta, core_attn_out), recurrent_state)
     mixed_qkv, g1, beta = mixed_qkv[:n], g1[:, :n], beta[:, :n]
     weight = self.conv1d.weight.view(self.conv1d.weight.size(0), self.conv1d.weight.size(2))
     if m.num_prefills > 0:

@@ -204,8 +204,13 @@ def ref_sequence(tokens_qkv, raw_g, beta, conv_w, conv0, state0, A_log, dt_bias,
     return o[0], s[0].transpose(-1, -2)
 
 
-def _run_layer(api, lower_bound, monkeypatch):
-    """Prefill two sequences, then one decode step each, through the version's _forward; compare to naive."""
+def _run_layer(api, lower_bound, prefill, monkeypatch):
+    """Prefill two sequences, then one decode step each, through the version's _forward; compare to naive.
+
+    ``prefill`` is ``LONGSEQ_KDA_PREFILL``. Under ``framework`` the layer's ``longseq_framework_forward`` (vLLM's own
+    ``_forward``, whose vendored Triton kernels do not run on CPU) is a stand-in that records its call and computes
+    the step with our kernels, so the same reference checks hold; the routing is what is checked: the prefill step
+    goes to the stand-in with _forward's own arguments, the decode step to our kernels."""
     from longseq.attention_backends.vllm import kda as adapter
     from longseq.attention_backends.vllm.common import BackendTrace
 
@@ -218,10 +223,19 @@ def _run_layer(api, lower_bound, monkeypatch):
     total = {slot: n + 1 for slot, n in PREFILL.items()}
     seq = {slot: (rnd(n, 3 * C), rnd(n, H, D), rnd(n, H)) for slot, n in total.items()}  # qkv, raw gate, raw beta
     trace = BackendTrace("kda-test", LongSeqConfig())
-    layer = types.SimpleNamespace(
+    config = LongSeqConfig(kda=True, kda_prefill=prefill)
+    forward = kda_compat.forward_split_qkv if api == "split_qkv" else kda_compat.forward_packed_qkv
+    framework_calls = []
+
+    def framework_forward(*args):  # stand-in for vLLM's _forward: the same math, on our kernels
+        framework_calls.append(args)
+        forward(types.SimpleNamespace(**{**vars(layer), "longseq_config": LongSeqConfig(kda_prefill="longseq"),
+                                         "longseq_trace": BackendTrace("kda-stand-in", LongSeqConfig())}), *args)
+
+    layer = types.SimpleNamespace(longseq_framework_forward=framework_forward,
         prefix="model.layers.0.self_attn", head_dim=D, local_projection_size=C, A_log=A_log, dt_bias=dt_bias,
         gate_lower_bound=lower_bound, kv_cache=(conv_pool, state_pool), o_norm=o_norm,
-        longseq_config=LongSeqConfig(), longseq_trace=trace,
+        longseq_config=config, longseq_trace=trace,
         conv1d=types.SimpleNamespace(weight=conv_w[:, None], bias=None),
         **{f"{n}_conv1d": types.SimpleNamespace(weight=w[:, None], bias=None)
            for n, w in zip("qkv", conv_w.split(C))})
@@ -245,11 +259,17 @@ def _run_layer(api, lower_bound, monkeypatch):
         out = torch.zeros(1, sum(lens) + 2, H, D)  # + CUDA-graph-style padding rows that must stay untouched
         if api == "split_qkv":
             q, k, v = qkv.split(C, dim=-1)
-            kda_compat.forward_split_qkv(layer, q, k, v, raw_g, raw_beta.sigmoid(), out)
+            args = (q, k, v, raw_g, raw_beta.sigmoid(), out)
         else:
             proj = torch.cat([qkv, raw_beta[0], rnd(qkv.shape[0], D)], dim=-1)  # strided views, as vLLM passes
             mixed, beta_view, _ = proj.split([3 * C, H, D], dim=-1)
-            kda_compat.forward_packed_qkv(layer, mixed, raw_g, torch.ones(out.shape[1], H, D), beta_view[None], out)
+            args = (mixed, raw_g, torch.ones(out.shape[1], H, D), beta_view[None], out)
+        calls_before = len(framework_calls)
+        forward(layer, *args)
+        routed_to_framework = len(framework_calls) > calls_before
+        assert routed_to_framework == (num_prefills > 0 and prefill == "framework")
+        if routed_to_framework:  # the framework gets _forward's arguments untouched (it slices them itself)
+            assert all(a is b for a, b in zip(framework_calls[-1], args, strict=True))
         assert out[0, sum(lens):].abs().max() == 0
         return out[0, :sum(lens)]
 
@@ -269,9 +289,38 @@ def _run_layer(api, lower_bound, monkeypatch):
         offset += n
     others = [s for s in range(SLOTS) if s not in PREFILL]
     assert torch.equal(state_pool[others], state_before[others]) and torch.equal(conv_pool[others], conv_before[others])
-    assert trace.counts["forward_calls"] == 2
+    on_framework = prefill == "framework"
+    assert trace.counts["forward_calls"] == (1 if on_framework else 2)  # our kernels: decode (+ prefill)
+    assert trace.counts.get("framework_prefill_calls", 0) == (1 if on_framework else 0)
 
 
-@pytest.mark.parametrize("api,lower_bound", [("split_qkv", None), ("packed_qkv", None), ("packed_qkv", -3.0)])
-def test_layer_forward_matches_naive_kda(api, lower_bound, monkeypatch):
-    _run_layer(api, lower_bound, monkeypatch)
+@pytest.mark.parametrize("api,lower_bound,prefill", [
+    ("split_qkv", None, "longseq"), ("packed_qkv", None, "longseq"), ("packed_qkv", -3.0, "longseq"),
+    ("split_qkv", None, "framework"), ("packed_qkv", -3.0, "framework")])
+def test_layer_forward_matches_naive_kda(api, lower_bound, prefill, monkeypatch):
+    _run_layer(api, lower_bound, prefill, monkeypatch)
+
+
+def test_kda_prefill_knob_values():
+    assert LongSeqConfig.from_env({}).kda_prefill == "framework"
+    assert LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "longseq"}).kda_prefill == "longseq"
+    with pytest.raises(LongSeqConfigError, match="LONGSEQ_KDA_PREFILL='fla' is not allowed; allowed values: "
+                                                  "framework, longseq"):
+        LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "fla"})
+
+
+def test_framework_prefill_under_skip_kv_write_leaves_states_unwritten():
+    """The negative-control fault must also hold when the framework runs the prefill: its state write is undone."""
+    from longseq.attention_backends.vllm.common import BackendTrace
+
+    state_pool = torch.randn(SLOTS, H, D, D)
+    before = state_pool.clone()
+
+    def framework_forward(*args):  # writes states, as vLLM's prefill does
+        state_pool[3] += 1.0
+
+    layer = types.SimpleNamespace(prefix="model.layers.0.self_attn", longseq_framework_forward=framework_forward,
+                                  longseq_config=LongSeqConfig(kda=True, debug_fault="skip_kv_write"),
+                                  longseq_trace=BackendTrace("kda-fault-test", LongSeqConfig()))
+    kda_compat._framework_prefill(layer, ("args",), state_pool)
+    assert torch.equal(state_pool, before) and layer.longseq_trace.counts["framework_prefill_calls"] == 1

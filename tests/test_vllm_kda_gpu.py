@@ -1,10 +1,11 @@
 """GPU (vLLM 0.26, H200): a tiny random-weight Kimi-Linear (3 KDA layers + 1 MLA) generates vLLM's own greedy
 tokens when its KDA layers run on longseq's kernels (``LONGSEQ_KDA=1``), with CUDA graphs for decode.
+Default routing (``LONGSEQ_KDA_PREFILL=framework``): steps with prefills run vLLM's own KDA ``_forward``, decode
+steps longseq's recurrent kernel; the trace proves both happened.
 
 Weights: vLLM's dummy load, then every non-MLA weight redrawn (``longseq.models.kimi_linear.randomize_weights``)
-so logits spread and the KDA layers carry signal. Ours and vLLM's KDA kernels round differently (other chunk
-algorithms, bf16 inputs), so a greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the
-test requires identical tokens up to such a near-tie (gap < ``TIE_NATS``), the same logprobs up to
+so logits spread and the KDA layers carry signal. Ours and vLLM's KDA decode kernels round differently, so a
+greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the test requires identical tokens up to such a near-tie (gap < ``TIE_NATS``), the same logprobs up to
 ``LOGPROB_TOL`` before it, and most prompts identical to the end. It also proves our layer ran (trace markers from
 the 3 KDA layers) and that a broken variant (recurrent state never written) changes the tokens.
 
@@ -90,8 +91,9 @@ def vllm_run(kimi_tiny, prompts):
 def test_kda_kernels_give_vllm_greedy_tokens(kimi_tiny, prompts, vllm_run, tmp_path):
     ours = run_kimi(kimi_tiny, prompts, {"LONGSEQ_KDA": "1", "LONGSEQ_TRACE_DIR": str(tmp_path)})
     traces = [t for t in read_traces(str(tmp_path)) if t["backend"] == "kda"]
-    assert traces and max(t["num_layers"] for t in traces) == 3 and sum(t["forward_calls"] for t in traces) > 0, \
-        traces
+    assert traces and max(t["num_layers"] for t in traces) == 3, traces
+    assert sum(t["forward_calls"] for t in traces) > 0, traces  # decode on our kernel
+    assert sum(t.get("framework_prefill_calls", 0) for t in traces) > 0, traces  # prefill on vLLM's
     assert vllm_run["redrawn"] == ours["redrawn"] and vllm_run["redrawn"][0] > 0
     report = compare_greedy(vllm_run, ours)
     print("KDA ours vs vLLM:", report)
@@ -100,6 +102,7 @@ def test_kda_kernels_give_vllm_greedy_tokens(kimi_tiny, prompts, vllm_run, tmp_p
 
 
 def test_broken_kda_state_changes_tokens(kimi_tiny, prompts, vllm_run):
-    """Negative control: with the recurrent state never written, the KDA layers forget the prompt."""
+    """Negative control: with the recurrent state never written (neither by vLLM's prefill, undone, nor by our
+    decode), the KDA layers forget the prompt."""
     bad = run_kimi(kimi_tiny, prompts, {"LONGSEQ_KDA": "1", "LONGSEQ_DEBUG_FAULT": "skip_kv_write"}, max_tokens=8)
     assert bad["tokens"] != [t[:8] for t in vllm_run["tokens"]]

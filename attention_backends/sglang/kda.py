@@ -5,8 +5,10 @@ SGLang's hybrid linear-attention backend (``KDAAttnBackend``) does the convoluti
 metadata, and calls ``dispatcher.decode`` / ``dispatcher.packed_decode`` / ``dispatcher.extend`` with kernel
 objects implementing ``LinearAttnKernelBase``. :func:`install_kda_kernels` (run by the plugin's AROUND hook on
 ``KDAAttnBackend.__init__``, see ``plugin/sglang.py``) validates the layer shapes against our kernels and
-replaces the dispatcher's decode and extend kernels with :class:`LongSeqKDAKernel`; the speculative-decoding
-verify kernel stays SGLang's.
+replaces the dispatcher's decode kernel with :class:`LongSeqKDAKernel`, and its extend (prefill) kernel too only
+under ``LONGSEQ_KDA_PREFILL=longseq``: by default (``framework``) extends stay on SGLang's own kernel, as our chunk
+kernel measured 3.3x slower than fla's on H200 while our decode is faster. The speculative-decoding verify kernel
+stays SGLang's.
 
 Tensor contract (SGLang's): H heads, K = V = head dim, S state-pool slots, ``ssm_states`` ``[S, H, V, K]``
 fp32 (V first, the layout our kernels use), ``cache_indices`` ``[N]`` pool slot per request (updated in
@@ -19,7 +21,7 @@ import torch
 from sglang.srt.layers.attention.linear.kernels.kernel_backend import LinearAttnKernelBase
 
 from longseq.kernels import kda as kda_kernels
-from longseq.plugin.config import LongSeqConfigError
+from longseq.plugin.config import LongSeqConfigError, get_config
 
 #: SGLang pads CUDA-graph batches with slot -1 and every slot >= 0 is a request's (vLLM reserves slot 0).
 SGLANG_FIRST_SLOT = 0
@@ -64,15 +66,17 @@ class LongSeqKDAKernel(LinearAttnKernelBase):
     def decode(self, q, k, v, a, b, *, A_log, dt_bias, ssm_states, cache_indices, query_start_loc,
                lower_bound=None, **kwargs) -> torch.Tensor:
         """One token per request. q, k, v ``[1, N, H, K]`` post-conv; a ``[N, H*K]`` (or ``[1, N, H*K]``) raw gate;
-        b ``[N, H]`` (or ``[1, N, H]``) raw beta. Returns ``[1, N, H, V]``; states updated in place."""
+        b ``[N, H]`` (or ``[1, N, H]``) raw beta. Returns ``[1, N, H, V]``; states updated in place.
+        Gate and sigmoid(beta) are computed inside the recurrent kernel: one launch per layer."""
         self._count("decode")
         N, H, K = q.shape[1], q.shape[2], q.shape[3]
-        g = kda_kernels.fused_kda_gate(a.reshape(N, H * K), A_log, K, g_bias=dt_bias,
-                                       lower_bound=lower_bound).unsqueeze(0)
-        beta = b.reshape(1, N, H).float().sigmoid()
-        o, _ = kda_kernels.fused_recurrent_kda(q=q, k=k, v=v, g=g, beta=beta, initial_state=ssm_states,
-                                               use_qk_l2norm_in_kernel=True, cu_seqlens=query_start_loc,
-                                               ssm_state_indices=cache_indices, first_valid_slot=SGLANG_FIRST_SLOT)
+        o, _ = kda_kernels.fused_recurrent_kda(q=q, k=k, v=v, g=a.reshape(1, N, H, K), beta=b.reshape(1, N, H),
+                                               initial_state=ssm_states, use_qk_l2norm_in_kernel=True,
+                                               cu_seqlens=query_start_loc, ssm_state_indices=cache_indices,
+                                               first_valid_slot=SGLANG_FIRST_SLOT, A_log=A_log.reshape(-1),
+                                               dt_bias=None if dt_bias is None else dt_bias.reshape(-1),
+                                               lower_bound=lower_bound, use_gate_in_kernel=True,
+                                               use_beta_sigmoid_in_kernel=True)
         return o
 
     def packed_decode(self, mixed_qkv, a, b, *, A_log, dt_bias, scale, ssm_states, cache_indices, num_v_heads,
@@ -109,24 +113,31 @@ class LongSeqKDAKernel(LinearAttnKernelBase):
         return o
 
 
-def install_kda_kernels(dispatcher, ssm_states: torch.Tensor, state_tracking: bool, trace=None) -> LongSeqKDAKernel:
-    """Validate ``ssm_states`` and make ``dispatcher`` (a ``KDAKernelDispatcher``) run decode and extend on our
-    kernels. Returns the installed kernel object.
+def install_kda_kernels(dispatcher, ssm_states: torch.Tensor, state_tracking: bool, trace=None,
+                        prefill: str | None = None) -> LongSeqKDAKernel:
+    """Validate ``ssm_states`` and make ``dispatcher`` (a ``KDAKernelDispatcher``) run decode (and, under
+    ``prefill="longseq"``, extend) on our kernels. Returns the installed kernel object.
 
     Args:
         state_tracking: SGLang's mamba radix cache keeps an extra state buffer (``enable_mamba_extra_buffer``):
-            extends must then snapshot per-chunk states, which our kernels do not produce; refused here, at
-            start-up, rather than by SGLang's assertion at the first such extend.
+            extends must then snapshot per-chunk states, which our extend kernel does not produce; refused here
+            under ``prefill="longseq"``, at start-up, rather than by SGLang's assertion at the first such extend.
+        prefill: ``LONGSEQ_KDA_PREFILL`` (``framework``: SGLang's extend kernel stays; ``longseq``: ours);
+            None reads it from the longseq config.
     """
+    if prefill is None:
+        prefill = get_config().kda_prefill
     check_kda_state_supported(ssm_states)
-    if state_tracking:
+    if state_tracking and prefill == "longseq":
         raise LongSeqConfigError(
             "LONGSEQ_KDA=1: SGLang's mamba radix cache resolved to an extra state buffer (--mamba-radix-cache-"
-            "strategy auto/extra_buffer), which needs per-chunk KDA state snapshots longseq's kernels do not produce; "
-            f"pass --mamba-radix-cache-strategy no_buffer (or --disable-radix-cache), or {OFF}")
+            "strategy auto/extra_buffer), which needs per-chunk KDA state snapshots longseq's extend kernel does not "
+            "produce (LONGSEQ_KDA_PREFILL=longseq); pass --mamba-radix-cache-strategy no_buffer (or "
+            f"--disable-radix-cache), or unset LONGSEQ_KDA_PREFILL (SGLang's extend kernel), or {OFF}")
     kernel = LongSeqKDAKernel(trace)
     dispatcher.decode_kernel = kernel
-    dispatcher.extend_kernel = kernel
+    if prefill == "longseq":
+        dispatcher.extend_kernel = kernel
     dispatcher.supports_packed_decode = kernel.supports_packed_decode
     dispatcher.supports_packed_decode_safe_gate = kernel.supports_packed_decode_safe_gate
     return kernel

@@ -2,7 +2,8 @@
 
 ``LongSeqKimiDeltaAttention`` subclasses vLLM's ``KimiGatedDeltaNetAttention`` and is installed with
 ``KimiGatedDeltaNetAttention.register_oot`` (``plugin/kda_compat.py`` does that when ``LONGSEQ_KDA=1``), so the
-model builds ours wherever it builds vLLM's. Only ``_forward`` changes: the projections, weights, state
+model builds ours wherever it builds vLLM's. Only ``_forward`` changes (decode on our kernels; steps with prefills on
+vLLM's own ``_forward`` unless ``LONGSEQ_KDA_PREFILL=longseq``): the projections, weights, state
 shapes/dtypes, metadata builder and output norm stay vLLM's, so checkpoints load unchanged and the outputs
 differ from vLLM's only by rounding. ``_forward``'s signature changed between vLLM 0.26 and 0.32; the two
 bodies live in ``plugin/kda_compat.py`` and call the version-neutral kernel steps below.
@@ -12,6 +13,8 @@ Shapes: T tokens of a step, N sequences, H local KDA heads, D = head_dim (K = V 
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_attn import KimiGatedDeltaNetAttention
@@ -62,6 +65,9 @@ class LongSeqKimiDeltaAttention(KimiGatedDeltaNetAttention):
     #: vLLM 0.26: ``(q_proj_states, k_proj_states, v_proj_states, g1, beta, core_attn_out)``;
     #: 0.32+: ``(mixed_qkv, g1, g2, beta, core_attn_out)`` (re-wrapped in ``eager_break_during_capture``).
     _forward = kda_compat.vllm_kda_forward(KimiGatedDeltaNetAttention)
+    #: vLLM's own ``_forward`` (undecorated: ours already breaks CUDA-graph capture), run for steps with prefills
+    #: under ``LONGSEQ_KDA_PREFILL=framework`` (the default).
+    longseq_framework_forward = inspect.unwrap(KimiGatedDeltaNetAttention._forward)
 
 
 # ------------------------------------------------------------------------ kernel steps (version-neutral)
@@ -107,18 +113,18 @@ def kda_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, raw_g: torch.
 def kda_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, raw_g: torch.Tensor, beta: torch.Tensor,
                A_log: torch.Tensor, dt_bias: torch.Tensor, recurrent_state: torch.Tensor,
                state_indices: torch.Tensor, cu_seqlens: torch.Tensor, write_state: bool = True) -> torch.Tensor:
-    """One recurrent KDA step per sequence (vLLM 0.26's decode path: gate kernel, then the recurrent kernel).
+    """One recurrent KDA step per sequence (vLLM 0.26's decode path), the gate computed inside the recurrent kernel
+    (one launch per layer where vLLM runs a gate kernel and then the recurrent one).
 
     Args: as :func:`kda_prefill` with T = N (one token per sequence); ``cu_seqlens`` ``[N + 1]``;
     ``state_indices`` ``[>= N]`` (CUDA-graph padding beyond N, and slot 0, vLLM's null block, are skipped).
     The states of ``state_indices`` are updated in place.
     Returns ``[1, N, H, D]``.
     """
-    head_dim = q.shape[-1]
-    g = kda_kernels.fused_kda_gate(raw_g.reshape(raw_g.shape[1], -1), A_log, head_dim, g_bias=dt_bias).unsqueeze(0)
     o, _ = kda_kernels.fused_recurrent_kda(
-        q=q, k=k, v=v, g=g, beta=beta, initial_state=recurrent_state if write_state else recurrent_state.clone(),
-        use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, ssm_state_indices=state_indices)
+        q=q, k=k, v=v, g=raw_g, beta=beta, initial_state=recurrent_state if write_state else recurrent_state.clone(),
+        use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, ssm_state_indices=state_indices,
+        A_log=A_log.reshape(-1), dt_bias=dt_bias, use_gate_in_kernel=True)
     return o
 
 

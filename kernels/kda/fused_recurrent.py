@@ -21,6 +21,10 @@ import triton.language as tl
 from .gate import kda_gate_value
 from .utils import check_head_dims, check_state, sequence_bounds
 
+#: ``(BV, num_warps)`` forced on every recurrent launch, or None for :func:`_pick_tile`'s choice. A tuning hook:
+#: ``benchmarks/bench_kda_kernels.py`` sets it to time tile variants in one GPU run.
+DECODE_TILE: tuple[int, int] | None = None
+
 
 @triton.jit
 def kda_recurrent_kernel(
@@ -113,7 +117,7 @@ def _launch_recurrent(*, q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices,
         index_mode, s_seq, s_tok = 1, state_indices.stride(0), 0
     else:
         index_mode, (s_seq, s_tok) = 2, state_indices.stride()
-    BV, num_warps = _pick_tile(N * H, V)
+    BV, num_warps = DECODE_TILE or _pick_tile(N * H, V)
     dummy = q
     kda_recurrent_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, g, beta, A_log if A_log is not None else dummy, dt_bias if dt_bias is not None else dummy, o,

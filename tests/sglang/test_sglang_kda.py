@@ -83,13 +83,15 @@ def no_state_tracking(monkeypatch):
     return monkeypatch
 
 
-def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env, no_state_tracking):
+@pytest.mark.parametrize("prefill", ["framework", "longseq"])
+def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env, no_state_tracking, prefill):
+    """Decode always goes to our kernel; extend only under LONGSEQ_KDA_PREFILL=longseq (default: SGLang's)."""
     from sglang.srt.layers.attention.linear.kernels.kda_triton import TritonKDAKernel
 
     from longseq.attention_backends.sglang.kda import LongSeqKDAKernel
     from longseq.plugin.sglang import KDA_BACKEND_INIT, _install_kda_kernels_after_init, register
 
-    longseq_env(LONGSEQ_KDA="1")
+    longseq_env(LONGSEQ_KDA="1", **({} if prefill == "framework" else {"LONGSEQ_KDA_PREFILL": prefill}))
     register()
     register()  # SGLang calls plugins in every process, sometimes more than once
     assert len(_our_hooks(hook_registry)) == 1
@@ -98,7 +100,11 @@ def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longse
     backend, runner = _dispatcher_and_runner(torch.zeros(3, SLOTS, H, D, D))
     _install_kda_kernels_after_init(None, backend, runner)  # what the patched KDAAttnBackend.__init__ runs last
     d = backend.kernel_dispatcher
-    assert isinstance(d.decode_kernel, LongSeqKDAKernel) and d.extend_kernel is d.decode_kernel
+    assert isinstance(d.decode_kernel, LongSeqKDAKernel)
+    if prefill == "longseq":
+        assert d.extend_kernel is d.decode_kernel
+    else:
+        assert type(d.extend_kernel) is TritonKDAKernel
     assert type(d.verify_kernel) is TritonKDAKernel and d.supports_packed_decode
 
 
@@ -118,6 +124,10 @@ def test_unsupported_state_pool_fails_at_startup(longseq_env, no_state_tracking)
     with pytest.raises(LongSeqConfigError, match=rf"head dims \(K={big}, V={big}\) exceed the {kk.MAX_HEAD_DIM}"):
         _install_kda_kernels_after_init(None, *_dispatcher_and_runner(torch.zeros(1, 1, 1, big, big)))
     monkeypatch.setattr(plugin, "_mamba_state_tracking", lambda: True)
+    backend, runner = _dispatcher_and_runner(torch.zeros(1, 2, H, D, D))
+    _install_kda_kernels_after_init(None, backend, runner)  # default: SGLang's extend kernel snapshots the states
+    assert backend.kernel_dispatcher.extend_kernel.supports_track_state_snapshot
+    longseq_env(LONGSEQ_KDA="1", LONGSEQ_KDA_PREFILL="longseq")  # ours does not: refused at start-up
     with pytest.raises(LongSeqConfigError, match="--mamba-radix-cache-strategy no_buffer"):
         _install_kda_kernels_after_init(None, *_dispatcher_and_runner(torch.zeros(1, 2, H, D, D)))
     monkeypatch.setenv("LONGSEQ_KDA", "maybe")  # a bad setting stops the KDA backend at start-up: config error
