@@ -19,6 +19,8 @@ each ``(BV, num_warps)`` tile of ``DECODE_TILE_GRID`` forced through ``fused_rec
 is printed per batch (to pick ``_pick_tile``'s choice from one GPU run).
 Correctness first, at every size: ours vs fla, max abs diff of outputs and final states printed; the script
 exits non-zero if any is off. Writes benchmarks/results/kda_kernels.json. ``--quick``: T=8K, batch 1 only.
+Decode only (prefill already measured; LONGSEQ_KDA routes it to the framework's kernel by default):
+``--prefill "" --varlen 0 --name kda_kernels_decode``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ VARIANT_BATCHES = (1, 16)
 
 
 def parse_args(argv=None):
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731 - "" = none (e.g. --prefill "": decode only)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--prefill", type=ints, default=[8192, 32768, 65536], help="single-sequence prefill lengths")
     p.add_argument("--varlen", type=int, default=32768, help="total tokens of the 8-sequence varlen batch (0: off)")
