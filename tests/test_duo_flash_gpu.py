@@ -111,11 +111,12 @@ class Step:
 
 
 def _fa_version() -> int:
+    """FA3 where supported (Hopper), else FA2, as vLLM picks."""
     if not CUDA:
         return 3
-    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
 
-    return get_flash_attn_version() or 2
+    return 3 if is_fa_version_supported(3) else 2
 
 
 @pytest.fixture(autouse=True)
