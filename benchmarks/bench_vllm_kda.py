@@ -150,7 +150,8 @@ def main(argv=None) -> None:
     path = write_result(name, {
         "benchmark": "vllm_kda", "command": command_line(), "env": environment(),
         "inputs": {"shape": "kimi-linear-48b", "layers": args.layers, "prefill": args.prefill, "batches": args.batches,
-                   "decode_context": args.decode_context, "longseq_kda_prefill": args.kda_prefill, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                   "decode_context": args.decode_context, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
+                   "longseq_kda_prefill": args.kda_prefill,
                    "dtype": "bfloat16", "cudagraph_mode": "FULL_DECODE_ONLY", "prefix_caching": False},
         "vllm": vllm_kda, "longseq": ours, "longseq_trace": traces, "table": table})
     print(f"LONGSEQ_KDA=0 (vLLM) vs LONGSEQ_KDA=1 with LONGSEQ_KDA_PREFILL={args.kda_prefill} (prefill on "

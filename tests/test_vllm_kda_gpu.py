@@ -5,7 +5,8 @@ steps longseq's recurrent kernel; the trace proves both happened.
 
 Weights: vLLM's dummy load, then every non-MLA weight redrawn (``longseq.models.kimi_linear.randomize_weights``)
 so logits spread and the KDA layers carry signal. Ours and vLLM's KDA decode kernels round differently, so a
-greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the test requires identical tokens up to such a near-tie (gap < ``TIE_NATS``), the same logprobs up to
+greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the test requires identical tokens
+up to such a near-tie (gap < ``TIE_NATS``), the same logprobs up to
 ``LOGPROB_TOL`` before it, and most prompts identical to the end. It also proves our layer ran (trace markers from
 the 3 KDA layers) and that a broken variant (recurrent state never written) changes the tokens.
 

@@ -122,7 +122,8 @@ def kda_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, raw_g: torch.T
     Returns ``[1, N, H, D]``.
     """
     o, _ = kda_kernels.fused_recurrent_kda(
-        q=q, k=k, v=v, g=raw_g.reshape(q.shape), beta=beta, initial_state=recurrent_state if write_state else recurrent_state.clone(),
+        q=q, k=k, v=v, g=raw_g.reshape(q.shape), beta=beta,
+        initial_state=recurrent_state if write_state else recurrent_state.clone(),
         use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens, ssm_state_indices=state_indices,
         A_log=A_log.reshape(-1), dt_bias=dt_bias, use_gate_in_kernel=True)
     return o
