@@ -105,7 +105,8 @@ def _install_kda_kernels_after_init(result, backend, model_runner, *args, **kwar
 
     install_kda_kernels(backend.kernel_dispatcher, model_runner.req_to_token_pool.mamba_pool.mamba_cache.temporal,
                         state_tracking=_mamba_state_tracking())
-    logger.info("longseq: KDA decode/extend kernels -> longseq (LONGSEQ_KDA=1); verify stays SGLang's")
+    logger.info("longseq: KDA decode kernel -> longseq (LONGSEQ_KDA=1); extend -> longseq only with "
+                "LONGSEQ_KDA_PREFILL=longseq; verify stays SGLang's")
 
 
 def _mamba_state_tracking() -> bool:
