@@ -4,7 +4,9 @@ interpreter on CPU) against the naive KDA reference on random inputs.
 
 vLLM's causal-conv ops and forward context are Triton/engine-bound, so the forward tests give the shims PyTorch
 convolutions and a stand-in context; everything else (metadata slicing, state-pool gather/scatter, the kernel
-calls, the output placement) is the adapters' own code.
+calls, the output placement) is the adapters' own code. The state pools are strided views of raw pages, as
+vLLM's KV cache hands them to the layer, and vLLM 0.26's own decode branch is re-implemented (naive kernels for its
+Triton ones) to check our decode step against it on the same pages and indices.
 """
 
 from __future__ import annotations
@@ -189,6 +191,30 @@ def conv_update(x, conv_state, weight, bias, activation, conv_state_indices, val
     return out
 
 
+def paged_kda_cache(slots, gen):
+    """A KDA layer's ``kv_cache`` as vLLM builds it (``gpu_model_runner``, ``MambaSpec``): one raw page per slot holding
+    the conv state, then the recurrent state, then padding (pages are sized like the attention layers' pages); both
+    states are ``torch.as_strided`` views whose slot stride is the page size, not their own row size.
+    Returns ``(raw [slots * page], conv [slots, 3C, W-1], state [slots, H, V, K])`` with random contents."""
+    conv_numel, state_numel = 3 * C * (W - 1), H * D * D
+    page = conv_numel + state_numel + 40
+    raw = torch.randn(slots * page, generator=gen)
+    conv = torch.as_strided(raw, (slots, 3 * C, W - 1), (page, W - 1, 1), 0)
+    state = torch.as_strided(raw, (slots, H, D, D), (page, D * D, D, 1), conv_numel)
+    state.mul_(0.1)
+    return raw, conv, state
+
+
+def patch_vllm_ops(monkeypatch, layer, meta):
+    """Our shims' vLLM ops (forward context with ``meta["m"]`` as the layer's metadata, PyTorch convolutions)."""
+    from longseq.attention_backends.vllm import kda as adapter
+
+    ctx = lambda: types.SimpleNamespace(attn_metadata={layer.prefix: meta["m"]})  # noqa: E731
+    ops = types.SimpleNamespace(get_forward_context=ctx, causal_conv1d_fn=conv_fn, causal_conv1d_update=conv_update,
+                                kda=adapter, is_conv_state_dim_first=lambda: True)
+    monkeypatch.setattr(kda_compat, "_vllm_ops", lambda: ops)
+
+
 def o_norm(x, gate):  # stand-in for FusedRMSNormGated (0.32+ applies it inside _forward)
     return x * torch.sigmoid(gate.float())
 
@@ -211,14 +237,13 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
     ``_forward``, whose vendored Triton kernels do not run on CPU) is a stand-in that records its call and computes
     the step with our kernels, so the same reference checks hold; the routing is what is checked: the prefill step
     goes to the stand-in with _forward's own arguments, the decode step to our kernels."""
-    from longseq.attention_backends.vllm import kda as adapter
     from longseq.attention_backends.vllm.common import BackendTrace
 
     gen = torch.Generator().manual_seed(7)
     rnd = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale  # noqa: E731
     conv_w = rnd(3 * C, W, scale=0.5)
     A_log, dt_bias = rnd(H, scale=0.5), rnd(C, scale=0.5)
-    conv_pool, state_pool = rnd(SLOTS, 3 * C, W - 1), rnd(SLOTS, H, D, D, scale=0.1)
+    _, conv_pool, state_pool = paged_kda_cache(SLOTS, gen)  # strided views, as vLLM's KV cache gives them
     conv_before, state_before = conv_pool.clone(), state_pool.clone()
     total = {slot: n + 1 for slot, n in PREFILL.items()}
     seq = {slot: (rnd(n, 3 * C), rnd(n, H, D), rnd(n, H)) for slot, n in total.items()}  # qkv, raw gate, raw beta
@@ -240,10 +265,7 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
         **{f"{n}_conv1d": types.SimpleNamespace(weight=w[:, None], bias=None)
            for n, w in zip("qkv", conv_w.split(C))})
     meta = {}
-    ops = types.SimpleNamespace(get_forward_context=lambda: types.SimpleNamespace(attn_metadata={layer.prefix: meta["m"]}),
-                                causal_conv1d_fn=conv_fn, causal_conv1d_update=conv_update, kda=adapter,
-                                is_conv_state_dim_first=lambda: True)
-    monkeypatch.setattr(kda_compat, "_vllm_ops", lambda: ops)
+    patch_vllm_ops(monkeypatch, layer, meta)
 
     def step(parts, num_prefills):
         slots = list(parts)
@@ -324,3 +346,77 @@ def test_framework_prefill_under_skip_kv_write_leaves_states_unwritten():
                                   longseq_trace=BackendTrace("kda-fault-test", LongSeqConfig()))
     kda_compat._framework_prefill(layer, ("args",), state_pool)
     assert torch.equal(state_pool, before) and layer.longseq_trace.counts["framework_prefill_calls"] == 1
+
+
+# ------------------------------------------------------------------------- vLLM 0.26's own decode, re-implemented
+def vllm026_decode_forward(layer, m, q_proj_states, k_proj_states, v_proj_states, g1, beta, core_attn_out):
+    """vLLM 0.26 ``KimiGatedDeltaNetAttention._forward``, decode branch (``num_prefills == 0``), line for line, with
+    PyTorch stand-ins for its Triton kernels: ``conv_update`` for ``causal_conv1d_update``, ``naive_kda_gate`` for
+    ``fused_kda_gate`` (``-exp(A_log) * softplus(g1 + dt_bias)``), and for its ``fused_recurrent_kda`` the naive
+    recurrence per sequence as its kernel walks it: sequence i's tokens from ``cu_seqlens`` (cut to
+    ``num_decodes + 1``), its slot ``ssm_state_indices[i]`` (``<= 0``, the null block or padding: skipped), the state
+    row ``[H, V, K]`` read and rewritten in place at that slot of the pool, q/k L2-normalized, beta as given."""
+    n = m.num_actual_tokens
+    conv_state, recurrent_state = layer.kv_cache
+    idx = m.non_spec_state_indices_tensor
+    convs = (layer.q_conv1d, layer.k_conv1d, layer.v_conv1d)
+    q, k, v = [conv_update(x[:n], s, c.weight.view(c.weight.size(0), c.weight.size(2)), c.bias, "silu", idx[:n], True)
+               .reshape(1, n, H, D) for x, s, c in zip((q_proj_states, k_proj_states, v_proj_states),
+                                                       conv_state.chunk(3, dim=-2), convs)]
+    g = kk.naive_kda_gate(g1[:, :n], layer.A_log, layer.dt_bias)
+    beta = beta[:, :n]
+    o = torch.full_like(k, float("nan"))  # torch.empty_like(k) there: rows of skipped slots are never written
+    cu = m.non_spec_query_start_loc[: m.num_decodes + 1].tolist()
+    for i in range(m.num_decodes):
+        slot, (s, e) = int(idx[i]), cu[i:i + 2]
+        if slot <= 0:
+            continue
+        o[:, s:e], final = kk.naive_recurrent_kda(
+            l2norm(q[:, s:e]), l2norm(k[:, s:e]), v[:, s:e], g[:, s:e], beta[:, s:e],
+            initial_state=recurrent_state[slot].transpose(-1, -2)[None], output_final_state=True)
+        recurrent_state[slot] = final[0].transpose(-1, -2)
+    core_attn_out[0, :n] = o[0, :n]
+
+
+def test_vllm026_decode_step_matches_vllm_own_decode_on_paged_cache(monkeypatch):
+    """Our 0.26 decode (``forward_split_qkv``, decode-only step) vs vLLM 0.26's decode math on the same inputs, the
+    same KV-cache pages (strided views with padding, as vLLM allocates them) and the same CUDA-graph-padded indices:
+    same outputs for the real decodes, same bytes everywhere else in the pages (other slots, conv states, padding).
+    Regression: the recurrent kernel addressed slots at ``H*V*K`` elements instead of the pool's slot stride, so on
+    GPU it read and overwrote other memory at the first decode step."""
+    from longseq.attention_backends.vllm.common import BackendTrace
+
+    gen = torch.Generator().manual_seed(11)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale  # noqa: E731
+    slots, real, padded = [4, 1, 6], 3, 5  # 3 decodes (slot 1 is the first after the null block), graph-padded to 5
+    raw, conv_pool, state_pool = paged_kda_cache(SLOTS, gen)
+    conv_w = rnd(3 * C, W, scale=0.5)
+    base = dict(prefix="model.layers.0.self_attn", head_dim=D, A_log=rnd(1, 1, H, 1, scale=0.5),
+                dt_bias=rnd(C, scale=0.5), **{f"{n}_conv1d": types.SimpleNamespace(weight=w[:, None], bias=None)
+                                              for n, w in zip("qkv", conv_w.split(C))})
+    m = types.SimpleNamespace(num_actual_tokens=padded, num_prefills=0, num_decodes=real, spec_sequence_masks=None,
+                              has_initial_state=None, non_spec_query_start_loc=torch.arange(padded + 1, dtype=torch.int32),
+                              non_spec_state_indices_tensor=torch.tensor(slots + [0] * (padded - real), dtype=torch.int32))
+    T = padded + 1  # one more row than the step's tokens: beyond num_actual_tokens nothing may be read or written
+    args = (rnd(T, C), rnd(T, C), rnd(T, C), rnd(1, T, H, D), rnd(1, T, H).sigmoid())
+
+    raw_vllm, before = raw.clone(), state_pool[slots].clone()
+    vllm_layer = types.SimpleNamespace(**base, kv_cache=(torch.as_strided(raw_vllm, conv_pool.shape, conv_pool.stride(),
+                                                                          conv_pool.storage_offset()),
+                                                         torch.as_strided(raw_vllm, state_pool.shape, state_pool.stride(),
+                                                                          state_pool.storage_offset())))
+    out_vllm = torch.zeros(1, T, H, D)
+    vllm026_decode_forward(vllm_layer, m, *args, out_vllm)
+
+    trace = BackendTrace("kda-test", LongSeqConfig())
+    layer = types.SimpleNamespace(**base, kv_cache=(conv_pool, state_pool), longseq_trace=trace,
+                                  longseq_config=LongSeqConfig(kda=True), longseq_framework_forward=None)
+    patch_vllm_ops(monkeypatch, layer, {"m": m})
+    out = torch.zeros(1, T, H, D)
+    kda_compat.forward_split_qkv(layer, *args, out)
+
+    assert trace.counts["forward_calls"] == 1  # the decode ran on our kernel, not the framework's
+    torch.testing.assert_close(out[0, :real], out_vllm[0, :real], atol=2e-3, rtol=2e-3)
+    assert out[0, padded:].abs().max() == 0 and out_vllm[0, padded:].abs().max() == 0
+    torch.testing.assert_close(raw, raw_vllm, atol=2e-3, rtol=2e-3)  # every page: states, conv states, padding
+    assert (state_pool[slots] - before).abs().amin(dim=(-1, -2)).gt(0).all()  # every real slot's state was updated

@@ -11,7 +11,7 @@ up to such a near-tie (gap < ``TIE_NATS``), the same logprobs up to
 the 3 KDA layers) and that a broken variant (recurrent state never written) changes the tokens.
 
 Run on the GPU machine: ``source /tmp/lsq-bundle/env.sh && python -m pytest tests/test_vllm_kda_gpu.py -m gpu -q``
-(about 3 min: three engine starts).
+(about 3 min: three engine starts; ``-k paged_state_pool`` alone: seconds, no engine).
 """
 
 from __future__ import annotations
@@ -87,6 +87,47 @@ def prompts():
 @pytest.fixture(scope="module")
 def vllm_run(kimi_tiny, prompts):
     return run_kimi(kimi_tiny, prompts, {"VLLM_PLUGINS": ""})  # vLLM alone: its own KDA kernels
+
+
+def test_decode_matches_vllm_kernels_on_paged_state_pool():
+    """Kernel level, seconds: our 0.26 decode step (``kda_decode``, gate fused in) vs vLLM 0.26's own decode calls
+    (vendored ``fused_kda_gate`` then ``fused_recurrent_kda``) on Kimi-Linear-48B's shapes, with the state pool as
+    vLLM's KV cache gives it (``as_strided`` views of raw pages: slot stride = page size, conv state in front,
+    padding behind), the null slot 0 and CUDA-graph padding in the indices. Same outputs for the real decodes, same
+    bytes in every page. Regression for slots addressed at ``H*V*K`` instead of the pool's slot stride."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from vllm.third_party.flash_linear_attention.ops.kda import fused_kda_gate, fused_recurrent_kda
+
+    from longseq.attention_backends.vllm.kda import kda_decode
+
+    H, D, W, slots, dev = 32, 128, 4, 12, "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=dev)  # noqa: E731
+    conv_numel = 3 * H * D * (W - 1)
+    page = conv_numel + H * D * D + 4096
+    raw = rnd(slots * page) * 0.1
+    pool = torch.as_strided(raw, (slots, H, D, D), (page, D * D, D, 1), conv_numel)
+    idx = torch.tensor([3, 1, 11, 7, 0, 0], dtype=torch.int32, device=dev)  # 4 decodes, graph-padded to 6
+    n, nd = idx.numel(), 4
+    cu = torch.arange(n + 1, dtype=torch.int32, device=dev)[: nd + 1]
+    q, k, v = (rnd(1, n, H, D).bfloat16() for _ in range(3))
+    g1 = rnd(1, n, H, D).bfloat16()
+    beta = rnd(1, n, H).sigmoid()
+    A_log, dt_bias = rnd(1, 1, H, 1) * 0.5, rnd(H * D) * 0.5
+
+    raw_vllm, before = raw.clone(), pool[idx[:nd].long()].clone()
+    pool_vllm = torch.as_strided(raw_vllm, pool.shape, pool.stride(), pool.storage_offset())
+    g = fused_kda_gate(g1.flatten(-2)[0], A_log, D, g_bias=dt_bias).unsqueeze(0)
+    o_vllm, _ = fused_recurrent_kda(q=q, k=k, v=v, g=g, beta=beta, initial_state=pool_vllm,
+                                    use_qk_l2norm_in_kernel=True, cu_seqlens=cu, ssm_state_indices=idx)
+    o = kda_decode(q, k, v, g1, beta, A_log, dt_bias, pool, idx, cu)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(o[0, :nd].float(), o_vllm[0, :nd].float(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(raw, raw_vllm, atol=1e-3, rtol=1e-3)
+    assert (pool[idx[:nd].long()] - before).abs().amax(dim=(1, 2, 3)).gt(0).all()  # every real slot was updated
 
 
 def test_kda_kernels_give_vllm_greedy_tokens(kimi_tiny, prompts, vllm_run, tmp_path):

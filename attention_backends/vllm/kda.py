@@ -95,6 +95,8 @@ def kda_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, raw_g: torch.
         beta: ``[1, T, H]`` write strength after sigmoid.
         A_log: ``[H]`` (vLLM 0.26 stores ``[1, 1, H, 1]``) fp32; dt_bias: ``[H * D]`` fp32.
         recurrent_state: ``[S, H, D, D]`` fp32 pool (V, K order); rows ``state_indices`` are read and rewritten.
+            In vLLM it is a strided view of the KV-cache pages (slots a page apart, the conv state in between):
+            the kernels address slots by the pool's stride, never by ``H * D * D``.
         state_indices: ``[N]`` pool slot per sequence; has_initial_state: ``[N]`` bool.
         cu_seqlens: ``[N + 1]`` int32 token offsets.
         lower_bound: None (softplus gate) or the bounded gate's negative bound (vLLM 0.32+ ``gate_lower_bound``).

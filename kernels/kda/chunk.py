@@ -94,6 +94,8 @@ def _chunk_kda_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, l
     if scale is None:
         scale = K ** -0.5
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    if initial_state is not None:  # the state kernel addresses sequence n at n*H*V*K (a strided view would misread)
+        initial_state = initial_state.contiguous()
     chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK_SIZE) if cu_seqlens is not None else None
     gc = kda_gate_chunk_cumsum(g, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, cu_seqlens=cu_seqlens,
                                chunk_indices=chunk_indices)

@@ -31,6 +31,7 @@ def kda_recurrent_kernel(
     q, k, v, g, beta, A_log, dt_bias, o, h0, ht, cu_seqlens, state_indices,
     scale, lower_bound, softplus_beta, softplus_threshold, first_valid_slot, T,
     stride_q, stride_k, stride_v, stride_g, stride_beta, stride_o, stride_idx_seq, stride_idx_tok,
+    stride_h0_slot, stride_ht_slot,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_LOWER_BOUND: tl.constexpr, BETA_SIGMOID: tl.constexpr,
     L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_H0: tl.constexpr, INDEX_MODE: tl.constexpr,
@@ -40,7 +41,9 @@ def kda_recurrent_kernel(
 
     q, k: token rows with strides ``stride_q``/``stride_k`` (elements), heads at ``h*K``; v, o likewise with
     ``h*V``; g: [tokens, H, K] rows of ``stride_g`` (raw projection if USE_GATE, else log decay);
-    beta: [tokens, H] rows of ``stride_beta`` (raw if BETA_SIGMOID). h0/ht: [slots or N, H, V, K] fp32.
+    beta: [tokens, H] rows of ``stride_beta`` (raw if BETA_SIGMOID). h0/ht: [slots or N, H, V, K] fp32, each
+    slot contiguous but slots ``stride_h0_slot``/``stride_ht_slot`` elements apart: vLLM's state pool is a view
+    of its KV-cache pages (``torch.as_strided`` with the page size as the slot stride, conv state in between).
     INDEX_MODE: 0 = no indices (h0[n] -> ht[n]), 1 = one slot per sequence (read and written in place),
     2 = a slot per token (spec decode: read slot [n, 0], state after token t written to slot [n, t]).
     """
@@ -64,7 +67,7 @@ def kda_recurrent_kernel(
 
     b_s = tl.zeros([BV, BK], dtype=tl.float32)
     if HAS_H0:
-        b_s += tl.load(h0 + slot * (H * V * K) + offs_s, mask=mask_s, other=0.0)
+        b_s += tl.load(h0 + slot * stride_h0_slot + offs_s, mask=mask_s, other=0.0)
     a_log = 0.0
     if USE_GATE:
         a_log = tl.load(A_log + i_h).to(tl.float32)
@@ -91,10 +94,10 @@ def kda_recurrent_kernel(
         if INDEX_MODE == 2:
             slot_t = tl.load(state_indices + i_n * stride_idx_seq + (i_t - bos) * stride_idx_tok).to(tl.int64)
             if slot_t >= first_valid_slot:
-                tl.store(ht + slot_t * (H * V * K) + offs_s, b_s, mask=mask_s)
+                tl.store(ht + slot_t * stride_ht_slot + offs_s, b_s, mask=mask_s)
     if STORE_STATE:
         if INDEX_MODE != 2:
-            tl.store(ht + slot * (H * V * K) + offs_s, b_s, mask=mask_s)
+            tl.store(ht + slot * stride_ht_slot + offs_s, b_s, mask=mask_s)
 
 
 def _pick_tile(num_nh: int, V: int) -> tuple[int, int]:
@@ -106,6 +109,15 @@ def _pick_tile(num_nh: int, V: int) -> tuple[int, int]:
     if num_nh < 512:
         return min(16, triton.next_power_of_2(V)), 4
     return min(32, triton.next_power_of_2(V)), 8
+
+
+def _slot_stride(state: torch.Tensor | None) -> int:
+    """Elements between consecutive slots of a ``[slots, H, V, K]`` state (its stride, not H*V*K: see the kernel)."""
+    if state is None:
+        return 0
+    if state.ndim != 4:
+        raise ValueError(f"KDA recurrent state must be [slots, H, V, K], got shape {tuple(state.shape)}")
+    return state.stride(0)
 
 
 def _launch_recurrent(*, q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices, N, T, H, K, V, scale,
@@ -126,6 +138,7 @@ def _launch_recurrent(*, q, k, v, g, beta, o, h0, ht, cu_seqlens, state_indices,
         float(scale), float(lower_bound or 0.0), float(softplus_beta), float(softplus_threshold),
         int(first_valid_slot), T,
         q.stride(-3), k.stride(-3), v.stride(-3), g.stride(-3), beta.stride(-2), o.stride(-3), s_seq, s_tok,
+        _slot_stride(h0), _slot_stride(ht),
         H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV, USE_GATE=use_gate, HAS_BIAS=dt_bias is not None,
         USE_LOWER_BOUND=lower_bound is not None, BETA_SIGMOID=beta_sigmoid, L2NORM=l2norm,
         IS_VARLEN=cu_seqlens is not None, HAS_H0=h0 is not None, INDEX_MODE=index_mode, STORE_STATE=store_state,
@@ -181,7 +194,8 @@ def fused_recurrent_kda(
             ``A_log`` [H], optional ``dt_bias`` [H*K], optional ``lower_bound`` pick the gate variant).
         beta: ``[B, T, H]``, already sigmoid'ed unless ``use_beta_sigmoid_in_kernel``.
         initial_state: fp32 ``[slots, H, V, K]`` with ``ssm_state_indices`` (``[N]``, or ``[N, T]`` to keep
-            each token's state, as spec decode does), else ``[N, H, V, K]``; None for zeros.
+            each token's state, as spec decode does), else ``[N, H, V, K]``; None for zeros. Each slot is
+            contiguous; slots may lie further apart (vLLM's pool is a strided view of its KV-cache pages).
         inplace_final_state: write the final state into ``initial_state`` (at the slots); else return a new
             ``[N, H, V, K]`` final state.
         first_valid_slot: slots below it are padding (1 for vLLM's null block 0; 0 for SGLang's -1).
