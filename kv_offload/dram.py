@@ -60,12 +60,23 @@ class HostBufferAllocator:
             return bucket.pop()
         if not self.use_slabs:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+        self.add_slab(self.new_slab(nbytes), nbytes)
+        return self._free[nbytes].pop()
+
+    def needs_slab(self, nbytes: int) -> bool:
+        """``alloc(nbytes)`` would carve a new slab (a slow pinned allocation: worth doing outside locks)."""
+        return self.use_slabs and not self._free.get(nbytes)
+
+    def new_slab(self, nbytes: int) -> torch.Tensor:
+        """A slab for pieces of ``nbytes``. Touches no allocator state, so it may run outside the caller's lock."""
         slab_size = max(self.slab_bytes, _pow2_ceil(nbytes))  # a power of two: nothing lost to rounding
-        slab = torch.empty(slab_size, dtype=torch.uint8, pin_memory=self.pin_memory)
-        self.pinned_bytes += slab_size
-        pieces = [slab[k * nbytes:(k + 1) * nbytes] for k in range(slab_size // nbytes)]
-        self._free[nbytes] = pieces[::-1][:-1]  # each piece keeps the slab alive
-        return pieces[0]
+        return torch.empty(slab_size, dtype=torch.uint8, pin_memory=self.pin_memory)
+
+    def add_slab(self, slab: torch.Tensor, nbytes: int) -> None:
+        """Carve ``slab`` (from ``new_slab``) into free pieces of ``nbytes``; each piece keeps the slab alive."""
+        self.pinned_bytes += slab.numel()
+        pieces = [slab[k * nbytes:(k + 1) * nbytes] for k in range(slab.numel() // nbytes)]
+        self._free.setdefault(nbytes, []).extend(pieces[::-1])  # the next alloc gets the slab's first piece
 
     def release(self, buf: torch.Tensor) -> None:
         """Give a buffer back. The caller guarantees nobody else still reads it."""
@@ -109,6 +120,12 @@ class DramTier:
     def holds(self, key: bytes, buf: torch.Tensor) -> bool:
         """``buf`` is the buffer stored for ``key`` (no LRU update)."""
         return self._blocks.get(key) is buf
+
+    def slab_wanted(self, key: bytes, nbytes: int) -> bool:
+        """Inserting ``key`` would carve a new slab: not held, fits without evicting (an eviction recycles
+        a piece instead) and no free piece of that size."""
+        return (key not in self._blocks and self.used_bytes + nbytes <= self.capacity_bytes
+                and self.allocator.needs_slab(nbytes))
 
     def lookup(self, key: bytes) -> torch.Tensor | None:
         buf = self._blocks.get(key)

@@ -196,6 +196,7 @@ class BlockStore:
         self._rec.hit("disk", buf.numel(), time.perf_counter() - t0)
         if out_bytes is not None and not direct:
             out_bytes.copy_(buf)
+        self._reserve_slab(key, buf.numel())
         with self._lock:
             self._insert_dram(key, buf)
         return buf
@@ -209,6 +210,7 @@ class BlockStore:
         key = _check_key(key)
         src = as_bytes(data)
         write_now = None
+        self._reserve_slab(key, src.numel())
         with self._lock:
             if self._closed:
                 raise RuntimeError("kv store: put() after close()")
@@ -232,6 +234,20 @@ class BlockStore:
         if write_now is not None:
             self._write_disk(key, write_now)
         self._maybe_log()
+
+    def _reserve_slab(self, key: bytes, nbytes: int) -> None:
+        """Allocate the pinned slab the next DRAM insert needs OUTSIDE the lock: ``cudaHostAlloc`` takes
+        ~10-20 ms per 64 MiB slab, and under the lock it stalled every lookup (the engine thread's
+        ``contains``) while a save thread or disk readers filled the tier. Added only if still needed
+        (another thread may have added one meanwhile), so at most one partly carved slab per size remains."""
+        dram = self._dram
+        with self._lock:
+            if not dram.slab_wanted(key, nbytes):
+                return
+        slab = dram.allocator.new_slab(nbytes)
+        with self._lock:
+            if dram.allocator.needs_slab(nbytes):
+                dram.allocator.add_slab(slab, nbytes)
 
     def _insert_dram(self, key: bytes, src: torch.Tensor) -> torch.Tensor | None:
         """Under ``self._lock``."""

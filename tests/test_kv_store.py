@@ -393,3 +393,31 @@ def test_buffers_evicted_while_queued_for_disk_are_recycled(tmp_path, monkeypatc
         store.flush()
         assert store._dram.allocator.pinned_bytes == held
         assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(24))
+
+
+def _watch_slab_allocations(store) -> tuple[object, list[bool]]:
+    """Give ``store`` a slab allocator (4 blocks per slab) that records whether the lock is held at each new slab."""
+    from longseq.kv_offload.dram import HostBufferAllocator
+
+    alloc = store._dram.allocator = HostBufferAllocator(False, 0, use_slabs=True, slab_bytes=4 * BLOCK_BYTES)
+    lock_held: list[bool] = []
+    real_new_slab = alloc.new_slab
+    alloc.new_slab = lambda n: (lock_held.append(store._lock.locked()), real_new_slab(n))[1]
+    return alloc, lock_held
+
+
+def test_new_pinned_slabs_are_allocated_outside_the_store_lock(tmp_path):
+    """A slab allocation (cudaHostAlloc, ~10-20 ms per 64 MiB on the GPU machine) must not hold the lock that
+    the engine thread's lookups take; the slab count stays that of the in-lock allocator (one per 4 blocks)."""
+    cap = 8 * BLOCK_BYTES / (1 << 30)
+    with BlockStore(FP, cpu_gib=cap, disk_dir=str(tmp_path), disk_gib=0.1) as store:
+        alloc, lock_held = _watch_slab_allocations(store)
+        for i in range(8):
+            store.put(_key(i), _block(i))
+        assert lock_held == [False, False]  # two slabs of 4 pieces for 8 blocks, both outside the lock
+        assert alloc.pinned_bytes == 2 * 4 * BLOCK_BYTES
+        store.flush()
+    with BlockStore(FP, cpu_gib=cap, disk_dir=str(tmp_path), disk_gib=0.1) as store:  # disk hits, promoted
+        alloc, lock_held = _watch_slab_allocations(store)
+        assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(8))
+        assert lock_held == [False, False] and store.stats(log_summary=False).disk.hits == 8

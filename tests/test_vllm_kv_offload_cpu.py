@@ -204,7 +204,7 @@ def test_write_faults_keep_output_correct(fault, smollm2_path, prompts, base, tm
 def test_unknown_extra_config_key_stops_engine_with_clear_error():
     from longseq.kv_offload.vllm import OffloadConfigError, parse_extra_config
 
-    with pytest.raises(OffloadConfigError, match=r"unknown .*\['cpu_gb'\].*allowed: \['cpu_gib', 'disk_dir'"):
+    with pytest.raises(OffloadConfigError, match=r"unknown .*\['cpu_gb'\].*allowed: \[.*'cpu_gib', 'disk_dir'"):
         parse_extra_config({"cpu_gb": 4})
     with pytest.raises(OffloadConfigError, match="disk_gib must be a number"):
         parse_extra_config({"disk_dir": "/tmp/x", "disk_gib": "lots"})
@@ -220,33 +220,104 @@ def _store(tmp_path=None):
     return BlockStore(fp, cpu_gib=0.01, disk_dir=str(tmp_path) if tmp_path else None, disk_gib=0.01)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "cuda"])
-def test_worker_saves_pages_and_loads_them_into_other_pages(layout):
+#: Per-layer KV cache layouts as vLLM builds them: (logical shape with B = num_blocks, stride order).
+#: vLLM allocates ``[logical[i] for i in order]`` contiguously and hands out ``.permute(inverse(order))``.
+#: fa026_nhd is vLLM 0.26's FLASH_ATTN default on CUDA (logical [B, H, N, 2D], memory [B, N, H, 2D]);
+#: fa026_hnd its HND variant; cpu is vLLM CPU's [B, H, N, 2D]; kv_first the older [2, B, N, H, D] layout.
+LAYOUTS = {
+    "fa026_nhd": (lambda B, N, H, D: (B, H, N, 2 * D), (0, 2, 1, 3)),
+    "fa026_hnd": (lambda B, N, H, D: (B, H, N, 2 * D), (0, 1, 2, 3)),
+    "cpu": (lambda B, N, H, D: (B, H, N, 2 * D), (0, 1, 2, 3)),
+    "kv_first": (lambda B, N, H, D: (2, B, N, H, D), (0, 1, 2, 3, 4)),
+}
+
+
+def vllm_layout_cache(logical: tuple[int, ...], order: tuple[int, ...], dtype, device="cpu"):
+    """A zeroed per-layer cache tensor built exactly like vLLM's ``_reshape_attention_kv_cache``."""
+    import torch
+
+    inv = [order.index(i) for i in range(len(order))]
+    return torch.zeros([logical[i] for i in order], dtype=dtype, device=device).permute(*inv)
+
+
+def logical_block(cache, block: int):
+    """Page ``block`` of a cache in its logical order (the block dim is the one of size num_blocks)."""
+    return cache.select(0 if cache.shape[0] != 2 else 1, block)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_worker_round_trip_through_disk_into_other_pages_of_a_new_engine(layout, tmp_path):
+    """Save pages of engine A, close its store, open a NEW store on the same dir (empty DRAM, as after a
+    restart), load into DIFFERENT page ids of engine B: every byte of every layer equal, in every layout."""
     import torch
 
     from longseq.kv_offload.vllm_scheduler import BlockTransfer
     from longseq.kv_offload.vllm_worker import OffloadWorker
 
-    num_blocks = 6  # CPU: [blocks, H, N, 2D]; CUDA FlashAttention: [2, blocks, N, H, D] (block dim 1)
-    shape = (num_blocks, 2, 16, 8) if layout == "cpu" else (2, num_blocks, 16, 2, 4)
-    src = [torch.randn(shape).to(torch.bfloat16) for _ in range(3)]
-    dst = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(3)]
-    store = _store()
-    saver = OffloadWorker(src, num_blocks)
-    saver.attach(store)
-    saver.save([BlockTransfer("r1", [1, 3], [b"k1", b"k3"])])
-    saver.drain()
-    assert saver.counters["saved_blocks"] == 2 and store.contains(b"k1") and store.contains(b"k3")
-    assert saver.finished_sending({"r1", "other"}) == {"r1"}  # only requests that had saves are reported
-    loader = OffloadWorker(dst, num_blocks)
-    loader.attach(store)
-    loader.load([BlockTransfer("r2", [4, 0, 5], [b"k1", b"k3", b"missing"])], block_size=16)
-    bd = 0 if layout == "cpu" else 1
+    shape_of, order = LAYOUTS[layout]
+    B, N, H, D = 7, 16, 3, 8
+    logical = shape_of(B, N, H, D)
+    src = [vllm_layout_cache(logical, order, torch.bfloat16) for _ in range(3)]
+    for t in src:
+        t.copy_(torch.randn(logical))  # random, never zeros (the copy goes through the permuted strides)
+    if layout == "fa026_nhd":
+        assert not src[0][0].is_contiguous()  # the case a flat copy of a page would get wrong
+    dst = [vllm_layout_cache(logical, order, torch.bfloat16) for _ in range(3)]
+    with _store(tmp_path) as store:
+        saver = OffloadWorker(src, B)
+        saver.attach(store)
+        saver.save([BlockTransfer("r1", [1, 3], [b"k1", b"k3"]), BlockTransfer("r2", [6], [b"k6"])])
+        saver.drain()
+        assert saver.counters["saved_blocks"] == 3
+        assert saver.finished_sending({"r1", "r2", "other"}) == {"r1", "r2"}
+    with _store(tmp_path) as store:  # the new engine: nothing in DRAM, blocks come from disk
+        assert not store.in_dram(b"k1") and store.contains(b"k1")
+        loader = OffloadWorker(dst, B)
+        loader.attach(store)
+        loader.load([BlockTransfer("r3", [5, 0, 2, 4], [b"k3", b"k6", b"k1", b"missing"])], block_size=N)
     for s_, d_ in zip(src, dst):
-        assert torch.equal(d_.select(bd, 4), s_.select(bd, 1)) and torch.equal(d_.select(bd, 0), s_.select(bd, 3))
-        assert not d_.select(bd, 5).any()  # the missing block is reported, not invented
-    assert loader.counters["loaded_blocks"] == 2 and loader.load_errors == {5}
-    store.close()
+        for got, want in ((5, 3), (0, 6), (2, 1)):
+            assert torch.equal(logical_block(d_, got), logical_block(s_, want)), (layout, got, want)
+        assert not logical_block(d_, 4).any()  # the missing block is reported, not invented
+        assert not logical_block(d_, 1).any() and not logical_block(d_, 3).any()  # nothing else written
+    assert loader.counters["loaded_blocks"] == 3 and loader.load_errors == {4}
+
+
+def test_stored_page_bytes_do_not_depend_on_the_physical_stride_order(tmp_path):
+    """NHD and HND caches holding the same logical values store identical bytes (so a block saved under one
+    layout loads correctly under the other; the fingerprint only pins the logical page shape)."""
+    import torch
+
+    from longseq.kv_offload.vllm_scheduler import BlockTransfer
+    from longseq.kv_offload.vllm_worker import OffloadWorker
+
+    B, N, H, D = 4, 16, 3, 8
+    values = torch.randn(B, H, N, 2 * D).to(torch.bfloat16)
+    got = []
+    for layout in ("fa026_nhd", "fa026_hnd"):
+        shape_of, order = LAYOUTS[layout]
+        cache = vllm_layout_cache(shape_of(B, N, H, D), order, torch.bfloat16)
+        cache.copy_(values)
+        with _store() as store:
+            w = OffloadWorker([cache], B)
+            w.attach(store)
+            w.save([BlockTransfer("r", [2], [b"k"])])
+            w.drain()
+            got.append(store.get(b"k"))
+    assert torch.equal(got[0], got[1])
+    assert torch.equal(got[0].view(torch.bfloat16).view(1, H, N, 2 * D)[0], values[2])
+
+
+def test_cuda_is_refused_at_start_unless_the_validation_opt_in_is_set():
+    from longseq.kv_offload.vllm import OffloadConfigError, check_platform, parse_extra_config
+
+    cfg = parse_extra_config({"cpu_gib": 1})
+    with pytest.raises(OffloadConfigError, match="not validated on CUDA in this release: GPU token-identity"):
+        check_platform(cfg, is_cuda=True)
+    check_platform(cfg, is_cuda=False)  # the CPU platform is validated (the engine tests above)
+    check_platform(parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": True}), is_cuda=True)
+    with pytest.raises(OffloadConfigError, match="allow_unvalidated_cuda must be true or false"):
+        parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": "yes"})
 
 
 class _request(types.SimpleNamespace):
