@@ -114,6 +114,8 @@ class OffloadWorker:
 
     def attach(self, store: BlockStore) -> None:
         self.store = store
+        if self.cuda:  # one staging buffer at start-up, so not even the first save pays for cudaHostAlloc
+            self._staging.give(self._staging.take())
         self._thread = threading.Thread(target=self._save_loop, name="longseq-kv-save", daemon=True)
         self._thread.start()
 
