@@ -10,62 +10,24 @@ natively, against the naive reference and against fla 0.6.0.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
+from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
+
 DEV = "cuda" if CUDA else "cpu"
 _MODULES = ("utils", "naive", "gate", "fused_recurrent", "chunk_intra", "chunk")
 
-
-def _import_kernels():
-    """The kda package, its kernels interpreted when there is no GPU (see the module docstring).
-
-    ``triton.jit`` picks the interpreter at decoration time, for our kernels and for triton.language's own jit
-    helpers (``tl.sigmoid``, ``tl.cumsum``...): all of them are re-imported with TRITON_INTERPRET=1 set.
-    """
-    if CUDA:
-        return importlib.import_module("longseq.kernels.kda")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-
-        importlib.reload(tl.standard)
-        importlib.reload(tl)
-        for m in _MODULES:  # dependency order: later modules call the earlier ones' jit helpers
-            importlib.reload(importlib.import_module("longseq.kernels.kda." + m))
-        return importlib.reload(importlib.import_module("longseq.kernels.kda"))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-kda = _import_kernels()
+# The kda package with its kernels interpreted when there is no GPU (dependency order: later modules call the
+# earlier ones' jit helpers), then the package itself so its re-exports point at the interpreted functions.
+kda = import_kernels(*(f"longseq.kernels.kda.{m}" for m in _MODULES), "longseq.kernels.kda")[-1]
 # numpy (the interpreter) warns on exp overflow inside sigmoid(-large) = 1 / (1 + inf) = 0, which is the right value
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 from longseq.kernels.kda.naive import l2norm, naive_kda_gate, naive_recurrent_kda  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if CUDA:
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+_interpreter_env = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -8,64 +8,21 @@ tests run natively, and the ``gpu``-marked ones add Llama-3.1-8B-sized shapes an
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-CUDA = torch.cuda.is_available()
+from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
+
 DEV = "cuda" if CUDA else "cpu"
 
-
-def _import_kernels():
-    """The sparse_decode package, its kernels interpreted when there is no GPU.
-
-    ``triton.jit`` picks the interpreter at decoration time, for our kernels and for triton.language's
-    own jit helpers (``tl.max``, ``tl.cumsum``...): whatever was decorated without it is re-imported.
-    """
-    if CUDA:
-        return importlib.import_module("longseq.kernels.sparse_decode")
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton.language as tl
-        from triton.runtime.interpreter import InterpretedFunction
-
-        if not isinstance(tl.standard.max, InterpretedFunction):  # triton was imported before us
-            importlib.reload(tl.standard)
-            importlib.reload(tl)
-        for m in ("page_summary", "select", "decode"):
-            mod = importlib.import_module("longseq.kernels.sparse_decode." + m)
-            kernels = [v for k, v in vars(mod).items() if k.endswith("_kernel")]
-            if not all(isinstance(v, InterpretedFunction) for v in kernels):
-                importlib.reload(mod)
-        return importlib.reload(importlib.import_module("longseq.kernels.sparse_decode"))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-sd = _import_kernels()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    if CUDA:
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+# The sparse_decode package with its kernels interpreted when there is no GPU (see tests/triton_interp.py).
+sd = import_kernels(*(f"longseq.kernels.sparse_decode.{m}" for m in ("page_summary", "select", "decode")),
+                    "longseq.kernels.sparse_decode")[-1]
+_interpreter_env = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 from longseq.kernels.paged_attention import paged_attention_naive  # noqa: E402
 from longseq.kernels.sparse_decode import naive  # noqa: E402
 
