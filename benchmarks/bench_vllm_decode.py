@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -114,13 +113,9 @@ def run_backend(args, backend: str, env: dict) -> dict:
            "--profile-steps", str(args.profile_steps)]
     if args.profile_steps:
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the profiler must see the engine's GPU work
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
-        l + "\n" for l in proc.stderr.splitlines() if l.startswith("[")))
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    from benchmarks.common import run_child
+
+    return run_child(cmd, env, backend)
 
 
 def plot(result: dict, path: str) -> str:
