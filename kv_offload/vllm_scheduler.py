@@ -212,7 +212,5 @@ class OffloadScheduler:
 
 def dram_resident(store: BlockStore, key: bytes) -> bool:
     """Whether ``key`` is in the store's DRAM tier (or waiting for its disk writer): its bytes can be copied
-    out without a disk read. Reads the store's internals (``_lock``, ``_dram``, ``_pending``); kept here
-    so the store's public API stays small."""
-    with store._lock:
-        return key in store._dram or key in store._pending
+    out without a disk read."""
+    return store.in_dram(key)

@@ -146,19 +146,11 @@ class OffloadWorker:
         """Copy blocks into the caches; returns how many leading blocks were loaded."""
         stage = torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device)
         store = self.store
-        missing = []
-        # Under the store's lock nobody can evict (and recycle) a DRAM buffer while an async copy reads it.
-        with store._lock:
-            for i, key in enumerate(keys):
-                buf = store._dram.lookup(key)
-                if buf is None:
-                    buf = store._pending.get(key)
-                if buf is None:
-                    missing.append(i)
-                    continue
-                as_flat_bytes(stage[i]).copy_(buf, non_blocking=self.cuda)
-            if self.cuda:
-                torch.cuda.current_stream(self.device).synchronize()
+        # The store copies under its lock and syncs before releasing it: nobody can evict (and recycle) a DRAM
+        # buffer while an async copy reads it.
+        sync = torch.cuda.current_stream(self.device).synchronize if self.cuda else None
+        found = store.get_dram_batch(keys, [as_flat_bytes(stage[i]) for i in range(len(keys))], synchronize=sync)
+        missing = [i for i, ok in enumerate(found) if not ok]
         n = len(keys)
         for i in missing:  # evicted since the scheduler's check: read again (disk), verified by the store
             host = torch.empty(self.block_bytes, dtype=torch.uint8)
