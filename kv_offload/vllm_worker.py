@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from .dram import as_bytes
 from .store import BlockStore
 from .vllm_scheduler import BlockTransfer
 
@@ -149,7 +150,7 @@ class OffloadWorker:
         # The store copies under its lock and syncs before releasing it: nobody can evict (and recycle) a DRAM
         # buffer while an async copy reads it.
         sync = torch.cuda.current_stream(self.device).synchronize if self.cuda else None
-        found = store.get_dram_batch(keys, [as_flat_bytes(stage[i]) for i in range(len(keys))], synchronize=sync)
+        found = store.get_dram_batch(keys, list(stage), synchronize=sync)
         missing = [i for i, ok in enumerate(found) if not ok]
         n = len(keys)
         for i in missing:  # evicted since the scheduler's check: read again (disk), verified by the store
@@ -157,7 +158,7 @@ class OffloadWorker:
             if store.get(keys[i], out=host) is None:
                 n = i
                 break
-            as_flat_bytes(stage[i]).copy_(host)
+            as_bytes(stage[i]).copy_(host)
         if n:
             ids = torch.tensor(block_ids[:n], dtype=torch.long, device=self.device)
             for layer, view in enumerate(self.views):
@@ -257,8 +258,3 @@ class OffloadWorker:
             return
         self._save_queue.join()
         self.store.flush(timeout)
-
-
-def as_flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a contiguous tensor."""
-    return t.reshape(-1).view(torch.uint8)
