@@ -14,7 +14,8 @@ Fixed shapes, no host synchronization (CUDA-graph safe). By default ONE launch d
    fit too); they are compacted (prefix sum) into a ``CAP``-slot scratch row and the 4-pass select runs on
    those. A row with more candidates than ``CAP`` (heavy ties) falls back to the select over the whole row.
    The row width is the block table's (``max_model_len``); the top-k picks a half- or quarter-width
-   compiled variant at run time when the request's live pages fit, and scoring skips dead tiles. Winners are compacted in ascending page order.
+   compiled variant at run time when the request's live pages fit, and scoring skips dead tiles. Winners
+   are compacted in ascending page order.
    Rows longer than ``_MAX_TRITON_TOPK`` pages use ``torch.topk`` + sort.
 
 The GQA reduction is linear: ``max(q min, q max) = q max`` if ``q >= 0`` else ``q min``, so
