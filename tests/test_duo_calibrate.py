@@ -133,6 +133,17 @@ def test_steps_reduce_the_loss_and_keep_gates_in_range(tiny_path):
     assert min(flat) < 1.0  # the gates moved
 
 
+def test_time_limit_stops_early_and_records_steps_done(tiny_path, tmp_path):
+    out = str(tmp_path / "p")
+    cfg = _cfg(tiny_path, out, steps=50)
+    cfg.time_limit_s = 0.0  # every step after the first is past the limit
+    res = dc.calibrate(cfg)
+    assert len(res.losses) == 1
+    gates, meta = dc.read_pattern(out)
+    assert meta["steps"] == 50 and meta["steps_done"] == 1
+    assert all(0.0 <= g <= 1.0 for row in gates for g in row)
+
+
 def test_same_seed_same_files_and_format(tiny_path, tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
     dc.calibrate(_cfg(tiny_path, a), command="test a")
