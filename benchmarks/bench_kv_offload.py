@@ -90,10 +90,8 @@ def child(args) -> None:
         disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=args.disk_parent)
         kw["kv_transfer_config"] = {"kv_connector": "LongSeqOffloadConnector",
                                     "kv_connector_module_path": "longseq.kv_offload.vllm", "kv_role": "kv_both",
-                                    # timing only (dummy weights): CUDA is opt-in until the GPU token test passes
                                     "kv_connector_extra_config": {"cpu_gib": args.cpu_gib, "disk_dir": disk_dir,
-                                                                  "disk_gib": args.cpu_gib * 2,
-                                                                  "allow_unvalidated_cuda": True}}
+                                                                  "disk_gib": args.cpu_gib * 2}}
     elif args.config == "native":
         kw["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
                                     "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}

@@ -308,16 +308,12 @@ def test_stored_page_bytes_do_not_depend_on_the_physical_stride_order(tmp_path):
     assert torch.equal(got[0].view(torch.bfloat16).view(1, H, N, 2 * D)[0], values[2])
 
 
-def test_cuda_is_refused_at_start_unless_the_validation_opt_in_is_set():
-    from longseq.kv_offload.vllm import OffloadConfigError, check_platform, parse_extra_config
+def test_the_retired_cuda_opt_in_key_is_now_an_unknown_key():
+    from longseq.kv_offload.vllm import OffloadConfigError, parse_extra_config
 
-    cfg = parse_extra_config({"cpu_gib": 1})
-    with pytest.raises(OffloadConfigError, match="not validated on CUDA in this release: GPU token-identity"):
-        check_platform(cfg, is_cuda=True)
-    check_platform(cfg, is_cuda=False)  # the CPU platform is validated (the engine tests above)
-    check_platform(parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": True}), is_cuda=True)
-    with pytest.raises(OffloadConfigError, match="allow_unvalidated_cuda must be true or false"):
-        parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": "yes"})
+    parse_extra_config({"cpu_gib": 1})
+    with pytest.raises(OffloadConfigError, match=r"unknown kv_connector_extra_config key\(s\) \['allow_unvalidated_cuda'\]"):
+        parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": True})
 
 
 class _request(types.SimpleNamespace):

@@ -1,7 +1,6 @@
 """LongSeqOffloadConnector on CUDA (vLLM 0.26, GPU machine).
 
-The connector refuses CUDA unless ``allow_unvalidated_cuda`` is set (the first GPU run's token check failed);
-these tests are the validation, and every connector run here sets it.
+These tests are the connector's CUDA validation (both passed on an H200 on 2026-11-29, commit a84cd2c).
 
 1. Worker level, real CUDA streams, vLLM's own FLASH_ATTN cache layout: pages written late on the compute
    stream are saved with their final bytes; pages overwritten right after ``save`` returns are saved with
@@ -37,8 +36,7 @@ GPU_KWARGS = {"gpu_memory_utilization": 0.3}  # eager (LLM_KWARGS): the connecto
 def kv_config(disk_dir: str, stats: str) -> dict:
     return {"kv_connector": "LongSeqOffloadConnector", "kv_connector_module_path": "longseq.kv_offload.vllm",
             "kv_role": "kv_both", "kv_connector_extra_config": {"cpu_gib": 1, "disk_dir": disk_dir, "disk_gib": 2,
-                                                                "stats_path": stats,
-                                                                "allow_unvalidated_cuda": True}}
+                                                                "stats_path": stats}}
 
 
 def _need_cuda():
