@@ -20,7 +20,7 @@ from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
 
 # The sparse_decode package with its kernels interpreted when there is no GPU (see tests/triton_interp.py).
-sd = import_kernels(*(f"longseq.kernels.sparse_decode.{m}" for m in ("page_summary", "select", "decode")),
+sd = import_kernels(*(f"longseq.kernels.sparse_decode.{m}" for m in ("page_summary", "select", "topk_split", "decode")),
                     "longseq.kernels.sparse_decode")[-1]
 _interpreter_env = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 from longseq.kernels.paged_attention import paged_attention_naive  # noqa: E402
@@ -312,7 +312,8 @@ def test_topk_with_ties_and_extremes(max_pages, k):
 
 @pytest.mark.parametrize("k", [5, 50, 128])
 @pytest.mark.parametrize("cap", [256, 1024])
-def test_topk_candidate_filter_is_exact(k, cap):
+@pytest.mark.parametrize("seg", [0, 512])
+def test_topk_candidate_filter_is_exact(k, cap, seg):
     """Long rows of continuous scores: the filtered select equals torch.topk, whether the candidates fit
     (random rows) or not (sorted rows: the top pages fill whole groups, so the group-max bound is loose and
     the full-row fallback runs), at every row length and with the sink/recent +inf pages."""
@@ -326,14 +327,16 @@ def test_topk_candidate_filter_is_exact(k, cap):
         n = math.ceil(s / page_size)
         scores[b, :, n - 4 : n] = float("inf")
         scores[b, :, n:] = float("-inf")
-    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=cap)
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=cap,
+                            segment_pages=seg)
     rids, rnv = sd.topk_pages(scores, seq_lens, page_size, k, impl="torch")
     check_selection(ids, nv, scores, seq_lens, page_size, k)
     assert torch.equal(ids.cpu(), rids) and torch.equal(nv.cpu(), rnv)
 
 
 @pytest.mark.parametrize("k", [40, 128])
-def test_topk_many_equal_scores_takes_the_tie_path(k):
+@pytest.mark.parametrize("seg", [0, 256])
+def test_topk_many_equal_scores_takes_the_tie_path(k, seg):
     """Rows where most scores are equal (summaries rounded to the same few fp8 values do this): more candidates
     than the cap but fewer than k pages above the bound. The selection must equal the whole-row select's
     (larger pages first, then the first equal pages), row by row, with and without a few distinct scores."""
@@ -346,10 +349,38 @@ def test_topk_many_equal_scores_takes_the_tie_path(k):
     seq_lens = torch.tensor([max_pages * page_size, 2500 * page_size - 3, 900 * page_size], dtype=torch.int32)
     for b, sl in enumerate(seq_lens.tolist()):
         scores[b, :, math.ceil(sl / page_size):] = float("-inf")
-    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=256)
-    full, fnv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=0)
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=256,
+                            segment_pages=seg)
+    full, fnv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", candidate_cap=0,
+                              segment_pages=0)
     check_selection(ids, nv, scores, seq_lens, page_size, k)
     assert torch.equal(ids.cpu(), full.cpu()) and torch.equal(nv.cpu(), fnv.cpu())
+
+
+@pytest.mark.parametrize("seg", [256, 512])
+def test_split_topk_equals_the_one_program_select(seg):
+    """Rows split over segments (several programs per row, then a merge) pick exactly the pages the one-program
+    select picks, ties included: integer scores (many ties across segment borders), a row shorter than one
+    segment, rows ending mid-segment, num_select above a row's live pages, +inf forced pages, all-negative rows."""
+    g = torch.Generator().manual_seed(seg)
+    bsz, hkv, max_pages, page_size, k = 4, 2, 1800, 16, 100
+    scores = torch.randint(-6, 6, (bsz, hkv, max_pages), generator=g).float() * 0.25
+    scores[0, 1] = torch.randn(max_pages, generator=g)  # continuous, no ties
+    scores[1] -= 50.0
+    scores[:, :, 0] = float("inf")
+    seq_lens = torch.tensor([max_pages * page_size, (seg + 37) * page_size - 5, 90 * page_size, 1000 * page_size + 1],
+                            dtype=torch.int32)
+    for b, sl in enumerate(seq_lens.tolist()):
+        n = math.ceil(sl / page_size)
+        scores[b, :, max(n - 3, 1):n] = float("inf")
+        scores[b, :, n:] = float("-inf")
+    assert sd.topk_split.split_applies(max_pages, k, seg)
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=seg)
+    one, onv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=0)
+    check_selection(ids, nv, scores, seq_lens, page_size, k)
+    assert torch.equal(ids.cpu(), one.cpu()) and torch.equal(nv.cpu(), onv.cpu())
+    with pytest.raises(ValueError, match="segment_pages must be a power of two"):
+        sd.topk_split.topk_pages_split(scores.to(DEV), seq_lens.to(DEV), page_size, k, segment_pages=128)
 
 
 @pytest.mark.parametrize("cap", [32, 64])

@@ -1,0 +1,127 @@
+"""Top-k page selection split over several programs per score row (long rows, few rows).
+
+The one-program top-k of ``select.py`` runs one program per (request, KV head) row: at batch 1 with 8 KV heads
+that is 8 programs on a 132-SM GPU for a 8192-page row (128K tokens), and it was the largest cost of a sparse
+decode step in the engine (41.7 us per layer at 126K, ``BENCHMARKS.md``). Here the row is cut into segments of
+``SEG`` pages:
+
+1. ``_topk_segment_kernel``, grid ``(B * Hkv, NSEG)``: each program selects its segment's top ``k`` pages
+   (``select._topk_row``: exact radix select, ties to the lower page) into a scratch row of ``BLOCK_K`` local
+   page ids, ascending, ``-1`` padded. Segments past the request's live pages only write ``-1``.
+2. ``_topk_merge_kernel``, grid ``(B * Hkv,)``: gathers the ``NSEG * BLOCK_K`` candidates (global page ids and
+   their scores) and keeps the top ``k`` of them (``select._take_top``), in ascending page order.
+
+Exactness: a page in the row's top ``k`` (ties to the lower page) is in its segment's top ``k`` under the same
+rule, and the candidates are laid out in page order, so the merge picks exactly the pages the one-program
+select picks, ties included. Fixed grid and shapes: CUDA-graph safe, no host synchronization.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row
+
+#: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default.
+SEGMENT_PAGES = 1024
+
+
+@triton.jit
+def _topk_segment_kernel(
+    scores, seq_lens, seg_ids, cand, max_pages, num_select, s_sb, s_sh,
+    HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr, GPASSES: tl.constexpr, FILTER: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    seg = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
+    start = seg * SEG
+    n_seg = tl.minimum(tl.maximum(n_pages - start, 0), SEG)
+    out_row = seg_ids + (bh * NSEG + seg) * BLOCK_K
+    if n_seg > 0:
+        _topk_row(scores + b * s_sb + h * s_sh + start, n_seg, num_select, out_row,
+                  cand + (bh * NSEG + seg) * (2 * CAP), BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+    else:
+        o = tl.arange(0, BLOCK_K)
+        tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=o < num_select)
+
+
+@triton.jit
+def _topk_merge_kernel(
+    scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, s_sb, s_sh, s_ob, s_oh,
+    HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr,
+    N: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
+    k = tl.minimum(n_pages, num_select)
+    i = tl.arange(0, N)
+    seg = i // BLOCK_K
+    slot = i % BLOCK_K
+    lid = tl.load(seg_ids + bh * NSEG * BLOCK_K + i, mask=(slot < num_select) & (seg < NSEG), other=-1)
+    ok = lid >= 0
+    gid = seg * SEG + lid
+    s = tl.load(scores + b * s_sb + h * s_sh + gid, mask=ok, other=float("-inf"))
+    key = tl.where(ok, _float_key(s), _INT_MIN)
+    out_row = page_ids + b * s_ob + h * s_oh
+    _take_top(key, gid, k, out_row, N)
+    o = tl.arange(0, BLOCK_K)
+    tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
+    if h == 0:
+        tl.store(num_valid + b, k.to(tl.int32))
+
+
+def split_applies(max_pages: int, num_select: int, segment_pages: int | None = None) -> bool:
+    """Whether ``topk_pages`` splits rows of ``max_pages`` pages (default: longer than two segments, and a
+    segment holds at least twice ``num_select``)."""
+    seg = SEGMENT_PAGES if segment_pages is None else segment_pages
+    return seg > 0 and max_pages > 2 * seg and 2 * triton.next_power_of_2(num_select) <= seg
+
+
+def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
+                     segment_pages: int | None = None, candidate_cap: int | None = None,
+                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``select.topk_pages`` (triton path, ties to the lower page), split over segments.
+
+    Args:
+        scores: ``[B, Hkv, max_pages]`` fp32 (last dim contiguous); seq_lens: ``[B]`` int32.
+        segment_pages: pages per segment, a power of two >= 2 * next_pow2(num_select) (default
+            ``SEGMENT_PAGES``). candidate_cap, num_warps: the per-segment select's tuning (``_topk_config``).
+
+    Returns:
+        page_ids ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded; num_valid ``[B]`` int32.
+    """
+    bsz, hkv, max_pages = scores.shape
+    seg = SEGMENT_PAGES if segment_pages is None else segment_pages
+    block_k = triton.next_power_of_2(num_select)
+    if seg <= 0 or seg & (seg - 1) or 2 * block_k > seg:
+        raise ValueError(f"segment_pages must be a power of two >= 2 * {block_k}, got {seg}")
+    assert scores.stride(2) == 1
+    dev = scores.device
+    page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
+    num_valid = torch.empty(bsz, dtype=torch.int32, device=dev)
+    if bsz == 0:
+        return page_ids, num_valid
+    nseg = triton.cdiv(max_pages, seg)
+    cfg = _topk_config(seg, num_select, candidate_cap, num_warps)
+    warps = cfg.pop("num_warps")  # cfg["BLOCK"] (>= 256) may exceed seg: the select masks pages >= n_seg
+    seg_ids = torch.empty(bsz * hkv * nseg * block_k, dtype=torch.int32, device=dev)
+    cand = torch.empty(bsz * hkv * nseg * 2 * cfg["CAP"], dtype=torch.int32, device=dev)
+    common = dict(HKV=hkv, PAGE_SIZE=page_size, NSEG=nseg, SEG=seg)
+    _topk_segment_kernel[(bsz * hkv, nseg)](
+        scores, seq_lens, seg_ids, cand, max_pages, num_select, scores.stride(0), scores.stride(1),
+        **common, **cfg, num_warps=warps,
+    )
+    n = max(triton.next_power_of_2(nseg * block_k), 128)  # >= 1 element per thread in every histogram
+    _topk_merge_kernel[(bsz * hkv,)](
+        scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, scores.stride(0), scores.stride(1),
+        page_ids.stride(0), page_ids.stride(1), **common, BLOCK_K=block_k, N=n,
+        num_warps=min(16, max(4, n // 256)),
+    )
+    return page_ids, num_valid
