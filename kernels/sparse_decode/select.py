@@ -437,7 +437,7 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     if impl == "triton" and bsz > 0:
         from longseq.kernels.sparse_decode.topk_split import split_applies, topk_pages_split
 
-        if split_applies(max_pages, num_select, segment_pages):
+        if split_applies(max_pages, num_select, segment_pages, bsz * hkv):
             return topk_pages_split(scores, seq_lens, page_size, num_select, segment_pages, candidate_cap,
                                     num_warps)
         assert max_pages <= _MAX_TRITON_TOPK and scores.stride(2) == 1

@@ -24,8 +24,13 @@ import triton.language as tl
 
 from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row
 
-#: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default.
+#: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default when
+#: there are fewer than ``SPLIT_MAX_ROWS`` rows. Measured on an H200 (``results/topk_split.json``, 8192-page rows,
+#: k=128, 8 KV heads): batch 1 at 126K live 14.7 us vs 21.1 one-program (1024 beat 512 and 2048); batch 8 at
+#: 126K 20.7 vs 21.8, but at 32K live (2048 pages) the split's second launch makes it slower: 14.9 vs 13.8 at
+#: batch 1, 16.4 vs 14.1 at batch 8. With 64 rows the one-program select already fills half the SMs.
 SEGMENT_PAGES = 1024
+SPLIT_MAX_ROWS = 64
 
 
 @triton.jit
@@ -77,10 +82,14 @@ def _topk_merge_kernel(
         tl.store(num_valid + b, k.to(tl.int32))
 
 
-def split_applies(max_pages: int, num_select: int, segment_pages: int | None = None) -> bool:
-    """Whether ``topk_pages`` splits rows of ``max_pages`` pages (default: longer than two segments, and a
-    segment holds at least twice ``num_select``)."""
+def split_applies(max_pages: int, num_select: int, segment_pages: int | None = None,
+                  num_rows: int | None = None) -> bool:
+    """Whether ``topk_pages`` splits ``num_rows`` rows of ``max_pages`` pages: rows longer than two segments,
+    a segment holding at least twice ``num_select``, and (with the default segment size only) fewer than
+    ``SPLIT_MAX_ROWS`` rows. An explicit ``segment_pages`` always splits when the shapes allow it."""
     seg = SEGMENT_PAGES if segment_pages is None else segment_pages
+    if segment_pages is None and num_rows is not None and num_rows >= SPLIT_MAX_ROWS:
+        return False
     return seg > 0 and max_pages > 2 * seg and 2 * triton.next_power_of_2(num_select) <= seg
 
 
