@@ -83,14 +83,19 @@ def test_dense_tp2_matches_flash_attn_tp2(tiny, prompts):
 
 def test_sparse_tp2_follows_tp1(tiny, prompts, dense_tp1):
     """Budget 256 tokens (16 pages) on prompts up to 1800 tokens, no dense layers: selection matters. TP=2 fed
-    TP=1's tokens must agree with it far more closely than sparse agrees with dense."""
+    TP=1's tokens must agree with it far more closely than sparse agrees with dense, in KL.
+
+    Not in argmax agreement: on this random-weight model the logits are flat, and TP=2's different rounding flips
+    near-tied page scores and then near-tied tokens. The 2026-11-29 H200 run measured TP=2 vs TP=1 agreement 0.885
+    at KL 0.0088, against sparse vs dense at KL 2.30 (the old ``agreement >= 0.95`` bar failed there). A rank
+    scoring another rank's heads would sit near the sparse-vs-dense KL, hundreds of times above."""
     env = {"LONGSEQ_ATTENTION": "sparse", "LONGSEQ_SPARSE_BUDGET": "256", "LONGSEQ_SPARSE_DENSE_LAYERS": "0"}
     tp1, tp1_vs_dense, tp2_vs_tp1 = _tp1_then_tp2(tiny, prompts, dense_tp1, env)
     assert any(t.get("sparse_decode_calls", 0) > 0 for t in tp1["trace"]), tp1["trace"]
     print("sparse tp1 vs dense:", tp1_vs_dense["agreement"], tp1_vs_dense["mean_kl"],
           "| tp2 vs tp1:", tp2_vs_tp1["agreement"], tp2_vs_tp1["mean_kl"])
-    assert tp2_vs_tp1["agreement"] >= 0.95 and tp2_vs_tp1["mean_kl"] <= 0.02, tp2_vs_tp1
-    assert tp1_vs_dense["mean_kl"] > 2 * tp2_vs_tp1["mean_kl"], (tp1_vs_dense, tp2_vs_tp1)
+    assert tp2_vs_tp1["mean_kl"] <= 0.02, tp2_vs_tp1
+    assert tp1_vs_dense["mean_kl"] > 20 * tp2_vs_tp1["mean_kl"], (tp1_vs_dense, tp2_vs_tp1)
 
 
 def test_duo_tp2_follows_tp1(tiny, prompts, dense_tp1, tmp_path):
