@@ -5,7 +5,7 @@ three patterns: ``random`` (continuous, no ties), ``ties`` (8 distinct values: w
 dummy-weight model give, the in-engine case that was 2x slower than random rows) and ``smooth`` (a random
 walk along the row: top pages cluster, as with RoPE'd keys). Every variant's selection is checked equal to
 the one-program select first. Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
-after warm-up (CUDA events); median per call.
+after warm-up on a side stream (CUDA events); median per call.
 
     python benchmarks/bench_topk_split.py --pages 8192 --batches 1,8
 Writes benchmarks/results/<name>.json (default ``topk_split``).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,25 +55,10 @@ def make_scores(pattern: str, bsz: int, hkv: int, pages: int, live: int, gen):
 
 
 def graph_time_us(fn, inner: int, reps: int) -> float:
-    import torch
+    """Median microseconds per ``fn()`` call: ``inner`` calls per CUDA graph replay (``bench_sparse_kernels``)."""
+    from benchmarks.bench_sparse_kernels import time_graph
 
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(inner):
-            fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000.0 / inner)
-    return statistics.median(times)
+    return time_graph(lambda i: fn(), 1, inner, reps)
 
 
 def main(argv=None) -> int:
