@@ -604,3 +604,35 @@ def test_cuda_graph_replay_follows_new_inputs(fused):
                                             page_size, d ** -0.5)
         assert rel_err(out, ref) < 1e-2
     assert counters_are_zero()
+
+
+@pytest.mark.gpu
+@gpu
+def test_split_topk_cuda_graph_replay_follows_new_scores():
+    """The split top-k (the default for long rows at small batch) captured in a CUDA graph: replays with new
+    scores and lengths select what the one-program select selects on the same inputs."""
+    bsz, hkv, max_pages, page_size, k = 2, 8, 8192, 16, 128
+    scores = torch.empty(bsz, hkv, max_pages, device=DEV)
+    seq_lens = torch.empty(bsz, dtype=torch.int32, device=DEV)
+
+    def fill(trial):
+        g = torch.Generator().manual_seed(trial)
+        scores.copy_(torch.randn(bsz, hkv, max_pages, generator=g))
+        lens = [8064 * page_size - 3 * trial, (1000 + 997 * trial) * page_size]
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        for b, sl in enumerate(lens):
+            scores[b, :, math.ceil(sl / page_size):] = float("-inf")
+
+    assert sd.topk_split.split_applies(max_pages, k, None, bsz * hkv)
+    fill(0)
+    sd.topk_pages(scores, seq_lens, page_size, k)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ids_g, nv_g = sd.topk_pages(scores, seq_lens, page_size, k)
+    for trial in range(1, 4):
+        fill(trial)
+        graph.replay()
+        torch.cuda.synchronize()
+        one, onv = sd.topk_pages(scores, seq_lens, page_size, k, segment_pages=0)
+        assert torch.equal(ids_g, one) and torch.equal(nv_g, onv)
