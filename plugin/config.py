@@ -75,6 +75,10 @@ class LongSeqConfig:
             ``sink_size`` (64 for patterns that have none).
         duo_recent: most recent tokens kept by streaming heads, the query's own included (``LONGSEQ_DUO_RECENT``);
             unset = the pattern's ``recent_size`` (256 for patterns that have none).
+        duo_hybrid_decode_batch: GPU duo decode steps of at least this many requests run FlashAttention on the
+            retrieval heads and the Triton kernel on the streaming heads (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``);
+            unset = one Triton launch for all heads at every batch size. Measured on an H200 at 126K, batch 8:
+            0.550x of FlashAttention's time with the hybrid vs 0.690x with one launch (``BENCHMARKS.md``).
         kda: run Kimi Delta Attention (Kimi-Linear's linear-attention layers) on longseq's KDA kernels instead of
             the framework's vendored ones (``LONGSEQ_KDA``, ``0``/``1``): vLLM's KDA layer is replaced through its
             out-of-tree layer registry, SGLang's through its KDA kernel dispatcher.
@@ -100,6 +104,7 @@ class LongSeqConfig:
     duo_threshold: float | None = None
     duo_sink: int | None = None
     duo_recent: int | None = None
+    duo_hybrid_decode_batch: int | None = None
     kda: bool = False
     kda_prefill: str = "framework"
 
@@ -159,6 +164,9 @@ class LongSeqConfig:
             val = getattr(self, name)
             if val is not None and not 0.0 <= val <= 1.0:
                 raise LongSeqConfigError(f"{env[name]}={val} must be in [0, 1]")
+        if self.duo_hybrid_decode_batch is not None and self.duo_hybrid_decode_batch <= 0:
+            raise LongSeqConfigError(f"{env['duo_hybrid_decode_batch']}={self.duo_hybrid_decode_batch} must be a "
+                                     "positive integer (or unset: one Triton launch at every batch size)")
         for name in ("duo_sink", "duo_recent"):
             val = getattr(self, name)
             if val is not None and val <= 0:
@@ -183,6 +191,7 @@ class LongSeqConfig:
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",
         "duo_sink": "LONGSEQ_DUO_SINK",
         "duo_recent": "LONGSEQ_DUO_RECENT",
+        "duo_hybrid_decode_batch": "LONGSEQ_DUO_HYBRID_DECODE_BATCH",
         "kda": "LONGSEQ_KDA",
         "kda_prefill": "LONGSEQ_KDA_PREFILL",
     }

@@ -98,6 +98,8 @@ def test_duo_knobs_parse_from_env_and_json(tmp_path):
     cfg = LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "/p", "LONGSEQ_DUO_THRESHOLD": "1",
                                   "LONGSEQ_DUO_SPARSITY": "", "LONGSEQ_DUO_SINK": ""})
     assert (cfg.duo_threshold, cfg.duo_sparsity, cfg.duo_sink) == (1.0, None, None)
+    assert cfg.duo_hybrid_decode_batch is None
+    assert LongSeqConfig.from_env({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "8"}).duo_hybrid_decode_batch == 8
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"attention": "duo", "duo_pattern": "/pat", "duo_sparsity": 0.5, "duo_threshold": None,
                                 "duo_recent": 64, "duo_sink": None}))
@@ -128,6 +130,7 @@ def test_duo_knobs_do_not_need_duo_mode():
     ({"LONGSEQ_DUO_SINK": "0"}, "LONGSEQ_DUO_SINK=0 must be a positive integer"),
     ({"LONGSEQ_DUO_RECENT": "-8"}, "LONGSEQ_DUO_RECENT=-8 must be a positive integer"),
     ({"LONGSEQ_DUO_SINK": "64.5"}, "LONGSEQ_DUO_SINK.*'64.5' must be an integer"),
+    ({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "0"}, "LONGSEQ_DUO_HYBRID_DECODE_BATCH=0 must be a positive integer"),
     ({"LONGSEQ_DUO_PATERN": "x"}, "LONGSEQ_DUO_PATERN"),
 ])
 def test_bad_duo_knobs_are_named(env, match):

@@ -89,7 +89,8 @@ class Step:
         impl.vllm_flash_attn_version = _fa_version()
         impl.duo = StreamingHeadMask(torch.stack([~is_streaming.cpu(), is_streaming.cpu()]), sink, recent)
         impl._duo_layer = None
-        impl.trace = BackendTrace("test", LongSeqConfig())
+        impl.config = LongSeqConfig()  # hybrid decode: flash.HYBRID_DECODE_MIN_BATCH (monkeypatched below)
+        impl.trace = BackendTrace("test", impl.config)
         impl._duo_for(LAYER, torch.device(DEV))
         output = torch.full((self.query.shape[0], self.hq * self.d), float("nan"), dtype=self.dtype, device=DEV)
         impl._duo_forward(LAYER, self.query, self.kv_cache, self.meta(), output)

@@ -181,7 +181,7 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         key_cache, value_cache = self._key_value_caches(kv_cache)
         args = (key_cache, value_cache, step.block_table[:nr], step.query_start_loc[: nr + 1], step.seq_lens[:nr],
                 duo.is_streaming, self.duo.sink_size, self.duo.recent_size, self.scale)
-        if step.max_query_len <= 1 and not hybrid_decode(nr):  # one launch, split-K over the long heads
+        if step.max_query_len <= 1 and not hybrid_decode(nr, self.config.duo_hybrid_decode_batch):  # one launch, split-K over the long heads
             splits = default_num_splits(nr, duo.num_retrieval, q.device) if duo.num_retrieval else 1
             duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=duo.all_heads, num_splits=splits)
         else:
@@ -197,13 +197,16 @@ class LongSeqFlashImpl(FlashAttentionImpl):
 #: Decode-only steps of at least this many requests (the padded batch size under CUDA graphs, fixed per graph)
 #: take the prefill path: FlashAttention on the retrieval-head runs (vLLM's fixed split count under graphs) and
 #: the Triton kernel on the streaming heads. ``None``: decode always runs one Triton launch for all heads. Set
-#: from ``benchmarks/bench_duo_kernels.py --variants`` (``hybrid_s32`` vs the best ``duo`` variant per batch).
+#: from ``benchmarks/bench_duo_kernels.py --variants`` (``hybrid_s32`` vs the best ``duo`` variant per batch);
+#: ``LONGSEQ_DUO_HYBRID_DECODE_BATCH`` overrides it. Off until the hybrid decode has run in the engine.
 HYBRID_DECODE_MIN_BATCH: int | None = None
 
 
-def hybrid_decode(num_reqs: int) -> bool:
-    """Whether a decode-only step of ``num_reqs`` requests uses FlashAttention for its retrieval heads."""
-    return HYBRID_DECODE_MIN_BATCH is not None and num_reqs >= HYBRID_DECODE_MIN_BATCH
+def hybrid_decode(num_reqs: int, min_batch: int | None = None) -> bool:
+    """Whether a decode-only step of ``num_reqs`` requests uses FlashAttention for its retrieval heads
+    (from ``min_batch`` requests on; ``None``: ``HYBRID_DECODE_MIN_BATCH``)."""
+    threshold = HYBRID_DECODE_MIN_BATCH if min_batch is None else min_batch
+    return threshold is not None and num_reqs >= threshold
 
 
 @dataclasses.dataclass
