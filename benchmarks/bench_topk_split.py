@@ -4,7 +4,8 @@ Needs only torch and triton (no vLLM). Score rows ``[B, Hkv, pages]`` fp32 as th
 three patterns: ``random`` (continuous, no ties), ``ties`` (8 distinct values: what fp8 page summaries of a
 dummy-weight model give, the in-engine case that was 2x slower than random rows) and ``smooth`` (a random
 walk along the row: top pages cluster, as with RoPE'd keys). Every variant's selection is checked equal to
-the one-program select first. Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
+the one-program select first; each split size is timed with a second merge launch and with the merge fused
+into the last segment program (``..._fused``). Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
 after warm-up on a side stream (CUDA events); median per call.
 
     python benchmarks/bench_topk_split.py --pages 8192 --batches 1,8
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
 
     from benchmarks.common import command_line, environment, write_result
     from longseq.kernels.sparse_decode import topk_pages
+    from longseq.kernels.sparse_decode.topk_split import topk_pages_split
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
@@ -94,13 +96,21 @@ def main(argv=None) -> int:
                     row[f"split{seg}_us"] = graph_time_us(
                         lambda seg=seg: topk_pages(scores, seq_lens, page_size, k, impl="triton", segment_pages=seg),
                         args.inner, args.reps)
-                best = min(args.segments, key=lambda s: row[f"split{s}_us"])
+                    ids = topk_pages_split(scores, seq_lens, page_size, k, segment_pages=seg, fused_merge=True)[0]
+                    if not torch.equal(ids, one):
+                        failures.append(f"split{seg}_fused != one-program ({pattern}, b={bsz}, live={live})")
+                    row[f"split{seg}_fused_us"] = graph_time_us(
+                        lambda seg=seg: topk_pages_split(scores, seq_lens, page_size, k, segment_pages=seg,
+                                                         fused_merge=True), args.inner, args.reps)
+                variants = [f"split{s}" for s in args.segments] + [f"split{s}_fused" for s in args.segments]
+                best = min(variants, key=lambda v: row[f"{v}_us"])
                 row["best_split"] = best
-                row["ratio_one_over_best_split"] = row["one_program_us"] / row[f"split{best}_us"]
+                row["ratio_one_over_best_split"] = row["one_program_us"] / row[f"{best}_us"]
                 rows.append(row)
                 print(f"live={live} b={bsz} {pattern:6s}: one program {row['one_program_us']:.1f} us | "
-                      + " ".join(f"split{s} {row[f'split{s}_us']:.1f}" for s in args.segments)
-                      + f" | one/best {row['ratio_one_over_best_split']:.2f}x", flush=True)
+                      + " ".join(f"split{s} {row[f'split{s}_us']:.1f}/{row[f'split{s}_fused_us']:.1f}f"
+                                 for s in args.segments)
+                      + f" | best {best}, one/best {row['ratio_one_over_best_split']:.2f}x", flush=True)
     payload = {"benchmark": "topk_split", "command": command_line(), "env": environment(),
                "inputs": {**vars(args), "page_size": page_size}, "rows": rows, "failures": failures}
     print("wrote", write_result(args.name, payload))

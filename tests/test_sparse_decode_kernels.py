@@ -381,6 +381,11 @@ def test_split_topk_equals_the_one_program_select(seg):
     one, onv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=0)
     check_selection(ids, nv, scores, seq_lens, page_size, k)
     assert torch.equal(ids.cpu(), one.cpu()) and torch.equal(nv.cpu(), onv.cpu())
+    # The merge done by each row's last segment program (one launch): same pages, counters left at zero.
+    fids, fnv = sd.topk_split.topk_pages_split(scores.to(DEV), seq_lens.to(DEV), page_size, k, segment_pages=seg,
+                                               fused_merge=True)
+    assert torch.equal(fids.cpu(), one.cpu()) and torch.equal(fnv.cpu(), onv.cpu())
+    assert counters_are_zero()
     with pytest.raises(ValueError, match="segment_pages must be a power of two"):
         sd.topk_split.topk_pages_split(scores.to(DEV), seq_lens.to(DEV), page_size, k, segment_pages=128)
 

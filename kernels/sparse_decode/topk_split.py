@@ -9,7 +9,9 @@ decode step in the engine (41.7 us per layer at 126K, ``BENCHMARKS.md``). Here t
    (``select._topk_row``: exact radix select, ties to the lower page) into a scratch row of ``BLOCK_K`` local
    page ids, ascending, ``-1`` padded. Segments past the request's live pages only write ``-1``.
 2. ``_topk_merge_kernel``, grid ``(B * Hkv,)``: gathers the ``NSEG * BLOCK_K`` candidates (global page ids and
-   their scores) and keeps the top ``k`` of them (``select._take_top``), in ascending page order.
+   their scores) and keeps the top ``k`` of them (``select._take_top``), in ascending page order. With
+   ``fused_merge`` the last segment program of each row to finish does this instead (a per-row counter,
+   reset by that program), saving the second launch.
 
 Exactness: a page in the row's top ``k`` (ties to the lower page) is in its segment's top ``k`` under the same
 rule, and the candidates are laid out in page order, so the merge picks exactly the pages the one-program
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row
+from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row, counters
 
 #: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default when
 #: there are fewer than ``SPLIT_MAX_ROWS`` rows. Measured on an H200 (``results/topk_split.json``, 8192-page rows,
@@ -31,13 +33,37 @@ from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row
 #: batch 1, 16.4 vs 14.1 at batch 8. With 64 rows the one-program select already fills half the SMs.
 SEGMENT_PAGES = 1024
 SPLIT_MAX_ROWS = 64
+#: The merge done by each row's last segment program (one launch) instead of a second launch: not timed yet.
+FUSED_MERGE = False
+
+
+@triton.jit
+def _merge_row(s_row, seg_row, out_row, n_pages, num_select,
+               NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr, N: tl.constexpr):
+    """Top ``min(n_pages, num_select)`` of a row's ``NSEG * BLOCK_K`` segment winners -> ``out_row``."""
+    k = tl.minimum(n_pages, num_select)
+    i = tl.arange(0, N)
+    seg = i // BLOCK_K
+    slot = i % BLOCK_K
+    # .cg: in the fused merge other programs wrote these; read them from L2, not a stale L1 line.
+    lid = tl.load(seg_row + i, mask=(slot < num_select) & (seg < NSEG), other=-1, cache_modifier=".cg")
+    ok = lid >= 0
+    gid = seg * SEG + lid
+    s = tl.load(s_row + gid, mask=ok, other=float("-inf"))
+    key = tl.where(ok, _float_key(s), _INT_MIN)
+    _take_top(key, gid, k, out_row, N)
+    o = tl.arange(0, BLOCK_K)
+    tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
+    return k
 
 
 @triton.jit
 def _topk_segment_kernel(
     scores, seq_lens, seg_ids, cand, max_pages, num_select, s_sb, s_sh,
+    row_counters, page_ids, num_valid, s_ob, s_oh,
     HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr, GPASSES: tl.constexpr, FILTER: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, N: tl.constexpr,
 ):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
@@ -53,6 +79,17 @@ def _topk_segment_kernel(
     else:
         o = tl.arange(0, BLOCK_K)
         tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=o < num_select)
+    if FUSED_MERGE:
+        # The last segment of this row to finish merges (no second launch). The barrier orders every thread's
+        # stores before the (single-thread, acq_rel) counter increment.
+        tl.debug_barrier()
+        done = tl.atomic_add(row_counters + bh, 1, sem="acq_rel", scope="gpu")
+        if done == NSEG - 1:
+            tl.store(row_counters + bh, 0)  # ready for the next launch
+            k = _merge_row(scores + b * s_sb + h * s_sh, seg_ids + bh * NSEG * BLOCK_K,
+                           page_ids + b * s_ob + h * s_oh, n_pages, num_select, NSEG, SEG, BLOCK_K, N)
+            if h == 0:
+                tl.store(num_valid + b, k.to(tl.int32))
 
 
 @triton.jit
@@ -65,19 +102,8 @@ def _topk_merge_kernel(
     b = bh // HKV
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
-    k = tl.minimum(n_pages, num_select)
-    i = tl.arange(0, N)
-    seg = i // BLOCK_K
-    slot = i % BLOCK_K
-    lid = tl.load(seg_ids + bh * NSEG * BLOCK_K + i, mask=(slot < num_select) & (seg < NSEG), other=-1)
-    ok = lid >= 0
-    gid = seg * SEG + lid
-    s = tl.load(scores + b * s_sb + h * s_sh + gid, mask=ok, other=float("-inf"))
-    key = tl.where(ok, _float_key(s), _INT_MIN)
-    out_row = page_ids + b * s_ob + h * s_oh
-    _take_top(key, gid, k, out_row, N)
-    o = tl.arange(0, BLOCK_K)
-    tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
+    k = _merge_row(scores + b * s_sb + h * s_sh, seg_ids + bh * NSEG * BLOCK_K, page_ids + b * s_ob + h * s_oh,
+                   n_pages, num_select, NSEG, SEG, BLOCK_K, N)
     if h == 0:
         tl.store(num_valid + b, k.to(tl.int32))
 
@@ -95,13 +121,15 @@ def split_applies(max_pages: int, num_select: int, segment_pages: int | None = N
 
 def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                      segment_pages: int | None = None, candidate_cap: int | None = None,
-                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: int | None = None, fused_merge: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``select.topk_pages`` (triton path, ties to the lower page), split over segments.
 
     Args:
         scores: ``[B, Hkv, max_pages]`` fp32 (last dim contiguous); seq_lens: ``[B]`` int32.
         segment_pages: pages per segment, a power of two >= 2 * next_pow2(num_select) (default
             ``SEGMENT_PAGES``). candidate_cap, num_warps: the per-segment select's tuning (``_topk_config``).
+        fused_merge: the last segment program of each row merges (one launch, per-row counters of
+            ``select.counters``) instead of a second launch (default ``FUSED_MERGE``).
 
     Returns:
         page_ids ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded; num_valid ``[B]`` int32.
@@ -122,15 +150,21 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     warps = cfg.pop("num_warps")  # cfg["BLOCK"] (>= 256) may exceed seg: the select masks pages >= n_seg
     seg_ids = torch.empty(bsz * hkv * nseg * block_k, dtype=torch.int32, device=dev)
     cand = torch.empty(bsz * hkv * nseg * 2 * cfg["CAP"], dtype=torch.int32, device=dev)
+    fused = FUSED_MERGE if fused_merge is None else fused_merge
     common = dict(HKV=hkv, PAGE_SIZE=page_size, NSEG=nseg, SEG=seg)
+    n = triton.next_power_of_2(nseg * block_k)
+    # >= 1 element per thread in every histogram of the merge (its warps: the segment kernel's when fused)
+    n = max(n, 32 * warps) if fused else max(n, 128)
+    ctr = counters(dev, bsz * hkv) if fused else seg_ids  # unused unless fused
     _topk_segment_kernel[(bsz * hkv, nseg)](
         scores, seq_lens, seg_ids, cand, max_pages, num_select, scores.stride(0), scores.stride(1),
-        **common, **cfg, num_warps=warps,
+        ctr, page_ids, num_valid, page_ids.stride(0), page_ids.stride(1),
+        **common, **cfg, FUSED_MERGE=fused, N=n, num_warps=warps,
     )
-    n = max(triton.next_power_of_2(nseg * block_k), 128)  # >= 1 element per thread in every histogram
-    _topk_merge_kernel[(bsz * hkv,)](
-        scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, scores.stride(0), scores.stride(1),
-        page_ids.stride(0), page_ids.stride(1), **common, BLOCK_K=block_k, N=n,
-        num_warps=min(16, max(4, n // 256)),
-    )
+    if not fused:
+        _topk_merge_kernel[(bsz * hkv,)](
+            scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, scores.stride(0),
+            scores.stride(1), page_ids.stride(0), page_ids.stride(1), **common, BLOCK_K=block_k, N=n,
+            num_warps=min(16, max(4, n // 256)),
+        )
     return page_ids, num_valid
