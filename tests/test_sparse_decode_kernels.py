@@ -613,7 +613,8 @@ def test_cuda_graph_replay_follows_new_inputs(fused):
 
 @pytest.mark.gpu
 @gpu
-def test_split_topk_cuda_graph_replay_follows_new_scores():
+@pytest.mark.parametrize("fused_merge", [False, True])
+def test_split_topk_cuda_graph_replay_follows_new_scores(fused_merge):
     """The split top-k (the default for long rows at small batch) captured in a CUDA graph: replays with new
     scores and lengths select what the one-program select selects on the same inputs."""
     bsz, hkv, max_pages, page_size, k = 2, 8, 8192, 16, 128
@@ -629,15 +630,19 @@ def test_split_topk_cuda_graph_replay_follows_new_scores():
             scores[b, :, math.ceil(sl / page_size):] = float("-inf")
 
     assert sd.topk_split.split_applies(max_pages, k, None, bsz * hkv)
+    def split():
+        return sd.topk_split.topk_pages_split(scores, seq_lens, page_size, k, fused_merge=fused_merge)
+
     fill(0)
-    sd.topk_pages(scores, seq_lens, page_size, k)  # compile outside the capture
+    split()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ids_g, nv_g = sd.topk_pages(scores, seq_lens, page_size, k)
+        ids_g, nv_g = split()
     for trial in range(1, 4):
         fill(trial)
         graph.replay()
         torch.cuda.synchronize()
         one, onv = sd.topk_pages(scores, seq_lens, page_size, k, segment_pages=0)
         assert torch.equal(ids_g, one) and torch.equal(nv_g, onv)
+    assert counters_are_zero()
