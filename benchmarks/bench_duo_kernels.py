@@ -20,7 +20,7 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
 (``duo_t{tile}_w{warps}_st{stages}``, applied in ``unified.DECODE_TUNING``), the register multiply-and-sum decode
 (``duo_fma_t{tile}_w{warps}``: ``DECODE_TUNING["use_dot"] = False``), the explicit next-tile prefetch (``*_pf``:
 ``DECODE_TUNING["prefetch"] = True``), and ``hybrid_s32`` (the hybrid with
-FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``flash.HYBRID_DECODE_MIN_BATCH``
+FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``LONGSEQ_DUO_HYBRID_DECODE_BATCH``
 switches decode to); each decode row reports its fastest variant (``best``). Variants run at the contexts of
 ``--variant-contexts`` (default 126K), at most ``--budget-s`` seconds per decode case (compiles included; the
 rest is listed as not timed), so ``--variants`` stays under about 4 minutes.

@@ -137,7 +137,7 @@ class OffloadScheduler:
     def _verify(self, keys: list[bytes]) -> list[bool]:
         """Whether each block is usable now. DRAM blocks are; disk blocks are read (checksum) and promoted into
         DRAM, several at once (file reads and crc32 release the GIL) since this is the disk tier's whole cost."""
-        on_disk = [k for k in keys if not dram_resident(self.store, k)]
+        on_disk = [k for k in keys if not self.store.in_dram(k)]
         if len(on_disk) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
@@ -208,9 +208,3 @@ class OffloadScheduler:
         """Forget the request; True = its blocks must stay allocated until the worker reports its saves done."""
         st = self.reqs.pop(request.request_id, None)
         return st is not None and st.had_saves
-
-
-def dram_resident(store: BlockStore, key: bytes) -> bool:
-    """Whether ``key`` is in the store's DRAM tier (or waiting for its disk writer): its bytes can be copied
-    out without a disk read."""
-    return store.in_dram(key)

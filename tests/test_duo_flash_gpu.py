@@ -82,14 +82,14 @@ class Step:
         return duo_paged_attention_ref(q, self.key_cache.float(), self.value_cache.float(), self.block_table,
                                        self.qsl_cpu, self.seq_lens, is_streaming.cpu(), sink, recent, self.scale)
 
-    def duo_forward(self, is_streaming, sink, recent):
+    def duo_forward(self, is_streaming, sink, recent, hybrid_decode_batch=None):
         """``[T, Hq, D]``: the impl's duo forward, as vLLM calls it (output has the padding rows too)."""
         impl = object.__new__(flash.LongSeqFlashImpl)
         impl.num_heads, impl.head_size, impl.scale = self.hq, self.d, self.scale
         impl.vllm_flash_attn_version = _fa_version()
         impl.duo = StreamingHeadMask(torch.stack([~is_streaming.cpu(), is_streaming.cpu()]), sink, recent)
         impl._duo_layer = None
-        impl.config = LongSeqConfig()  # hybrid decode: flash.HYBRID_DECODE_MIN_BATCH (monkeypatched below)
+        impl.config = LongSeqConfig(duo_hybrid_decode_batch=hybrid_decode_batch)
         impl.trace = BackendTrace("test", impl.config)
         impl._duo_for(LAYER, torch.device(DEV))
         output = torch.full((self.query.shape[0], self.hq * self.d), float("nan"), dtype=self.dtype, device=DEV)
@@ -169,10 +169,9 @@ def _mask(hkv):
 
 
 @pytest.mark.parametrize("decode_only,hybrid", [(False, False), (True, False), (True, True)])
-def test_window_covering_everything_is_dense(decode_only, hybrid, monkeypatch):
+def test_window_covering_everything_is_dense(decode_only, hybrid):
     """Sink + recent covering every context: duo must be dense attention up to rounding, on every head (decode
     steps through the one-launch kernel, or with ``hybrid`` FlashAttention on the retrieval heads)."""
-    monkeypatch.setattr(flash, "HYBRID_DECODE_MIN_BATCH", 1 if hybrid else None)
     if CUDA:
         hq, hkv, d = SHAPES["smollm2"]
         reqs, dtype = [r for r in GPU_MIXED if not decode_only or r[1] == 1], torch.bfloat16
@@ -181,7 +180,7 @@ def test_window_covering_everything_is_dense(decode_only, hybrid, monkeypatch):
         reqs, dtype = [r for r in CPU_MIXED if not decode_only or r[1] == 1], torch.float32
     s = Step(reqs, hq, hkv, d, dtype, seed=11)
     mask = _mask(hkv)
-    ours = s.duo_forward(mask, 64, 8192)
+    ours = s.duo_forward(mask, 64, 8192, hybrid_decode_batch=1 if hybrid else None)
     dense_ref = s.ref(torch.zeros_like(mask), 1, 1)
     assert torch.isfinite(ours).all(), "rows left unwritten"
     assert torch.allclose(s.ref(mask, 64, 8192), dense_ref)  # the reference agrees that this is dense

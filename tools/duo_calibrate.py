@@ -37,7 +37,7 @@ import shlex
 import sys
 import time
 
-from .duo_calib_data import KEY_NAMES, make_sample  # noqa: F401  (KEY_NAMES re-exported for callers)
+from .duo_calib_data import make_sample
 
 #: Name of the gated attention function in transformers' AttentionInterface.
 ATTN_NAME = "longseq_duo_mix"
@@ -312,7 +312,8 @@ def calibrate(cfg: CalibConfig, model=None, tokenizer=None, command: str | None 
     runtime = time.time() - t0
     meta = {
         "model": model_name or getattr(model.config, "_name_or_path", None),
-        "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(losses), "seq_len": cfg.seq_len, "l1": cfg.l1, "lr": cfg.lr,
+        "seed": cfg.seed, "steps": cfg.steps, "steps_done": len(losses), "seq_len": cfg.seq_len, "l1": cfg.l1,
+        "lr": cfg.lr,
         "num_keys": cfg.num_keys, "samples": cfg.samples or cfg.steps, "device": device, "dtype": dtype,
         "threads": torch.get_num_threads(),
         "command": command,
@@ -402,11 +403,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, command: str | None = None) -> int:
     cfg = CalibConfig(model=args.model, out=args.out, seed=args.seed, steps=args.steps, seq_len=args.seq_len,
                       lr=args.lr, l1=args.l1, sink=args.sink, recent=args.recent, num_keys=args.num_keys,
-                      samples=args.samples, device=args.device, dtype=args.dtype, threads=args.threads, progress=not args.no_progress,
-                      time_limit_s=args.time_limit)
+                      samples=args.samples, device=args.device, dtype=args.dtype, threads=args.threads,
+                      progress=not args.no_progress, time_limit_s=args.time_limit)
     result = calibrate(cfg, command=command)
     print(f"longseq duo calibrate: wrote {os.path.join(cfg.out, TSV_NAME)} and {CONFIG_NAME} "
-          f"in {result.runtime_s:.0f} s after {len(result.losses)} of {cfg.steps} steps; final loss {result.final_loss:.5f} (distill {result.final_distill:.5f})")
+          f"in {result.runtime_s:.0f} s after {len(result.losses)} of {cfg.steps} steps; final loss "
+          f"{result.final_loss:.5f} (distill {result.final_distill:.5f})")
     print(summarize(result.gates))
     return 0
 

@@ -13,7 +13,7 @@ steady state and what CUDA graphs capture, never call FlashAttention).
 Duo mode (``LONGSEQ_ATTENTION=duo``): every row of every layer follows the layer's streaming-head mask (this
 rank's, :func:`duo_mask_for_this_rank`). Decode-only steps (what CUDA graphs capture): one launch of longseq's
 Triton DuoAttention kernel for all heads, split-K sized from shapes only, plus its merge (or, from
-``HYBRID_DECODE_MIN_BATCH`` requests on, the prefill path below; off by default). Steps with prefill
+``LONGSEQ_DUO_HYBRID_DECODE_BATCH`` requests on, the prefill path below; off by default). Steps with prefill
 rows: FlashAttention on the runs of consecutive retrieval KV heads (strided head views, causal over the whole
 context) and the Triton kernel on the streaming heads only, which visit sink + window tiles (prefill cost of
 a streaming head is O(T * (sink + recent)) instead of O(T^2)).
@@ -181,7 +181,8 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         key_cache, value_cache = self._key_value_caches(kv_cache)
         args = (key_cache, value_cache, step.block_table[:nr], step.query_start_loc[: nr + 1], step.seq_lens[:nr],
                 duo.is_streaming, self.duo.sink_size, self.duo.recent_size, self.scale)
-        if step.max_query_len <= 1 and not hybrid_decode(nr, self.config.duo_hybrid_decode_batch):  # one launch, split-K over the long heads
+        # Decode: one launch, split-K over the long heads (unless the hybrid decode is on for this batch size).
+        if step.max_query_len <= 1 and not hybrid_decode(nr, self.config.duo_hybrid_decode_batch):
             splits = default_num_splits(nr, duo.num_retrieval, q.device) if duo.num_retrieval else 1
             duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=duo.all_heads, num_splits=splits)
         else:
@@ -194,19 +195,14 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
 
 
-#: Decode-only steps of at least this many requests (the padded batch size under CUDA graphs, fixed per graph)
-#: take the prefill path: FlashAttention on the retrieval-head runs (vLLM's fixed split count under graphs) and
-#: the Triton kernel on the streaming heads. ``None``: decode always runs one Triton launch for all heads. Set
-#: from ``benchmarks/bench_duo_kernels.py --variants`` (``hybrid_s32`` vs the best ``duo`` variant per batch);
-#: ``LONGSEQ_DUO_HYBRID_DECODE_BATCH`` overrides it. Off until the hybrid decode has run in the engine.
-HYBRID_DECODE_MIN_BATCH: int | None = None
-
-
-def hybrid_decode(num_reqs: int, min_batch: int | None = None) -> bool:
-    """Whether a decode-only step of ``num_reqs`` requests uses FlashAttention for its retrieval heads
-    (from ``min_batch`` requests on; ``None``: ``HYBRID_DECODE_MIN_BATCH``)."""
-    threshold = HYBRID_DECODE_MIN_BATCH if min_batch is None else min_batch
-    return threshold is not None and num_reqs >= threshold
+def hybrid_decode(num_reqs: int, min_batch: int | None) -> bool:
+    """Whether a decode-only step of ``num_reqs`` requests (the padded batch size under CUDA graphs, fixed per
+    graph) takes the prefill path: FlashAttention on the retrieval-head runs (vLLM's fixed split count under
+    graphs) and the Triton kernel on the streaming heads. ``min_batch`` (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``):
+    from that many requests on; ``None``: never (one Triton launch for all heads). Off by default until the
+    hybrid decode has run in the engine; ``benchmarks/bench_duo_kernels.py --variants`` measures both
+    (``hybrid_s32`` vs the best ``duo`` variant per batch)."""
+    return min_batch is not None and num_reqs >= min_batch
 
 
 @dataclasses.dataclass

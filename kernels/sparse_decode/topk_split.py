@@ -121,7 +121,8 @@ def split_applies(max_pages: int, num_select: int, segment_pages: int | None = N
 
 def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                      segment_pages: int | None = None, candidate_cap: int | None = None,
-                     num_warps: int | None = None, fused_merge: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: int | None = None,
+                     fused_merge: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``select.topk_pages`` (triton path, ties to the lower page), split over segments.
 
     Args:
