@@ -63,6 +63,24 @@ class HostBufferAllocator:
         self.add_slab(self.new_slab(nbytes), nbytes)
         return self._free[nbytes].pop()
 
+    def reserve(self, nbytes: int, count: int, max_slab_bytes: int = 1 << 30) -> int:
+        """Carve slabs now until ``count`` pieces of ``nbytes`` are free (fewer if some already are); returns
+        the bytes newly allocated. Slabs up to ``max_slab_bytes`` (a power of two) cut the number of
+        ``cudaHostAlloc`` calls; the total cost is about the same per byte, but paid once, before serving."""
+        if not self.use_slabs or count <= 0:
+            return 0
+        want = count - len(self._free.get(nbytes, []))
+        added = 0
+        while want > 0:
+            # Largest power of two that the remaining pieces fill (no slab beyond the tier), capped.
+            fill = 1 << ((want * nbytes).bit_length() - 1)
+            slab_size = max(_pow2_ceil(nbytes), min(_pow2_ceil(max_slab_bytes), fill))
+            slab = torch.empty(slab_size, dtype=torch.uint8, pin_memory=self.pin_memory)
+            self.add_slab(slab, nbytes)
+            added += slab_size
+            want -= slab_size // nbytes
+        return added
+
     def needs_slab(self, nbytes: int) -> bool:
         """``alloc(nbytes)`` would carve a new slab (a slow pinned allocation: worth doing outside locks)."""
         return self.use_slabs and not self._free.get(nbytes)
@@ -126,6 +144,12 @@ class DramTier:
         a piece instead) and no free piece of that size."""
         return (key not in self._blocks and self.used_bytes + nbytes <= self.capacity_bytes
                 and self.allocator.needs_slab(nbytes))
+
+    def reserve(self, nbytes: int) -> int:
+        """Pre-carve pinned pieces of ``nbytes`` for the whole tier (``capacity // nbytes`` blocks); returns the
+        bytes allocated. Lazy carving calls ``cudaHostAlloc`` while serving, and that call stalls the engine's
+        own CUDA calls: measured as +0.2 s TTFT on requests that ran while saves were filling the tier."""
+        return self.allocator.reserve(nbytes, (self.capacity_bytes - self.used_bytes) // nbytes)
 
     def lookup(self, key: bytes) -> torch.Tensor | None:
         buf = self._blocks.get(key)

@@ -235,6 +235,12 @@ class BlockStore:
             self._write_disk(key, write_now)
         self._maybe_log()
 
+    def reserve_dram(self, block_nbytes: int) -> int:
+        """Allocate the DRAM tier's (pinned) buffers for blocks of ``block_nbytes`` now, before serving;
+        returns the bytes allocated (0 without pinning: pageable memory costs nothing to allocate lazily)."""
+        with self._lock:
+            return self._dram.reserve(block_nbytes)
+
     def _reserve_slab(self, key: bytes, nbytes: int) -> None:
         """Allocate the pinned slab the next DRAM insert needs OUTSIDE the lock: ``cudaHostAlloc`` takes
         ~10-20 ms per 64 MiB slab, and under the lock it stalled every lookup (the engine thread's

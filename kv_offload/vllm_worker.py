@@ -73,6 +73,12 @@ class StagingPool:
             self.allocated += 1
         return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin_memory)
 
+    def fill(self) -> None:
+        """Allocate every buffer now (start-up), so no save pays for ``cudaHostAlloc`` while serving."""
+        bufs = list(iter(self.take, None))
+        for b in bufs:
+            self.give(b)
+
     def give(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
@@ -101,8 +107,9 @@ class OffloadWorker:
         self.cuda = self.device.type == "cuda"
         self.store: BlockStore | None = None
         self.save_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._staging_bytes = self.chunk_blocks * self.block_bytes
         self._staging = StagingPool((self.chunk_blocks, *self.block_shape), self.dtype,
-                                    MAX_QUEUED_SAVE_BYTES // (self.chunk_blocks * self.block_bytes), self.cuda)
+                                    MAX_QUEUED_SAVE_BYTES // self._staging_bytes, self.cuda)
         self._save_queue: queue.Queue = queue.Queue()
         self._queued_bytes = 0
         self._queued_lock = threading.Lock()
@@ -113,9 +120,19 @@ class OffloadWorker:
         self.counters = dict(loaded_blocks=0, loaded_tokens=0, load_seconds=0.0, load_bytes=0,
                              saved_blocks=0, save_bytes=0, dropped_save_blocks=0, load_failed_blocks=0)
 
-    def attach(self, store: BlockStore) -> None:
+    def attach(self, store: BlockStore, pin_at_start: bool = True) -> None:
+        """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
+        tier now. Allocated lazily, ``cudaHostAlloc`` ran while serving and stalled the engine's CUDA calls
+        (H200, Llama-8B shape: +0.19 s TTFT recomputing 8K tokens, +0.56 s at 32K, +0.2 s on GPU prefix hits
+        that ran meanwhile); up front it costs start-up time instead (~0.3 s per GiB)."""
         self.store = store
-        if self.cuda:  # one staging buffer at start-up, so not even the first save pays for cudaHostAlloc
+        if self.cuda and pin_at_start:
+            t0 = time.perf_counter()
+            self._staging.fill()
+            n = store.reserve_dram(self.block_bytes)
+            log.info("LongSeqOffloadConnector: pinned %.1f GiB of staging + %.1f GiB of DRAM tier in %.1f s",
+                     self._staging.allocated * self._staging_bytes / 2**30, n / 2**30, time.perf_counter() - t0)
+        elif self.cuda:  # one staging buffer at start-up, so not even the first save pays for cudaHostAlloc
             self._staging.give(self._staging.take())
         self._thread = threading.Thread(target=self._save_loop, name="longseq-kv-save", daemon=True)
         self._thread.start()

@@ -372,6 +372,31 @@ def test_slab_allocator_exact_pieces_and_reuse():
     assert big.numel() == 10000 and alloc.pinned_bytes == 2 * 8192 + 16384
 
 
+def test_reserve_carves_the_whole_tier_up_front_and_puts_allocate_nothing_more():
+    """``reserve_dram`` (the vLLM worker calls it at start-up on CUDA) allocates every piece the tier can hold,
+    in few large slabs and never beyond the tier; later puts and evictions then reuse those pieces. Pageable
+    slabs behave the same as pinned ones, so this runs on CPU."""
+    from longseq.kv_offload.dram import HostBufferAllocator
+
+    n_fit = 11  # not a power of two: the last slabs are smaller
+    with BlockStore(FP, cpu_gib=n_fit * BLOCK_BYTES / (1 << 30)) as store:
+        alloc = store._dram.allocator = HostBufferAllocator(False, 0, use_slabs=True, slab_bytes=2 * BLOCK_BYTES)
+        sizes = []
+        real_add = alloc.add_slab
+        alloc.add_slab = lambda slab, n: (sizes.append(slab.numel()), real_add(slab, n))[1]
+        added = store.reserve_dram(BLOCK_BYTES)
+        assert added == sum(sizes) == alloc.pinned_bytes
+        assert sorted(sizes, reverse=True) == [8 * BLOCK_BYTES, 2 * BLOCK_BYTES, BLOCK_BYTES]  # 11 = 8 + 2 + 1
+        assert added == n_fit * BLOCK_BYTES  # BLOCK_BYTES is a power of two: nothing beyond the tier
+        assert store.reserve_dram(BLOCK_BYTES) == 0  # already reserved
+        for i in range(3 * n_fit):  # fill, evict, refill: no new slab
+            store.put(_key(i), _block(i))
+        assert alloc.pinned_bytes == added and len(sizes) == 3
+        assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(2 * n_fit, 3 * n_fit))
+    with BlockStore(FP, cpu_gib=n_fit * BLOCK_BYTES / (1 << 30)) as store:  # default pageable tier: nothing to do
+        assert store.reserve_dram(BLOCK_BYTES) == 0
+
+
 def test_buffers_evicted_while_queued_for_disk_are_recycled(tmp_path, monkeypatch):
     """A block evicted from DRAM before the writer wrote it keeps its buffer until written; then the buffer
     goes back to the allocator (with pinned slabs, a lost piece would be pinned memory leaked for good)."""

@@ -209,6 +209,9 @@ def test_unknown_extra_config_key_stops_engine_with_clear_error():
     with pytest.raises(OffloadConfigError, match="disk_gib must be a number"):
         parse_extra_config({"disk_dir": "/tmp/x", "disk_gib": "lots"})
     assert parse_extra_config({"disk_dir": "/tmp/x"})["disk_gib"] == 16.0
+    assert parse_extra_config({})["pin_at_start"] is True
+    with pytest.raises(OffloadConfigError, match="pin_at_start"):
+        parse_extra_config({"pin_at_start": "yes"})
 
 
 # ---- without an engine: the worker's copies and the scheduler's bookkeeping on fakes ----------------------
