@@ -136,7 +136,7 @@ class BackendTrace:
         self.backend = backend
         self.config = config
         self.counts = {"forward_calls": 0, "kv_writes": 0, "tokens_attended": 0, "sparse_decode_calls": 0,
-                       "duo_calls": 0}
+                       "duo_calls": 0, "duo_hybrid_decode_calls": 0}
         self.layers: set[str] = set()
         self._next_flush = 1
 

@@ -186,6 +186,8 @@ class LongSeqFlashImpl(FlashAttentionImpl):
             splits = default_num_splits(nr, duo.num_retrieval, q.device) if duo.num_retrieval else 1
             duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=duo.all_heads, num_splits=splits)
         else:
+            if step.max_query_len <= 1:  # counted at capture under CUDA graphs: shows the graphs hold this path
+                self.trace.counts["duo_hybrid_decode_calls"] += 1
             flash_retrieval_heads(q, key_cache, value_cache, out, duo.retrieval_runs, attn_metadata, self.scale,
                                   self.vllm_flash_attn_version)
             if duo.num_streaming:
