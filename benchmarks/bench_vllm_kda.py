@@ -67,7 +67,7 @@ def child(args) -> None:
         print(f"[{args.label}] prefill {length}: {prefill[-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
     for batch in args.batches:
         ps = prompts(batch, args.decode_context)
-        timed(ps, 1)
+        timed(ps, 9)  # warm-up with decode steps at this batch size (lazy compiles / first graph replays)
         t1 = [timed(ps, 1) for _ in range(args.repeats)]
         tn = [timed(ps, args.decode_tokens + 1) for _ in range(args.repeats)]
         tpot = (statistics.median(tn) - statistics.median(t1)) / args.decode_tokens
