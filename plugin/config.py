@@ -64,6 +64,9 @@ class LongSeqConfig:
         sparse_summary: dtype of the page summaries (``LONGSEQ_SPARSE_SUMMARY``): ``fp8`` (e4m3, rounded
             outward so the Quest bound still holds; half the bytes to score), ``cache`` (the KV cache dtype,
             exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
+        sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
+            (requests x KV heads) than this splits each row's top-k over several programs; unset: the measured
+            default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
         duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
             authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
             ``smollm2-135m-instruct``, or ``random`` / ``random:<seed>`` (random gates for the model's shape, built at
@@ -99,6 +102,7 @@ class LongSeqConfig:
     sparse_sink_pages: int = 1
     sparse_recent_pages: int = 4
     sparse_summary: str = "auto"
+    sparse_topk_split_rows: int | None = None
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None
@@ -133,8 +137,8 @@ class LongSeqConfig:
         for name in ("sparse_budget", "sparse_page_size"):
             if getattr(self, name) <= 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be a positive integer")
-        for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages"):
-            if getattr(self, name) < 0:
+        for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages", "sparse_topk_split_rows"):
+            if (getattr(self, name) or 0) < 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be >= 0")
         if self.sparse_summary not in SPARSE_SUMMARIES:
             raise LongSeqConfigError(f"LONGSEQ_SPARSE_SUMMARY={self.sparse_summary!r} is not allowed; "
@@ -186,6 +190,7 @@ class LongSeqConfig:
         "sparse_sink_pages": "LONGSEQ_SPARSE_SINK_PAGES",
         "sparse_recent_pages": "LONGSEQ_SPARSE_RECENT_PAGES",
         "sparse_summary": "LONGSEQ_SPARSE_SUMMARY",
+        "sparse_topk_split_rows": "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS",
         "duo_pattern": "LONGSEQ_DUO_PATTERN",
         "duo_sparsity": "LONGSEQ_DUO_SPARSITY",
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",

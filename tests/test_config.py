@@ -66,6 +66,11 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     path.write_text(json.dumps({"attention": "sparse", "sparse_budget": 512, "sparse_recent_pages": 2}))
     cfg = LongSeqConfig.from_env({"LONGSEQ_CONFIG": str(path)})
     assert (cfg.sparse_budget, cfg.sparse_recent_pages) == (512, 2)
+    assert cfg.sparse_topk_split_rows is None  # unset: the kernel's measured default
+    cfg = LongSeqConfig.from_env({"LONGSEQ_SPARSE_TOPK_SPLIT_ROWS": "128"})
+    from longseq.attention_backends.core.sparse import SparseSettings
+
+    assert SparseSettings.from_config(cfg).topk_split_rows == 128
 
 
 @pytest.mark.parametrize("env, match", [
@@ -76,6 +81,7 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     ({"LONGSEQ_SPARSE_BUDGET": "1000"}, "LONGSEQ_SPARSE_BUDGET=1000 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=16"),
     ({"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "4"}, "exceed the budget of 4 pages"),
     ({"LONGSEQ_SPARSE_DENSE_LAYERS": "-1"}, "LONGSEQ_SPARSE_DENSE_LAYERS=-1 must be >= 0"),
+    ({"LONGSEQ_SPARSE_TOPK_SPLIT_ROWS": "-1"}, "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS=-1 must be >= 0"),
 ])
 def test_bad_sparse_knobs_are_named(env, match):
     with pytest.raises(LongSeqConfigError, match=match):

@@ -377,6 +377,8 @@ def test_split_topk_equals_the_one_program_select(seg):
     assert sd.topk_split.split_applies(max_pages, k, seg)
     assert sd.topk_split.split_applies(8192, 128, None, 8) and not sd.topk_split.split_applies(8192, 128, None, 64)
     assert not sd.topk_split.split_applies(2048, 128, None, 8)  # rows of at most two segments: one program
+    # LONGSEQ_SPARSE_TOPK_SPLIT_ROWS moves the row threshold; 0 never splits
+    assert sd.topk_split.split_applies(8192, 128, None, 64, 128) and not sd.topk_split.split_applies(8192, 128, None, 8, 0)
     ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=seg)
     one, onv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=0)
     check_selection(ids, nv, scores, seq_lens, page_size, k)

@@ -419,8 +419,8 @@ def _resolve_impl(impl: str, max_pages: int) -> str:
 
 def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                impl: str = "auto", candidate_cap: int | None = None, num_warps: int | None = None,
-               narrow_levels: int | None = None,
-               segment_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               narrow_levels: int | None = None, segment_pages: int | None = None,
+               split_max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded.
 
     ``impl``: ``"triton"`` (radix select, rows up to ``_MAX_TRITON_TOPK`` pages), ``"torch"``
@@ -429,7 +429,8 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     group-max filter (default ``CANDIDATE_CAP``; ``0``: select over whole rows). ``num_warps``: tuning.
     ``narrow_levels``: half-width variants chosen per row by its live length (default ``NARROW_LEVELS``).
     ``segment_pages``: rows longer than two segments are split over several programs per row
-    (``topk_split.py``, same selection; default ``topk_split.SEGMENT_PAGES``, ``0``: never).
+    (``topk_split.py``, same selection; default ``topk_split.SEGMENT_PAGES``, ``0``: never), with the default
+    size only when there are fewer than ``split_max_rows`` rows (default ``topk_split.SPLIT_MAX_ROWS``).
     """
     bsz, hkv, max_pages = scores.shape
     dev = scores.device
@@ -437,7 +438,7 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     if impl == "triton" and bsz > 0:
         from longseq.kernels.sparse_decode.topk_split import split_applies, topk_pages_split
 
-        if split_applies(max_pages, num_select, segment_pages, bsz * hkv):
+        if split_applies(max_pages, num_select, segment_pages, bsz * hkv, split_max_rows):
             return topk_pages_split(scores, seq_lens, page_size, num_select, segment_pages, candidate_cap,
                                     num_warps)
         assert max_pages <= _MAX_TRITON_TOPK and scores.stride(2) == 1
@@ -461,13 +462,14 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
                       num_select: int, num_sink_pages: int = 0, num_recent_pages: int = 0,
                       topk_impl: str = "auto", fused: bool | None = None, candidate_cap: int | None = None,
                       score_block_n: int | None = None, topk_num_warps: int | None = None,
-                      segment_pages: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      segment_pages: int | None = None,
+                      split_max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest page selection: score every page (``score_pages``) and keep the best ``num_select``.
 
     Args: as ``score_pages``; ``num_select``: pages kept per (request, kv head), at least
         ``num_sink_pages + num_recent_pages`` so that every forced page fits. ``fused``: score and select in
         one launch (default ``FUSED_DEFAULT``; triton top-k only). ``candidate_cap``, ``score_block_n``,
-        ``topk_num_warps``, ``segment_pages``: tuning (``topk_pages``, ``score_pages``).
+        ``topk_num_warps``, ``segment_pages``, ``split_max_rows``: tuning (``topk_pages``, ``score_pages``).
 
     Returns:
         page_ids: ``[B, Hkv, num_select]`` int32 logical pages, ascending, ``-1`` padded past
@@ -492,4 +494,4 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
     scores = score_pages(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
                          num_sink_pages, num_recent_pages, block_n=score_block_n)
     return topk_pages(scores, seq_lens, page_size, num_select, impl=impl, candidate_cap=candidate_cap,
-                      num_warps=topk_num_warps, segment_pages=segment_pages)
+                      num_warps=topk_num_warps, segment_pages=segment_pages, split_max_rows=split_max_rows)

@@ -109,12 +109,14 @@ def _topk_merge_kernel(
 
 
 def split_applies(max_pages: int, num_select: int, segment_pages: int | None = None,
-                  num_rows: int | None = None) -> bool:
+                  num_rows: int | None = None, max_rows: int | None = None) -> bool:
     """Whether ``topk_pages`` splits ``num_rows`` rows of ``max_pages`` pages: rows longer than two segments,
     a segment holding at least twice ``num_select``, and (with the default segment size only) fewer than
-    ``SPLIT_MAX_ROWS`` rows. An explicit ``segment_pages`` always splits when the shapes allow it."""
+    ``max_rows`` rows (default ``SPLIT_MAX_ROWS``; ``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS`` in the engine). An explicit
+    ``segment_pages`` always splits when the shapes allow it."""
     seg = SEGMENT_PAGES if segment_pages is None else segment_pages
-    if segment_pages is None and num_rows is not None and num_rows >= SPLIT_MAX_ROWS:
+    max_rows = SPLIT_MAX_ROWS if max_rows is None else max_rows
+    if segment_pages is None and num_rows is not None and num_rows >= max_rows:
         return False
     return seg > 0 and max_pages > 2 * seg and 2 * triton.next_power_of_2(num_select) <= seg
 
