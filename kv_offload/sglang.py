@@ -133,8 +133,10 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         if self.store is not None:
             self.store.close()
         o = self.options
+        # Pageable DRAM tier: this tier only exchanges bytes with SGLang's (already pinned) host pool, CPU to CPU,
+        # so pinning would buy nothing and its cudaHostAlloc calls would stall the GPU engine while serving.
         self.store = BlockStore(self.fingerprint, cpu_gib=o["cpu_gib"], disk_dir=o["disk_dir"],
-                                disk_gib=o["disk_gib"], fsync=o["fsync"])
+                                disk_gib=o["disk_gib"], fsync=o["fsync"], pin_memory=False)
         log.info("longseq HiCache backend: %s", self.fingerprint)
 
     def on_host_pools_registered(self) -> None:

@@ -111,6 +111,17 @@ def test_v1_roundtrip_prefix_and_new_server(tmp_path, family, layout):
     fresh.close()
 
 
+def test_dram_tier_is_pageable_even_with_cuda(tmp_path, monkeypatch):
+    """Our tier only swaps bytes with SGLang's pinned host pool (CPU to CPU), so it must not pin: on a GPU machine
+    the store's default would pin, and each lazy cudaHostAlloc stalls the engine while serving."""
+    import longseq.kv_offload.store as store_mod
+
+    monkeypatch.setattr(store_mod, "default_pin_memory", lambda: True)  # what a CUDA machine would say
+    backend = _backend(_extra(tmp_path), _pool("mha", "page_first", seed=1))
+    assert backend.store.pin_memory is False and backend.store._dram.allocator.pin_memory is False
+    backend.close()
+
+
 def test_legacy_get_set_and_tp_ranks_are_separate(tmp_path):
     pool = _pool(seed=4)
     rank0 = _backend(_extra(tmp_path, interface_v1=None), pool, tp_rank=0, tp_size=2)
