@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 
 def capture_qk(model, ids):
-    """Post-RoPE ``q [L, Hq, T, D]`` and ``k [L, Hkv, T, D]`` (fp32, CPU) of one forward over ``ids``."""
+    """Post-RoPE ``q [L, Hq, T, D]`` and ``k [L, Hkv, T, D]`` (fp32, on the model's device) of one forward."""
     import torch
     from transformers.models.llama import modeling_llama
 
@@ -63,7 +63,7 @@ def capture_qk(model, ids):
     modeling_llama.apply_rotary_pos_emb = spy
     try:
         with torch.no_grad():
-            model(torch.tensor([ids]))
+            model(torch.tensor([ids], device=model.device))
     finally:
         modeling_llama.apply_rotary_pos_emb = orig
     return [g[0] for g in got], [g[1] for g in got]

@@ -1,0 +1,179 @@
+"""Does sparse decode keep the pass key's pages? The Triton select vs its PyTorch reference on real queries.
+
+The GPU fidelity run lost pass keys that dense found (``results/sparse_fidelity_gpu.json``). This study replays
+the answer steps offline: SmolLM2-135M-Instruct through transformers reads a passkey prompt plus the key's
+tokens (teacher-forced); the post-RoPE keys of every layer go into a paged cache (identity block table), page
+summaries are built, and for each answer query (the positions that predict the key's tokens), each sparse layer
+(``--dense-layers`` and up) and each KV head, the pages kept by
+  kernel     ``select_topk_pages`` (Triton; in the interpreter without CUDA), summaries by the Triton kernel on CUDA
+  reference  ``select_topk_pages_torch`` (the CPU engine's path), summaries by ``naive.update_page_summary_ref``
+are compared: same page sets, the dense attention mass each keeps (GQA group mean), and the share of the mass
+on the needle's pages (the pages holding the key in the prompt) that each keeps. Prompts use the fidelity
+bench's seeds (``eval.study``: passkey ``i`` of a run uses seed ``i``), so ``--lengths 6000,7600 --seeds 1,2``
+rebuilds the two prompts the GPU run lost.
+
+    python benchmarks/study_passkey_selection.py --lengths 6000,7600 --seeds 1,2
+
+Writes ``benchmarks/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
+
+
+def parse_args(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF checkpoint folder (default: the SmolLM2 test model)")
+    p.add_argument("--lengths", type=ints, default=[6000, 7600])
+    p.add_argument("--seeds", type=ints, default=[1, 2], help="passkey prompt seeds, one per length")
+    p.add_argument("--budgets", type=ints, default=[1024, 2048])
+    p.add_argument("--summaries", default="cache,fp8")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--dense-layers", type=int, default=2)
+    p.add_argument("--sink-pages", type=int, default=1)
+    p.add_argument("--recent-pages", type=int, default=4)
+    p.add_argument("--name", default="passkey_selection")
+    args = p.parse_args(argv)
+    if len(args.seeds) != len(args.lengths):
+        p.error("--seeds needs one seed per length")
+    return args
+
+
+def find_sub(seq: list[int], sub: list[int]) -> list[int]:
+    """Start positions of ``sub`` in ``seq``."""
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if seq[i:i + n] == sub]
+
+
+def needle_pages(tok, ids: list[int], key: str, page_size: int) -> set[int]:
+    """Pages of the prompt holding the key's digits (both mentions), found by re-tokenizing the key in the
+    contexts the needle sentence gives it."""
+    pages = set()
+    for text in (f" {key}", f"{key}", f" {key}."):
+        sub = tok(text, add_special_tokens=False)["input_ids"]
+        for s in find_sub(ids, sub):
+            pages.update(range(s // page_size, (s + len(sub) - 1) // page_size + 1))
+    return pages
+
+
+def paged_layer(k, block_size: int, cache_dtype, device):
+    """``k [Hkv, T, D]`` -> key cache ``[num_blocks, block_size, Hkv, D]`` (identity table), slot mapping."""
+    import torch
+
+    hkv, t, d = k.shape
+    nblk = -(-t // block_size)
+    cache = torch.zeros(nblk, block_size, hkv, d, dtype=cache_dtype, device=device)
+    cache.view(-1, hkv, d)[:t] = k.transpose(0, 1).to(cache_dtype)
+    return cache, torch.arange(t, dtype=torch.int64, device=device), nblk
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda:  # before any kernel module is imported: triton.jit reads it at decoration time
+        os.environ["TRITON_INTERPRET"] = "1"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.common import command_line, environment, write_result
+    from benchmarks.study_scorer_recall import capture_qk
+    from longseq.eval.passkey import passkey_prompt
+    from longseq.kernels.sparse_decode import naive
+    from longseq.kernels.sparse_decode.page_summary import FP8, allocate_page_summary, update_page_summary
+    from longseq.kernels.sparse_decode.select import select_topk_pages
+    from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch
+
+    dev = "cuda" if cuda else "cpu"
+    if args.model is None:
+        from longseq.models.smollm2 import smollm2_path
+
+        args.model = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa").to(dev).eval()
+    p, block = args.page_size, 16
+    t0 = time.time()
+    prompts = []
+    for length, seed in zip(args.lengths, args.seeds):
+        ids, key = passkey_prompt(tok, length, seed=seed)
+        answer = tok(" " + key, add_special_tokens=False)["input_ids"]
+        full = ids + answer
+        qs, ks = capture_qk(model, full)  # q [L, Hq, T, D], k [L, Hkv, T, D], fp32 on CPU
+        needle = needle_pages(tok, ids, key, p)
+        queries = list(range(len(ids) - 1, len(full) - 1))  # positions that predict the key's tokens
+        rows = []
+        for summary in args.summaries.split(","):
+            for budget in args.budgets:
+                agg = dict(same_sets=0, rows=0, mass_ref=0.0, mass_kernel=0.0, needle_mass=0.0,
+                           needle_ref=0.0, needle_kernel=0.0)
+                for li in range(args.dense_layers, len(qs)):
+                    q_all, k_all = qs[li], ks[li]
+                    hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
+                    cache_k, slots, nblk = paged_layer(k_all, block, torch.bfloat16, dev)
+                    sdt = FP8 if summary == "fp8" else torch.bfloat16
+                    sums = {}
+                    for who in ("ref", "kernel"):
+                        pmin, pmax = allocate_page_summary(nblk, block, hkv, d, p, torch.bfloat16, dev, sdt)
+                        if who == "kernel" and cuda:
+                            update_page_summary(cache_k, slots, pmin, pmax, p)
+                        else:
+                            naive.update_page_summary_ref(cache_k, slots, pmin, pmax, p)
+                        sums[who] = (pmin, pmax)
+                    q = torch.stack([q_all[:, t] for t in queries]).to(torch.bfloat16).to(dev)  # [B, Hq, D]
+                    seq_lens = torch.tensor([t + 1 for t in queries], dtype=torch.int32, device=dev)
+                    table = torch.arange(nblk, dtype=torch.int32, device=dev).expand(len(queries), nblk).contiguous()
+                    sel = dict(ref=select_topk_pages_torch(q, *sums["ref"], table, seq_lens, p, block, budget // p,
+                                                           args.sink_pages, args.recent_pages)[0],
+                               kernel=select_topk_pages(q, *sums["kernel"], table, seq_lens, p, block, budget // p,
+                                                        args.sink_pages, args.recent_pages)[0])
+                    for bi, t in enumerate(queries):
+                        n_pages = -(-(t + 1) // p)
+                        qt = q_all[:, t].view(hkv, hq // hkv, d)
+                        logits = torch.einsum("hgd,htd->hgt", qt, k_all[:, : t + 1]) / d**0.5
+                        probs = torch.softmax(logits, -1).mean(1)  # [Hkv, t+1]
+                        mass = torch.nn.functional.pad(probs, (0, n_pages * p - t - 1)).view(hkv, n_pages, p).sum(-1)
+                        nd = sorted(x for x in needle if x < n_pages)
+                        for h in range(hkv):
+                            got = {}
+                            for who in ("ref", "kernel"):
+                                ids_ = sel[who][bi, h].cpu().long()
+                                got[who] = set(ids_[ids_ >= 0].tolist())
+                            agg["rows"] += 1
+                            agg["same_sets"] += got["ref"] == got["kernel"]
+                            agg["mass_ref"] += float(mass[h, sorted(got["ref"])].sum())
+                            agg["mass_kernel"] += float(mass[h, sorted(got["kernel"])].sum())
+                            if nd:
+                                agg["needle_mass"] += float(mass[h, nd].sum())
+                                agg["needle_ref"] += float(mass[h, [x for x in nd if x in got["ref"]]].sum())
+                                agg["needle_kernel"] += float(mass[h, [x for x in nd if x in got["kernel"]]].sum())
+                n = max(agg["rows"], 1)
+                nm = max(agg["needle_mass"], 1e-12)
+                row = {"length": len(ids), "seed": seed, "summary": summary, "budget": budget,
+                       "needle_pages": sorted(needle), "same_page_sets": agg["same_sets"] / n,
+                       "mass_kept_reference": agg["mass_ref"] / n, "mass_kept_kernel": agg["mass_kernel"] / n,
+                       "needle_mass_kept_reference": agg["needle_ref"] / nm,
+                       "needle_mass_kept_kernel": agg["needle_kernel"] / nm, "rows": agg["rows"]}
+                rows.append(row)
+                print(f"{len(ids)} tokens seed {seed} {summary:5s} budget {budget}: same sets "
+                      f"{row['same_page_sets']:.3f}, mass kept ref {row['mass_kept_reference']:.3f} / kernel "
+                      f"{row['mass_kept_kernel']:.3f}, needle mass kept ref {row['needle_mass_kept_reference']:.3f} / "
+                      f"kernel {row['needle_mass_kept_kernel']:.3f} ({time.time() - t0:.0f} s)", flush=True)
+        prompts.append({"length": len(ids), "seed": seed, "key": key, "rows": rows})
+    path = write_result(args.name, {"benchmark": "passkey_selection", "command": command_line(),
+                                    "env": environment(), "inputs": {k: v for k, v in vars(args).items()
+                                                                     if k != "name"},
+                                    "device": dev, "prompts": prompts, "seconds": round(time.time() - t0, 1)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
