@@ -122,14 +122,21 @@ class OffloadWorker:
 
     def attach(self, store: BlockStore, pin_at_start: bool = True) -> None:
         """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
-        tier now. Allocated lazily, ``cudaHostAlloc`` ran while serving and stalled the engine's CUDA calls
-        (H200, Llama-8B shape: +0.19 s TTFT recomputing 8K tokens, +0.56 s at 32K, +0.2 s on GPU prefix hits
-        that ran meanwhile); up front it costs start-up time instead (~0.3 s per GiB)."""
+        tier now. Allocated lazily, ``cudaHostAlloc`` runs while serving, and it stalls the engine's CUDA calls;
+        with lazy pinning the H200 bench measured +0.19 s TTFT recomputing 8K tokens, +0.56 s at 32K and +0.2 s
+        on GPU prefix hits that ran meanwhile (attributed to this; re-measuring with ``pin_at_start`` is
+        pending). Up front it costs start-up time instead (~0.3 s per GiB)."""
         self.store = store
         if self.cuda and pin_at_start:
             t0 = time.perf_counter()
-            self._staging.fill()
-            n = store.reserve_dram(self.block_bytes)
+            try:
+                self._staging.fill()
+                n = store.reserve_dram(self.block_bytes)
+            except RuntimeError as e:  # cudaHostAlloc failed: say which knob sizes it, at start-up
+                raise RuntimeError(f"LongSeqOffloadConnector: cannot pin the DRAM tier (kv_connector_extra_config "
+                                   f"cpu_gib) plus {MAX_QUEUED_SAVE_BYTES / 2**30:g} GiB "
+                                   f"of save staging in host memory: {e}. Lower cpu_gib, or set pin_at_start to "
+                                   f"false to pin lazily while serving") from e
             log.info("LongSeqOffloadConnector: pinned %.1f GiB of staging + %.1f GiB of DRAM tier in %.1f s",
                      self._staging.allocated * self._staging_bytes / 2**30, n / 2**30, time.perf_counter() - t0)
         elif self.cuda:  # one staging buffer at start-up, so not even the first save pays for cudaHostAlloc
