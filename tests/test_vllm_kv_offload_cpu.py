@@ -286,6 +286,23 @@ def test_worker_round_trip_through_disk_into_other_pages_of_a_new_engine(layout,
     assert loader.counters["loaded_blocks"] == 3 and loader.load_errors == {4}
 
 
+def test_staging_pool_fill_allocates_every_buffer_once():
+    """``pin_at_start`` fills the save staging pool at start-up (pinned on CUDA; the logic is the same pageable):
+    every buffer exists afterwards, takes hand them out without allocating, and the cap still holds."""
+    import torch
+
+    from longseq.kv_offload.vllm_worker import StagingPool
+
+    pool = StagingPool((2, 3), torch.bfloat16, max_buffers=3, pin_memory=False)
+    pool.fill()
+    assert pool.allocated == 3
+    taken = [pool.take() for _ in range(3)]
+    assert all(t is not None and t.shape == (2, 3) for t in taken) and len({t.data_ptr() for t in taken}) == 3
+    assert pool.take() is None and pool.allocated == 3  # all in flight: a save would be dropped, not allocate
+    pool.give(taken[0])
+    assert pool.take() is taken[0]
+
+
 def test_stored_page_bytes_do_not_depend_on_the_physical_stride_order(tmp_path):
     """NHD and HND caches holding the same logical values store identical bytes (so a block saved under one
     layout loads correctly under the other; the fingerprint only pins the logical page shape)."""
