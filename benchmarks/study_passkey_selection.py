@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument("--dense-layers", type=int, default=2)
     p.add_argument("--sink-pages", type=int, default=1)
     p.add_argument("--recent-pages", type=int, default=4)
+    p.add_argument("--variants", action="store_true",
+                   help="only the scorer variants (PyTorch, fp32 keys): Quest group sum / group max, page 8, oracle; "
+                        "needle mass kept per variant and per layer")
     p.add_argument("--name", default="passkey_selection")
     args = p.parse_args(argv)
     if len(args.seeds) != len(args.lengths):
@@ -75,6 +78,71 @@ def paged_layer(k, block_size: int, cache_dtype, device):
     return cache, torch.arange(t, dtype=torch.int64, device=device), nblk
 
 
+def variant_needle_kept(q_all, k_all, queries, needle, budget, args):
+    """Needle mass kept per scorer variant for one layer: {variant: (kept, total)} summed over heads/queries."""
+    import torch
+
+    hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
+    out = {}
+    for t in queries:
+        qt = q_all[:, t].view(hkv, hq // hkv, d).float()
+        keys = k_all[:, : t + 1].float()
+        probs = torch.softmax(torch.einsum("hgd,htd->hgt", qt, keys) / d**0.5, -1).mean(1)  # [Hkv, t+1]
+        for p in (args.page_size, args.page_size // 2):
+            n_pages = -(-(t + 1) // p)
+            mass = torch.nn.functional.pad(probs, (0, n_pages * p - t - 1)).view(hkv, n_pages, p).sum(-1)
+            kp = torch.nn.functional.pad(keys, (0, 0, 0, n_pages * p - t - 1)).view(hkv, n_pages, p, d)
+            last = (t + 1) - (n_pages - 1) * p
+            kp[:, -1, last:] = kp[:, -1, :1]
+            kmin, kmax = kp.amin(2), kp.amax(2)
+            per_head = (torch.einsum("hgd,hpd->hgp", qt.clamp(min=0), kmax)
+                        + torch.einsum("hgd,hpd->hgp", qt.clamp(max=0), kmin))  # [Hkv, G, pages]
+            scores = {f"quest_sum_p{p}": per_head.sum(1), f"quest_max_p{p}": per_head.amax(1)}
+            if p == args.page_size:
+                scores["oracle"] = mass
+            nd = sorted({tok_pos // p for pg in needle for tok_pos in range(pg * args.page_size,
+                                                                             (pg + 1) * args.page_size)
+                         if tok_pos // p < n_pages})
+            forced = torch.zeros(n_pages, dtype=torch.bool, device=mass.device)
+            forced[: args.sink_pages * args.page_size // p] = True
+            forced[max(n_pages - args.recent_pages * args.page_size // p, 0):] = True
+            for name, sc in scores.items():
+                idx = sc.masked_fill(forced[None], float("inf")).topk(min(budget // p, n_pages), -1).indices
+                keep = torch.zeros_like(mass, dtype=torch.bool).scatter_(1, idx, True)
+                kept = float((mass[:, nd] * keep[:, nd]).sum()) if nd else 0.0
+                tot = float(mass[:, nd].sum()) if nd else 0.0
+                a, b = out.get(name, (0.0, 0.0))
+                out[name] = (a + kept, b + tot)
+    return out
+
+
+def run_variants(args, tok, model, capture_qk, passkey_prompt) -> list[dict]:
+    rows = []
+    for length, seed in zip(args.lengths, args.seeds):
+        ids, key = passkey_prompt(tok, length, seed=seed)
+        full = ids + tok(" " + key, add_special_tokens=False)["input_ids"]
+        qs, ks = capture_qk(model, full)
+        needle = needle_pages(tok, ids, key, args.page_size)
+        queries = list(range(len(ids) - 1, len(full) - 1))
+        for budget in args.budgets:
+            total, per_layer = {}, {}
+            for li in range(args.dense_layers, len(qs)):
+                for name, (kept, tot) in variant_needle_kept(qs[li], ks[li], queries, needle, budget, args).items():
+                    a, b = total.get(name, (0.0, 0.0))
+                    total[name] = (a + kept, b + tot)
+                    per_layer.setdefault(name, []).append(round(kept / max(tot, 1e-12), 3))
+            row = {"length": len(ids), "seed": seed, "budget": budget,
+                   "needle_mass_kept": {n: round(a / max(b, 1e-12), 4) for n, (a, b) in total.items()},
+                   "needle_mass_kept_per_layer": per_layer, "first_layer": args.dense_layers}
+            rows.append(row)
+            print(f"{len(ids)} tokens seed {seed} budget {budget}: needle mass kept "
+                  + ", ".join(f"{n} {v:.3f}" for n, v in row["needle_mass_kept"].items()), flush=True)
+            worst = sorted(range(len(per_layer["quest_sum_p16"])), key=lambda i: per_layer["quest_sum_p16"][i])[:5]
+            print("  worst layers (quest_sum_p16): "
+                  + ", ".join(f"{args.dense_layers + i}: {per_layer['quest_sum_p16'][i]:.2f}" for i in worst))
+    return rows
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -102,6 +170,14 @@ def main(argv=None) -> None:
                                                  attn_implementation="sdpa").to(dev).eval()
     p, block = args.page_size, 16
     t0 = time.time()
+    if args.variants:
+        rows = run_variants(args, tok, model, capture_qk, passkey_prompt)
+        path = write_result(args.name, {"benchmark": "passkey_selection_variants", "command": command_line(),
+                                        "env": environment(), "inputs": {k: v for k, v in vars(args).items()
+                                                                         if k != "name"},
+                                        "device": dev, "rows": rows, "seconds": round(time.time() - t0, 1)})
+        print(f"wrote {path}")
+        return
     prompts = []
     for length, seed in zip(args.lengths, args.seeds):
         ids, key = passkey_prompt(tok, length, seed=seed)

@@ -29,6 +29,7 @@ KDA_PREFILL_KERNELS = ("framework", "longseq")
 
 #: Page-summary dtypes of sparse mode.
 SPARSE_SUMMARIES = ("auto", "fp8", "cache")
+SPARSE_GROUP_SCORES = ("sum", "max")
 
 #: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
@@ -64,6 +65,9 @@ class LongSeqConfig:
         sparse_summary: dtype of the page summaries (``LONGSEQ_SPARSE_SUMMARY``): ``fp8`` (e4m3, rounded
             outward so the Quest bound still holds; half the bytes to score), ``cache`` (the KV cache dtype,
             exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
+        sparse_group_score: how a GQA group's query heads combine their Quest page bounds
+            (``LONGSEQ_SPARSE_GROUP_SCORE``): ``sum`` (one score for the group's summed query, the default) or
+            ``max`` (the largest head's bound: keeps pages that a single head needs, such as a retrieved needle).
         sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
             (requests x KV heads) than this splits each row's top-k over several programs; unset: the measured
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
@@ -103,6 +107,7 @@ class LongSeqConfig:
     sparse_recent_pages: int = 4
     sparse_summary: str = "auto"
     sparse_topk_split_rows: int | None = None
+    sparse_group_score: str = "sum"
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None
@@ -140,6 +145,9 @@ class LongSeqConfig:
         for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages", "sparse_topk_split_rows"):
             if (getattr(self, name) or 0) < 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be >= 0")
+        if self.sparse_group_score not in SPARSE_GROUP_SCORES:
+            raise LongSeqConfigError(f"LONGSEQ_SPARSE_GROUP_SCORE={self.sparse_group_score!r} is not allowed; "
+                                     f"allowed values: {', '.join(SPARSE_GROUP_SCORES)}")
         if self.sparse_summary not in SPARSE_SUMMARIES:
             raise LongSeqConfigError(f"LONGSEQ_SPARSE_SUMMARY={self.sparse_summary!r} is not allowed; "
                                      f"allowed values: {', '.join(SPARSE_SUMMARIES)}")
@@ -191,6 +199,7 @@ class LongSeqConfig:
         "sparse_recent_pages": "LONGSEQ_SPARSE_RECENT_PAGES",
         "sparse_summary": "LONGSEQ_SPARSE_SUMMARY",
         "sparse_topk_split_rows": "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS",
+        "sparse_group_score": "LONGSEQ_SPARSE_GROUP_SCORE",
         "duo_pattern": "LONGSEQ_DUO_PATTERN",
         "duo_sparsity": "LONGSEQ_DUO_SPARSITY",
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",
@@ -290,7 +299,7 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
         return None if raw in (None, "") else str(raw)
     if t == "str":
         return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel",
-                                                     "sparse_summary") else str(raw)
+                                                     "sparse_summary", "sparse_group_score") else str(raw)
     raise AssertionError(f"no coercion for {name}: {t}")  # a new field must add its coercion
 
 

@@ -71,6 +71,8 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     from longseq.attention_backends.core.sparse import SparseSettings
 
     assert SparseSettings.from_config(cfg).topk_split_rows == 128
+    assert not SparseSettings.from_config(cfg).group_max  # default: the group's sum
+    assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_GROUP_SCORE": "MAX"})).group_max
 
 
 @pytest.mark.parametrize("env, match", [
@@ -82,6 +84,7 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     ({"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "4"}, "exceed the budget of 4 pages"),
     ({"LONGSEQ_SPARSE_DENSE_LAYERS": "-1"}, "LONGSEQ_SPARSE_DENSE_LAYERS=-1 must be >= 0"),
     ({"LONGSEQ_SPARSE_TOPK_SPLIT_ROWS": "-1"}, "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS=-1 must be >= 0"),
+    ({"LONGSEQ_SPARSE_GROUP_SCORE": "mean"}, "LONGSEQ_SPARSE_GROUP_SCORE='mean' is not allowed; allowed values: sum, max"),
 ])
 def test_bad_sparse_knobs_are_named(env, match):
     with pytest.raises(LongSeqConfigError, match=match):

@@ -207,10 +207,12 @@ def test_fp8_summary_rounds_outward_at_the_edges():
 @pytest.mark.parametrize("summary", SUMMARY_DTYPES)
 @pytest.mark.parametrize("hq,hkv,d", [(2, 2, 64), (8, 2, 128), (16, 2, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_score_pages_matches_reference(hq, hkv, d, dtype, summary):
+@pytest.mark.parametrize("group_max", [False, True])
+def test_score_pages_matches_reference(hq, hkv, d, dtype, summary, group_max):
     c = build([130, 7, 64, 33], hq, hkv, d, 16, 8, dtype, seed=hq * 7 + d, summary=summary)
     args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, 8, 16, 2, 3)
-    got, ref = sd.score_pages(*args).cpu(), naive.score_pages_ref(*args).cpu()
+    got = sd.score_pages(*args, group_max=group_max).cpu()
+    ref = naive.score_pages_ref(*args, group_max=group_max).cpu()
     assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
     assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
     fin = torch.isfinite(ref)
@@ -220,8 +222,8 @@ def test_score_pages_matches_reference(hq, hkv, d, dtype, summary):
 @pytest.mark.parametrize("summary", SUMMARY_DTYPES)
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_quest_bound_upper_bounds_every_token(hq, hkv, summary):
-    """The score bounds every token's (group-summed) q . k; with fp8 summaries too, including keys of all
-    magnitudes and pages with keys past fp8's range (scored +inf)."""
+    """The score bounds every token's (group-summed) q . k, and the group-max score every head's own q . k;
+    with fp8 summaries too, including keys of all magnitudes and pages with keys past fp8's range (+inf)."""
     d, page_size, block_size = 64, 8, 16
     c = Cache([100, 45], hkv, d, block_size, torch.float32, seed=5)
     big_pages = {(0, 3), (1, 5)}
@@ -237,8 +239,16 @@ def test_quest_bound_upper_bounds_every_token(hq, hkv, summary):
     pmin, pmax = summaries(c, page_size, summary=summary)
     q = torch.randn(2, hq, d, generator=c.g).to(DEV)
     scores = sd.score_pages(q, pmin, pmax, c.block_table, c.seq_lens, page_size, block_size).cpu()
+    per_head_max = sd.score_pages(q, pmin, pmax, c.block_table, c.seq_lens, page_size, block_size,
+                                  group_max=True).cpu()
     g = hq // hkv
     for b, n in enumerate(c.seq_lens_list):
+        # group max: the bound holds for every query head of the group on its own
+        head_dots = torch.einsum("thd,hgd->hgt", c.keys[b].double(), q[b].cpu().double().view(hkv, g, d))
+        for j in range(math.ceil(n / page_size)):
+            top = head_dots[:, :, j * page_size : (j + 1) * page_size].amax((1, 2))
+            bound = per_head_max[b, :, j].double()
+            assert (top <= bound + 1e-4 * bound.abs().clamp_min(1)).all()
         qb = q[b].cpu().double().view(hkv, g, d).sum(1)  # the group's summed q . k is what is bounded
         dots = torch.einsum("thd,hd->ht", c.keys[b].double(), qb)  # [Hkv, n]
         for j in range(math.ceil(n / page_size)):
@@ -267,6 +277,18 @@ def counters_are_zero():
     """The fused kernels leave their per-row counters at zero for the next launch."""
     buf = sd.select.counters(torch.device(DEV), 1)
     return int(buf.abs().sum()) == 0
+
+
+@pytest.mark.parametrize("variant", ["triton", "fused-filter"])
+def test_group_max_selection_matches_reference(variant):
+    """LONGSEQ_SPARSE_GROUP_SCORE=max through the unfused and the fused (score + select) launches."""
+    page_size, block_size, k = 8, 16, 6
+    c = build([150, 30, 81, 0], 9, 3, 64, block_size, page_size, torch.float32, seed=11)
+    args = (c.q, c.page_min, c.page_max, c.block_table, c.seq_lens, page_size, block_size, k, 1, 2)
+    ids, nv = sd.select_topk_pages(*args, **SELECT_VARIANTS[variant], group_max=True)
+    rids, rnv = naive.select_topk_pages_ref(*args, group_max=True)
+    assert torch.equal(nv.cpu(), rnv.cpu()) and torch.equal(ids.cpu(), rids.cpu())
+    assert not torch.equal(rids, naive.select_topk_pages_ref(*args)[0])  # the sum picks other pages here
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 4, 64), (8, 2, 128), (16, 2, 64)])

@@ -45,6 +45,20 @@ def test_select_and_decode_match_references(hq, hkv, d, page_size, block_size, s
     fin = torch.isfinite(s_ref)
     assert torch.equal(fin, torch.isfinite(s)) and torch.equal(s_ref[~fin], s[~fin])
     torch.testing.assert_close(s[fin], s_ref[fin], rtol=1e-5, atol=1e-4)
+    for gm in (False, True):  # the group-max score too (LONGSEQ_SPARSE_GROUP_SCORE=max), and its selection
+        s_ref_g, s_g = naive.score_pages_ref(*args, 1, 2, gm), score_pages_torch(*args, 1, 2, gm)
+        fin_g = torch.isfinite(s_ref_g)
+        assert torch.equal(fin_g, torch.isfinite(s_g)) and torch.equal(s_ref_g[~fin_g], s_g[~fin_g])
+        torch.testing.assert_close(s_g[fin_g], s_ref_g[fin_g], rtol=1e-5, atol=1e-4)
+        ids_g, _ = select_topk_pages_torch(*args, 16, 1, 2, group_max=gm)
+        ref_g, _ = naive.select_topk_pages_ref(*args, 16, 1, 2, group_max=gm)
+        for b in range(len(seq_lens)):
+            for h in range(hkv):
+                a, r = ids_g[b, h][ids_g[b, h] >= 0].long(), ref_g[b, h][ref_g[b, h] >= 0].long()
+                if len(a):
+                    torch.testing.assert_close(s_ref_g[b, h, a].min(), s_ref_g[b, h, r].min(), rtol=1e-5, atol=1e-4)
+    if hq > hkv:  # a real group: the two scores differ
+        assert not torch.equal(naive.score_pages_ref(*args, 1, 2, True)[fin], s_ref[fin])
     for k in (4, 16, 200):
         ids_ref, nv_ref = naive.select_topk_pages_ref(*args, k, 1, 2)
         ids, nv = select_topk_pages_torch(*args, k, 1, 2)

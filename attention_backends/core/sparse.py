@@ -41,6 +41,7 @@ class SparseSettings:
         summary: page-summary dtype choice: ``fp8``, ``cache`` or ``auto`` (fp8 on CUDA devices that support
             it; the cache dtype elsewhere, where the PyTorch references run).
         topk_split_rows: GPU top-k split threshold in rows (None: the kernel's default; 0: never).
+        group_max: score pages by the largest query head's Quest bound, not the group's sum.
     """
 
     budget_tokens: int
@@ -50,12 +51,13 @@ class SparseSettings:
     recent_pages: int
     summary: str = "auto"
     topk_split_rows: int | None = None
+    group_max: bool = False
 
     @classmethod
     def from_config(cls, config: LongSeqConfig) -> "SparseSettings":
         return cls(config.sparse_budget, config.sparse_page_size, config.sparse_dense_layers,
                    config.sparse_sink_pages, config.sparse_recent_pages, config.sparse_summary,
-                   config.sparse_topk_split_rows)
+                   config.sparse_topk_split_rows, config.sparse_group_score == "max")
 
     def summary_dtype(self, cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """The page summaries' dtype for a cache of ``cache_dtype`` on ``device``."""
@@ -169,13 +171,14 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     if q.is_cuda:
         from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
 
-        page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows)
+        page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows,
+                                        group_max=settings.group_max)
         sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
                             out=out)
         return out
     from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
 
-    page_ids, _ = select_topk_pages_torch(*args)
+    page_ids, _ = select_topk_pages_torch(*args, group_max=settings.group_max)
     out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
                                         settings.page_size, scale))
     return out

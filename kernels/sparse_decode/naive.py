@@ -88,7 +88,7 @@ def update_page_summary_ref(key_cache: torch.Tensor, slot_mapping: torch.Tensor,
 
 def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                     block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
-                    num_sink_pages: int = 0, num_recent_pages: int = 0) -> torch.Tensor:
+                    num_sink_pages: int = 0, num_recent_pages: int = 0, group_max: bool = False) -> torch.Tensor:
     """Quest upper bound of ``q . k`` per logical page and kv head.
 
     Args:
@@ -98,7 +98,8 @@ def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
         block_table: ``[B, max_blocks]`` int physical blocks; seq_lens: ``[B]`` int.
 
     Returns:
-        ``[B, Hkv, max_blocks * block_size // P]`` fp32: ``sum_g sum_i max(q_i min_i, q_i max_i)``;
+        ``[B, Hkv, max_blocks * block_size // P]`` fp32: ``sum_g sum_i max(q_gi min_i, q_gi max_i)`` (the
+        GQA group's query heads summed), or with ``group_max`` the largest head's bound ``max_g sum_i ...``;
         ``-inf`` past the last valid page, ``+inf`` for the first ``num_sink_pages`` and last
         ``num_recent_pages`` valid pages and for pages whose (fp8) summary holds a NaN (out of range).
     """
@@ -116,7 +117,7 @@ def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
         mx = page_max[gp].float()
         qb = q[b].float().view(hkv, g, d)  # [Hkv, G, D]
         s = torch.maximum(qb[None] * mn[:, :, None], qb[None] * mx[:, :, None])  # [n, Hkv, G, D]
-        s = s.sum((2, 3)).t()
+        s = (s.sum(3).amax(2) if group_max else s.sum((2, 3))).t()  # amax propagates a NaN head bound
         out[b, :, :n] = torch.where(s.isnan(), float("inf"), s)
         out[b, :, : min(num_sink_pages, n)] = float("inf")
         if num_recent_pages > 0:
@@ -127,7 +128,7 @@ def score_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Ten
 def select_topk_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                           block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
                           block_size: int, num_select: int, num_sink_pages: int = 0,
-                          num_recent_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                          num_recent_pages: int = 0, group_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_select`` logical pages per (request, kv head) by Quest score.
 
     Returns:
@@ -135,7 +136,7 @@ def select_topk_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: tor
         num_valid: ``[B]`` int32 ``min(num_select, ceil(seq_len / P))``.
     """
     scores = score_pages_ref(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
-                             num_sink_pages, num_recent_pages)
+                             num_sink_pages, num_recent_pages, group_max)
     b_, hkv, _ = scores.shape
     page_ids = torch.full((b_, hkv, num_select), -1, dtype=torch.int32, device=q.device)
     num_valid = torch.zeros(b_, dtype=torch.int32, device=q.device)

@@ -185,7 +185,7 @@ def _score_pages_kernel(
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     PAGES_PER_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr,
-    GPASSES: tl.constexpr, FILTER: tl.constexpr, FP8_BITS: tl.constexpr,
+    GPASSES: tl.constexpr, FILTER: tl.constexpr, FP8_BITS: tl.constexpr, GROUP_MAX: tl.constexpr,
 ):
     bh = tl.program_id(0)
     tile = tl.program_id(1)
@@ -201,11 +201,6 @@ def _score_pages_kernel(
         valid = j < n_pages
         d = tl.arange(0, BLOCK_D)
         d_mask = d < HEAD_DIM
-        g = tl.arange(0, BLOCK_G)
-        qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
-                     mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
-        q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
         # Invalid pages are masked out of every load: block_table past the request's blocks may hold anything.
         blk = tl.load(block_table + b * s_btb + (j // PAGES_PER_BLOCK) * s_btn, mask=valid, other=0).to(tl.int64)
         gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
@@ -219,7 +214,20 @@ def _score_pages_kernel(
         else:
             mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
             mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
-        s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
+        if GROUP_MAX:  # the largest query head's bound: a page one head of the group needs is kept
+            s = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            for gi in tl.static_range(GROUP):
+                qh = tl.load(q + b * s_qb + (h * GROUP + gi) * s_qh + d * s_qd, mask=d_mask, other=0.0)
+                qh = qh.to(tl.float32)
+                sg = tl.sum(mx * tl.maximum(qh, 0.0)[None, :] + mn * tl.minimum(qh, 0.0)[None, :], axis=1)
+                s = tl.where((sg != sg) | (s != s), float("nan"), tl.maximum(s, sg))
+        else:  # the group's bounds summed: one dot product per page
+            g = tl.arange(0, BLOCK_G)
+            qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
+                         mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+            q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
+            q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
+            s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
         s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary out of range, no finite bound
         s = tl.where(valid, s, float("-inf"))
         forced = valid & ((j < num_sink) | (j >= n_pages - num_recent))
@@ -344,7 +352,7 @@ def _score_config(d: int, block_n: int | None) -> tuple[int, int]:
 
 
 def _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
-                  num_recent_pages, out, block_n, num_warps=None, fused=None):
+                  num_recent_pages, out, block_n, num_warps=None, fused=None, group_max=False):
     """Score (and with ``fused = (page_ids, num_valid, num_select, topk_cfg)`` select) in one launch."""
     bsz, hq, d = q.shape
     hkv = page_min.shape[1]
@@ -372,14 +380,14 @@ def _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block
         ctr, page_ids, num_valid, cand, num_select, s_ob, s_oh,
         HKV=hkv, GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=block_size // page_size,
         BLOCK_G=triton.next_power_of_2(hq // hkv), BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
-        FUSED=fused is not None, **cfg, FP8_BITS=fp8_bits, num_warps=num_warps or warps,
+        FUSED=fused is not None, **cfg, FP8_BITS=fp8_bits, GROUP_MAX=group_max, num_warps=num_warps or warps,
     )
 
 
 def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, block_table: torch.Tensor,
                 seq_lens: torch.Tensor, page_size: int, block_size: int, num_sink_pages: int = 0,
                 num_recent_pages: int = 0, out: torch.Tensor | None = None,
-                block_n: int | None = None) -> torch.Tensor:
+                block_n: int | None = None, group_max: bool = False) -> torch.Tensor:
     """Quest upper bound of ``q . k`` for every logical page of every (request, kv head).
 
     Args:
@@ -391,6 +399,7 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
         num_sink_pages, num_recent_pages: first / last valid pages forced to ``+inf``.
         out: optional ``[B, Hkv, max_pages]`` fp32 to write into.
         block_n: pages per program (tuning; default 64 for D <= 128).
+        group_max: the largest query head's bound instead of the group's sum (``score_pages_ref``).
 
     Returns:
         ``[B, Hkv, max_blocks * block_size // page_size]`` fp32; ``-inf`` for pages at or past
@@ -406,7 +415,7 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     if bsz == 0 or max_pages == 0:
         return out
     _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
-                  num_recent_pages, out, block_n)
+                  num_recent_pages, out, block_n, group_max=group_max)
     return out
 
 
@@ -462,14 +471,15 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
                       num_select: int, num_sink_pages: int = 0, num_recent_pages: int = 0,
                       topk_impl: str = "auto", fused: bool | None = None, candidate_cap: int | None = None,
                       score_block_n: int | None = None, topk_num_warps: int | None = None,
-                      segment_pages: int | None = None,
-                      split_max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      segment_pages: int | None = None, split_max_rows: int | None = None,
+                      group_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest page selection: score every page (``score_pages``) and keep the best ``num_select``.
 
     Args: as ``score_pages``; ``num_select``: pages kept per (request, kv head), at least
         ``num_sink_pages + num_recent_pages`` so that every forced page fits. ``fused``: score and select in
         one launch (default ``FUSED_DEFAULT``; triton top-k only). ``candidate_cap``, ``score_block_n``,
         ``topk_num_warps``, ``segment_pages``, ``split_max_rows``: tuning (``topk_pages``, ``score_pages``).
+        ``group_max``: score by the largest query head's bound (``score_pages``).
 
     Returns:
         page_ids: ``[B, Hkv, num_select]`` int32 logical pages, ascending, ``-1`` padded past
@@ -489,9 +499,10 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
         num_valid = torch.empty(bsz, dtype=torch.int32, device=q.device)
         cfg = _topk_config(max_pages, num_select, candidate_cap, topk_num_warps)
         _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
-                      num_recent_pages, scores, score_block_n, fused=(page_ids, num_valid, num_select, cfg))
+                      num_recent_pages, scores, score_block_n, fused=(page_ids, num_valid, num_select, cfg),
+                      group_max=group_max)
         return page_ids, num_valid
     scores = score_pages(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
-                         num_sink_pages, num_recent_pages, block_n=score_block_n)
+                         num_sink_pages, num_recent_pages, block_n=score_block_n, group_max=group_max)
     return topk_pages(scores, seq_lens, page_size, num_select, impl=impl, candidate_cap=candidate_cap,
                       num_warps=topk_num_warps, segment_pages=segment_pages, split_max_rows=split_max_rows)

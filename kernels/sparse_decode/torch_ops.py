@@ -23,7 +23,7 @@ def _page_geometry(block_table: torch.Tensor, page_size: int, block_size: int) -
 
 def score_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, page_size: int, block_size: int, num_sink_pages: int = 0,
-                      num_recent_pages: int = 0) -> torch.Tensor:
+                      num_recent_pages: int = 0, group_max: bool = False) -> torch.Tensor:
     """``score_pages_ref``'s result (``[B, Hkv, max_pages]`` fp32, same ``-inf``/``+inf`` rules), batched."""
     b_, hq, d = q.shape
     hkv = page_min.shape[1]
@@ -32,10 +32,14 @@ def score_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
     j = torch.arange(max_pages, device=q.device)
     valid = j[None] < n_pages[:, None]  # [B, max_pages]
     qg = q.float().view(b_, hkv, hq // hkv, d)
-    q_pos, q_neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)  # [B, Hkv, D]
     gp = torch.where(valid, gp, 0)  # pages past the end may point anywhere: read page 0, masked below
     mn, mx = page_min[gp].float(), page_max[gp].float()  # [B, max_pages, Hkv, D]
-    s = torch.einsum("bphd,bhd->bhp", mx, q_pos) + torch.einsum("bphd,bhd->bhp", mn, q_neg)
+    if group_max:  # each query head's bound [B, Hkv, G, max_pages], then the largest (amax propagates NaN)
+        s = (torch.einsum("bphd,bhgd->bhgp", mx, qg.clamp(min=0))
+             + torch.einsum("bphd,bhgd->bhgp", mn, qg.clamp(max=0))).amax(2)
+    else:
+        q_pos, q_neg = qg.clamp(min=0).sum(2), qg.clamp(max=0).sum(2)  # [B, Hkv, D]
+        s = torch.einsum("bphd,bhd->bhp", mx, q_pos) + torch.einsum("bphd,bhd->bhp", mn, q_neg)
     s = torch.where(s.isnan(), float("inf"), s)
     forced = (j[None] < num_sink_pages) | (j[None] >= n_pages[:, None] - num_recent_pages)
     s = torch.where(forced[:, None], float("inf"), s)
@@ -60,12 +64,12 @@ def topk_pages_torch(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
 
 def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
                             block_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int, block_size: int,
-                            num_select: int, num_sink_pages: int = 0,
-                            num_recent_pages: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                            num_select: int, num_sink_pages: int = 0, num_recent_pages: int = 0,
+                            group_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``select_topk_pages``'s contract: ``page_ids`` ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded;
     ``num_valid`` ``[B]`` int32 ``min(num_select, ceil(seq_len / P))``."""
     scores = score_pages_torch(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
-                               num_sink_pages, num_recent_pages)
+                               num_sink_pages, num_recent_pages, group_max)
     return topk_pages_torch(scores, seq_lens, page_size, num_select)
 
 
