@@ -2,7 +2,8 @@
 
 Per budget, teacher-forced next-token agreement and mean KL(dense || sparse) with the dense run's tokens fed
 to sparse, free-running greedy match, and passkey retrieval next to dense's (``longseq.eval.study``).
-``--summaries fp8,cache`` repeats the sweep per page-summary dtype (``LONGSEQ_SPARSE_SUMMARY``).
+``--summaries fp8,cache`` repeats the sweep per page-summary dtype (``LONGSEQ_SPARSE_SUMMARY``), and
+``--group-scores sum,max`` per GQA group score (``LONGSEQ_SPARSE_GROUP_SCORE``).
 
 GPU machine (vLLM 0.26, CUDA graphs for decode):
     python benchmarks/bench_sparse_fidelity.py --budgets 256,512,1024,2048 --summaries fp8,cache
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--passkey-lengths", type=ints, default=[2000, 3000, 4000, 5000, 6000, 7000, 7600, 8000])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--summaries", default="auto", help="comma list of LONGSEQ_SPARSE_SUMMARY values to sweep")
+    p.add_argument("--group-scores", default="sum",
+                   help="comma list of LONGSEQ_SPARSE_GROUP_SCORE values to sweep (sweep names get +sum / +max)")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
     p.add_argument("--sparse-env", default="", help="extra K=V,K=V environment of the sparse runs "
                    "(e.g. LONGSEQ_SPARSE_PAGE_SIZE=8,LONGSEQ_SPARSE_RECENT_PAGES=8)")
@@ -98,9 +101,11 @@ def main(argv=None) -> None:
     summaries = args.summaries.split(",")
     extra = dict(kv.split("=", 1) for kv in args.sparse_env.split(",") if kv)
     result["sparse_env"] = extra
+    groups = args.group_scores.split(",")
+    sweeps = {(s if len(groups) == 1 else f"{s}+{g}"): {"LONGSEQ_SPARSE_SUMMARY": s, "LONGSEQ_SPARSE_GROUP_SCORE": g,
+                                                        **extra} for s in summaries for g in groups}
     res = fidelity_study(model, tok, args.budgets, args.lengths, args.passkey_lengths, args.max_tokens,
-                         base_env, kw, dense_env,
-                         sparse_envs={s: {"LONGSEQ_SPARSE_SUMMARY": s, **extra} for s in summaries})
+                         base_env, kw, dense_env, sparse_envs=sweeps)
     res["dense"].pop("trace", None)
     dense_pk = res["dense"]["passkey_correct"]
     for summ, by_budget in res["variants"].items():
