@@ -78,19 +78,30 @@ def paged_layer(k, block_size: int, cache_dtype, device):
     return cache, torch.arange(t, dtype=torch.int64, device=device), nblk
 
 
+def token_probs(q_all, k_all, t: int):
+    """Dense attention of query position ``t`` over keys ``0..t``, mean over each GQA group: ``[Hkv, t+1]`` fp32."""
+    import torch
+
+    hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
+    qt = q_all[:, t].view(hkv, hq // hkv, d).float()
+    return torch.softmax(torch.einsum("hgd,htd->hgt", qt, k_all[:, : t + 1].float()) / d**0.5, -1).mean(1)
+
+
 def variant_needle_kept(q_all, k_all, queries, needle, budget, args):
     """Needle mass kept per scorer variant for one layer: {variant: (kept, total)} summed over heads/queries."""
     import torch
+
+    from benchmarks.study_scorer_recall import page_reduce
 
     hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
     out = {}
     for t in queries:
         qt = q_all[:, t].view(hkv, hq // hkv, d).float()
         keys = k_all[:, : t + 1].float()
-        probs = torch.softmax(torch.einsum("hgd,htd->hgt", qt, keys) / d**0.5, -1).mean(1)  # [Hkv, t+1]
+        probs = token_probs(q_all, k_all, t)
         for p in (args.page_size, args.page_size // 2):
             n_pages = -(-(t + 1) // p)
-            mass = torch.nn.functional.pad(probs, (0, n_pages * p - t - 1)).view(hkv, n_pages, p).sum(-1)
+            mass = page_reduce(probs, p, "sum")  # [Hkv, n_pages]
             kp = torch.nn.functional.pad(keys, (0, 0, 0, n_pages * p - t - 1)).view(hkv, n_pages, p, d)
             last = (t + 1) - (n_pages - 1) * p
             kp[:, -1, last:] = kp[:, -1, :1]
@@ -153,7 +164,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.common import command_line, environment, write_result
-    from benchmarks.study_scorer_recall import capture_qk
+    from benchmarks.study_scorer_recall import capture_qk, page_reduce
     from longseq.eval.passkey import passkey_prompt
     from longseq.kernels.sparse_decode import naive
     from longseq.kernels.sparse_decode.page_summary import FP8, allocate_page_summary, update_page_summary
@@ -193,7 +204,7 @@ def main(argv=None) -> None:
                            needle_ref=0.0, needle_kernel=0.0)
                 for li in range(args.dense_layers, len(qs)):
                     q_all, k_all = qs[li], ks[li]
-                    hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
+                    hkv, d = k_all.shape[0], k_all.shape[2]
                     cache_k, slots, nblk = paged_layer(k_all, block, torch.bfloat16, dev)
                     sdt = FP8 if summary == "fp8" else torch.bfloat16
                     sums = {}
@@ -213,10 +224,7 @@ def main(argv=None) -> None:
                                                         args.sink_pages, args.recent_pages)[0])
                     for bi, t in enumerate(queries):
                         n_pages = -(-(t + 1) // p)
-                        qt = q_all[:, t].view(hkv, hq // hkv, d)
-                        logits = torch.einsum("hgd,htd->hgt", qt, k_all[:, : t + 1]) / d**0.5
-                        probs = torch.softmax(logits, -1).mean(1)  # [Hkv, t+1]
-                        mass = torch.nn.functional.pad(probs, (0, n_pages * p - t - 1)).view(hkv, n_pages, p).sum(-1)
+                        mass = page_reduce(token_probs(q_all, k_all, t), p, "sum")  # [Hkv, n_pages]
                         nd = sorted(x for x in needle if x < n_pages)
                         for h in range(hkv):
                             got = {}

@@ -148,7 +148,7 @@ class DramTier:
     def reserve(self, nbytes: int) -> int:
         """Pre-carve pinned pieces of ``nbytes`` for the whole tier (``capacity // nbytes`` blocks); returns the
         bytes allocated. Lazy carving calls ``cudaHostAlloc`` while serving, and that call stalls the engine's
-        own CUDA calls: measured as +0.2 s TTFT on requests that ran while saves were filling the tier."""
+        own CUDA calls (the likely cause of the slow TTFTs in ``results/kv_offload.json``; not yet re-measured)."""
         return self.allocator.reserve(nbytes, (self.capacity_bytes - self.used_bytes) // nbytes)
 
     def lookup(self, key: bytes) -> torch.Tensor | None:
