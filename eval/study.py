@@ -22,8 +22,11 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 CPU_KW = {"dtype": "bfloat16", "max_model_len": 8192, "enforce_eager": True, "seed": 0,
           "enable_prefix_caching": True, "max_num_batched_tokens": 4096}
 #: The GPU engine: our CUSTOM backend, CUDA graphs for decode.
+#: A fixed KV cache (4 GiB holds 16 x 8K tokens of SmolLM2) rather than one sized by profiling free memory, so a
+#: study gives the same engine when another job shares the GPU.
 GPU_KW = {"dtype": "bfloat16", "max_model_len": 8192, "seed": 0, "enable_prefix_caching": True,
-          "gpu_memory_utilization": 0.4, "max_num_seqs": 16, "max_num_batched_tokens": 8192,
+          "gpu_memory_utilization": 0.4, "kv_cache_memory_bytes": 4 << 30, "max_num_seqs": 16,
+          "max_num_batched_tokens": 8192,
           "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
           "attention_config": {"backend": "CUSTOM"}}
 
