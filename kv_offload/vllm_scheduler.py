@@ -39,9 +39,15 @@ def chain_keys(token_ids, block_size: int, num_blocks: int, seed: bytes, prev: l
     """
     keys = list(prev or [])
     parent = keys[-1] if keys else seed
-    for i in range(len(keys), num_blocks):
-        block = np.asarray(token_ids[i * block_size:(i + 1) * block_size], dtype=np.int64)
-        parent = hashlib.blake2b(parent + block.tobytes(), digest_size=KEY_BYTES, person=b"longseq-kvblk").digest()
+    first = len(keys)
+    if num_blocks <= first:
+        return keys
+    # One conversion for all new blocks (per-block conversions were most of the cost: ~7 ms at 32K tokens).
+    raw = np.asarray(token_ids[first * block_size:num_blocks * block_size], dtype=np.int64).tobytes()
+    step = block_size * 8
+    for i in range(num_blocks - first):
+        parent = hashlib.blake2b(parent + raw[i * step:(i + 1) * step], digest_size=KEY_BYTES,
+                                 person=b"longseq-kvblk").digest()
         keys.append(parent)
     return keys
 
