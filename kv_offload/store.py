@@ -40,47 +40,6 @@ def _check_key(key: bytes) -> bytes:
     return key
 
 
-def _adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Flat uint8 ``b`` starts where ``a`` ends, in the same allocation."""
-    return (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and b.data_ptr() == a.data_ptr() + a.numel())
-
-
-def _span(first: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """``nbytes`` of ``first``'s allocation from ``first`` on, as one flat uint8 tensor (no copy)."""
-    storage = first.untyped_storage()
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(
-        storage, first.data_ptr() - storage.data_ptr(), (nbytes,))
-
-
-class _CopyRun:
-    """Coalesces block copies whose sources and destinations both continue the previous ones into one copy.
-
-    A prefix saved in order sits in consecutive pieces of a pinned slab, and a load copies it into
-    consecutive rows of one staging tensor: one large host->device copy instead of one per ~2 MB block
-    (the per-copy overhead held reloads to ~80% of the pinned copy speed)."""
-
-    def __init__(self) -> None:
-        self.src: torch.Tensor | None = None
-        self.dst: torch.Tensor | None = None
-        self.last_src: torch.Tensor | None = None
-        self.last_dst: torch.Tensor | None = None
-        self.nbytes = 0
-
-    def add(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        if self.src is not None and _adjacent(self.last_src, src) and _adjacent(self.last_dst, dst):
-            self.nbytes += src.numel()
-        else:
-            self.flush()
-            self.src, self.dst, self.nbytes = src, dst, src.numel()
-        self.last_src, self.last_dst = src, dst
-
-    def flush(self) -> None:
-        if self.src is not None:
-            _span(self.dst, self.nbytes).copy_(_span(self.src, self.nbytes), non_blocking=True)
-        self.src = self.dst = None
-
-
 class BlockStore:
     """Two-tier content-addressed KV block store. Keys are bytes (caller's prefix-hash chain element);
     the store namespaces them with the fingerprint digest, so other models' blocks are never returned.
@@ -183,7 +142,6 @@ class BlockStore:
         t0 = time.perf_counter()
         nbytes = 0
         with self._lock:
-            run = _CopyRun()
             for key, out in zip(keys, outs):
                 key = _check_key(key)
                 buf = self._dram.lookup(key)
@@ -192,10 +150,9 @@ class BlockStore:
                 dst = as_bytes(out)
                 ok = buf is not None and dst.numel() == buf.numel()
                 if ok:
-                    run.add(buf, dst)
+                    dst.copy_(buf, non_blocking=True)
                     nbytes += buf.numel()
                 found.append(ok)
-            run.flush()
             if synchronize is not None:
                 synchronize()
         if any(found):

@@ -329,36 +329,6 @@ def test_dram_batch_copy_and_residency(tmp_path):
         assert store.in_dram(_key(7)) and not os.path.exists(store._disk.path_for(_key(7)))
 
 
-def test_dram_batch_coalesces_adjacent_blocks_and_copies_every_byte(monkeypatch):
-    """Blocks saved in order sit in consecutive slab pieces; copies into consecutive staging rows merge into
-    one copy per run. Runs break at a missing block, a block out of order, and a gap in the destination."""
-    from longseq.kv_offload import store as store_mod
-
-    copies = []
-    real_span = store_mod._span
-    monkeypatch.setattr(store_mod, "_span", lambda t, n: (copies.append(n), real_span(t, n))[1])
-    with BlockStore(FP, cpu_gib=16 * BLOCK_BYTES / (1 << 30), disk_dir=None) as store:
-        store._dram.allocator.use_slabs = True  # the pinned layout, in pageable memory (CPU)
-        for i in range(8):
-            store.put(_key(i), _block(i))
-        store.flush()
-        outs = torch.zeros((10, *BLOCK_SHAPE), dtype=torch.bfloat16)
-        # rows: 0-2 = blocks 0-2 (one run), 3 = missing, 4-5 = blocks 3-4 (run), 6 = block 7 (jump), 7 = block 6
-        # (out of order), 8-9 via a non-adjacent destination list below
-        keys = [_key(i) for i in (0, 1, 2)] + [_key(99)] + [_key(i) for i in (3, 4, 7, 6)]
-        found = store.get_dram_batch(keys, list(outs[:8]))
-        assert found == [True, True, True, False, True, True, True, True]
-        want = [0, 1, 2, None, 3, 4, 7, 6]
-        for row, i in enumerate(want):
-            assert (not outs[row].any()) if i is None else torch.equal(outs[row], _block(i))
-        nb = BLOCK_BYTES
-        assert copies[0::2] == [3 * nb, 2 * nb, nb, nb]  # (_span is called for dst then src per copy)
-        copies.clear()
-        assert store.get_dram_batch([_key(5), _key(6)], [outs[9], outs[8]]) == [True, True]
-        assert torch.equal(outs[9], _block(5)) and torch.equal(outs[8], _block(6))
-        assert copies[0::2] == [nb, nb]  # sources adjacent, destinations not: two copies
-
-
 @pytest.mark.gpu
 def test_pinned_dram_tier_with_cuda_tensors(tmp_path):
     """On the GPU machine: pinned DRAM buffers (the default with CUDA), puts from CUDA tensors, batched
