@@ -24,6 +24,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from longseq.plugin.config import LongSeqConfig  # noqa: E402
+
+
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -33,8 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--passkey-lengths", type=ints, default=[2000, 3000, 4000, 5000, 6000, 7000, 7600, 8000])
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--summaries", default="auto", help="comma list of LONGSEQ_SPARSE_SUMMARY values to sweep")
-    p.add_argument("--group-scores", default="sum",
-                   help="comma list of LONGSEQ_SPARSE_GROUP_SCORE values to sweep (sweep names get +sum / +max)")
+    p.add_argument("--group-scores", default=LongSeqConfig().sparse_group_score,
+                   help="comma list of LONGSEQ_SPARSE_GROUP_SCORE values to sweep (sweep names get +sum / +max); "
+                        "default: the plugin's default")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
     p.add_argument("--sparse-env", default="", help="extra K=V,K=V environment of the sparse runs "
                    "(e.g. LONGSEQ_SPARSE_PAGE_SIZE=8,LONGSEQ_SPARSE_RECENT_PAGES=8)")

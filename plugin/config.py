@@ -66,8 +66,9 @@ class LongSeqConfig:
             outward so the Quest bound still holds; half the bytes to score), ``cache`` (the KV cache dtype,
             exact), or ``auto`` (fp8 on GPUs that support it, else the cache dtype).
         sparse_group_score: how a GQA group's query heads combine their Quest page bounds
-            (``LONGSEQ_SPARSE_GROUP_SCORE``): ``sum`` (one score for the group's summed query, the default) or
-            ``max`` (the largest head's bound: keeps pages that a single head needs, such as a retrieved needle).
+            (``LONGSEQ_SPARSE_GROUP_SCORE``): ``max`` (the largest head's bound, the default: keeps pages that a
+            single head needs, such as a retrieved needle) or ``sum`` (one score for the group's summed query,
+            Quest's; with page 16 the faster setting at batch 8, but it loses pass keys: ``BENCHMARKS.md``).
         sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
             (requests x KV heads) than this splits each row's top-k over several programs; unset: the measured
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
@@ -83,9 +84,10 @@ class LongSeqConfig:
         duo_recent: most recent tokens kept by streaming heads, the query's own included (``LONGSEQ_DUO_RECENT``);
             unset = the pattern's ``recent_size`` (256 for patterns that have none).
         duo_hybrid_decode_batch: GPU duo decode steps of at least this many requests run FlashAttention on the
-            retrieval heads and the Triton kernel on the streaming heads (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``);
-            unset = one Triton launch for all heads at every batch size. Measured on an H200 at 126K, batch 8:
-            0.550x of FlashAttention's time with the hybrid vs 0.690x with one launch (``BENCHMARKS.md``).
+            retrieval heads and the Triton kernel on the streaming heads (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``,
+            default 8); 0 = one Triton launch for all heads at every batch size. Measured on an H200 at 126K,
+            batch 8: 0.550x of FlashAttention's time with the hybrid vs 0.690x with one launch; at batch 1 the
+            one launch is faster (``BENCHMARKS.md``).
         kda: run Kimi Delta Attention (Kimi-Linear's linear-attention layers) on longseq's KDA kernels instead of
             the framework's vendored ones (``LONGSEQ_KDA``, ``0``/``1``): vLLM's KDA layer is replaced through its
             out-of-tree layer registry, SGLang's through its KDA kernel dispatcher.
@@ -101,19 +103,19 @@ class LongSeqConfig:
     debug_fault: str = "none"
     cpu_kernel: str = "vllm"
     sparse_budget: int = 2048
-    sparse_page_size: int = 16
+    sparse_page_size: int = 8
     sparse_dense_layers: int = 2
     sparse_sink_pages: int = 1
-    sparse_recent_pages: int = 4
+    sparse_recent_pages: int = 8
     sparse_summary: str = "auto"
     sparse_topk_split_rows: int | None = None
-    sparse_group_score: str = "sum"
+    sparse_group_score: str = "max"
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None
     duo_sink: int | None = None
     duo_recent: int | None = None
-    duo_hybrid_decode_batch: int | None = None
+    duo_hybrid_decode_batch: int = 8
     kda: bool = False
     kda_prefill: str = "framework"
 
@@ -176,9 +178,9 @@ class LongSeqConfig:
             val = getattr(self, name)
             if val is not None and not 0.0 <= val <= 1.0:
                 raise LongSeqConfigError(f"{env[name]}={val} must be in [0, 1]")
-        if self.duo_hybrid_decode_batch is not None and self.duo_hybrid_decode_batch <= 0:
-            raise LongSeqConfigError(f"{env['duo_hybrid_decode_batch']}={self.duo_hybrid_decode_batch} must be a "
-                                     "positive integer (or unset: one Triton launch at every batch size)")
+        if self.duo_hybrid_decode_batch < 0:
+            raise LongSeqConfigError(f"{env['duo_hybrid_decode_batch']}={self.duo_hybrid_decode_batch} must be >= 0 "
+                                     "(0: one Triton launch at every batch size)")
         for name in ("duo_sink", "duo_recent"):
             val = getattr(self, name)
             if val is not None and val <= 0:

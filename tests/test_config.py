@@ -71,8 +71,10 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     from longseq.attention_backends.core.sparse import SparseSettings
 
     assert SparseSettings.from_config(cfg).topk_split_rows == 128
-    assert not SparseSettings.from_config(cfg).group_max  # default: the group's sum
-    assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_GROUP_SCORE": "MAX"})).group_max
+    assert SparseSettings.from_config(cfg).group_max  # default: the largest head's bound
+    assert not SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_GROUP_SCORE": "SUM"})).group_max
+    defaults = LongSeqConfig.from_env({})
+    assert (defaults.sparse_page_size, defaults.sparse_recent_pages, defaults.sparse_group_score) == (8, 8, "max")
 
 
 @pytest.mark.parametrize("env, match", [
@@ -80,8 +82,8 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     ({"LONGSEQ_SPARSE_BUDGET": "-16"}, "LONGSEQ_SPARSE_BUDGET=-16 must be a positive integer"),
     ({"LONGSEQ_SPARSE_BUDGET": "lots"}, "LONGSEQ_SPARSE_BUDGET.*'lots' must be an integer"),
     ({"LONGSEQ_SPARSE_PAGE_SIZE": "24"}, "LONGSEQ_SPARSE_PAGE_SIZE=24 must be a power of two"),
-    ({"LONGSEQ_SPARSE_BUDGET": "1000"}, "LONGSEQ_SPARSE_BUDGET=1000 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=16"),
-    ({"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "4"}, "exceed the budget of 4 pages"),
+    ({"LONGSEQ_SPARSE_BUDGET": "1004"}, "LONGSEQ_SPARSE_BUDGET=1004 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=8"),
+    ({"LONGSEQ_SPARSE_BUDGET": "64"}, "exceed the budget of 8 pages"),  # 1 sink + 8 recent pages of 8 tokens
     ({"LONGSEQ_SPARSE_DENSE_LAYERS": "-1"}, "LONGSEQ_SPARSE_DENSE_LAYERS=-1 must be >= 0"),
     ({"LONGSEQ_SPARSE_TOPK_SPLIT_ROWS": "-1"}, "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS=-1 must be >= 0"),
     ({"LONGSEQ_SPARSE_GROUP_SCORE": "mean"}, "LONGSEQ_SPARSE_GROUP_SCORE='mean' is not allowed; allowed values: sum, max"),
@@ -107,8 +109,9 @@ def test_duo_knobs_parse_from_env_and_json(tmp_path):
     cfg = LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "/p", "LONGSEQ_DUO_THRESHOLD": "1",
                                   "LONGSEQ_DUO_SPARSITY": "", "LONGSEQ_DUO_SINK": ""})
     assert (cfg.duo_threshold, cfg.duo_sparsity, cfg.duo_sink) == (1.0, None, None)
-    assert cfg.duo_hybrid_decode_batch is None
-    assert LongSeqConfig.from_env({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "8"}).duo_hybrid_decode_batch == 8
+    assert cfg.duo_hybrid_decode_batch == 8
+    assert LongSeqConfig.from_env({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "4"}).duo_hybrid_decode_batch == 4
+    assert LongSeqConfig.from_env({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "0"}).duo_hybrid_decode_batch == 0  # off
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"attention": "duo", "duo_pattern": "/pat", "duo_sparsity": 0.5, "duo_threshold": None,
                                 "duo_recent": 64, "duo_sink": None}))
@@ -139,7 +142,7 @@ def test_duo_knobs_do_not_need_duo_mode():
     ({"LONGSEQ_DUO_SINK": "0"}, "LONGSEQ_DUO_SINK=0 must be a positive integer"),
     ({"LONGSEQ_DUO_RECENT": "-8"}, "LONGSEQ_DUO_RECENT=-8 must be a positive integer"),
     ({"LONGSEQ_DUO_SINK": "64.5"}, "LONGSEQ_DUO_SINK.*'64.5' must be an integer"),
-    ({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "0"}, "LONGSEQ_DUO_HYBRID_DECODE_BATCH=0 must be a positive integer"),
+    ({"LONGSEQ_DUO_HYBRID_DECODE_BATCH": "-1"}, "LONGSEQ_DUO_HYBRID_DECODE_BATCH=-1 must be >= 0"),
     ({"LONGSEQ_DUO_PATERN": "x"}, "LONGSEQ_DUO_PATERN"),
 ])
 def test_bad_duo_knobs_are_named(env, match):

@@ -82,7 +82,7 @@ class Step:
         return duo_paged_attention_ref(q, self.key_cache.float(), self.value_cache.float(), self.block_table,
                                        self.qsl_cpu, self.seq_lens, is_streaming.cpu(), sink, recent, self.scale)
 
-    def duo_forward(self, is_streaming, sink, recent, hybrid_decode_batch=None):
+    def duo_forward(self, is_streaming, sink, recent, hybrid_decode_batch=0):
         """``[T, Hq, D]``: the impl's duo forward, as vLLM calls it (output has the padding rows too)."""
         impl = object.__new__(flash.LongSeqFlashImpl)
         impl.num_heads, impl.head_size, impl.scale = self.hq, self.d, self.scale
@@ -180,7 +180,7 @@ def test_window_covering_everything_is_dense(decode_only, hybrid):
         reqs, dtype = [r for r in CPU_MIXED if not decode_only or r[1] == 1], torch.float32
     s = Step(reqs, hq, hkv, d, dtype, seed=11)
     mask = _mask(hkv)
-    ours = s.duo_forward(mask, 64, 8192, hybrid_decode_batch=1 if hybrid else None)
+    ours = s.duo_forward(mask, 64, 8192, hybrid_decode_batch=1 if hybrid else 0)
     dense_ref = s.ref(torch.zeros_like(mask), 1, 1)
     assert torch.isfinite(ours).all(), "rows left unwritten"
     assert torch.allclose(s.ref(mask, 64, 8192), dense_ref)  # the reference agrees that this is dense

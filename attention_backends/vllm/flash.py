@@ -13,7 +13,7 @@ steady state and what CUDA graphs capture, never call FlashAttention).
 Duo mode (``LONGSEQ_ATTENTION=duo``): every row of every layer follows the layer's streaming-head mask (this
 rank's, :func:`duo_mask_for_this_rank`). Decode-only steps (what CUDA graphs capture): one launch of longseq's
 Triton DuoAttention kernel for all heads, split-K sized from shapes only, plus its merge (or, from
-``LONGSEQ_DUO_HYBRID_DECODE_BATCH`` requests on, the prefill path below; off by default). Steps with prefill
+``LONGSEQ_DUO_HYBRID_DECODE_BATCH`` requests on, default 8, the prefill path below). Steps with prefill
 rows: FlashAttention on the runs of consecutive retrieval KV heads (strided head views, causal over the whole
 context) and the Triton kernel on the streaming heads only, which visit sink + window tiles (prefill cost of
 a streaming head is O(T * (sink + recent)) instead of O(T^2)).
@@ -197,14 +197,14 @@ class LongSeqFlashImpl(FlashAttentionImpl):
         self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
 
 
-def hybrid_decode(num_reqs: int, min_batch: int | None) -> bool:
+def hybrid_decode(num_reqs: int, min_batch: int) -> bool:
     """Whether a decode-only step of ``num_reqs`` requests (the padded batch size under CUDA graphs, fixed per
     graph) takes the prefill path: FlashAttention on the retrieval-head runs (vLLM's fixed split count under
-    graphs) and the Triton kernel on the streaming heads. ``min_batch`` (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``):
-    from that many requests on; ``None``: never (one Triton launch for all heads). Off by default until the
-    hybrid decode has run in the engine; ``benchmarks/bench_duo_kernels.py --variants`` measures both
-    (``hybrid_s32`` vs the best ``duo`` variant per batch)."""
-    return min_batch is not None and num_reqs >= min_batch
+    graphs) and the Triton kernel on the streaming heads. ``min_batch`` (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``,
+    default 8): from that many requests on; 0: never (one Triton launch for all heads).
+    ``benchmarks/bench_duo_kernels.py --variants`` measures both (``hybrid_s32`` vs the best ``duo`` variant
+    per batch)."""
+    return min_batch > 0 and num_reqs >= min_batch
 
 
 @dataclasses.dataclass

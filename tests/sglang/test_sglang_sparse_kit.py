@@ -157,7 +157,7 @@ def request_kv(runner, b: int, n: int):
     return pool.get_key_buffer(0)[slots], pool.get_value_buffer(0)[slots]
 
 
-def quest_reference(runner, q, seq_lens, p: int, num_select: int, sink: int, recent: int):
+def quest_reference(runner, q, seq_lens, p: int, num_select: int, sink: int, recent: int, group_max: bool):
     """Independent Quest decode per request: a contiguous copy of its KV, page min/max by ``amin``/``amax``,
     then the kernels' PyTorch references for selection and sparse attention. Returns (out, summaries)."""
     import torch
@@ -173,7 +173,8 @@ def quest_reference(runner, q, seq_lens, p: int, num_select: int, sink: int, rec
         pmin = torch.stack([k[j * p:(j + 1) * p].amin(0) for j in range(pages)])
         pmax = torch.stack([k[j * p:(j + 1) * p].amax(0) for j in range(pages)])
         table, lens = torch.arange(pages, dtype=torch.int32)[None], torch.tensor([n], dtype=torch.int32)
-        ids, _ = select_topk_pages_ref(q[b:b + 1], pmin, pmax, table, lens, p, p, num_select, sink, recent)
+        ids, _ = select_topk_pages_ref(q[b:b + 1], pmin, pmax, table, lens, p, p, num_select, sink, recent,
+                                       group_max=group_max)
         assert ids.shape == (1, HKV, num_select) and bool((ids >= 0).all())  # a real selection: 4 of 13-15 pages
         outs.append(sparse_paged_decode_ref(q[b:b + 1], kc, vc, table, lens, ids, p, D**-0.5))
         summaries.append((pmin, pmax))
@@ -197,8 +198,9 @@ SPARSE_ENV = dict(LONGSEQ_SPARSE_BUDGET="64", LONGSEQ_SPARSE_PAGE_SIZE="16", LON
                   LONGSEQ_SPARSE_SINK_PAGES="1", LONGSEQ_SPARSE_RECENT_PAGES="1")
 
 
+@pytest.mark.parametrize("group_score", ["max", "sum"])
 @pytest.mark.parametrize("sglang_page_size", [16, 32])  # 32: two Quest pages per SGLang page
-def test_sparse_decode_matches_independent_quest_reference(sglang_page_size, longseq_env, tmp_path):
+def test_sparse_decode_matches_independent_quest_reference(sglang_page_size, group_score, longseq_env, tmp_path):
     import os
 
     import torch
@@ -207,13 +209,14 @@ def test_sparse_decode_matches_independent_quest_reference(sglang_page_size, lon
     from longseq.attention_backends.sglang.sparse import TRACE
     from longseq.plugin.sglang import register
 
-    longseq_env(**SPARSE_ENV, LONGSEQ_TRACE_DIR=str(tmp_path))
+    longseq_env(**SPARSE_ENV, LONGSEQ_TRACE_DIR=str(tmp_path), LONGSEQ_SPARSE_GROUP_SCORE=group_score)
     register()
     runner, layer = make_runner(sglang_page_size), make_layer(0)
     backend = ATTENTION_BACKENDS[NAME](runner)
     before = TRACE.counts["sparse_decode_calls"]
     for q, out, seq_lens in prefill_and_decode(backend, runner, layer):
-        expected, summaries = quest_reference(runner, q, seq_lens, 16, num_select=4, sink=1, recent=1)
+        expected, summaries = quest_reference(runner, q, seq_lens, 16, num_select=4, sink=1, recent=1,
+                                              group_max=group_score == "max")
         torch.testing.assert_close(out.view(-1, HQ, D), expected, atol=1e-5, rtol=1e-5)
         dense = dense_reference(runner, q, seq_lens)
         assert (expected - dense).abs().max() > 0.05  # negative control: 4 of 13-15 pages is not dense
@@ -293,16 +296,16 @@ def test_graph_metadata_hooks_build_the_same_block_table(longseq_env):
 @pytest.mark.parametrize(
     ("env", "runner_kw", "message"),
     [
-        ({}, dict(page_size=1), r"--page-size 1 is not a multiple of LONGSEQ_SPARSE_PAGE_SIZE=16; "
-                                r"pass --page-size 16 \(or a multiple of it\)"),
+        ({}, dict(page_size=1), r"--page-size 1 is not a multiple of LONGSEQ_SPARSE_PAGE_SIZE=8; "
+                                r"pass --page-size 8 \(or a multiple of it\)"),
         ({"LONGSEQ_SPARSE_PAGE_SIZE": "32"}, dict(page_size=16),
          r"--page-size 16 is not a multiple of LONGSEQ_SPARSE_PAGE_SIZE=32; pass --page-size 32"),
         ({"LONGSEQ_SPARSE_BUDGET": "100"}, dict(page_size=16),
-         r"LONGSEQ_SPARSE_BUDGET=100 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=16"),
+         r"LONGSEQ_SPARSE_BUDGET=100 must be a multiple of LONGSEQ_SPARSE_PAGE_SIZE=8"),
         ({"LONGSEQ_SPARSE_BUDGET": "lots"}, dict(page_size=16), r"LONGSEQ_SPARSE_BUDGET='lots' must be an integer"),
         ({"LONGSEQ_SPARSE_BUDGET": "0"}, dict(page_size=16), r"LONGSEQ_SPARSE_BUDGET=0 must be a positive integer"),
         ({"LONGSEQ_SPARSE_BUDGET": "32"}, dict(page_size=16),
-         r"LONGSEQ_SPARSE_SINK_PAGES \+ LONGSEQ_SPARSE_RECENT_PAGES \(1 \+ 4\) exceed the budget of 2 pages"),
+         r"LONGSEQ_SPARSE_SINK_PAGES \+ LONGSEQ_SPARSE_RECENT_PAGES \(1 \+ 8\) exceed the budget of 4 pages"),
         ({}, dict(page_size=16, head_dim=512), r"sparse mode supports head sizes up to 256, not 512"),
         ({}, dict(page_size=16, kv_cache_dtype_str="fp8_e4m3"), r"--kv-cache-dtype fp8_e4m3 is not supported"),
         ({"LONGSEQ_SGLANG_DENSE": NAME}, dict(page_size=16),
