@@ -110,6 +110,19 @@ def child(args) -> None:
         (eng,) = conn._ENGINES.values()
         return eng
 
+    def phases() -> dict:
+        """Engine-thread seconds in the connector so far: scheduler lookups, per-step bookkeeping, loads, saves."""
+        if args.config != "ours":
+            return {}
+        eng = engine()
+        return {"lookup": eng.scheduler.lookup_seconds if eng.scheduler else 0.0,
+                "step": eng.scheduler.step_seconds if eng.scheduler else 0.0,
+                "load": eng.worker.counters["load_seconds"], "save_call": eng.worker.counters["save_call_seconds"]}
+
+    def since(p0: dict, n: int = 1) -> dict:
+        """Mean per request of each phase since snapshot ``p0``."""
+        return {k: (v - p0[k]) / n for k, v in phases().items()}
+
     def settle() -> None:
         """Finish async saves/stores, let a step run (it reports finished saves, so vLLM frees the pages it
         held for them), then drop the GPU prefix cache; raises if vLLM could not drop it."""
@@ -128,14 +141,23 @@ def child(args) -> None:
     ttft(TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(256)]))  # warm-up
     for ctx in args.contexts:
         prompt = TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
+        p0 = phases()
         row = {"context": ctx, "recompute_s": ttft(prompt)}
+        if p0:
+            row["recompute_phases_s"] = since(p0)
+            p0 = phases()
         row["gpu_hit_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
+        if p0:
+            row["gpu_hit_phases_s"] = since(p0, args.repeats)  # the GPU hits run while the saves above drain
         if args.config != "plain":
             dram = []
             for _ in range(args.repeats):
                 settle()
                 c0 = dict(engine().worker.counters) if args.config == "ours" else {}
+                p0 = phases()
                 dram.append(ttft(prompt))
+                if p0:
+                    row["dram_phases_s"] = since(p0)
                 if args.config == "ours":
                     c1 = engine().worker.counters
                     row["loaded_bytes"] = c1["load_bytes"] - c0["load_bytes"]
@@ -244,7 +266,8 @@ def main(argv=None) -> None:
                       "disk_speedup_vs_recompute": p["recompute_s"] / o["disk_s"],
                       "ours_vs_native_dram": n["dram_s"] / o["dram_s"],
                       "reload_gbps": reload_gbps, "loaded_tokens": o.get("loaded_tokens"), "reload_fraction_of_h2d": reload_gbps / h2d,
-                      "disk_read_gbps": o["disk_read_gbps"]})
+                      "disk_read_gbps": o["disk_read_gbps"],
+                      **{k: o[k] for k in ("recompute_phases_s", "gpu_hit_phases_s", "dram_phases_s") if k in o}})
     tpot_ratio = res["ours"]["tpot_ms"] / res["plain"]["tpot_ms"]
     path = write_result(args.name, {
         "benchmark": "kv_offload", "command": command_line(), "env": environment(),
@@ -265,6 +288,9 @@ def main(argv=None) -> None:
     for r in table:
         print(f"with the connector on, {r['context']} tokens: recompute {r['ours_recompute_s']:.3f} s "
               f"(plain {r['recompute_s']:.3f}), GPU hit {r['ours_gpu_hit_s']:.3f} s (plain {r['gpu_hit_s']:.3f})")
+        for k in ("recompute_phases_s", "gpu_hit_phases_s", "dram_phases_s"):
+            if k in r:  # engine-thread seconds inside the connector, per request
+                print(f"  {k[:-9]}: " + ", ".join(f"{n} {1e3 * v:.1f} ms" for n, v in r[k].items()))
     print("wrote", path)
 
 

@@ -101,6 +101,8 @@ class _Engine:
         return {"pid": os.getpid(), "time": time.time(), **self.worker.counters,
                 "lookups": sched.lookups if sched else 0, "hit_tokens": sched.hit_tokens if sched else 0,
                 "miss_tokens": sched.miss_tokens if sched else 0,
+                "lookup_seconds": sched.lookup_seconds if sched else 0.0,
+                "step_seconds": sched.step_seconds if sched else 0.0,
                 "store": {"dram_hits": s.dram.hits, "disk_hits": s.disk.hits, "disk_misses": s.disk.misses,
                           "disk_blocks_written": s.disk.blocks_written, "corrupt_blocks": s.corrupt_blocks,
                           "read_errors": s.read_errors, "write_errors": s.write_errors,

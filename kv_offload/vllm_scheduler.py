@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +95,9 @@ class OffloadScheduler:
         self.reqs: dict[str, ReqState] = {}
         self.pending_loads: list[BlockTransfer] = []
         self.lookups = self.hit_tokens = self.miss_tokens = 0
+        # Engine-thread seconds spent here (every lookup; every step's bookkeeping): what the connector costs
+        # the scheduler, reported in the stats so a slow TTFT can be attributed.
+        self.lookup_seconds = self.step_seconds = 0.0
         self._pool: ThreadPoolExecutor | None = None
         self._recent_saves: OrderedDict[bytes, None] = OrderedDict()
 
@@ -116,6 +120,13 @@ class OffloadScheduler:
 
     # ---- lookup ------------------------------------------------------------------------------
     def num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
+        t0 = time.perf_counter()
+        try:
+            return self._num_new_matched_tokens(request, num_computed_tokens)
+        finally:
+            self.lookup_seconds += time.perf_counter() - t0
+
+    def _num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
         """Tokens beyond ``num_computed_tokens`` that the store holds, in whole blocks (sync load).
 
         The last prompt token is never served (vLLM must compute at least one token to sample), and every
@@ -166,6 +177,7 @@ class OffloadScheduler:
     def build_step(self, scheduler_output) -> tuple[list[BlockTransfer], list[BlockTransfer]]:
         """(loads, saves) for this step. A block is saved once every token in it has its KV written by the
         end of this step and is known (drafted tokens are not, until accepted)."""
+        t0 = time.perf_counter()
         loads, self.pending_loads = self.pending_loads, []
         saves: list[BlockTransfer] = []
         sched = scheduler_output.num_scheduled_tokens
@@ -185,6 +197,7 @@ class OffloadScheduler:
             if new_ids is not None:
                 st.block_ids = list(new_ids[0]) if req_id in resumed else st.block_ids + list(new_ids[0])
             self._collect_save(st, cached.num_computed_tokens[i] + sched.get(req_id, 0), saves)
+        self.step_seconds += time.perf_counter() - t0
         return loads, saves
 
     def _collect_save(self, st: ReqState, computed_after_step: int, saves: list[BlockTransfer]) -> None:

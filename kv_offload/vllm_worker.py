@@ -119,7 +119,8 @@ class OffloadWorker:
         self._to_report: set[str] = set()
         self.load_errors: set[int] = set()
         self.counters = dict(loaded_blocks=0, loaded_tokens=0, load_seconds=0.0, load_bytes=0,
-                             saved_blocks=0, save_bytes=0, dropped_save_blocks=0, load_failed_blocks=0)
+                             saved_blocks=0, save_bytes=0, dropped_save_blocks=0, load_failed_blocks=0,
+                             save_call_seconds=0.0)
 
     def attach(self, store: BlockStore, pin_at_start: bool = True) -> None:
         """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
@@ -194,6 +195,7 @@ class OffloadWorker:
     def save(self, transfers: list[BlockTransfer]) -> None:
         """Gather the pages now (after this step's forward) and queue them for the store. All requests' blocks
         of the step go through shared chunks (one gather per chunk, not per request)."""
+        t0 = time.perf_counter()
         items = [(tr.req_id, b, k) for tr in transfers for b, k in zip(tr.block_ids, tr.keys)]
         gathered = None
         for tr in transfers:
@@ -227,6 +229,7 @@ class OffloadWorker:
             # device->host copies, which read only the scratch: they overlap the next forward passes instead of
             # adding ~2 ms per 100 MB to this step. The save stream is in order, so the last gather implies all.
             torch.cuda.current_stream(self.device).wait_event(gathered)
+        self.counters["save_call_seconds"] += time.perf_counter() - t0  # the engine thread's share of saving
 
     def _gather(self, block_ids: list[int], staging: torch.Tensor | None):
         """Pages ``block_ids`` of every layer -> host ``[n, num_layers, *page_shape]`` (logical order, so the

@@ -137,6 +137,9 @@ def test_first_server_saves_blocks_and_answers_like_base(saved, base):
     want_blocks = sum(n // BLOCK for n in LENGTHS[:FRESH])
     assert stats["saved_blocks"] == want_blocks and stats["loaded_tokens"] == 0
     assert stats["store"]["disk_blocks_written"] == want_blocks
+    # the engine-thread time spent in the connector is reported (lookups, step bookkeeping, saving)
+    assert stats["lookups"] >= 1 and stats["lookup_seconds"] > 0 and stats["step_seconds"] > 0
+    assert stats["save_call_seconds"] > 0
 
 
 @pytest.fixture(scope="module")
