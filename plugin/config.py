@@ -31,6 +31,10 @@ KDA_PREFILL_KERNELS = ("framework", "longseq")
 SPARSE_SUMMARIES = ("auto", "fp8", "cache")
 SPARSE_GROUP_SCORES = ("sum", "max")
 
+#: Fields that take one of a fixed set of values, with that set (checked at start-up).
+_CHOICES = {"cpu_kernel": CPU_KERNELS, "kda_prefill": KDA_PREFILL_KERNELS, "sparse_summary": SPARSE_SUMMARIES,
+            "sparse_group_score": SPARSE_GROUP_SCORES, "debug_fault": DEBUG_FAULTS}
+
 #: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
@@ -125,19 +129,12 @@ class LongSeqConfig:
                 f"LONGSEQ_ATTENTION={self.attention!r} is not a longseq technique; "
                 f"allowed values: {', '.join(ATTENTION_TECHNIQUES)}"
             )
-        if self.cpu_kernel not in CPU_KERNELS:
-            raise LongSeqConfigError(
-                f"LONGSEQ_CPU_KERNEL={self.cpu_kernel!r} is not allowed; allowed values: {', '.join(CPU_KERNELS)}"
-            )
-        if self.kda_prefill not in KDA_PREFILL_KERNELS:
-            raise LongSeqConfigError(f"LONGSEQ_KDA_PREFILL={self.kda_prefill!r} is not allowed; "
-                                     f"allowed values: {', '.join(KDA_PREFILL_KERNELS)}")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise LongSeqConfigError(f"{self.ENV_NAMES[name]}={getattr(self, name)!r} is not allowed; "
+                                         f"allowed values: {', '.join(allowed)}")
         self._check_sparse()
         self._check_duo()
-        if self.debug_fault not in DEBUG_FAULTS:
-            raise LongSeqConfigError(
-                f"LONGSEQ_DEBUG_FAULT={self.debug_fault!r} is not allowed; allowed values: {', '.join(DEBUG_FAULTS)}"
-            )
 
     def _check_sparse(self) -> None:
         env = self.ENV_NAMES
@@ -147,12 +144,6 @@ class LongSeqConfig:
         for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages", "sparse_topk_split_rows"):
             if (getattr(self, name) or 0) < 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be >= 0")
-        if self.sparse_group_score not in SPARSE_GROUP_SCORES:
-            raise LongSeqConfigError(f"LONGSEQ_SPARSE_GROUP_SCORE={self.sparse_group_score!r} is not allowed; "
-                                     f"allowed values: {', '.join(SPARSE_GROUP_SCORES)}")
-        if self.sparse_summary not in SPARSE_SUMMARIES:
-            raise LongSeqConfigError(f"LONGSEQ_SPARSE_SUMMARY={self.sparse_summary!r} is not allowed; "
-                                     f"allowed values: {', '.join(SPARSE_SUMMARIES)}")
         p = self.sparse_page_size
         if p & (p - 1):
             raise LongSeqConfigError(f"LONGSEQ_SPARSE_PAGE_SIZE={p} must be a power of two (it divides the KV block size)")
