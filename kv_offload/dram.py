@@ -148,7 +148,8 @@ class DramTier:
     def reserve(self, nbytes: int) -> int:
         """Pre-carve pinned pieces of ``nbytes`` for the whole tier (``capacity // nbytes`` blocks); returns the
         bytes allocated. Lazy carving calls ``cudaHostAlloc`` while serving, and that call stalls the engine's
-        own CUDA calls (the likely cause of the slow TTFTs in ``results/kv_offload.json``; not yet re-measured)."""
+        own CUDA calls: reserving up front took the connector-on cold-prompt TTFT from +87% / +46% (8K / 32K) to
+        +2-7% on an H200 (``BENCHMARKS.md``)."""
         return self.allocator.reserve(nbytes, (self.capacity_bytes - self.used_bytes) // nbytes)
 
     def lookup(self, key: bytes) -> torch.Tensor | None:

@@ -125,9 +125,8 @@ class OffloadWorker:
     def attach(self, store: BlockStore, pin_at_start: bool = True) -> None:
         """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
         tier now. Allocated lazily, ``cudaHostAlloc`` runs while serving, and it stalls the engine's CUDA calls;
-        with lazy pinning the H200 bench measured +0.19 s TTFT recomputing 8K tokens, +0.56 s at 32K and +0.2 s
-        on GPU prefix hits that ran meanwhile (attributed to this; re-measuring with ``pin_at_start`` is
-        pending). Up front it costs start-up time instead (~0.3 s per GiB)."""
+        with lazy pinning the H200 bench measured +0.19 s TTFT recomputing 8K tokens and +0.56 s at 32K, with
+        ``pin_at_start`` +0.005-0.09 s. Up front it costs start-up time instead (~0.3 s per GiB)."""
         self.store = store
         if self.cuda and pin_at_start:
             t0 = time.perf_counter()
