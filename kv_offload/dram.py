@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -16,6 +17,22 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError(f"KV block tensor must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
     return t.reshape(-1).view(torch.uint8)
+
+
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for two ``uint8`` tensors of one shape; host to host it is a numpy copy.
+
+    The store's copies run on background threads (the vLLM connector's save thread and disk readers, SGLang's
+    HiCache threads). torch's CPU ``copy_`` runs an OpenMP parallel region, and one started from another thread
+    builds a second OpenMP thread team beside the engine's. On vLLM's CPU platform that slowed every later
+    decode step by ~1.6x (SmolLM2, 2 cores: 43 -> 70 ms per token after one prompt's blocks were saved;
+    ``BENCHMARKS.md``). numpy copies in the calling thread only, with the GIL released.
+    """
+    if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype == torch.uint8 \
+            and dst.shape == src.shape:
+        np.copyto(dst.numpy(), src.numpy())
+        return dst
+    return dst.copy_(src)
 
 
 def default_pin_memory() -> bool:
@@ -178,7 +195,7 @@ class DramTier:
             if self._can_recycle(old_key):
                 self.allocator.release(old_buf)
         buf = self.allocator.alloc(nbytes)
-        buf.copy_(src, non_blocking=False)
+        copy_bytes(buf, src)
         self._blocks[key] = buf
         self.used_bytes += nbytes
         return buf, evicted

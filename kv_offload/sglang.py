@@ -30,7 +30,7 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
-from .dram import as_bytes
+from .dram import as_bytes, copy_bytes
 from .fingerprint import KVFingerprint
 from .store import BlockStore
 
@@ -187,8 +187,8 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         if store.get(key, out=staging) is None:
             return False
         offset = 0
-        for c in chunks:
-            c.copy_(staging[offset: offset + c.numel()])
+        for c in chunks:  # copy_bytes: SGLang calls this from its HiCache threads (see kv_offload/dram.py)
+            copy_bytes(c, staging[offset: offset + c.numel()])
             offset += c.numel()
         return True
 
@@ -199,8 +199,12 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         self._require_store().put(key, data, write_to_disk=self.storage_config.is_storage_writer)
 
     def _put_from(self, key: bytes, chunks: list[torch.Tensor]) -> None:
-        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, out=self._staging_buffer(
-            sum(c.numel() for c in chunks)))
+        if len(chunks) == 1:
+            return self._put(key, chunks[0])
+        data, offset = self._staging_buffer(sum(c.numel() for c in chunks)), 0
+        for c in chunks:  # not torch.cat: no OpenMP team on SGLang's HiCache threads (kv_offload/dram.py)
+            copy_bytes(data[offset: offset + c.numel()], c)
+            offset += c.numel()
         self._put(key, data)
 
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .dram import DramTier, as_bytes, default_pin_memory
+from .dram import DramTier, as_bytes, copy_bytes, default_pin_memory
 from .disk import DiskTier
 from .fingerprint import KVFingerprint
 from .stats import StatsRecorder, StoreStats, TierStats, ensure_log_visible
@@ -176,7 +176,8 @@ class BlockStore:
                                 out_bytes.numel(), buf.numel())
                 self._rec.miss("dram")
                 return None
-            result = out_bytes.copy_(buf) if out_bytes is not None else buf.clone()
+            dst = out_bytes if out_bytes is not None else torch.empty(buf.numel(), dtype=torch.uint8)
+            result = copy_bytes(dst, buf)
         self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
         return result
 
@@ -195,7 +196,7 @@ class BlockStore:
             return None
         self._rec.hit("disk", buf.numel(), time.perf_counter() - t0)
         if out_bytes is not None and not direct:
-            out_bytes.copy_(buf)
+            copy_bytes(out_bytes, buf)
         self._reserve_slab(key, buf.numel())
         with self._lock:
             self._insert_dram(key, buf)

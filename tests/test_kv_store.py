@@ -241,6 +241,7 @@ def _server(root: str, seed: int, n: int, conn) -> None:
             if got is not None:
                 hits += 1
                 wrong += not torch.equal(got, _bytes(_block(j)))
+        store.flush()  # the disk writer is async: count the evictions its last writes cause too
         s = store.stats(log_summary=False)
         conn.send((hits, wrong, s.corrupt_blocks, s.disk.evictions))
 
@@ -446,3 +447,18 @@ def test_new_pinned_slabs_are_allocated_outside_the_store_lock(tmp_path):
         alloc, lock_held = _watch_slab_allocations(store)
         assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(8))
         assert lock_held == [False, False] and store.stats(log_summary=False).disk.hits == 8
+
+
+def test_copy_bytes_host_to_host_is_exact_and_other_cases_fall_back_to_torch():
+    """``copy_bytes`` (the store's copy on background threads: numpy, no OpenMP team) gives exactly torch's
+    result host to host, and leaves other dtypes/shapes to ``copy_`` (which still checks them)."""
+    from longseq.kv_offload.dram import copy_bytes
+
+    src = torch.randint(0, 256, (4099,), dtype=torch.uint8)
+    dst = torch.zeros(4099, dtype=torch.uint8)
+    assert copy_bytes(dst, src) is dst and torch.equal(dst, src)
+    half = torch.randn(33, dtype=torch.bfloat16)  # numpy has no bfloat16: torch copies it
+    out = torch.zeros(33, dtype=torch.bfloat16)
+    assert torch.equal(copy_bytes(out, half), half)
+    with pytest.raises(RuntimeError):  # a size mismatch is an error, never a partial copy
+        copy_bytes(torch.zeros(3, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.uint8))

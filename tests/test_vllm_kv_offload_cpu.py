@@ -31,8 +31,11 @@ BLOCK = 128  # vLLM CPU's default KV block size
 # clean (~1.5K), truncated, flipped, other-fingerprint, fresh (concurrent engine / write faults)
 LENGTHS = [1500, 700, 700, 700, 300]
 CLEAN, TRUNC, FLIP, FOREIGN, FRESH = range(5)
+# --shutdown-timeout: vLLM's default (0) SIGKILLs the engine right after SIGTERM, so saves still queued for the
+# disk at that moment are lost (future misses, never corrupt files); with a timeout the connector's shutdown
+# drains them, which is what a restart that should find every block needs (README, KV offload).
 SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "4096", "--enforce-eager", "--seed", "0",
-               "--enable-prefix-caching"]
+               "--enable-prefix-caching", "--shutdown-timeout", "60"]
 
 
 def kv_config(disk_dir: str, stats: str, short_name: bool = False, **extra) -> dict:
