@@ -8,6 +8,8 @@ so neither contains a prefill. The median over repeats after the first is report
 
     python benchmarks/bench_kv_tpot.py                               # CPU: SmolLM2 (real weights), ~5 minutes
     python benchmarks/bench_kv_tpot.py --model PATH --prompt-tokens 8192   # GPU: any model
+    python benchmarks/bench_kv_tpot.py --model /tmp/longseq-shape-llama-3.1-8b --load-format dummy \
+        --prompt-tokens 8192 --max-model-len 16384 --cpu-gib 16     # GPU: the shape model bench_kv_offload writes
 
 Writes ``benchmarks/results/<--name>.json`` (default ``kv_tpot_cpu`` / ``kv_tpot_gpu``) and prints the ratios.
 """
@@ -35,7 +37,7 @@ def child(args) -> None:
     from vllm.inputs import TokensPrompt
 
     kw = dict(model=args.model, dtype="bfloat16", enable_prefix_caching=True, max_model_len=args.max_model_len,
-              seed=0, enforce_eager=args.enforce_eager)
+              seed=0, enforce_eager=args.enforce_eager, load_format=args.load_format)
     disk_dir = None
     if args.config != "plain":
         extra = {"cpu_gib": args.cpu_gib}
@@ -78,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-gib", type=float, default=1.0)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (always on CPU)")
+    p.add_argument("--load-format", default="auto", help="'dummy': random weights (a shape-only model folder)")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--name", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -112,14 +115,15 @@ def main(argv=None) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", c, "--model", args.model,
                "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
                "--repeats", str(args.repeats), "--settle-s", str(args.settle_s), "--cpu-gib", str(args.cpu_gib),
-               "--max-model-len", str(args.max_model_len)] + (["--enforce-eager"] if args.enforce_eager else [])
+               "--max-model-len", str(args.max_model_len), "--load-format", args.load_format] \
+            + (["--enforce-eager"] if args.enforce_eager else [])
         res[c] = run_child(cmd, env, c)
     ratios = {c: res[c]["tpot_ms"] / res["plain"]["tpot_ms"] for c in res if c != "plain"}
     path = write_result(args.name or ("kv_tpot_gpu" if gpu else "kv_tpot_cpu"), {
         "benchmark": "kv_tpot", "command": command_line(), "env": environment(),
         "inputs": {"model": os.path.basename(args.model.rstrip("/")), "prompt_tokens": args.prompt_tokens,
                    "decode_tokens": args.decode_tokens, "repeats": args.repeats, "settle_s": args.settle_s,
-                   "cpu_gib": args.cpu_gib, "enforce_eager": args.enforce_eager},
+                   "cpu_gib": args.cpu_gib, "enforce_eager": args.enforce_eager, "load_format": args.load_format},
         "runs": res, "tpot_ratio_vs_plain": ratios})
     print("| config | TPOT ms (median) | vs plain | each repeat (ms) |\n|---|---|---|---|")
     for c, r in res.items():
