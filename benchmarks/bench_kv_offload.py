@@ -41,20 +41,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
     import torch
 
+    from benchmarks.common import pinned_h2d_seconds
+
     if not torch.cuda.is_available():  # CPU smoke run of the bench: nothing to copy to
         return None
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
+    times = pinned_h2d_seconds(nbytes, repeats)
     torch.cuda.empty_cache()  # give the GPU memory back before vLLM sizes its KV cache
     return nbytes / statistics.median(times) / 1e9
 
@@ -104,19 +95,15 @@ def child(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from benchmarks.common import longseq_kv_transfer_config
+
     kw = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_num_seqs=4)
     disk_dir = None
-    ours = args.config in ("ours", "ours-dram")
-    if ours:
-        extra = {"cpu_gib": args.cpu_gib}
-        if args.config == "ours":
-            disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=args.disk_parent)
-            extra.update(disk_dir=disk_dir, disk_gib=args.cpu_gib * 2)
-        kw["kv_transfer_config"] = {"kv_connector": "LongSeqOffloadConnector",
-                                    "kv_connector_module_path": "longseq.kv_offload.vllm", "kv_role": "kv_both",
-                                    "kv_connector_extra_config": extra}
+    if args.config in ("ours", "ours-dram"):
+        kw["kv_transfer_config"], disk_dir = longseq_kv_transfer_config(args.cpu_gib, args.config == "ours",
+                                                                        args.disk_parent)
     elif args.config == "native":
         kw["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
                                     "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}

@@ -23,7 +23,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,17 +35,13 @@ def child(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from benchmarks.common import longseq_kv_transfer_config
+
     kw = dict(model=args.model, dtype="bfloat16", enable_prefix_caching=True, max_model_len=args.max_model_len,
               seed=0, enforce_eager=args.enforce_eager, load_format=args.load_format)
     disk_dir = None
     if args.config != "plain":
-        extra = {"cpu_gib": args.cpu_gib}
-        if args.config == "ours-disk":
-            disk_dir = tempfile.mkdtemp(prefix="longseq-kv-tpot-")
-            extra.update(disk_dir=disk_dir, disk_gib=2 * args.cpu_gib)
-        kw["kv_transfer_config"] = {"kv_connector": "LongSeqOffloadConnector", "kv_role": "kv_both",
-                                    "kv_connector_module_path": "longseq.kv_offload.vllm",
-                                    "kv_connector_extra_config": extra}
+        kw["kv_transfer_config"], disk_dir = longseq_kv_transfer_config(args.cpu_gib, args.config == "ours-disk")
     llm = LLM(**kw)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)

@@ -53,6 +53,39 @@ def command_line() -> str:
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool, disk_parent: str | None = None) -> tuple[dict, str | None]:
+    """``kv_transfer_config`` for our connector: a DRAM tier of ``cpu_gib``, plus (``with_disk``) a fresh temp disk
+    directory capped at twice that. Returns (config, the disk directory to delete afterwards or None)."""
+    import tempfile
+
+    extra: dict = {"cpu_gib": cpu_gib}
+    disk_dir = None
+    if with_disk:
+        disk_dir = tempfile.mkdtemp(prefix="longseq-kv-bench-", dir=disk_parent)
+        extra.update(disk_dir=disk_dir, disk_gib=2 * cpu_gib)
+    return {"kv_connector": "LongSeqOffloadConnector", "kv_connector_module_path": "longseq.kv_offload.vllm",
+            "kv_role": "kv_both", "kv_connector_extra_config": extra}, disk_dir
+
+
+def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` pinned host-to-device copies of ``nbytes`` (CUDA events, after one warm-up
+    copy): the ceiling for reloading KV blocks from pinned host memory."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return times
+
+
 def run_child(cmd: list[str], env: dict, label: str) -> dict:
     """Run a benchmark child process (a fresh engine) that prints ``RESULT <json>``; return that JSON.
 

@@ -131,6 +131,33 @@ class BlockStore:
         with self._lock:
             return key in self._dram or key in self._pending
 
+    def read_dram_batch(self, keys: list[bytes], nbytes: int, read: Callable[[list[torch.Tensor | None]], None],
+                        pinned_only: bool = False) -> list[bool]:
+        """Call ``read(bufs)`` under the store lock with the stored buffer (flat uint8, pinned on CUDA) of each
+        key, or None where the block is not in DRAM (or not ``nbytes`` long, or with ``pinned_only`` not in
+        pinned memory: read those with ``get``).
+        ``read`` must be done with the buffers when it returns (synchronize any async copy from them): once the
+        lock is released, eviction may recycle them. Counted as DRAM hits/misses; returns which were found."""
+        t0 = time.perf_counter()
+        with self._lock:
+            bufs = []
+            for key in keys:
+                key = _check_key(key)
+                buf = self._dram.lookup(key)
+                if buf is None and (not pinned_only or key in self._pending_dram_owned):
+                    buf = self._pending.get(key)  # queued for the disk writer (a private copy is pageable)
+                if pinned_only and not self._dram.allocator.pin_memory:
+                    buf = None
+                bufs.append(buf if buf is not None and buf.numel() == nbytes else None)
+            read(bufs)
+        found = [b is not None for b in bufs]
+        if any(found):
+            self._rec.hit("dram", nbytes * sum(found), time.perf_counter() - t0, n=sum(found))
+        if not all(found):
+            self._rec.add("misses", len(found) - sum(found), tier="dram")
+        self._maybe_log()
+        return found
+
     def get_dram_batch(self, keys: list[bytes], outs: list[torch.Tensor],
                        synchronize: Callable[[], None] | None = None) -> list[bool]:
         """Copy the DRAM-resident blocks among ``keys`` into ``outs`` (same-nbytes tensors, e.g. slices of one
@@ -138,29 +165,17 @@ class BlockStore:
         them with ``get``). ``synchronize`` (e.g. ``torch.cuda.current_stream().synchronize``) runs before
         the lock is released, because the async copies read buffers that eviction may recycle; pass it
         whenever ``outs`` are on a GPU. Counted as DRAM hits/misses."""
-        found = []
-        t0 = time.perf_counter()
-        nbytes = 0
-        with self._lock:
-            for key, out in zip(keys, outs):
-                key = _check_key(key)
-                buf = self._dram.lookup(key)
-                if buf is None:
-                    buf = self._pending.get(key)
-                dst = as_bytes(out)
-                ok = buf is not None and dst.numel() == buf.numel()
-                if ok:
-                    dst.copy_(buf, non_blocking=True)
-                    nbytes += buf.numel()
-                found.append(ok)
+        if not outs:
+            return []
+
+        def copy(bufs: list[torch.Tensor | None]) -> None:
+            for buf, out in zip(bufs, outs):
+                if buf is not None:
+                    as_bytes(out).copy_(buf, non_blocking=True)
             if synchronize is not None:
                 synchronize()
-        if any(found):
-            self._rec.hit("dram", nbytes, time.perf_counter() - t0, n=sum(found))
-        if not all(found):
-            self._rec.add("misses", len(found) - sum(found), tier="dram")
-        self._maybe_log()
-        return found
+
+        return self.read_dram_batch(keys, as_bytes(outs[0]).numel(), copy)
 
     def _get_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
         """DRAM tier (or a block still waiting for the disk writer): copied out under the lock, because an

@@ -45,7 +45,9 @@ log = logging.getLogger("longseq.kv_offload")
 CONNECTOR_NAME = "LongSeqOffloadConnector"
 #: ``kv_connector_extra_config`` keys and their defaults.
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"cpu_gib": 4.0, "disk_dir": None, "disk_gib": 16.0, "stats_path": None,
-                                         "pin_at_start": True}
+                                         "pin_at_start": True, "load_kernel": "auto"}
+#: ``load_kernel`` values: ``auto`` = the direct-read kernel on CUDA where it applies, ``copy`` = per-block copies.
+LOAD_KERNELS = ("auto", "copy")
 
 
 class OffloadConfigError(ValueError):
@@ -70,6 +72,9 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
             raise OffloadConfigError(f"{CONNECTOR_NAME}: {key} must be a non-empty path string, got {cfg[key]!r}")
     if not isinstance(cfg["pin_at_start"], bool):
         raise OffloadConfigError(f"{CONNECTOR_NAME}: pin_at_start must be true or false, got {cfg['pin_at_start']!r}")
+    if cfg["load_kernel"] not in LOAD_KERNELS:
+        raise OffloadConfigError(f"{CONNECTOR_NAME}: load_kernel must be one of {list(LOAD_KERNELS)}, "
+                                 f"got {cfg['load_kernel']!r}")
     if cfg["disk_dir"] is not None and cfg["disk_gib"] <= 0:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: disk_gib must be > 0 when disk_dir is set")
     if cfg["disk_dir"] is None and cfg["cpu_gib"] <= 0:
@@ -195,7 +200,7 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
                            disk_gib=self.cfg["disk_gib"] if self.cfg["disk_dir"] else 0.0,
                            # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
                            max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]))
-        worker.attach(store, pin_at_start=self.cfg["pin_at_start"])
+        worker.attach(store, pin_at_start=self.cfg["pin_at_start"], load_kernel=self.cfg["load_kernel"])
         self._engine = _ENGINES[self.engine_id] = _Engine(store, worker, self.cfg["stats_path"])
         log.info("%s: %d layers, page %s %s on %s, %.1f KiB per block; fingerprint %s", CONNECTOR_NAME,
                  len(worker.views), list(worker.page_shape), worker.dtype, worker.device, worker.block_bytes / 1024,

@@ -8,9 +8,10 @@ tensor with the block dimension removed (CUDA FlashAttention: cache ``[2, num_bl
 blocks never mix.
 
 Loads (synchronous, before the forward pass): the scheduler already verified every block and pulled disk
-blocks into DRAM, so here each block is copied straight from the store's DRAM buffer (pinned on CUDA) into a
-staging tensor on the cache device, chunk by chunk, then scattered into every layer with one
-``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
+blocks into DRAM. On CUDA one kernel (``longseq.kernels.kv_block_copy``) reads the store's pinned DRAM buffers
+directly and writes every layer's pages, chunk by chunk; otherwise (CPU, ``load_kernel: copy``, a cache layout
+the kernel does not cover, or a failed start-up self-test) each block is copied into a staging tensor on the
+cache device and scattered into every layer with one ``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
 a staging tensor, copied to reused pinned host buffers, and handed to a background thread that ``put``s them;
 the compute stream then waits (GPU-side) for the gather, not for the device->host copy (which reads only the
 staging tensor and overlaps later steps), so a page vLLM reuses right away (preemption) is never overwritten
@@ -28,6 +29,7 @@ import time
 
 import torch
 
+from .direct_load import DirectLoad, direct_load_setup
 from .dram import as_bytes
 from .store import BlockStore
 from .vllm_scheduler import BlockTransfer
@@ -118,16 +120,21 @@ class OffloadWorker:
         self._req_events: dict[str, object] = {}  # req id -> last save's CUDA event (None on CPU)
         self._to_report: set[str] = set()
         self.load_errors: set[int] = set()
+        self._direct: DirectLoad | None = None  # set by attach when the direct-read kernel is used
         self.counters = dict(loaded_blocks=0, loaded_tokens=0, load_seconds=0.0, load_bytes=0,
                              saved_blocks=0, save_bytes=0, dropped_save_blocks=0, load_failed_blocks=0,
                              save_call_seconds=0.0)
 
-    def attach(self, store: BlockStore, pin_at_start: bool = True) -> None:
+    def attach(self, store: BlockStore, pin_at_start: bool = True, load_kernel: str = "auto") -> None:
         """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
         tier now. Allocated lazily, ``cudaHostAlloc`` runs while serving, and it stalls the engine's CUDA calls;
         with lazy pinning the H200 bench measured +0.19 s TTFT recomputing 8K tokens and +0.56 s at 32K, with
-        ``pin_at_start`` +0.005-0.09 s. Up front it costs start-up time instead (~0.3 s per GiB)."""
+        ``pin_at_start`` +0.005-0.09 s. Up front it costs start-up time instead (~0.3 s per GiB).
+        ``load_kernel``: ``auto`` loads with the direct-read kernel where it applies (CUDA, pinned tier, a
+        supported cache layout, self-test passed), ``copy`` always with per-block copies."""
         self.store = store
+        if self.cuda and load_kernel == "auto":
+            self._direct = direct_load_setup(self.views, store)
         if self.cuda and pin_at_start:
             t0 = time.perf_counter()
             try:
@@ -170,6 +177,19 @@ class OffloadWorker:
 
     def _load_chunk(self, block_ids: list[int], keys: list[bytes]) -> int:
         """Copy blocks into the caches; returns how many leading blocks were loaded."""
+        if self._direct is None:
+            return self._load_chunk_staged(block_ids, keys)
+        try:
+            n = self._direct.load(block_ids, keys, self.block_bytes)
+        except Exception:  # never fail a request over the fast path: copy per block from now on
+            log.exception("LongSeqOffloadConnector: direct load kernel failed; loads use per-block copies from now on")
+            self._direct, n = None, 0
+        if n < len(keys):  # not in (pinned) DRAM any more: read from disk into staging
+            n += self._load_chunk_staged(block_ids[n:], keys[n:])
+        return n
+
+    def _load_chunk_staged(self, block_ids: list[int], keys: list[bytes]) -> int:
+        """Per-block copies into a staging tensor on the cache device, then one ``index_copy_`` per layer."""
         stage = torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device)
         store = self.store
         # The store copies under its lock and syncs before releasing it: nobody can evict (and recycle) a DRAM

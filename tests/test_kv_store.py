@@ -330,6 +330,28 @@ def test_dram_batch_copy_and_residency(tmp_path):
         assert store.in_dram(_key(7)) and not os.path.exists(store._disk.path_for(_key(7)))
 
 
+def test_read_dram_batch_hands_out_buffers_under_the_lock(tmp_path):
+    """``read_dram_batch`` (the direct-read load path) gets the stored buffers themselves, None for a block not
+    in DRAM, of another size, or (``pinned_only``) not pinned; the lock is held while it reads."""
+    with BlockStore(FP, cpu_gib=2 * BLOCK_BYTES / (1 << 30), disk_dir=str(tmp_path), disk_gib=0.01) as store:
+        for i in range(3):
+            store.put(_key(i), _block(i))
+        store.flush()
+        seen = []
+
+        def read(bufs):
+            assert store._lock.locked()
+            seen.append([None if b is None else b.view(torch.bfloat16).view(BLOCK_SHAPE).clone() for b in bufs])
+
+        keys = [_key(i) for i in range(3)]
+        assert store.read_dram_batch(keys, BLOCK_BYTES, read) == [False, True, True]  # 0 was evicted to disk
+        assert seen[0][0] is None and torch.equal(seen[0][1], _block(1)) and torch.equal(seen[0][2], _block(2))
+        assert store.read_dram_batch(keys, BLOCK_BYTES + 2, read) == [False] * 3
+        assert store.read_dram_batch(keys, BLOCK_BYTES, read, pinned_only=True) == [False] * 3  # pageable tier
+        s = store.stats(log_summary=False)
+        assert (s.dram.hits, s.dram.misses) == (2, 7)
+
+
 @pytest.mark.gpu
 def test_pinned_dram_tier_with_cuda_tensors(tmp_path):
     """On the GPU machine: pinned DRAM buffers (the default with CUDA), puts from CUDA tensors, batched

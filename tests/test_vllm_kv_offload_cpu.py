@@ -218,6 +218,9 @@ def test_unknown_extra_config_key_stops_engine_with_clear_error():
     assert parse_extra_config({})["pin_at_start"] is True
     with pytest.raises(OffloadConfigError, match="pin_at_start"):
         parse_extra_config({"pin_at_start": "yes"})
+    assert parse_extra_config({})["load_kernel"] == "auto"
+    with pytest.raises(OffloadConfigError, match=r"load_kernel must be one of \['auto', 'copy'\]"):
+        parse_extra_config({"load_kernel": "fast"})
 
 
 # ---- without an engine: the worker's copies and the scheduler's bookkeeping on fakes ----------------------
@@ -290,6 +293,48 @@ def test_worker_round_trip_through_disk_into_other_pages_of_a_new_engine(layout,
         assert not logical_block(d_, 4).any()  # the missing block is reported, not invented
         assert not logical_block(d_, 1).any() and not logical_block(d_, 3).any()  # nothing else written
     assert loader.counters["loaded_blocks"] == 3 and loader.load_errors == {4}
+
+
+def test_direct_load_prefix_then_per_block_copies_for_the_rest(tmp_path):
+    """The CUDA direct-read path loads the leading DRAM-resident blocks of a chunk; the worker loads the rest
+    with per-block copies (disk reads). Here the direct loader is a stand-in that copies with the reference and
+    stops after 2 blocks, to test the hand-over on CPU; the kernel itself is tested in test_kv_block_copy_kernels."""
+    import torch
+
+    from longseq.kernels.kv_block_copy.naive import scatter_host_blocks_ref
+    from longseq.kv_offload.vllm_scheduler import BlockTransfer
+    from longseq.kv_offload.vllm_worker import OffloadWorker
+
+    shape_of, order = LAYOUTS["fa026_nhd"]
+    B, N, H, D = 9, 16, 2, 8
+    src = [vllm_layout_cache(shape_of(B, N, H, D), order, torch.bfloat16) for _ in range(2)]
+    for t in src:
+        t.copy_(torch.randn(t.shape))
+    dst = [vllm_layout_cache(shape_of(B, N, H, D), order, torch.bfloat16) for _ in range(2)]
+
+    class PrefixOnly:
+        calls = []
+
+        def load(self, block_ids, keys, block_bytes):
+            blocks = [store.get(k) for k in keys[:2]]
+            scatter_host_blocks_ref(loader.views, block_ids[:2], blocks)
+            self.calls.append(list(block_ids))
+            return 2
+
+    with _store(tmp_path) as store:
+        saver = OffloadWorker(src, B)
+        saver.attach(store)
+        saver.save([BlockTransfer("r1", [1, 2, 3, 4], [b"a", b"b", b"c", b"d"])])
+        saver.drain()
+        loader = OffloadWorker(dst, B)
+        loader.attach(store)
+        loader._direct = PrefixOnly()
+        loader.load([BlockTransfer("r2", [8, 7, 6, 5], [b"a", b"b", b"c", b"d"])], block_size=N)
+    assert PrefixOnly.calls == [[8, 7, 6, 5]] and loader.counters["loaded_blocks"] == 4
+    for s_, d_ in zip(src, dst):
+        for got, want in ((8, 1), (7, 2), (6, 3), (5, 4)):
+            assert torch.equal(d_[got], s_[want])
+        assert not d_[:5].any()
 
 
 def test_staging_pool_fill_allocates_every_buffer_once():

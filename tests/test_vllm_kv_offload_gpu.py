@@ -69,7 +69,10 @@ def _block_dim(cache, num_blocks: int) -> int:
     return find_block_dim(tuple(cache.shape), num_blocks)
 
 
-def test_worker_saves_final_bytes_under_stream_races_and_a_new_store_loads_them_bit_exactly(tmp_path):
+@pytest.mark.parametrize("load_kernel", ["auto", "copy"])
+def test_worker_saves_final_bytes_under_stream_races_and_a_new_store_loads_them_bit_exactly(load_kernel, tmp_path):
+    """Loads run through the direct-read kernel (``auto``: the DRAM half; the disk half falls back to per-block
+    copies) and through per-block copies only (``copy``)."""
     import torch
 
     from longseq.kv_offload.store import BlockStore, KVFingerprint
@@ -102,7 +105,8 @@ def test_worker_saves_final_bytes_under_stream_races_and_a_new_store_loads_them_
     targets = [B - 1 - i for i in range(32)]  # other pages, reversed order
     with BlockStore(fp, cpu_gib=0.5, disk_dir=str(tmp_path), disk_gib=1) as store:  # the new engine
         loader = OffloadWorker(dst, B)
-        loader.attach(store)
+        loader.attach(store, load_kernel=load_kernel)
+        assert (loader._direct is not None) == (load_kernel == "auto")
         assert all(store.contains(b"k%d" % i) and not store.in_dram(b"k%d" % i) for i in saved_ids)
         for i in saved_ids[:16]:  # as the scheduler's check does: read from disk into (pinned) DRAM first;
             assert store.get(b"k%d" % i) is not None  # the other 16 take the worker's own disk-read path
