@@ -101,7 +101,8 @@ def child(args) -> None:
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_num_seqs=4)
     disk_dir = None
-    if args.config in ("ours", "ours-dram"):
+    ours = args.config in ("ours", "ours-dram")
+    if ours:
         kw["kv_transfer_config"], disk_dir = longseq_kv_transfer_config(args.cpu_gib, args.config == "ours",
                                                                         args.disk_parent)
     elif args.config == "native":

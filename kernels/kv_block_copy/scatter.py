@@ -12,7 +12,6 @@ The caller must keep every source buffer alive and unchanged until the kernel ha
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
