@@ -154,7 +154,7 @@ class OffloadScheduler:
     def _verify(self, keys: list[bytes]) -> list[bool]:
         """Whether each block is usable now. DRAM blocks are; disk blocks are read (checksum) and promoted into
         DRAM, several at once (file reads and crc32 release the GIL) since this is the disk tier's whole cost."""
-        on_disk = [k for k in keys if not self.store.in_dram(k)]
+        on_disk = [k for k, resident in zip(keys, self.store.in_dram_batch(keys)) if not resident]
         if len(on_disk) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")

@@ -156,10 +156,13 @@ class OffloadWorker:
     def load(self, transfers: list[BlockTransfer], block_size: int) -> None:
         for tr in transfers:
             t0 = time.perf_counter()
-            done = 0
-            for start in range(0, len(tr.block_ids), self.chunk_blocks):
+            # The direct kernel takes the whole prefix in one launch (no staging memory to bound, and no GPU idle
+            # time between chunks: chunks of 256 MiB ran at 47 GB/s where the kernel alone reaches 51);
+            # blocks it could not take are copied per block, in chunks.
+            done = self._load_direct(tr.block_ids, tr.keys) if self._direct is not None else 0
+            for start in range(done, len(tr.block_ids), self.chunk_blocks):
                 ids, keys = tr.block_ids[start:start + self.chunk_blocks], tr.keys[start:start + self.chunk_blocks]
-                ok = self._load_chunk(ids, keys)
+                ok = self._load_chunk_staged(ids, keys)
                 done += ok
                 if ok < len(ids):  # this block and all later ones are recomputed by vLLM
                     self.load_errors.update(tr.block_ids[start + ok:])
@@ -175,18 +178,14 @@ class OffloadWorker:
                      " (%.2f GB/s)", done * block_size, done, done * self.block_bytes / 2**20, tr.req_id, dt * 1e3,
                      done * self.block_bytes / max(dt, 1e-9) / 1e9)
 
-    def _load_chunk(self, block_ids: list[int], keys: list[bytes]) -> int:
-        """Copy blocks into the caches; returns how many leading blocks were loaded."""
-        if self._direct is None:
-            return self._load_chunk_staged(block_ids, keys)
+    def _load_direct(self, block_ids: list[int], keys: list[bytes]) -> int:
+        """Leading blocks in pinned DRAM, loaded by the direct-read kernel; returns how many."""
         try:
-            n = self._direct.load(block_ids, keys, self.block_bytes)
+            return self._direct.load(block_ids, keys, self.block_bytes)
         except Exception:  # never fail a request over the fast path: copy per block from now on
             log.exception("LongSeqOffloadConnector: direct load kernel failed; loads use per-block copies from now on")
-            self._direct, n = None, 0
-        if n < len(keys):  # not in (pinned) DRAM any more: read from disk into staging
-            n += self._load_chunk_staged(block_ids[n:], keys[n:])
-        return n
+            self._direct = None
+            return 0
 
     def _load_chunk_staged(self, block_ids: list[int], keys: list[bytes]) -> int:
         """Per-block copies into a staging tensor on the cache device, then one ``index_copy_`` per layer."""
