@@ -3,7 +3,7 @@
 The per-block path (``OffloadWorker._load_chunk_staged``) reached 75-80% of the pinned host-to-device bandwidth
 on an H200: one ``cudaMemcpyAsync`` per 2 MiB block plus a scatter per layer. ``scatter_host_blocks``
 (``longseq.kernels.kv_block_copy``) reads the pinned buffers over the bus from the GPU itself and writes every
-layer's pages in one launch per chunk.
+layer's pages, a request's whole prefix in one launch.
 
 It relies on pinned host memory being addressable from the GPU at its host address (unified addressing,
 every CUDA platform vLLM runs on). That is checked once at start-up with a known pattern; if the check or the
@@ -22,7 +22,7 @@ log = logging.getLogger("longseq.kv_offload")
 
 
 class DirectLoad:
-    """Copies leading DRAM-resident blocks of a chunk into the per-layer page views with one kernel."""
+    """Copies the leading pinned-DRAM-resident blocks of a prefix into the per-layer page views, one launch."""
 
     def __init__(self, views: list[torch.Tensor], store: BlockStore, layout) -> None:
         self.store = store

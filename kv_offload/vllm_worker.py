@@ -9,9 +9,10 @@ blocks never mix.
 
 Loads (synchronous, before the forward pass): the scheduler already verified every block and pulled disk
 blocks into DRAM. On CUDA one kernel (``longseq.kernels.kv_block_copy``) reads the store's pinned DRAM buffers
-directly and writes every layer's pages, chunk by chunk; otherwise (CPU, ``load_kernel: copy``, a cache layout
-the kernel does not cover, or a failed start-up self-test) each block is copied into a staging tensor on the
-cache device and scattered into every layer with one ``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
+directly and writes every layer's pages, a request's whole prefix per launch; otherwise (CPU, ``load_kernel:
+copy``, a cache layout the kernel does not cover, a failed start-up self-test, or blocks no longer in DRAM) each
+block is copied into a staging tensor on the cache device, chunk by chunk, and scattered into every layer with
+one ``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
 a staging tensor, copied to reused pinned host buffers, and handed to a background thread that ``put``s them;
 the compute stream then waits (GPU-side) for the gather, not for the device->host copy (which reads only the
 staging tensor and overlaps later steps), so a page vLLM reuses right away (preemption) is never overwritten
