@@ -308,8 +308,15 @@ class OffloadWorker:
         return done
 
     def drain(self, timeout: float | None = None) -> None:
-        """Wait until every queued save is in the store and the store's disk writes are done."""
+        """Wait until every queued save is in the store and the store's disk writes are done, or ``timeout``
+        seconds in all (shutdown must not hang on a stuck save: what is left is only a future miss)."""
         if self._thread is None:
             return
-        self._save_queue.join()
-        self.store.flush(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        q = self._save_queue
+        with q.all_tasks_done:  # Queue.join() with a timeout
+            if not q.all_tasks_done.wait_for(lambda: q.unfinished_tasks == 0, timeout=timeout):
+                log.warning("LongSeqOffloadConnector: %d queued saves still pending after %.0f s; not waiting",
+                            q.unfinished_tasks, timeout)
+                return
+        self.store.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))

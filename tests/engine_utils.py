@@ -93,10 +93,11 @@ class ApiServer:
             time.sleep(1)
         raise TimeoutError(f"server not ready in {timeout}s:\n{open(self.log.name).read()[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` s (keep it above the server's ``--shutdown-timeout``)."""
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -71,7 +71,7 @@ def serve_and_ask(model: str, prompts: list[list[int]], kv: dict, log_path: str)
             assert r.status_code == 200, r.text
             texts.append(r.json()["choices"][0]["text"])
     finally:
-        server.stop()
+        server.stop(timeout=90)  # above --shutdown-timeout 60: a slow drain is not cut short by SIGKILL
     return texts
 
 
@@ -335,6 +335,41 @@ def test_direct_load_prefix_then_per_block_copies_for_the_rest(tmp_path):
         for got, want in ((8, 1), (7, 2), (6, 3), (5, 4)):
             assert torch.equal(d_[got], s_[want])
         assert not d_[:5].any()
+
+
+def test_drain_gives_up_after_its_timeout_when_a_save_is_stuck(caplog):
+    """Shutdown drains queued saves with a timeout: a stuck ``put`` (a hung disk, say) must not hang the engine's
+    exit; the save is then only a future miss."""
+    import logging
+    import threading
+    import time
+
+    import torch
+
+    from longseq.kv_offload.vllm_scheduler import BlockTransfer
+    from longseq.kv_offload.vllm_worker import OffloadWorker
+
+    release = threading.Event()
+
+    class StuckStore:
+        def put(self, key, data):
+            release.wait(30)
+
+        def flush(self, timeout=None):
+            pass
+
+    cache = torch.randn(4, 2, 16, 8)
+    w = OffloadWorker([cache], 4)
+    w.attach(StuckStore())
+    w.save([BlockTransfer("r", [1, 2], [b"a", b"b"])])
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="longseq.kv_offload"):
+        w.drain(timeout=0.3)
+    assert 0.25 < time.monotonic() - t0 < 5
+    assert "queued saves still pending" in caplog.text
+    release.set()
+    w.drain(timeout=10)  # once the put returns, a drain completes
+    assert w.counters["saved_blocks"] == 2
 
 
 def test_staging_pool_fill_allocates_every_buffer_once():
