@@ -5,7 +5,7 @@ The per-block path (one ``cudaMemcpyAsync`` per 2 MiB block into a device stagin
 ``index_copy_`` per layer) reached 75-80% of the pinned host-to-device bandwidth on an H200 (``BENCHMARKS.md``):
 each copy pays a fixed launch/DMA-setup cost. Here the GPU reads the pinned buffers itself (pinned
 ``cudaHostAlloc`` memory is mapped into the device's address space under unified addressing, at the same
-address), many blocks at once, so there is one launch per chunk, no staging tensor and no second pass.
+address), many blocks at once, so there is one launch per load, no staging tensor and no second pass.
 
 The caller must keep every source buffer alive and unchanged until the kernel has finished (synchronize).
 """
@@ -20,10 +20,6 @@ import triton.language as tl
 
 #: Words moved per program (a word is up to 8 bytes: the largest size every offset is a multiple of).
 BLOCK_WORDS = 1024
-
-_WORD_DTYPES = {8: (torch.int64, tl.int64), 4: (torch.int32, tl.int32), 2: (torch.int16, tl.int16),
-                1: (torch.uint8, tl.uint8)}
-
 
 @dataclass(frozen=True)
 class PageLayout:
