@@ -104,7 +104,7 @@ class BlockStore:
         with self._lock:  # one lock for the DRAM-resident part (per-key locking cost ~1 us a block: 2 ms at 32K)
             for key in keys:
                 key = _check_key(key)
-                if key not in self._dram and key not in self._pending:
+                if not self._resident(key):
                     break
                 n += 1
         for key in keys[n:]:
@@ -116,7 +116,7 @@ class BlockStore:
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
         """``in_dram`` for each key, under one lock."""
         with self._lock:
-            return [k in self._dram or k in self._pending for k in map(_check_key, keys)]
+            return [self._resident(k) for k in map(_check_key, keys)]
 
     def get(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The block's bytes, or None on a miss or on ANY failed check (logged and counted, never data).
@@ -140,7 +140,11 @@ class BlockStore:
         """In the DRAM tier or waiting for the disk writer: ``get`` needs no disk read."""
         key = _check_key(key)
         with self._lock:
-            return key in self._dram or key in self._pending
+            return self._resident(key)
+
+    def _resident(self, key: bytes) -> bool:
+        """Under ``self._lock``: in the DRAM tier or waiting for the disk writer."""
+        return key in self._dram or key in self._pending
 
     def read_dram_batch(self, keys: list[bytes], nbytes: int, read: Callable[[list[torch.Tensor | None]], None],
                         pinned_only: bool = False) -> list[bool]:
@@ -152,13 +156,14 @@ class BlockStore:
         t0 = time.perf_counter()
         with self._lock:
             bufs = []
+            usable = not pinned_only or self._dram.allocator.pin_memory
             for key in keys:
                 key = _check_key(key)
-                buf = self._dram.lookup(key)
-                if buf is None and (not pinned_only or key in self._pending_dram_owned):
-                    buf = self._pending.get(key)  # queued for the disk writer (a private copy is pageable)
-                if pinned_only and not self._dram.allocator.pin_memory:
-                    buf = None
+                buf = None
+                if usable:
+                    buf = self._dram.lookup(key)
+                    if buf is None and (not pinned_only or key in self._pending_dram_owned):
+                        buf = self._pending.get(key)  # queued for the disk writer (a private copy is pageable)
                 bufs.append(buf if buf is not None and buf.numel() == nbytes else None)
             read(bufs)
         found = [b is not None for b in bufs]
