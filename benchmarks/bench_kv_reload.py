@@ -36,7 +36,7 @@ def caches(num_blocks: int):
 def main(argv=None) -> None:
     import torch
 
-    from benchmarks.common import command_line, environment, pinned_h2d_seconds, write_result
+    from benchmarks.common import command_line, cuda_event_seconds, environment, pinned_h2d_seconds, write_result
     from longseq.kernels.kv_block_copy import scatter_host_blocks
     from longseq.kv_offload.store import BlockStore, KVFingerprint
     from longseq.kv_offload.vllm_scheduler import BlockTransfer
@@ -107,16 +107,10 @@ def main(argv=None) -> None:
         sweep = {}
         for bw in (256, 512, 1024, 2048, 4096):
             for nw in (2, 4, 8):
-                ts = []
-                for r in range(args.repeats + 2):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    scatter_host_blocks(w._direct.layout, ids, addrs, w._direct.layer_bases, block_words=bw,
-                                        num_warps=nw)
-                    b.record()
-                    b.synchronize()
-                    ts.append(a.elapsed_time(b) / 1e3)
-                sweep[f"{bw}x{nw}"] = nbytes / statistics.median(ts[2:]) / 1e9
+                ts = cuda_event_seconds(lambda: scatter_host_blocks(w._direct.layout, ids, addrs,
+                                                                    w._direct.layer_bases, block_words=bw,
+                                                                    num_warps=nw), args.repeats, warmup=2)
+                sweep[f"{bw}x{nw}"] = nbytes / statistics.median(ts) / 1e9
         row["kernel_gbps_by_tile"] = sweep
         best = max(sweep, key=sweep.get)
         row["kernel_best_tile"], row["kernel_best_gbps"] = best, sweep[best]

@@ -67,6 +67,24 @@ def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool, disk_parent: str
             "kv_role": "kv_both", "kv_connector_extra_config": extra}, disk_dir
 
 
+def cuda_event_seconds(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn`` on the current stream (CUDA events), after ``warmup``
+    untimed calls."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return times
+
+
 def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
     """Seconds of each of ``repeats`` pinned host-to-device copies of ``nbytes`` (CUDA events, after one warm-up
     copy): the ceiling for reloading KV blocks from pinned host memory."""
@@ -74,16 +92,7 @@ def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
 
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst.copy_(src, non_blocking=True)
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src, non_blocking=True)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return times
+    return cuda_event_seconds(lambda: dst.copy_(src, non_blocking=True), repeats)
 
 
 def run_child(cmd: list[str], env: dict, label: str) -> dict:
