@@ -53,7 +53,8 @@ def command_line() -> str:
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
-def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool, disk_parent: str | None = None) -> tuple[dict, str | None]:
+def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool,
+                               disk_parent: str | None = None) -> tuple[dict, str | None]:
     """``kv_transfer_config`` for our connector: a DRAM tier of ``cpu_gib``, plus (``with_disk``) a fresh temp disk
     directory capped at twice that. Returns (config, the disk directory to delete afterwards or None)."""
     import tempfile
