@@ -7,8 +7,7 @@ element for that block, and the store namespaces it with the ``KVFingerprint`` d
 another model / layout / dtype / block size are never returned.
 
 Threads: ``put``/``get``/``contains`` are called from the engine thread; disk writes run in one background
-writer thread (``async_disk_writes=True``), or in a thread of the caller's that already does the ``put``s
-(``"caller"``: it calls ``write_pending``). One lock guards the DRAM tier and the pending-write map; disk
+writer thread (``async_disk_writes=True``). One lock guards the DRAM tier and the pending-write map; disk
 reads and writes happen outside it.
 """
 
@@ -49,10 +48,7 @@ class BlockStore:
     disk_dir:       disk tier directory (created; may be shared by several servers), None = DRAM only
     disk_gib:       disk tier size cap (GiB) for the whole directory; must be > 0 with ``disk_dir``
     pin_memory:     pinned host buffers for the DRAM tier; default: ``torch.cuda.is_available()``
-    async_disk_writes: write-through to disk in a background thread (True); inside ``put`` (False); or
-                    ``"caller"``: queued, and written by whoever calls ``write_pending()`` (the vLLM connector's
-                    save thread, between its saves: one background thread in the engine process, not two, so
-                    the engine thread does not wait for the GIL while two of ours hand it to each other)
+    async_disk_writes: write-through to disk in a background thread (False: inside ``put``)
     fsync:          fsync each block file before publishing it (durability across power loss; slower)
     max_pending_write_gib: disk writes queued beyond this are dropped (counted), so a slow disk never
                     blocks the engine or grows memory without bound
@@ -60,14 +56,12 @@ class BlockStore:
     """
 
     def __init__(self, fingerprint: KVFingerprint, *, cpu_gib: float, disk_dir: str | None = None,
-                 disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool | str = True,
+                 disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool = True,
                  fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0) -> None:
         if not isinstance(fingerprint, KVFingerprint):
             raise TypeError(f"fingerprint must be a KVFingerprint, got {type(fingerprint).__name__}")
         if not cpu_gib >= 0:
             raise ValueError(f"kv store: cpu_gib must be >= 0, got {cpu_gib!r}")
-        if async_disk_writes not in (True, False, "caller"):
-            raise ValueError(f"kv store: async_disk_writes must be True, False or 'caller', got {async_disk_writes!r}")
         if disk_dir is not None and not disk_gib > 0:
             raise ValueError(f"kv store: disk_gib must be > 0 when disk_dir is set (disk_dir={disk_dir!r}, "
                              f"disk_gib={disk_gib!r})")
@@ -92,7 +86,6 @@ class BlockStore:
         self._writer: threading.Thread | None = None
         if self._disk is not None and async_disk_writes:
             self._queue = queue.SimpleQueue()
-        if self._disk is not None and async_disk_writes is True:
             self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-disk-writer", daemon=True)
             self._writer.start()
         ensure_log_visible(log)
@@ -322,27 +315,6 @@ class BlockStore:
                         self._dram.allocator.release(buf)
                 self._idle.notify_all()
 
-    @property
-    def has_pending_writes(self) -> bool:
-        """Queued disk writes not yet taken by a writer (``"caller"`` mode: call ``write_pending``)."""
-        return self._queue is not None and not self._queue.empty()
-
-    def write_pending(self, max_blocks: int = 1) -> int:
-        """Write up to ``max_blocks`` queued blocks to disk now, in the calling thread; returns how many were
-        taken from the queue. For ``async_disk_writes="caller"`` (the writer thread does this otherwise)."""
-        n = 0
-        while n < max_blocks and self._queue is not None and self._writer is None:
-            try:
-                key = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            n += 1
-            with self._lock:
-                buf = self._pending.get(key)
-            if buf is not None:
-                self._write_disk(key, buf)
-        return n
-
     def _writer_loop(self) -> None:
         while True:
             key = self._queue.get()
@@ -355,14 +327,9 @@ class BlockStore:
 
     # ---- lifecycle and observability --------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued disk write is done (or ``timeout`` seconds passed). In ``"caller"`` mode this
-        thread writes what is still queued itself."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (deadline is None or time.monotonic() < deadline) and self.write_pending(1):
-            pass
+        """Wait until every queued disk write is done (or ``timeout`` seconds passed)."""
         with self._lock:
-            self._idle.wait_for(lambda: not self._pending,
-                                timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            self._idle.wait_for(lambda: not self._pending, timeout=timeout)
 
     def stats(self, log_summary: bool = True) -> StoreStats:
         """Snapshot of the counters; also logs the one-line summary (INFO) unless ``log_summary=False``."""
@@ -389,8 +356,7 @@ class BlockStore:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
-        # Writes the queue of "caller" mode (the other modes leave nothing pending; this just wakes waiters).
-        self.flush(timeout=None if self._writer is None and self._queue is not None else 0)
+        self.flush(timeout=0)  # synchronous mode leaves nothing pending; this just wakes waiters
         self.stats()
         with self._lock:
             self._dram.clear()

@@ -199,8 +199,7 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         store = BlockStore(fp, cpu_gib=self.cfg["cpu_gib"], disk_dir=self.cfg["disk_dir"],
                            disk_gib=self.cfg["disk_gib"] if self.cfg["disk_dir"] else 0.0,
                            # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
-                           max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]),
-                           async_disk_writes="caller")  # written by the worker's save thread between saves
+                           max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]))
         worker.attach(store, pin_at_start=self.cfg["pin_at_start"], load_kernel=self.cfg["load_kernel"])
         self._engine = _ENGINES[self.engine_id] = _Engine(store, worker, self.cfg["stats_path"])
         log.info("%s: %d layers, page %s %s on %s, %.1f KiB per block; fingerprint %s", CONNECTOR_NAME,

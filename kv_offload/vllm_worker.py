@@ -276,17 +276,8 @@ class OffloadWorker:
         return host, event, gathered
 
     def _save_loop(self) -> None:
-        """Saves first; between them, one queued disk write at a time (the store runs in ``"caller"`` mode: this
-        is the process's only background thread doing our Python work, see ``BlockStore``)."""
         while True:
-            if self.store.has_pending_writes:
-                try:
-                    item = self._save_queue.get_nowait()
-                except queue.Empty:
-                    self.store.write_pending(1)
-                    continue
-            else:
-                item = self._save_queue.get()
+            item = self._save_queue.get()
             if item is None:
                 self._save_queue.task_done()
                 return

@@ -137,27 +137,3 @@ def test_store_lookups_of_a_fresh_prompt_touch_no_file(tmp_path, opened):
         assert st.count_prefix_hits([_key(0)] + [_key(i) for i in range(100, 164)]) == 1
         assert not st.contains(_key(200)) and st.get(_key(201)) is None
         assert opened == []
-
-
-def test_caller_mode_writes_only_when_asked_flush_and_close_write_the_rest(tmp_path):
-    """``async_disk_writes="caller"`` (the vLLM connector's mode): no writer thread; blocks reach the disk when the
-    owner calls ``write_pending`` (its save thread, between saves), or at ``flush``/``close``."""
-    def on_disk() -> int:
-        return sum(len(f) for _, _, f in os.walk(tmp_path / "blocks"))
-
-    st = BlockStore(FP, cpu_gib=0.01, disk_dir=str(tmp_path), disk_gib=0.1, async_disk_writes="caller")
-    assert st._writer is None
-    for i in range(5):
-        st.put(_key(i), _block(i))
-    assert on_disk() == 0 and st.has_pending_writes
-    assert st.write_pending(2) == 2 and on_disk() == 2
-    st.flush()
-    assert on_disk() == 5 and not st.has_pending_writes and st.write_pending(4) == 0
-    for i in range(5, 8):
-        st.put(_key(i), _block(i))
-    st.close()
-    assert on_disk() == 8
-    with BlockStore(FP, cpu_gib=0, disk_dir=str(tmp_path), disk_gib=0.1) as again:
-        assert all(torch.equal(again.get(_key(i)), _block(i)) for i in range(8))
-    with pytest.raises(ValueError, match="async_disk_writes"):
-        BlockStore(FP, cpu_gib=0.01, async_disk_writes="later")

@@ -352,8 +352,6 @@ def test_drain_gives_up_after_its_timeout_when_a_save_is_stuck(caplog):
     release = threading.Event()
 
     class StuckStore:
-        has_pending_writes = False
-
         def put(self, key, data):
             release.wait(30)
 
