@@ -200,6 +200,15 @@ class DramTier:
         self.used_bytes += nbytes
         return buf, evicted
 
+    def drop_blocks(self) -> None:
+        """Forget every block but keep the buffers for reuse (pinned slabs stay allocated): the state of a server
+        restarted with its tier reserved at start-up. Buffers the disk writer still needs are left to it."""
+        for key, buf in self._blocks.items():
+            if self._can_recycle(key):
+                self.allocator.release(buf)
+        self._blocks.clear()
+        self.used_bytes = 0
+
     def clear(self) -> None:
         self._blocks.clear()
         self.allocator.clear()

@@ -267,6 +267,12 @@ class BlockStore:
             self._write_disk(key, write_now)
         self._maybe_log()
 
+    def drop_dram_blocks(self) -> None:
+        """Empty the DRAM tier but keep its (pinned) buffers: what a restarted server with a reserved tier holds.
+        Disk files stay. For benchmarks and tests of the disk path."""
+        with self._lock:
+            self._dram.drop_blocks()
+
     def reserve_dram(self, block_nbytes: int) -> int:
         """Allocate the DRAM tier's (pinned) buffers for blocks of ``block_nbytes`` now, before serving;
         returns the bytes allocated (0 without pinning: pageable memory costs nothing to allocate lazily)."""

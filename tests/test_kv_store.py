@@ -416,6 +416,12 @@ def test_reserve_carves_the_whole_tier_up_front_and_puts_allocate_nothing_more()
             store.put(_key(i), _block(i))
         assert alloc.pinned_bytes == added and len(sizes) == 3
         assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(2 * n_fit, 3 * n_fit))
+        store.drop_dram_blocks()  # emptied, as after a restart: the pieces stay for the next puts
+        assert len(store._dram) == 0 and store.get(_key(3 * n_fit - 1)) is None
+        for i in range(3 * n_fit, 4 * n_fit):
+            store.put(_key(i), _block(i))
+        assert alloc.pinned_bytes == added and len(sizes) == 3
+        assert all(torch.equal(store.get(_key(i)), _bytes(_block(i))) for i in range(3 * n_fit, 4 * n_fit))
     with BlockStore(FP, cpu_gib=n_fit * BLOCK_BYTES / (1 << 30)) as store:  # default pageable tier: nothing to do
         assert store.reserve_dram(BLOCK_BYTES) == 0
 
