@@ -2,8 +2,10 @@
 disk costs no file-system call.
 
 Why: the scheduler looks up every new prompt on the engine thread, and most new prompts are misses. A miss used to
-open the block's path (ENOENT). While the disk writer creates and renames files in the same tree, a path lookup can
-wait on the directory's lock or the file system's journal, and one slow lookup stalls every request of the engine.
+open the block's path (ENOENT), and the save check opened one path per new block (~16 ms of the engine thread for
+a 32K prompt on the H200). Opens are also slow at times while the disk writer creates and renames files in the
+same tree: up to 9-14 ms against 0.6 ms idle on the CPU CI machine (``benchmarks/study_disk_writer.py``,
+``open_miss``), and a stall of the engine thread stalls every request.
 
 The index holds file names (``block_name``: a hash of fingerprint and key, so one set serves every fingerprint in
 the directory). It is filled by directory scans (the disk tier's cap check walks the tree anyway) and kept current
@@ -27,7 +29,6 @@ class DiskNameIndex:
         self._names: set[str] | None = None  # None until the first scan has finished: "unknown"
         self._scan_started: float | None = None  # monotonic start of the scan in progress
         self._changed_during_scan: dict[str, bool] = {}  # name -> present, for changes a running scan may miss
-        self.scanned_at = 0.0  # monotonic start of the last finished scan
 
     @property
     def ready(self) -> bool:
@@ -67,7 +68,6 @@ class DiskNameIndex:
                 for name, present in self._changed_during_scan.items():
                     (names.add if present else names.discard)(name)
                 self._names = names
-                self.scanned_at = self._scan_started
             self._scan_started, self._changed_during_scan = None, {}
 
     def __len__(self) -> int:
