@@ -36,7 +36,6 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
-from .disk_index import DiskNameIndex
 from .fingerprint import DIGEST_BYTES, KVFingerprint
 from .stats import StatsRecorder
 
@@ -154,9 +153,7 @@ def write_fingerprint_sidecar(root: str, fp: KVFingerprint) -> None:
 class DiskTier:
     """Block files under ``root`` for one fingerprint, at most ``capacity_bytes`` in total (shared by every
     fingerprint and server using the directory; each server evicts oldest-mtime files when it sees the
-    directory over the cap). Thread-safe: no shared mutable state except the usage estimate (locked) and the
-    name index (``disk_index.py``: a lookup of a block that is not here touches no file; filled by a background
-    scan at start-up and every ``rescan_seconds``)."""
+    directory over the cap). Thread-safe: no shared mutable state except the usage estimate (locked)."""
 
     def __init__(self, root: str, fingerprint: KVFingerprint, capacity_bytes: int, recorder: StatsRecorder,
                  fsync: bool = False, rescan_seconds: float = 60.0) -> None:
@@ -174,30 +171,11 @@ class DiskTier:
         self._warned: set = set()
         self._fingerprint = fingerprint
         self._sidecar_written = False
-        self._index = DiskNameIndex()
         try:
             os.makedirs(os.path.join(self.root, "blocks"), exist_ok=True)
             self._write_sidecar()
         except OSError as e:
             self._write_failed("init", e)
-        self._scan_in_background()  # start-up stays fast; lookups probe the files until the scan is done
-
-    def _scan_in_background(self) -> None:
-        threading.Thread(target=self.enforce_cap, kwargs={"rescan": True}, name="longseq-kv-disk-scan",
-                         daemon=True).start()
-
-    def _absent(self, name: str) -> bool:
-        """True when the index is complete and lacks ``name``: a miss without touching the disk. A stale index
-        (older than ``rescan_seconds``: other servers may have written since) starts a background rescan."""
-        if self._index.might_hold(name):
-            return False
-        with self._lock:
-            stale = time.monotonic() - self._last_scan > self.rescan_seconds
-            if stale:
-                self._last_scan = time.monotonic()  # claim it: one rescan, not one per lookup
-        if stale:
-            self._scan_in_background()
-        return True
 
     def _write_sidecar(self) -> None:
         """The fingerprint's JSON sidecar (for ``longseq kv stats``); retried with each block until written."""
@@ -206,9 +184,7 @@ class DiskTier:
 
     # ---- paths and checks ------------------------------------------------------------------
     def path_for(self, key: bytes) -> str:
-        return self._path_of(block_name(self.digest, key))
-
-    def _path_of(self, name: str) -> str:
+        name = block_name(self.digest, key)
         return os.path.join(self.root, "blocks", name[:2], name[2:4], name + BLOCK_SUFFIX)
 
     def _check_identity(self, header: BlockHeader, key: bytes) -> None:
@@ -219,17 +195,13 @@ class DiskTier:
 
     def probe(self, key: bytes) -> bool:
         """File exists and its header passes every check (payload checksum is left to ``read``)."""
-        name, st = block_name(self.digest, key), None
-        if self._absent(name):
-            return False
-        path = self._path_of(name)
+        path, st = self.path_for(key), None
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 self._check_identity(read_header(f, st.st_size), key)
             return True
         except FileNotFoundError:
-            self._index.discard(name)
             return False
         except BlockCheckError as e:
             self._corrupt(path, st, e)
@@ -243,10 +215,7 @@ class DiskTier:
 
         ``alloc`` may raise ValueError (e.g. caller's ``out`` has another size): that is a miss, not corruption.
         """
-        name = block_name(self.digest, key)
-        if self._absent(name):
-            return None
-        path = self._path_of(name)
+        path = self.path_for(key)
         try:
             with open(path, "rb", buffering=0) as f:
                 st = os.fstat(f.fileno())
@@ -272,7 +241,6 @@ class DiskTier:
                 pass
             return buf
         except FileNotFoundError:
-            self._index.discard(name)
             return None  # plain miss (never written, or evicted by us or another server)
         except ValueError as e:
             log.warning("kv store: disk block %s not usable here: %s", path, e)
@@ -291,7 +259,6 @@ class DiskTier:
             if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == \
                     (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
                 os.unlink(path)
-                self._index.discard(os.path.basename(path)[:-len(BLOCK_SUFFIX)])
         except OSError:
             pass
 
@@ -316,12 +283,10 @@ class DiskTier:
     # ---- writes and the size cap --------------------------------------------------------------
     def write(self, key: bytes, buf: torch.Tensor) -> bool:
         """Publish one block (flat uint8 CPU tensor) atomically. False on an OS error (counted, logged once)."""
-        name = block_name(self.digest, key)
-        path = self._path_of(name)
+        path = self.path_for(key)
         if os.path.exists(path):  # content-addressed: equal key, equal bytes; just mark it used
             try:
                 os.utime(path)
-                self._index.add(name)
                 return True
             except OSError:
                 pass  # evicted meanwhile: write it again
@@ -337,7 +302,6 @@ class DiskTier:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self.enforce_cap(shrink=True)  # the file system is smaller than our cap: make room
             return False
-        self._index.add(name)
         with self._lock:
             if self._usage is not None:
                 self._usage += len(header) + len(view)
@@ -348,31 +312,17 @@ class DiskTier:
     def usage_bytes(self) -> int:
         return self._usage or 0
 
-    def enforce_cap(self, shrink: bool = False, rescan: bool = False) -> None:
-        """Rescan the directory when asked (``rescan``), or when our estimate is over the cap, stale (other
-        servers write too) or unknown, and delete oldest-mtime blocks until under the low-water mark (90% of the
-        cap). ``shrink`` (after ENOSPC) also frees 10% of what is there. The scan also refreshes the name index.
-        Another server deleting the same files at the same time is harmless (ENOENT is ignored; readers of a
-        deleted file keep their fd)."""
+    def enforce_cap(self, shrink: bool = False) -> None:
+        """Rescan the directory when our estimate is over the cap, stale (other servers write too) or unknown,
+        and delete oldest-mtime blocks until under the low-water mark (90% of the cap). ``shrink`` (after
+        ENOSPC) also frees 10% of what is there. Another server deleting the same files at the same time is
+        harmless (ENOENT is ignored; readers of a deleted file keep their fd)."""
         with self._lock:
             stale = time.monotonic() - self._last_scan > self.rescan_seconds
-            if not (rescan or shrink or stale or self._usage is None or self._usage > self.capacity_bytes):
+            if not (shrink or stale or self._usage is None or self._usage > self.capacity_bytes):
                 return
             self._last_scan = time.monotonic()
-        owns_index = self._index.begin_scan()
-        if not (owns_index or shrink):
-            return  # another thread is scanning right now; it checks the cap too
-        names: set[str] | None = None
-        try:
-            names = self._scan_and_evict(shrink)
-        finally:
-            if owns_index:
-                self._index.end_scan(names)
-
-    def _scan_and_evict(self, shrink: bool) -> set[str]:
-        """One walk of the tree: usage, stale temp files removed, oldest blocks evicted if over the cap.
-        Returns the names of the block files left."""
-        files, total, now, names = [], 0, time.time(), set()
+        files, total, now = [], 0, time.time()
         for e in iter_block_files(self.root):
             try:
                 st = e.stat(follow_symlinks=False)
@@ -384,8 +334,6 @@ class DiskTier:
                 continue
             files.append((st.st_mtime, st.st_size, e.path))
             total += st.st_size
-            if e.name.endswith(BLOCK_SUFFIX):
-                names.add(e.name[:-len(BLOCK_SUFFIX)])
         evicted = 0
         target = self.low_water_bytes if total > self.capacity_bytes else total
         if shrink:
@@ -397,7 +345,6 @@ class DiskTier:
                     break
                 if _unlink_quiet(path):
                     evicted += 1
-                    names.discard(os.path.basename(path)[:-len(BLOCK_SUFFIX)])
                 total -= size
         with self._lock:
             self._usage = total
@@ -405,7 +352,6 @@ class DiskTier:
             self.rec.add("evictions", evicted, tier="disk")
             log.info("kv store: disk cache %s over %.2f GiB: evicted %d oldest blocks, now %.2f GiB",
                      self.root, self.capacity_bytes / 2**30, evicted, total / 2**30)
-        return names
 
 
 def _unlink_quiet(path: str) -> bool:
