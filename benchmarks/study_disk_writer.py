@@ -68,17 +68,16 @@ def probe_hash() -> float:
 
 
 def make_probe_open_miss(d: str):
-    """The connector's lookup of a block that is not stored: open a missing file under the writer's tree."""
-    from longseq.kv_offload.disk import block_name
-
-    n = [0]
+    """The connector's lookup of a block that is not stored: open a missing file under the writer's tree (the
+    store's own path scheme, ``DiskTier.path_for``)."""
+    tier, n = _disk_tier(d), [0]
 
     def probe() -> float:
         n[0] += 1
-        name = block_name(b"\0" * 16, b"miss%012d" % n[0])
+        path = tier.path_for(b"miss%012d" % n[0])
         t = time.perf_counter()
         try:
-            open(os.path.join(d, "blocks", name[:2], name[2:4], name + ".kvb"), "rb").close()
+            open(path, "rb").close()
         except OSError:
             pass
         return time.perf_counter() - t
