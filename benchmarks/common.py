@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
+import gc
 import json
 import os
 import platform
 import subprocess
 import sys
+import threading
+import time
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -118,9 +122,6 @@ class StackSampler:
     blocked in C with the GIL released still shows (its Python caller is the innermost frame)."""
 
     def __init__(self, thread_id: int | None = None, interval_s: float = 0.0005, depth: int = 4) -> None:
-        import collections
-        import threading
-
         self.thread_id = thread_id if thread_id is not None else threading.get_ident()
         self.interval_s, self.depth = interval_s, depth
         self.counts: collections.Counter = collections.Counter()
@@ -137,9 +138,6 @@ class StackSampler:
             self.counts[" < ".join(names)] += 1
 
     def __enter__(self) -> "StackSampler":
-        import gc
-        import time
-
         # Garbage collection holds the GIL and shows in no Python frame: time it separately (seconds per gen).
         self.gc_seconds, self._gc_t0 = {0: 0.0, 1: 0.0, 2: 0.0}, 0.0
 
@@ -154,8 +152,6 @@ class StackSampler:
         return self
 
     def __exit__(self, *exc) -> None:
-        import gc
-
         gc.callbacks.remove(self._on_gc)
         self._stop.set()
         self._thread.join()
