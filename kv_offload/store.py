@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -30,6 +31,8 @@ __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
 log = logging.getLogger("longseq.kv_offload")
 GIB = 1 << 30
+#: Threads ``fetch_to_dram`` reads disk blocks with (file reads and crc32 release the GIL).
+READ_THREADS = 8
 
 
 def _check_key(key: bytes) -> bytes:
@@ -82,6 +85,7 @@ class BlockStore:
         self._log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._closed = False
+        self._read_pool: ThreadPoolExecutor | None = None
         self._queue: queue.SimpleQueue | None = None
         self._writer: threading.Thread | None = None
         if self._disk is not None and async_disk_writes:
@@ -135,6 +139,27 @@ class BlockStore:
         if got is None:
             return None
         return out if out is not None else got
+
+    def fetch_to_dram(self, keys: list[bytes]) -> list[bool]:
+        """Whether each block is usable now without a disk read: DRAM blocks are; disk blocks are read (checksum)
+        and promoted into DRAM, several at once, since that read is the disk tier's whole cost. False = a miss or
+        a failed check (the block is not data)."""
+        keys = [_check_key(k) for k in keys]
+        on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
+        if self._disk is None:
+            got = dict.fromkeys(on_disk, False)
+        elif len(on_disk) > 1:
+            with self._lock:
+                if self._read_pool is None:
+                    self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
+            got = dict(zip(on_disk, self._read_pool.map(lambda k: self.get(k) is not None, on_disk)))
+        else:
+            got = {k: self.get(k) is not None for k in on_disk}
+        return [got.get(k, True) for k in keys]
+
+    def dram_capacity_blocks(self, block_nbytes: int) -> int:
+        """How many blocks of ``block_nbytes`` the DRAM tier holds when full."""
+        return self._dram.capacity_bytes // max(1, int(block_nbytes))
 
     def in_dram(self, key: bytes) -> bool:
         """In the DRAM tier or waiting for the disk writer: ``get`` needs no disk read."""
@@ -362,6 +387,8 @@ class BlockStore:
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join()
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True)
         self.flush(timeout=0)  # synchronous mode leaves nothing pending; this just wakes waiters
         self.stats()
         with self._lock:

@@ -12,12 +12,15 @@ Usage::
 (the module path can be left out when the longseq vLLM plugin is installed: it registers the short name).
 ``kv_role``: ``kv_both`` saves and loads, ``kv_producer`` only saves, ``kv_consumer`` only loads.
 
-Design (see ``vllm_scheduler.py`` and ``vllm_worker.py``): keys are our own token-hash chain, so blocks
-survive restarts; loads are synchronous (verified in the scheduler, copied before the forward); saves are
-asynchronous (device->host on a side stream, store ``put`` in a background thread). The scheduler half
-uses the worker's store directly, so the worker must live in the engine-core process (one GPU or the CPU
-platform, no TP/PP): anything else is refused at start-up. A block that fails to load is recomputed
-(``kv_load_failure_policy`` is set to ``recompute``: a cache miss is never a request error).
+Design (see ``vllm_scheduler.py``, ``vllm_hits.py`` and ``vllm_worker.py``): keys are our own token-hash chain,
+so blocks survive restarts; loads are synchronous (copied before the forward); saves are asynchronous
+(device->host on a side stream, store ``put`` in a background thread). With one worker in the engine-core process
+the scheduler half counts hits in the worker's store and verifies them; with tensor parallelism (workers in other
+processes) each rank stores its own heads under its own fingerprint, tells the scheduler about its store at
+start-up (handshake metadata), the scheduler counts hits from an index of what it sent plus every rank's disk
+files, and each rank checks its blocks when it loads them. Pipeline parallelism is refused at start-up. A block
+that fails to load on any rank is recomputed (``kv_load_failure_policy`` is set to ``recompute``: a cache miss is
+never a request error).
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from typing import Any
 import torch
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, SupportsHMA)
+    KVConnectorBase_V1, KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorRole, SupportsHMA)
 
 from .store import BlockStore, KVFingerprint
+from .vllm_hits import KeyIndexHits, RankInfo, StoreHits
 from .vllm_scheduler import BlockTransfer, OffloadScheduler
 from .vllm_worker import OffloadWorker
 
@@ -90,11 +94,37 @@ class LongSeqOffloadMetadata(KVConnectorMetadata):
     saves: list[BlockTransfer]
 
 
+@dataclass
+class LongSeqRankHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> scheduler at start-up (vLLM collects one per rank): this rank's store (``vllm_hits.RankInfo``)."""
+
+    rank: int
+    fingerprint_json: str
+    dram_blocks: int
+
+
+def _write_json(path: str, data: dict) -> None:
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("%s: cannot write stats file %s: %s", CONNECTOR_NAME, path, e)
+
+
+def _scheduler_stats(sched: OffloadScheduler | None) -> dict:
+    return {"lookups": sched.lookups if sched else 0, "hit_tokens": sched.hit_tokens if sched else 0,
+            "miss_tokens": sched.miss_tokens if sched else 0,
+            "lookup_seconds": sched.lookup_seconds if sched else 0.0,
+            "step_seconds": sched.step_seconds if sched else 0.0}
+
+
 class _Engine:
     """What the scheduler and worker halves of one engine share (they live in one process)."""
 
-    def __init__(self, store: BlockStore, worker: OffloadWorker, stats_path: str | None) -> None:
-        self.store, self.worker, self.stats_path = store, worker, stats_path
+    def __init__(self, store: BlockStore, worker: OffloadWorker, stats_path: str | None, rank: int = 0) -> None:
+        self.store, self.worker, self.stats_path, self.rank = store, worker, stats_path, rank
         self.scheduler: OffloadScheduler | None = None
         self._closed = False
         self._lock = threading.Lock()
@@ -102,12 +132,8 @@ class _Engine:
 
     def stats(self) -> dict:
         s = self.store.stats(log_summary=False)
-        sched = self.scheduler
-        return {"pid": os.getpid(), "time": time.time(), **self.worker.counters,
-                "lookups": sched.lookups if sched else 0, "hit_tokens": sched.hit_tokens if sched else 0,
-                "miss_tokens": sched.miss_tokens if sched else 0,
-                "lookup_seconds": sched.lookup_seconds if sched else 0.0,
-                "step_seconds": sched.step_seconds if sched else 0.0,
+        return {"pid": os.getpid(), "time": time.time(), "rank": self.rank, **self.worker.counters,
+                **_scheduler_stats(self.scheduler),
                 "store": {"dram_hits": s.dram.hits, "disk_hits": s.disk.hits, "disk_misses": s.disk.misses,
                           "disk_blocks_written": s.disk.blocks_written, "corrupt_blocks": s.corrupt_blocks,
                           "read_errors": s.read_errors, "write_errors": s.write_errors,
@@ -115,15 +141,8 @@ class _Engine:
                           "disk_read_gbps": s.disk.read_gbps}}
 
     def write_stats(self) -> None:
-        if not self.stats_path:
-            return
-        try:
-            tmp = f"{self.stats_path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.stats(), f)
-            os.replace(tmp, self.stats_path)
-        except OSError as e:
-            log.warning("%s: cannot write stats file %s: %s", CONNECTOR_NAME, self.stats_path, e)
+        if self.stats_path:
+            _write_json(self.stats_path, self.stats())
 
     def close(self) -> None:
         """Drain queued saves and disk writes (so a restarted server finds them), log, close. Idempotent."""
@@ -139,6 +158,14 @@ class _Engine:
 
 #: engine id -> shared state, filled by the worker half when it sees the KV caches.
 _ENGINES: dict[str, _Engine] = {}
+
+
+def rank_stats_path(stats_path: str | None, rank: int, world_size: int) -> str | None:
+    """Where rank ``rank``'s worker writes its stats: ``stats_path`` itself with one rank, else
+    ``<stats_path>.tp<rank>`` (the scheduler then writes its own counters to ``stats_path``)."""
+    if not stats_path or world_size == 1:
+        return stats_path
+    return f"{stats_path}.tp{rank}"
 
 
 def fingerprint_for(vllm_config, worker: OffloadWorker, block_size: int) -> KVFingerprint:
@@ -165,15 +192,16 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         self.engine_id = str(ktc.engine_id)
         self.block_size = self._check_kv_cache_config(kv_cache_config)
         pc = vllm_config.parallel_config
-        if pc.tensor_parallel_size * pc.pipeline_parallel_size > 1:
-            raise OffloadConfigError(f"{CONNECTOR_NAME} supports one GPU or the CPU platform only (its scheduler "
-                                     f"half reads the worker's store in-process); got tensor_parallel_size="
-                                     f"{pc.tensor_parallel_size}, pipeline_parallel_size={pc.pipeline_parallel_size}")
+        if pc.pipeline_parallel_size > 1:
+            raise OffloadConfigError(f"{CONNECTOR_NAME} supports tensor parallelism but not pipeline parallelism; "
+                                     f"got pipeline_parallel_size={pc.pipeline_parallel_size}")
+        self.world_size = int(pc.tensor_parallel_size)
         if role == KVConnectorRole.SCHEDULER and ktc.kv_load_failure_policy != "recompute":
             # A block that cannot be loaded (evicted, corrupt) is a cache miss: recompute it, never fail the request.
             ktc.kv_load_failure_policy = "recompute"
         self._engine: _Engine | None = None
         self._sched: OffloadScheduler | None = None
+        self._ranks: list[RankInfo] = []  # scheduler: each worker's store, from the handshake metadata
 
     @staticmethod
     def _check_kv_cache_config(kv_cache_config) -> int:
@@ -201,10 +229,21 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
                            # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
                            max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]))
         worker.attach(store, pin_at_start=self.cfg["pin_at_start"], load_kernel=self.cfg["load_kernel"])
-        self._engine = _ENGINES[self.engine_id] = _Engine(store, worker, self.cfg["stats_path"])
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
+        self._engine = _ENGINES[self.engine_id] = _Engine(
+            store, worker, rank_stats_path(self.cfg["stats_path"], rank, self.world_size), rank)
         log.info("%s: %d layers, page %s %s on %s, %.1f KiB per block; fingerprint %s", CONNECTOR_NAME,
                  len(worker.views), list(worker.page_shape), worker.dtype, worker.device, worker.block_bytes / 1024,
                  fp.to_json())
+
+    def get_handshake_metadata(self) -> LongSeqRankHandshake | None:
+        e = self._engine
+        if e is None:
+            return None
+        return LongSeqRankHandshake(rank=e.rank, fingerprint_json=e.store.fingerprint.to_json(),
+                                    dram_blocks=e.store.dram_capacity_blocks(e.worker.block_bytes))
 
     def _meta(self) -> LongSeqOffloadMetadata:
         meta = self._get_connector_metadata()
@@ -247,23 +286,52 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self._engine is not None:
             self._engine.close()
+        if self._sched is not None and self._sched.hits.mode == "index":
+            self._write_scheduler_stats()
+            self._sched.hits.close()
 
     # ================= scheduler side =================
+    def set_xfer_handshake_metadata(self, metadata: dict) -> None:
+        """Each worker's store (vLLM calls this once at start-up, after the workers registered their caches)."""
+        ranks = [RankInfo(m.rank, m.fingerprint_json, m.dram_blocks) for m in metadata.values()
+                 if isinstance(m, LongSeqRankHandshake)]
+        if len(ranks) != self.world_size:
+            raise OffloadConfigError(f"{CONNECTOR_NAME}: {len(ranks)} of {self.world_size} tensor-parallel ranks "
+                                     f"reported their store at start-up")
+        self._ranks = ranks
+
     def _scheduler(self) -> OffloadScheduler:
         if self._sched is None:
             engine = _ENGINES.get(self.engine_id)
-            if engine is None:
-                raise RuntimeError(f"{CONNECTOR_NAME}: the worker half did not start in this process (engine "
-                                   f"{self.engine_id}); the connector needs the worker in the engine-core process")
-            self._sched = engine.scheduler = OffloadScheduler(engine.store, self.block_size, save=self.do_save)
+            if engine is not None and self.world_size == 1:
+                hits = StoreHits(engine.store)  # the worker lives in this process: ask its store
+            elif self._ranks:
+                hits = KeyIndexHits(self._ranks, self.cfg["disk_dir"], self.cfg["disk_gib"])
+            else:
+                raise RuntimeError(f"{CONNECTOR_NAME}: no worker reported its store to the scheduler (engine "
+                                   f"{self.engine_id}); vLLM did not pass the KV connector handshake metadata")
+            self._sched = OffloadScheduler(hits, self.block_size, save=self.do_save)
+            if engine is not None:
+                engine.scheduler = self._sched
+            log.info("%s: scheduler counts hits from %s", CONNECTOR_NAME,
+                     "the worker's store" if hits.mode == "store" else
+                     f"an index of {hits.capacity} blocks and {len(hits.disks)} ranks' disk files")
         return self._sched
+
+    def _write_scheduler_stats(self) -> None:
+        engine = _ENGINES.get(self.engine_id)
+        if engine is not None and engine.scheduler is self._sched:
+            engine.write_stats()  # one file with the worker's counters
+        elif self.cfg["stats_path"]:
+            _write_json(self.cfg["stats_path"], {"pid": os.getpid(), "time": time.time(), "ranks": self.world_size,
+                                                 **_scheduler_stats(self._sched)})
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self.do_load:
             self._scheduler().track(request)  # still tracked, for saving
             return 0, False
         n = self._scheduler().num_new_matched_tokens(request, num_computed_tokens)
-        _ENGINES[self.engine_id].write_stats()  # hits, misses and failed checks are visible right away
+        self._write_scheduler_stats()  # hits, misses and failed checks are visible right away
         return n, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:

@@ -16,18 +16,16 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .store import BlockStore
+from .vllm_hits import KeyIndexHits, StoreHits
 
 log = logging.getLogger("longseq.kv_offload")
 
 KEY_BYTES = 16
-#: Threads reading disk blocks when a request's prefix is found on disk.
-READ_THREADS = 8
 #: Keys of recently sent saves remembered, so requests sharing a prefix in flight save each block once.
 RECENT_SAVES = 1 << 16
 
@@ -66,11 +64,13 @@ def request_seed(request) -> bytes | None:
 
 @dataclass
 class BlockTransfer:
-    """One request's blocks to move this step: ``block_ids[i]`` (vLLM page) <-> store entry ``keys[i]``."""
+    """One request's blocks to move this step: ``block_ids[i]`` (vLLM page) <-> store entry ``keys[i]``.
+    ``checked``: (loads) the scheduler already read and checked every block in this process's store."""
 
     req_id: str
     block_ids: list[int]
     keys: list[bytes]
+    checked: bool = False
 
 
 @dataclass
@@ -86,10 +86,11 @@ class ReqState:
 
 
 class OffloadScheduler:
-    """Scheduler-side bookkeeping. ``store`` is the worker's store (same process: see ``vllm.py``)."""
+    """Scheduler-side bookkeeping. ``hits``: where hits are counted (``vllm_hits.py``); a ``BlockStore`` is the
+    worker's own store in this process (wrapped in ``StoreHits``)."""
 
-    def __init__(self, store: BlockStore, block_size: int, save: bool = True) -> None:
-        self.store = store
+    def __init__(self, hits: BlockStore | StoreHits | KeyIndexHits, block_size: int, save: bool = True) -> None:
+        self.hits = StoreHits(hits) if isinstance(hits, BlockStore) else hits
         self.block_size = block_size
         self.save = save  # False (kv_consumer): never save, so no request waits for saves
         self.reqs: dict[str, ReqState] = {}
@@ -98,7 +99,6 @@ class OffloadScheduler:
         # Engine-thread seconds spent here (every lookup; every step's bookkeeping): what the connector costs
         # the scheduler, reported in the stats so a slow TTFT can be attributed.
         self.lookup_seconds = self.step_seconds = 0.0
-        self._pool: ThreadPoolExecutor | None = None
         self._recent_saves: OrderedDict[bytes, None] = OrderedDict()
 
     def track(self, request) -> None:
@@ -129,9 +129,9 @@ class OffloadScheduler:
     def _num_new_matched_tokens(self, request, num_computed_tokens: int) -> int:
         """Tokens beyond ``num_computed_tokens`` that the store holds, in whole blocks (sync load).
 
-        The last prompt token is never served (vLLM must compute at least one token to sample), and every
-        counted block is verified readable now: disk blocks are read (checksum) and promoted into DRAM, so the
-        worker's load cannot fail on a bad file.
+        The last prompt token is never served (vLLM must compute at least one token to sample). With the worker's
+        store in this process every counted block is verified readable now (``StoreHits``); otherwise the workers
+        check them at load time and report failures for recompute (``KeyIndexHits``).
         """
         st = self._state(request)
         if st is None:
@@ -142,26 +142,12 @@ class OffloadScheduler:
             return 0
         keys = self._keys(st, max_blocks)
         self.lookups += 1
-        present = first + self.store.count_prefix_hits(keys[first:])
-        ok = self._verify(keys[first:present])
-        hits = first + (ok.index(False) if False in ok else len(ok))  # a failed block: recompute from there
+        hits = first + self.hits.count(keys[first:])
         st.local_computed, st.hit_blocks = num_computed_tokens, hits
         new_tokens = max(0, hits * self.block_size - num_computed_tokens)
         self.hit_tokens += new_tokens
         self.miss_tokens += max(0, request.num_tokens - num_computed_tokens - new_tokens)
         return new_tokens
-
-    def _verify(self, keys: list[bytes]) -> list[bool]:
-        """Whether each block is usable now. DRAM blocks are; disk blocks are read (checksum) and promoted into
-        DRAM, several at once (file reads and crc32 release the GIL) since this is the disk tier's whole cost."""
-        on_disk = [k for k, resident in zip(keys, self.store.in_dram_batch(keys)) if not resident]
-        if len(on_disk) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
-            got = dict(zip(on_disk, self._pool.map(lambda k: self.store.get(k) is not None, on_disk)))
-        else:
-            got = {k: self.store.get(k) is not None for k in on_disk}
-        return [got.get(k, True) for k in keys]
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
         st = self.reqs.get(request.request_id)
@@ -170,7 +156,8 @@ class OffloadScheduler:
         first = st.local_computed // self.block_size
         n = num_external_tokens // self.block_size
         self.pending_loads.append(BlockTransfer(request.request_id, list(block_ids[first:first + n]),
-                                                st.keys[first:first + n]))
+                                                st.keys[first:first + n], checked=self.hits.mode == "store"))
+        self.hits.sent(st.keys[first:first + n])
         st.saved_blocks = max(st.saved_blocks, first + n)  # loaded blocks are in the store already
 
     # ---- per step ----------------------------------------------------------------------------
@@ -212,7 +199,7 @@ class OffloadScheduler:
         # DRAM residency only, one lock for all: probing the disk tier costs a file open per block on the engine
         # thread (~16 ms for a 32K prompt). A block only on disk is saved again: that promotes it into DRAM (it is
         # hot now), and the disk writer sees the file exists and only refreshes its mtime.
-        in_dram = self.store.in_dram_batch(keys[st.saved_blocks:n_full])
+        in_dram = self.hits.in_dram_batch(keys[st.saved_blocks:n_full])
         for b in range(st.saved_blocks, n_full):
             if keys[b] in self._recent_saves:  # another request already sent it (its put may be in flight)
                 self._recent_saves.move_to_end(keys[b])
@@ -224,6 +211,7 @@ class OffloadScheduler:
                 todo.append(keys[b])
         st.saved_blocks = n_full
         if ids:
+            self.hits.sent(todo)
             st.had_saves = True
             saves.append(BlockTransfer(st.request.request_id, ids, todo))
 

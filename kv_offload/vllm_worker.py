@@ -1,24 +1,24 @@
 """Worker half of ``LongSeqOffloadConnector``: copies between vLLM's paged KV caches and the block store.
 
-One store entry per block holds that page for every layer this rank has: a contiguous tensor
-``[num_layers, *page_shape]`` in the cache dtype, where ``page_shape`` is one page of one layer's cache
-tensor with the block dimension removed (CUDA FlashAttention: cache ``[2, num_blocks, block_size, H, D]``
--> page ``[2, block_size, H, D]``; vLLM CPU: cache ``[num_blocks, H, block_size, 2*D]`` -> page
-``[H, block_size, 2*D]``). The page shape and device type are part of the fingerprint, so CPU and GPU
-blocks never mix.
+One store entry per block holds that page for every layer this rank has: a contiguous tensor ``[num_layers,
+*page_shape]`` in the cache dtype, where ``page_shape`` is one page of one layer's cache tensor with the block
+dimension removed (CUDA FlashAttention: cache ``[2, num_blocks, block_size, H, D]`` -> page ``[2, block_size, H,
+D]``; vLLM CPU: cache ``[num_blocks, H, block_size, 2*D]`` -> page ``[H, block_size, 2*D]``). The page shape and
+device type are part of the fingerprint, so CPU and GPU blocks never mix.
 
-Loads (synchronous, before the forward pass): the scheduler already verified every block and pulled disk
-blocks into DRAM. On CUDA one kernel (``longseq.kernels.kv_block_copy``) reads the store's pinned DRAM buffers
-directly and writes every layer's pages, a request's whole prefix per launch; otherwise (CPU, ``load_kernel:
-copy``, a cache layout the kernel does not cover, a failed start-up self-test, or blocks no longer in DRAM) each
-block is copied into a staging tensor on the cache device, chunk by chunk, and scattered into every layer with
-one ``index_copy_`` per layer. Saves: after the forward, pages are gathered per layer on a side CUDA stream into
-a staging tensor, copied to reused pinned host buffers, and handed to a background thread that ``put``s them;
-the compute stream then waits (GPU-side) for the gather, not for the device->host copy (which reads only the
-staging tensor and overlaps later steps), so a page vLLM reuses right away (preemption) is never overwritten
-before it is read; requests with saves are reported finished-sending once their device->host
-copy is done. Pages are always moved in their LOGICAL order (``index_select``/``index_copy_`` on the
-possibly non-contiguous per-layer view), so the stored bytes do not depend on the cache's stride order.
+Loads (synchronous, before the forward pass): with the store in the scheduler's process, the scheduler already
+verified every block and pulled disk blocks into DRAM; otherwise (tensor parallelism) each rank does that here and
+reports the blocks it cannot load, which vLLM recomputes. On CUDA one kernel (``longseq.kernels.kv_block_copy``)
+reads the store's pinned DRAM buffers directly and writes every layer's pages, a request's whole prefix per launch;
+otherwise (CPU, ``load_kernel: copy``, a cache layout the kernel does not cover, a failed start-up self-test, or
+blocks no longer in DRAM) each block is copied into a staging tensor on the cache device, chunk by chunk, and
+scattered into every layer with one ``index_copy_`` per layer. Saves: after the forward, pages are gathered per
+layer on a side CUDA stream into a staging tensor, copied to reused pinned host buffers, and handed to a background
+thread that ``put``s them; the compute stream then waits (GPU-side) for the gather, not for the device->host copy
+(which reads only the staging tensor and overlaps later steps), so a page vLLM reuses right away (preemption) is
+never overwritten before it is read; requests with saves are reported finished-sending once their device->host copy
+is done. Pages are always moved in their LOGICAL order (``index_select``/``index_copy_`` on the possibly
+non-contiguous per-layer view), so the stored bytes do not depend on the cache's stride order.
 """
 
 from __future__ import annotations
@@ -157,6 +157,8 @@ class OffloadWorker:
     def load(self, transfers: list[BlockTransfer], block_size: int) -> None:
         for tr in transfers:
             t0 = time.perf_counter()
+            if not tr.checked:  # the scheduler could not read this rank's store: check (and pull disk blocks) here
+                tr = self._usable_prefix(tr)
             # The direct kernel takes the whole prefix in one launch (no staging memory to bound, and no GPU idle
             # time between chunks: chunks of 256 MiB ran at 47 GB/s where the kernel alone reaches 51);
             # blocks it could not take are copied per block, in chunks.
@@ -178,6 +180,18 @@ class OffloadWorker:
             log.info("LongSeqOffloadConnector: loaded %d tokens (%d blocks, %.1f MiB) for request %s in %.1f ms"
                      " (%.2f GB/s)", done * block_size, done, done * self.block_bytes / 2**20, tr.req_id, dt * 1e3,
                      done * self.block_bytes / max(dt, 1e-9) / 1e9)
+
+    def _usable_prefix(self, tr: BlockTransfer) -> BlockTransfer:
+        """``tr`` cut at its first block this rank cannot load (missing, or failing a check); the cut blocks are
+        reported as load errors, so vLLM recomputes them (on every rank: it takes the union of the ranks' errors)."""
+        ok = self.store.fetch_to_dram(tr.keys)
+        n = ok.index(False) if False in ok else len(ok)
+        if n < len(ok):
+            self.load_errors.update(tr.block_ids[n:])
+            self.counters["load_failed_blocks"] += len(ok) - n
+            log.info("LongSeqOffloadConnector: %d of %d blocks of request %s are not in this rank's store; vLLM "
+                     "recomputes them", len(ok) - n, len(ok), tr.req_id)
+        return BlockTransfer(tr.req_id, tr.block_ids[:n], tr.keys[:n], checked=True)
 
     def _load_direct(self, block_ids: list[int], keys: list[bytes]) -> int:
         """Leading blocks in pinned DRAM, loaded by the direct-read kernel; returns how many."""

@@ -1,6 +1,7 @@
 """LongSeqOffloadConnector on CUDA (vLLM 0.26, GPU machine).
 
-These tests are the connector's CUDA validation (both passed on an H200 on 2026-11-29, commit a84cd2c).
+These tests are the connector's CUDA validation (1 and 2 passed on an H200 on 2026-11-29, commit a84cd2c, and
+again on 2026-11-30 with 3; 3 passed on two H200s on 2026-11-30).
 
 1. Worker level, real CUDA streams, vLLM's own FLASH_ATTN cache layout: pages written late on the compute
    stream are saved with their final bytes; pages overwritten right after ``save`` returns are saved with
@@ -10,6 +11,7 @@ These tests are the connector's CUDA validation (both passed on an H200 on 2026-
    engine), not the uncached run: on GPU a cached-prefix prefill runs other GEMM/attention shapes than a
    full prefill, so greedy tokens may legitimately differ from the uncached run at near-ties (the first GPU
    run diverged at the third digit of a year). Loaded bytes equal to vLLM's own bytes give identical tokens.
+3. Tensor parallelism (2 GPUs): the same at TP=2, where the scheduler cannot see the ranks' stores.
 
 Run on the GPU machine: ``python -m pytest tests/test_vllm_kv_offload_gpu.py -m gpu -q`` (~3 min).
 This file is also the runner of the "same prompts twice in one engine" reference (``__main__``).
@@ -131,14 +133,15 @@ def prompts(smollm2_path):
     return make_prompts(AutoTokenizer.from_pretrained(smollm2_path), LENGTHS, seed=3)
 
 
-def run_twice_in_one_engine(model: str, prompts: list[list[int]]) -> dict:
+def run_twice_in_one_engine(model: str, prompts: list[list[int]], llm_kwargs: dict | None = None) -> dict:
     """Plain engine (prefix caching on): prompts once (1 token, fills vLLM's cache), then again: the second
     pass is vLLM's own GPU prefix-cache hit of (n-1)//16 blocks per prompt, the numerics ours must match."""
     from engine_utils import LLM_KWARGS, clean_env
 
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-        json.dump({"model": model, "prompts": prompts, "llm_kwargs": {**LLM_KWARGS, **GPU_KWARGS}}, open(spec, "w"))
+        json.dump({"model": model, "prompts": prompts,
+                   "llm_kwargs": {**LLM_KWARGS, **GPU_KWARGS, **(llm_kwargs or {})}}, open(spec, "w"))
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), spec, out], env=clean_env({}), cwd=tmp,
                               capture_output=True, text=True, timeout=900)
         if proc.returncode != 0 or not os.path.exists(out):
@@ -170,6 +173,43 @@ def test_save_then_load_in_a_new_engine_matches_vllms_own_prefix_hit(smollm2_pat
     assert s2["store"]["corrupt_blocks"] == 0
     hit_tokens = [(n - 1) // BLOCK * BLOCK for n in LENGTHS]
     assert native_hit["cached_tokens"] == hit_tokens, native_hit  # the reference really is a prefix hit
+    assert second["tokens"] == native_hit["tokens"]
+
+
+def test_tp2_each_rank_saves_and_a_new_engine_loads_like_vllms_own_prefix_hit(tmp_path):
+    """TP=2: each rank stores its own KV head under its own fingerprint; the scheduler (another process) counts
+    hits from its index and both ranks' disk files; a new TP=2 engine loads every rank's blocks and gives vLLM's
+    own prefix-hit tokens. Model: the tiny ``gqa4-d128`` preset (2 KV heads: one per rank)."""
+    import random
+
+    import torch
+
+    from engine_utils import run_llm
+    from longseq.models.tiny import VOCAB_SIZE, tiny_model_path
+
+    _need_cuda()
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs, this machine has {torch.cuda.device_count()}")
+    model = tiny_model_path("gqa4-d128", str(tmp_path / "tiny"))
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in LENGTHS]
+    tp = {"tensor_parallel_size": 2}
+    disk, s1, s2 = str(tmp_path / "kv"), str(tmp_path / "s1.json"), str(tmp_path / "s2.json")
+    native_hit = run_twice_in_one_engine(model, prompts, tp)
+    first = run_llm(model, prompts, MAX_TOKENS, {},
+                    llm_kwargs={**GPU_KWARGS, **tp, "kv_transfer_config": kv_config(disk, s1)})
+    second = run_llm(model, prompts, MAX_TOKENS, {},
+                     llm_kwargs={**GPU_KWARGS, **tp, "kv_transfer_config": kv_config(disk, s2)})
+    hit_tokens = [(n - 1) // BLOCK * BLOCK for n in LENGTHS]
+    assert native_hit["cached_tokens"] == hit_tokens, native_hit
+    ranks1 = [json.load(open(f"{s1}.tp{r}")) for r in range(2)]
+    ranks2 = [json.load(open(f"{s2}.tp{r}")) for r in range(2)]
+    sched2 = json.load(open(s2))
+    print(f"TP=2 first == reference: {first['tokens'] == native_hit['tokens']}; reload == reference: "
+          f"{second['tokens'] == native_hit['tokens']}; scheduler {sched2}; ranks {ranks2}")
+    assert all(r["saved_blocks"] > 0 and r["loaded_tokens"] == 0 for r in ranks1), ranks1
+    assert sched2["ranks"] == 2 and sched2["hit_tokens"] == sum(hit_tokens), sched2
+    assert all(r["loaded_tokens"] == sum(hit_tokens) and r["load_failed_blocks"] == 0 for r in ranks2), ranks2
     assert second["tokens"] == native_hit["tokens"]
 
 

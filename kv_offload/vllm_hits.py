@@ -1,0 +1,117 @@
+"""Where the scheduler half of ``LongSeqOffloadConnector`` learns which blocks the workers hold.
+
+``StoreHits`` (one worker, in the engine-core process: one GPU or the CPU platform with the in-process executor):
+asks the worker's ``BlockStore`` directly. Disk blocks are read, checked and promoted into DRAM at lookup time,
+so a counted block cannot fail to load.
+
+``KeyIndexHits`` (workers in other processes: tensor parallelism, or the multiprocess executor): the scheduler
+cannot see the workers' stores, so it keeps
+- an LRU of the keys it sent for saving or loading, as large as the smallest rank's DRAM tier (every rank gets the
+  same saves and loads in the same order, so their LRUs evict the same blocks as this index), and
+- header probes of every rank's block files in the disk directory (each rank's fingerprint differs: its own heads).
+Each worker reads and checks its blocks when it loads them (``BlockStore.fetch_to_dram``); a block missing or bad
+on any rank is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes it (vLLM takes the union
+over ranks). The index and the workers can drift (a dropped save, a failed write): drift costs recompute, never
+wrong data.
+
+Framework-free apart from the shapes described here; ``RankInfo`` is what each worker tells the scheduler at
+start-up (vLLM's KV connector handshake metadata).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .disk import DiskTier
+from .fingerprint import KVFingerprint
+from .stats import StatsRecorder
+from .store import BlockStore
+
+
+@dataclass
+class RankInfo:
+    """One worker rank's store, as the scheduler needs it.
+
+    rank:             tensor-parallel rank
+    fingerprint_json: ``KVFingerprint.to_json()`` of the rank's store (its heads, page shape, dtype)
+    dram_blocks:      blocks the rank's DRAM tier holds when full
+    """
+
+    rank: int
+    fingerprint_json: str
+    dram_blocks: int
+
+
+class StoreHits:
+    """Hits from the worker's own store (same process)."""
+
+    mode = "store"
+
+    def __init__(self, store: BlockStore) -> None:
+        self.store = store
+
+    def count(self, keys: list[bytes]) -> int:
+        """Leading ``keys`` usable now: present, and for disk blocks read, checked and pulled into DRAM."""
+        present = self.store.count_prefix_hits(keys)
+        ok = self.store.fetch_to_dram(keys[:present])
+        return ok.index(False) if False in ok else len(ok)  # a failed block: recompute from there
+
+    def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
+        return self.store.in_dram_batch(keys)
+
+    def sent(self, keys: list[bytes]) -> None:
+        """Keys sent to the workers for saving or loading (the store itself tracks them here)."""
+
+    def close(self) -> None:
+        """The store belongs to the worker half."""
+
+
+class KeyIndexHits:
+    """Hits from an index of what was sent to the workers, plus probes of every rank's disk files."""
+
+    mode = "index"
+
+    def __init__(self, ranks: list[RankInfo], disk_dir: str | None = None, disk_gib: float = 0.0) -> None:
+        if not ranks:
+            raise ValueError("KeyIndexHits: no rank reported its store")
+        self.ranks = sorted(ranks, key=lambda r: r.rank)
+        self.capacity = min(r.dram_blocks for r in self.ranks)
+        self._keys: OrderedDict[bytes, None] = OrderedDict()
+        self.rec = StatsRecorder()
+        # Probe-only views of each rank's files (same directory and fingerprints as the workers' stores): reads
+        # headers, never payloads; a file that fails its header check is handled as the workers would.
+        self.disks = [DiskTier(disk_dir, KVFingerprint.from_json(r.fingerprint_json), int(disk_gib * (1 << 30)),
+                               self.rec) for r in self.ranks] if disk_dir else []
+
+    def count(self, keys: list[bytes]) -> int:
+        """Leading ``keys`` that every rank should hold: in the index (DRAM), or a file on disk for every rank."""
+        n = 0
+        for k in keys:
+            if k not in self._keys:
+                break
+            self._keys.move_to_end(k)  # a hit is loaded: the workers' LRUs touch it too
+            n += 1
+        if self.disks:
+            for k in keys[n:]:
+                if not all(d.probe(k) for d in self.disks):
+                    break
+                n += 1
+        return n
+
+    def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
+        return [k in self._keys for k in keys]
+
+    def sent(self, keys: list[bytes]) -> None:
+        """The workers will ``put`` (save) or fetch into DRAM (load) these blocks: most recent in their LRUs."""
+        for k in keys:
+            self._keys[k] = None
+            self._keys.move_to_end(k)
+        while len(self._keys) > self.capacity:
+            self._keys.popitem(last=False)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._keys
+
+    def close(self) -> None:
+        self._keys.clear()
