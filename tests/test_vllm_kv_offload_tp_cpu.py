@@ -20,8 +20,10 @@ from engine_utils import run_llm
 
 BLOCK = 128  # vLLM CPU's default KV block size
 MAX_TOKENS = 8
-# One OpenMP thread per rank, bound explicitly (vLLM's auto-binding wants one NUMA node per rank).
-TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+# One OpenMP thread per rank, bound explicitly (vLLM's auto-binding wants one NUMA node per rank); with a single
+# allowed CPU both ranks share it.
+_CPUS = sorted(os.sched_getaffinity(0))
+TP_ENV = {"VLLM_CPU_OMP_THREADS_BIND": f"{_CPUS[0]}|{_CPUS[min(1, len(_CPUS) - 1)]}"}
 TP_KWARGS = {"tensor_parallel_size": 2}
 
 
