@@ -338,6 +338,10 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         if num_external_tokens > 0:
             self._scheduler().after_alloc(request, blocks.get_block_ids()[0], num_external_tokens)
 
+    def update_connector_output(self, connector_output) -> None:
+        if connector_output.invalid_block_ids and self._sched is not None:
+            self._sched.load_failed(set(connector_output.invalid_block_ids))
+
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         loads, saves = self._scheduler().build_step(scheduler_output)
         return LongSeqOffloadMetadata(loads, saves)

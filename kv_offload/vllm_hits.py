@@ -63,6 +63,9 @@ class StoreHits:
     def sent(self, keys: list[bytes]) -> None:
         """Keys sent to the workers for saving or loading (the store itself tracks them here)."""
 
+    def forget(self, keys: list[bytes]) -> None:
+        """Keys a worker failed to load (the store already dropped a bad block)."""
+
     def close(self) -> None:
         """The store belongs to the worker half."""
 
@@ -109,6 +112,11 @@ class KeyIndexHits:
             self._keys.move_to_end(k)
         while len(self._keys) > self.capacity:
             self._keys.popitem(last=False)
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Keys some rank failed to load: no longer counted, so they are saved again once recomputed."""
+        for k in keys:
+            self._keys.pop(k, None)
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._keys

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,8 @@ log = logging.getLogger("longseq.kv_offload")
 KEY_BYTES = 16
 #: Keys of recently sent saves remembered, so requests sharing a prefix in flight save each block once.
 RECENT_SAVES = 1 << 16
+#: Steps whose loads are remembered until the workers' load errors for them come back (async scheduling: 1 late).
+RECENT_LOAD_STEPS = 4
 
 
 def chain_keys(token_ids, block_size: int, num_blocks: int, seed: bytes, prev: list[bytes] | None = None) -> list[bytes]:
@@ -100,6 +102,7 @@ class OffloadScheduler:
         # the scheduler, reported in the stats so a slow TTFT can be attributed.
         self.lookup_seconds = self.step_seconds = 0.0
         self._recent_saves: OrderedDict[bytes, None] = OrderedDict()
+        self._recent_loads: deque[list[BlockTransfer]] = deque(maxlen=RECENT_LOAD_STEPS)
 
     def track(self, request) -> None:
         self._state(request)
@@ -166,6 +169,8 @@ class OffloadScheduler:
         end of this step and is known (drafted tokens are not, until accepted)."""
         t0 = time.perf_counter()
         loads, self.pending_loads = self.pending_loads, []
+        if loads:
+            self._recent_loads.append(loads)
         saves: list[BlockTransfer] = []
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -214,6 +219,25 @@ class OffloadScheduler:
             self.hits.sent(todo)
             st.had_saves = True
             saves.append(BlockTransfer(st.request.request_id, ids, todo))
+
+    def load_failed(self, block_ids: set[int]) -> None:
+        """Some worker could not load ``block_ids`` (vLLM recomputes them). Forget their keys and everything after
+        them in the request, and save them again once recomputed: otherwise a block a rank lost would be counted,
+        fail and be recomputed on every later hit."""
+        for loads in self._recent_loads:
+            for tr in loads:
+                first = next((i for i, b in enumerate(tr.block_ids) if b in block_ids), None)
+                if first is None:
+                    continue
+                lost = tr.keys[first:]
+                self.hits.forget(lost)
+                for k in lost:
+                    self._recent_saves.pop(k, None)
+                st = self.reqs.get(tr.req_id)
+                if st is not None and lost[0] in st.keys:
+                    st.saved_blocks = min(st.saved_blocks, st.keys.index(lost[0]))
+                log.info("LongSeqOffloadConnector: %d blocks of request %s failed to load on some rank; they are "
+                         "recomputed and saved again", len(lost), tr.req_id)
 
     def finished(self, request) -> bool:
         """Forget the request; True = its blocks must stay allocated until the worker reports its saves done."""

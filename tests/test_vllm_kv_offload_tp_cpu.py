@@ -117,7 +117,8 @@ def test_restarted_tp2_server_loads_every_rank_from_disk_with_identical_output(r
 def test_a_block_damaged_on_one_rank_is_recomputed_on_every_rank(tiny_model, prompts, saved, reloaded, base,
                                                                     tmp_path):
     """Rank 1's copy of block 3 of the long prompt gets a flipped payload byte (its header still passes the
-    scheduler's probe). Rank 1 fails it at load time; vLLM recomputes from there on both ranks."""
+    scheduler's probe). Rank 1 fails it at load time; vLLM recomputes from there on both ranks, and the scheduler
+    sends the recomputed blocks for saving again: the next server loads every block on both ranks."""
     from test_vllm_kv_offload_cpu import block_keys, block_path
 
     disk, _, _ = saved
@@ -132,6 +133,12 @@ def test_a_block_damaged_on_one_rank_is_recomputed_on_every_rank(tiny_model, pro
     r0, r1 = rank_stats(stats)
     assert r1["load_failed_blocks"] >= 1 and r1["store"]["corrupt_blocks"] == 1, r1
     assert r0["load_failed_blocks"] == 0 and r0["loaded_blocks"] > r1["loaded_blocks"], (r0, r1)
+    assert r1["saved_blocks"] >= 1, r1  # the recomputed block 3 (and later ones rank 1 could not load) again
+    stats = str(tmp_path / "after.json")
+    assert run(tiny_model, prompts, kv_config(disk, stats)) == base
+    hit_blocks = sum((len(p) - 1) // BLOCK for p in prompts)
+    for s in rank_stats(stats):
+        assert s["loaded_blocks"] == hit_blocks and s["load_failed_blocks"] == 0, s
 
 
 # ---- without an engine: the scheduler's index and a rank's load-time checks ------------------------------------
@@ -199,3 +206,32 @@ def test_rank_loads_its_usable_prefix_and_reports_the_rest_as_load_errors(tmp_pa
     for s_, d_ in zip(src, dst):
         assert torch.equal(d_[4], s_[0]) and torch.equal(d_[5], s_[1])
         assert not d_[6].any() and not d_[7].any()
+
+
+def test_a_block_that_failed_to_load_is_forgotten_and_saved_again_after_recompute():
+    """A rank lost block 1 (say, its save was dropped): the load fails there, vLLM recomputes from block 1, and the
+    scheduler must stop counting blocks 1+ and send them for saving again, or every later hit would fail too."""
+    from longseq.kv_offload.vllm_hits import KeyIndexHits, RankInfo
+    from longseq.kv_offload.vllm_scheduler import OffloadScheduler
+    from test_vllm_kv_offload_cpu import _request, _step
+
+    hits = KeyIndexHits([RankInfo(0, "{}", 100), RankInfo(1, "{}", 100)])
+    sch = OffloadScheduler(hits, block_size=16)
+    tokens = list(range(2000, 2000 + 70))  # 4 full blocks + 6
+    first = _request("a", tokens)
+    sch.track(first)
+    _, saves = sch.build_step(_step(new=[("a", [1, 2, 3, 4, 5], 0)], sched={"a": 70}))
+    keys = saves[0].keys
+    assert len(keys) == 4 and all(k in hits for k in keys)
+    sch.finished(first)
+    again = _request("b", tokens)
+    assert sch.num_new_matched_tokens(again, 0) == 64
+    sch.after_alloc(again, [6, 7, 8, 9, 10], 64)
+    loads, saves = sch.build_step(_step(new=[("b", [6, 7, 8, 9, 10], 64)], sched={"b": 6}))
+    assert [t.block_ids for t in loads] == [[6, 7, 8, 9]] and not saves
+    sch.load_failed({7})  # what update_connector_output passes on from the ranks' union of load errors
+    assert keys[0] in hits and not any(k in hits for k in keys[1:])
+    # vLLM recomputes from block 1 (tokens 16..69); the recomputed full blocks are saved again
+    _, saves = sch.build_step(_step(cached=[("b", None, 16)], sched={"b": 54}))
+    assert [(t.block_ids, t.keys) for t in saves] == [([7, 8, 9], keys[1:])]
+    assert sch.num_new_matched_tokens(_request("c", tokens), 0) == 64
