@@ -20,8 +20,9 @@ def main(spec_path: str, out_path: str) -> None:
     llm = LLM(model=spec["model"], **spec.get("llm_kwargs", {}))
     t_load = time.perf_counter() - t0
     # prompt_logprobs=k: the top-k log-probs at every prompt position (teacher-forced over the prompt).
+    # logprobs=k: the top-k log-probs of every generated step (to tell a near-tie split from a real difference).
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True,
-                            prompt_logprobs=spec.get("prompt_logprobs"))
+                            prompt_logprobs=spec.get("prompt_logprobs"), logprobs=spec.get("logprobs"))
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False)
     t_gen = time.perf_counter() - t0
@@ -31,6 +32,8 @@ def main(spec_path: str, out_path: str) -> None:
                "texts": [o.outputs[0].text for o in outs],
                "prompt_logprobs": [_top_logprobs(o.prompt_logprobs) for o in outs] if spec.get("prompt_logprobs")
                else None,
+               "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                            for o in outs] if spec.get("logprobs") else None,
                "load_s": t_load, "generate_s": t_gen}, open(out_path, "w"))
 
 

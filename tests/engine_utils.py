@@ -34,18 +34,50 @@ def clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 def run_llm(model: str, prompts: list[list[int]], max_tokens: int, env: dict[str, str],
-            llm_kwargs: dict | None = None, timeout: float = 900, prompt_logprobs: int | None = None) -> dict:
-    """Run ``engine_runner.py`` in a fresh process from a neutral cwd; return its JSON (or raise with its log)."""
+            llm_kwargs: dict | None = None, timeout: float = 900, prompt_logprobs: int | None = None,
+            logprobs: int | None = None) -> dict:
+    """Run ``engine_runner.py`` in a fresh process from a neutral cwd; return its JSON (or raise with its log).
+    ``logprobs=k``: also the top-k log-probs of each generated step (``out["logprobs"][prompt][step]``)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "spec.json")
         out = os.path.join(tmp, "out.json")
         json.dump({"model": model, "prompts": prompts, "max_tokens": max_tokens, "prompt_logprobs": prompt_logprobs,
-                   "llm_kwargs": {**LLM_KWARGS, **(llm_kwargs or {})}}, open(spec, "w"))
+                   "logprobs": logprobs, "llm_kwargs": {**LLM_KWARGS, **(llm_kwargs or {})}}, open(spec, "w"))
         proc = subprocess.run([sys.executable, RUNNER, spec, out], env=clean_env(env), cwd=tmp,
                               capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not os.path.exists(out):
             raise EngineRunError(proc.returncode, proc.stdout + proc.stderr)
         return json.load(open(out))
+
+
+#: Greedy runs whose kernels round differently may part at a step where the baseline's top-2 log-probs are
+#: closer than this (nats); anywhere else a difference is a bug.
+TIE_NATS = 0.25
+
+
+def compare_greedy(base: dict, ours: dict, tie_nats: float = TIE_NATS) -> dict:
+    """Per prompt: tokens equal up to the first difference, which must sit at a near-tie of the baseline.
+
+    ``base`` needs ``logprobs`` (top-2 at least) and ``tokens``; ``ours`` needs ``tokens`` (and ``logprobs`` for
+    ``max_logprob_diff``). Kernels that compute the same math in another order (fp32 SDPA vs einsum, GEMMs of
+    another batch shape, another CPU ISA) flip greedy near-ties of the synthetic prompts; that is not an error.
+    """
+    report = {"identical": 0, "near_tie_splits": [], "max_logprob_diff": 0.0}
+    for p, (tb, to) in enumerate(zip(base["tokens"], ours["tokens"])):
+        assert len(tb) == len(to), (p, tb, to)
+        split = next((i for i, (a, b) in enumerate(zip(tb, to)) if a != b), None)
+        if ours.get("logprobs"):
+            for i in range(len(tb) if split is None else split):
+                lp_b, lp_o = base["logprobs"][p][i][str(tb[i])], ours["logprobs"][p][i][str(tb[i])]
+                report["max_logprob_diff"] = max(report["max_logprob_diff"], abs(lp_b - lp_o))
+        if split is None:
+            report["identical"] += 1
+            continue
+        top = sorted(base["logprobs"][p][split].values(), reverse=True)
+        gap = top[0] - top[1]
+        assert gap < tie_nats, f"prompt {p} parts at step {split} where the baseline's top-2 gap is {gap:.3f} nats"
+        report["near_tie_splits"].append({"prompt": p, "step": split, "gap": gap})
+    return report
 
 
 class EngineRunError(RuntimeError):

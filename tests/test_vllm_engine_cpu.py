@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from engine_utils import ApiServer, EngineRunError, read_traces, run_llm
+from engine_utils import ApiServer, EngineRunError, compare_greedy, read_traces, run_llm
 from longseq.models.prompts import make_prompts
 
 pytestmark = pytest.mark.engine
@@ -32,7 +32,7 @@ def prompts(smollm2_path):
 @pytest.fixture(scope="module")
 def builtin_run(smollm2_path, prompts, tmp_path_factory):
     trace = str(tmp_path_factory.mktemp("trace-builtin"))
-    out = run_llm(smollm2_path, prompts, MAX_TOKENS, {"LONGSEQ_TRACE_DIR": trace})
+    out = run_llm(smollm2_path, prompts, MAX_TOKENS, {"LONGSEQ_TRACE_DIR": trace}, logprobs=2)
     return out, trace
 
 
@@ -126,7 +126,11 @@ def test_multiprocess_engine_runs_plugin_in_worker(smollm2_path, prompts, builti
 
 
 def test_api_server_completions_match_builtin(smollm2_path, prompts, builtin_run, tmp_path):
-    """The OpenAI server (``vllm serve``'s app) answers /v1/completions through our backend, batch > 1."""
+    """The OpenAI server (``vllm serve``'s app) answers /v1/completions through our backend, batch > 1.
+
+    The server schedules the batch its own way (other chunk sizes and batch shapes than the offline run), and
+    vLLM's CPU GEMMs round differently per shape: on an AVX-512/AMX CPU that flipped a near-tie of one prompt
+    (2026-11-30). So: the same tokens up to, at most, a split where the built-in run's top-2 nearly tie."""
     import requests
 
     trace = str(tmp_path / "trace")
@@ -137,13 +141,21 @@ def test_api_server_completions_match_builtin(smollm2_path, prompts, builtin_run
         server.wait_ready()
         r = requests.post(server.url + "/v1/completions", timeout=600, json={
             "model": smollm2_path, "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-            "ignore_eos": True})
+            "ignore_eos": True, "return_token_ids": True, "logprobs": 1})
         assert r.status_code == 200, r.text
-        texts = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
     finally:
         server.stop()
     assert_our_backend_ran(trace)
-    assert texts == builtin_run[0]["texts"]
+    served = {"tokens": [c["token_ids"] for c in choices],
+              "logprobs": [[{str(t): lp} for t, lp in zip(c["token_ids"], c["logprobs"]["token_logprobs"])]
+                           for c in choices]}
+    # bf16 logits of this size step by 0.125-0.25, so a one-ulp near-tie shows as a gap of up to 0.25 nats
+    report = compare_greedy(builtin_run[0], served, tie_nats=0.3)
+    assert report["max_logprob_diff"] < 0.2, report  # the same distribution up to any split
+    for c, want, tokens in zip(choices, builtin_run[0]["texts"], builtin_run[0]["tokens"]):
+        if c["token_ids"] == tokens:
+            assert c["text"] == want  # the server detokenizes what it generated
 
 
 def test_bad_technique_stops_engine_at_startup_with_clear_error(smollm2_path, prompts):

@@ -6,7 +6,7 @@ steps longseq's recurrent kernel; the trace proves both happened.
 Weights: vLLM's dummy load, then every non-MLA weight redrawn (``longseq.models.kimi_linear.randomize_weights``)
 so logits spread and the KDA layers carry signal. Ours and vLLM's KDA decode kernels round differently, so a
 greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the test requires identical tokens
-up to such a near-tie (gap < ``TIE_NATS``) reached only after several identical steps, the same logprobs up to
+up to such a near-tie (gap < ``engine_utils.TIE_NATS``) reached only after several identical steps, the same logprobs up to
 ``LOGPROB_TOL`` before it, and at least half of the prompts identical to the end. (The bar was "all prompts but
 one identical" until the 2026-11-29 H200 run: 2 of 4 identical, the others parting after 22 and 28 identical
 tokens at vLLM top-2 gaps of 0.125 and exactly 0.0 nats, max logprob difference 0.144. A gap of 0.0 is a tie
@@ -27,13 +27,12 @@ import tempfile
 
 import pytest
 
-from engine_utils import EngineRunError, clean_env, read_traces
+from engine_utils import EngineRunError, clean_env, compare_greedy, read_traces
 
 pytestmark = pytest.mark.gpu
 
 MAX_TOKENS = 32
 LENGTHS = [1500, 700, 130, 17]  # mixed prefill lengths (several chunks of 64, and a partial one), batch 4 decode
-TIE_NATS = 0.25
 LOGPROB_TOL = 0.2
 MIN_STEPS_BEFORE_SPLIT = 8  # a wrong recurrent state shows at once; rounding needs many steps to reach a tie
 LLM_KWARGS = {"dtype": "bfloat16", "max_model_len": 4096, "gpu_memory_utilization": 0.3, "max_num_seqs": 8,
@@ -53,24 +52,6 @@ def run_kimi(model: str, prompts, env: dict, max_tokens: int = MAX_TOKENS) -> di
         if proc.returncode != 0 or not os.path.exists(out):
             raise EngineRunError(proc.returncode, proc.stdout + proc.stderr)
         return json.load(open(out))
-
-
-def compare_greedy(base: dict, ours: dict) -> dict:
-    """Per prompt: tokens equal up to the first difference, which must sit at a near-tie of the baseline."""
-    report = {"identical": 0, "near_tie_splits": [], "max_logprob_diff": 0.0}
-    for p, (tb, to) in enumerate(zip(base["tokens"], ours["tokens"])):
-        split = next((i for i, (a, b) in enumerate(zip(tb, to)) if a != b), None)
-        for i in range(len(tb) if split is None else split):
-            lp_b, lp_o = base["logprobs"][p][i][str(tb[i])], ours["logprobs"][p][i][str(tb[i])]
-            report["max_logprob_diff"] = max(report["max_logprob_diff"], abs(lp_b - lp_o))
-        if split is None:
-            report["identical"] += 1
-            continue
-        top = sorted(base["logprobs"][p][split].values(), reverse=True)
-        gap = top[0] - top[1]
-        assert gap < TIE_NATS, f"prompt {p} parts at step {split} where vLLM's top-2 gap is {gap:.3f} nats"
-        report["near_tie_splits"].append({"prompt": p, "step": split, "gap": gap})
-    return report
 
 
 @pytest.fixture(scope="module")
