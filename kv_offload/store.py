@@ -31,7 +31,7 @@ __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
 log = logging.getLogger("longseq.kv_offload")
 GIB = 1 << 30
-#: Threads ``fetch_to_dram`` reads disk blocks with (file reads and crc32 release the GIL).
+#: Threads ``fetch_prefix_to_dram`` reads disk blocks with (file reads and crc32 release the GIL).
 READ_THREADS = 8
 
 
@@ -140,10 +140,10 @@ class BlockStore:
             return None
         return out if out is not None else got
 
-    def fetch_to_dram(self, keys: list[bytes]) -> list[bool]:
-        """Whether each block is usable now without a disk read: DRAM blocks are; disk blocks are read (checksum)
-        and promoted into DRAM, several at once, since that read is the disk tier's whole cost. False = a miss or
-        a failed check (the block is not data)."""
+    def fetch_prefix_to_dram(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` are usable now without a disk read: DRAM blocks are; disk blocks are read
+        (checksum) and promoted into DRAM, several at once, since that read is the disk tier's whole cost. The count
+        stops at the first miss or failed check (that block is not data, and a prefix cannot skip it)."""
         keys = [_check_key(k) for k in keys]
         on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
         if self._disk is None:
@@ -155,7 +155,8 @@ class BlockStore:
             got = dict(zip(on_disk, self._read_pool.map(lambda k: self.get(k) is not None, on_disk)))
         else:
             got = {k: self.get(k) is not None for k in on_disk}
-        return [got.get(k, True) for k in keys]
+        ok = [got.get(k, True) for k in keys]
+        return ok.index(False) if False in ok else len(ok)
 
     def dram_capacity_blocks(self, block_nbytes: int) -> int:
         """How many blocks of ``block_nbytes`` the DRAM tier holds when full."""

@@ -9,7 +9,7 @@ cannot see the workers' stores, so it keeps
 - an LRU of the keys it sent for saving or loading, as large as the smallest rank's DRAM tier (every rank gets the
   same saves and loads in the same order, so their LRUs evict the same blocks as this index), and
 - header probes of every rank's block files in the disk directory (each rank's fingerprint differs: its own heads).
-Each worker reads and checks its blocks when it loads them (``BlockStore.fetch_to_dram``); a block missing or bad
+Each worker reads and checks its blocks when it loads them (``BlockStore.fetch_prefix_to_dram``); a block missing or bad
 on any rank is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes it (vLLM takes the union
 over ranks). The index and the workers can drift (a dropped save, a failed write): drift costs recompute, never
 wrong data.
@@ -53,9 +53,7 @@ class StoreHits:
 
     def count(self, keys: list[bytes]) -> int:
         """Leading ``keys`` usable now: present, and for disk blocks read, checked and pulled into DRAM."""
-        present = self.store.count_prefix_hits(keys)
-        ok = self.store.fetch_to_dram(keys[:present])
-        return ok.index(False) if False in ok else len(ok)  # a failed block: recompute from there
+        return self.store.fetch_prefix_to_dram(keys[:self.store.count_prefix_hits(keys)])
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
         return self.store.in_dram_batch(keys)

@@ -184,13 +184,12 @@ class OffloadWorker:
     def _usable_prefix(self, tr: BlockTransfer) -> BlockTransfer:
         """``tr`` cut at its first block this rank cannot load (missing, or failing a check); the cut blocks are
         reported as load errors, so vLLM recomputes them (on every rank: it takes the union of the ranks' errors)."""
-        ok = self.store.fetch_to_dram(tr.keys)
-        n = ok.index(False) if False in ok else len(ok)
-        if n < len(ok):
+        n = self.store.fetch_prefix_to_dram(tr.keys)
+        if n < len(tr.keys):
             self.load_errors.update(tr.block_ids[n:])
-            self.counters["load_failed_blocks"] += len(ok) - n
+            self.counters["load_failed_blocks"] += len(tr.keys) - n
             log.info("LongSeqOffloadConnector: %d of %d blocks of request %s are not in this rank's store; vLLM "
-                     "recomputes them", len(ok) - n, len(ok), tr.req_id)
+                     "recomputes them", len(tr.keys) - n, len(tr.keys), tr.req_id)
         return BlockTransfer(tr.req_id, tr.block_ids[:n], tr.keys[:n], checked=True)
 
     def _load_direct(self, block_ids: list[int], keys: list[bytes]) -> int:

@@ -96,6 +96,15 @@ def block_path(disk_dir: str, fp, key: bytes) -> str:
     return DiskTier(disk_dir, fp, 1 << 30, StatsRecorder()).path_for(key)
 
 
+def flip_payload_byte(path: str) -> None:
+    """Invert one payload byte of a block file (100 bytes from its end): the header still passes."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 100)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def damage_blocks(disk_dir: str, prompts: list[list[int]], tmp) -> None:
     import dataclasses
 
@@ -106,12 +115,7 @@ def damage_blocks(disk_dir: str, prompts: list[list[int]], tmp) -> None:
     fp = our_fingerprint(disk_dir)
     trunc = block_path(disk_dir, fp, block_keys(prompts[TRUNC])[2])  # blocks 0-1 stay good
     os.truncate(trunc, os.path.getsize(trunc) // 2)
-    flip = block_path(disk_dir, fp, block_keys(prompts[FLIP])[0])
-    with open(flip, "r+b") as f:
-        f.seek(os.path.getsize(flip) - 100)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_payload_byte(block_path(disk_dir, fp, block_keys(prompts[FLIP])[0]))
     # A block of the same key and size written by "another model", moved over ours.
     key = block_keys(prompts[FOREIGN])[0]
     ours = block_path(disk_dir, fp, key)

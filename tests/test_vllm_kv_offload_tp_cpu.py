@@ -17,6 +17,7 @@ import os
 import pytest
 
 from engine_utils import run_llm
+from test_vllm_kv_offload_cpu import block_keys, block_path, flip_payload_byte, kv_config
 
 BLOCK = 128  # vLLM CPU's default KV block size
 MAX_TOKENS = 8
@@ -44,12 +45,6 @@ def prompts():
     long, short = ([rng.randrange(3, VOCAB_SIZE) for _ in range(n)] for n in (1500, 700))
     other_start = [rng.randrange(3, VOCAB_SIZE) for _ in range(BLOCK)] + long[BLOCK:]  # block 0 replaced
     return [long, short, other_start]
-
-
-def kv_config(disk_dir: str, stats: str) -> dict:
-    return {"kv_connector": "LongSeqOffloadConnector", "kv_connector_module_path": "longseq.kv_offload.vllm",
-            "kv_role": "kv_both", "kv_connector_extra_config": {"cpu_gib": 0.25, "disk_dir": disk_dir, "disk_gib": 1,
-                                                                "stats_path": stats}}
 
 
 def run(model: str, prompts, kv: dict | None) -> list[list[int]]:
@@ -119,15 +114,8 @@ def test_a_block_damaged_on_one_rank_is_recomputed_on_every_rank(tiny_model, pro
     """Rank 1's copy of block 3 of the long prompt gets a flipped payload byte (its header still passes the
     scheduler's probe). Rank 1 fails it at load time; vLLM recomputes from there on both ranks, and the scheduler
     sends the recomputed blocks for saving again: the next server loads every block on both ranks."""
-    from test_vllm_kv_offload_cpu import block_keys, block_path
-
     disk, _, _ = saved
-    bad = block_path(disk, fingerprints(disk)[1], block_keys(prompts[0])[3])
-    with open(bad, "r+b") as f:
-        f.seek(os.path.getsize(bad) - 100)
-        byte = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_payload_byte(block_path(disk, fingerprints(disk)[1], block_keys(prompts[0])[3]))
     stats = str(tmp_path / "damaged.json")
     assert run(tiny_model, prompts, kv_config(disk, stats)) == base
     r0, r1 = rank_stats(stats)
