@@ -24,7 +24,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from longseq.plugin.config import LongSeqConfig  # noqa: E402
+from longseq.config import LongSeqConfig  # noqa: E402
 
 
 def parse_args(argv=None):

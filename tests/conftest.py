@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers (engine_utils, prompts)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "support"))  # engine_utils, kv_fixtures, ...
 
 
 @pytest.fixture(scope="session")

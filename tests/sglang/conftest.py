@@ -23,7 +23,7 @@ def _require_sglang():
 @pytest.fixture
 def longseq_env(monkeypatch):
     """``set_env(**{"LONGSEQ_X": "v"})`` -> the refreshed LongSeqConfig; restores the config afterwards."""
-    from longseq.plugin.config import LongSeqConfig, get_config
+    from longseq.config import LongSeqConfig, get_config
 
     for var in LongSeqConfig.ENV_NAMES.values():
         monkeypatch.delenv(var, raising=False)

@@ -128,7 +128,7 @@ def test_wrapper_delegates_everything(fake_inner):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     from longseq.attention_backends.sglang.dense import TRACE, LongSeqDenseBackend
-    from longseq.plugin.config import LongSeqConfig
+    from longseq.config import LongSeqConfig
 
     runner = SimpleNamespace(device="cuda")
     w = LongSeqDenseBackend(runner, LongSeqConfig(sglang_dense_backend="longseq_test_fake"))
@@ -160,7 +160,7 @@ def test_wrapper_delegates_everything(fake_inner):
 
 def test_inner_backend_choice():
     from longseq.attention_backends.sglang.dense import resolve_inner_backend
-    from longseq.plugin.config import LongSeqConfigError
+    from longseq.config import LongSeqConfigError
 
     assert resolve_inner_backend("auto", "cpu") == "torch_native"
     assert resolve_inner_backend("auto", "cuda") == "triton"
@@ -172,7 +172,7 @@ def test_inner_backend_choice():
 
 
 def test_factory_reports_bad_inner_setting(longseq_env):
-    from longseq.plugin.config import LongSeqConfigError
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import create_dense_backend
 
     longseq_env(LONGSEQ_SGLANG_DENSE="no_such_backend")

@@ -170,8 +170,8 @@ def test_layer_without_streaming_heads_runs_inner_backend(longseq_env, model_sha
     ],
 )
 def test_startup_errors(gates, env, message, longseq_env, model_shape, tmp_path, monkeypatch):
-    import longseq.plugin.config as config
-    from longseq.plugin.config import LongSeqConfigError
+    import longseq.config as config
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import create_duo_backend
 
     pattern = write_pattern(tmp_path / "p", gates, sink=SINK, recent=RECENT)
@@ -184,7 +184,7 @@ def test_startup_errors(gates, env, message, longseq_env, model_shape, tmp_path,
 
 
 def test_startup_errors_no_pattern_and_gpu(longseq_env, model_shape, tmp_path):
-    from longseq.plugin.config import LongSeqConfigError
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import create_duo_backend
 
     longseq_env()

@@ -109,12 +109,12 @@ def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longse
 
 
 def test_unsupported_state_pool_fails_at_startup(longseq_env, no_state_tracking):
-    import longseq.plugin.config as cfg_mod
+    import longseq.config as cfg_mod
     import longseq.plugin.sglang as plugin
 
     monkeypatch = no_state_tracking
 
-    from longseq.plugin.config import LongSeqConfigError
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import _install_kda_kernels_after_init
 
     longseq_env(LONGSEQ_KDA="1")

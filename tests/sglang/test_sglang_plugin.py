@@ -75,7 +75,7 @@ def test_register_is_idempotent():
 
 def test_supported_version_passes():
     from longseq.plugin.sglang import check_sglang_version
-    from longseq.plugin.versions import SGLANG_SUPPORTED
+    from longseq.versions import SGLANG_SUPPORTED
 
     assert check_sglang_version() == importlib.metadata.version("sglang") == "0.5.23"
     assert "0.5.23" in SGLANG_SUPPORTED
@@ -84,7 +84,7 @@ def test_supported_version_passes():
 @pytest.mark.parametrize("installed", ["0.5.22", "0.6.0", None])
 def test_wrong_version_is_reported_by_register_and_factory(installed, monkeypatch, caplog):
     import longseq.plugin.sglang as plugin
-    from longseq.plugin.versions import LongSeqVersionError
+    from longseq.versions import LongSeqVersionError
 
     monkeypatch.setattr(plugin, "installed_version", lambda dist: installed)
     monkeypatch.setattr(plugin, "_checked", False)
@@ -105,7 +105,7 @@ def test_wrong_version_is_reported_by_register_and_factory(installed, monkeypatc
 
 
 def test_register_logs_bad_config_once(monkeypatch, caplog):
-    import longseq.plugin.config as config
+    import longseq.config as config
     import longseq.plugin.sglang as plugin
 
     monkeypatch.setattr(plugin, "_checked", False)

@@ -313,8 +313,8 @@ def test_graph_metadata_hooks_build_the_same_block_table(longseq_env):
     ],
 )
 def test_startup_errors(env, runner_kw, message, longseq_env, monkeypatch):
-    import longseq.plugin.config as config
-    from longseq.plugin.config import LongSeqConfigError
+    import longseq.config as config
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import create_sparse_backend
 
     try:
@@ -327,7 +327,7 @@ def test_startup_errors(env, runner_kw, message, longseq_env, monkeypatch):
 
 
 def test_startup_error_for_head_major_kv_layout(longseq_env, monkeypatch):
-    from longseq.plugin.config import LongSeqConfigError
+    from longseq.config import LongSeqConfigError
     from longseq.plugin.sglang import create_sparse_backend
 
     longseq_env()

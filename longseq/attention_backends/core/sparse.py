@@ -1,0 +1,184 @@
+"""Quest-style sparse decode, framework-free: settings, the per-layer page index, one decode step.
+
+Framework adapters (vLLM, SGLang) call three things:
+  ``SparseSettings.from_config(config)`` and ``.validate_layer(...)`` at start-up (clear errors);
+  ``QuestPageIndex.update(key_cache, slot_mapping)`` after every KV write of a sparse layer;
+  ``sparse_decode(...)`` for the decode queries of a sparse layer.
+On CUDA the Triton kernels of ``longseq.kernels.sparse_decode`` run; elsewhere (CPU engine) their batched
+PyTorch versions (``torch_ops.py``, tested against the references), so CPU CI exercises the same selection.
+
+Tensor parallelism: every rank holds its own KV heads, so each rank's page index covers only its heads and
+selection is per KV head; nothing is exchanged between ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from longseq.config import LongSeqConfig, LongSeqConfigError
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(layer_name: str) -> int | None:
+    """The ``<i>`` of a ``...layers.<i>....`` module path (vLLM's attention layer names), else None."""
+    m = _LAYER_RE.search(layer_name)
+    return None if m is None else int(m.group(1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSettings:
+    """Sparse-mode knobs (see :class:`LongSeqConfig` for the environment names).
+
+    Attributes:
+        budget_tokens: KV tokens attended per decode query and KV head (a multiple of ``page_size``).
+        page_size: tokens per scored page.
+        dense_layers: layers ``0 .. dense_layers-1`` stay dense.
+        sink_pages, recent_pages: always-kept first / last pages.
+        summary: page-summary dtype choice: ``fp8``, ``cache`` or ``auto`` (fp8 on CUDA devices that support
+            it; the cache dtype elsewhere, where the PyTorch references run).
+        topk_split_rows: GPU top-k split threshold in rows (None: the kernel's default; 0: never).
+        group_max: score pages by the largest query head's Quest bound, not the group's sum.
+    """
+
+    budget_tokens: int
+    page_size: int
+    dense_layers: int
+    sink_pages: int
+    recent_pages: int
+    summary: str = "auto"
+    topk_split_rows: int | None = None
+    group_max: bool = False
+
+    @classmethod
+    def from_config(cls, config: LongSeqConfig) -> "SparseSettings":
+        return cls(config.sparse_budget, config.sparse_page_size, config.sparse_dense_layers,
+                   config.sparse_sink_pages, config.sparse_recent_pages, config.sparse_summary,
+                   config.sparse_topk_split_rows, config.sparse_group_score == "max")
+
+    def summary_dtype(self, cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """The page summaries' dtype for a cache of ``cache_dtype`` on ``device``."""
+        from longseq.kernels.sparse_decode.page_summary import FP8, fp8_summaries_supported
+
+        if self.summary == "fp8":
+            if device.type == "cuda" and not fp8_summaries_supported(device):
+                raise LongSeqConfigError("LONGSEQ_SPARSE_SUMMARY=fp8 needs a GPU with fp8 support (compute "
+                                         "capability 8.9+); use LONGSEQ_SPARSE_SUMMARY=cache")
+            return FP8
+        if self.summary == "auto" and device.type == "cuda" and fp8_summaries_supported(device):
+            return FP8
+        return cache_dtype
+
+    @property
+    def num_select(self) -> int:
+        """Pages kept per (request, KV head)."""
+        return self.budget_tokens // self.page_size
+
+    def validate_layer(self, *, block_size: int, head_size: int, backend: str) -> None:
+        """Raise :class:`LongSeqConfigError` when this layer's cache cannot be paged as configured."""
+        if block_size % self.page_size:
+            raise LongSeqConfigError(
+                f"{backend}: LONGSEQ_SPARSE_PAGE_SIZE={self.page_size} does not divide the KV block size "
+                f"{block_size}; use a page size that divides it (e.g. {block_size}) or change --block-size")
+        if head_size > 256:
+            raise LongSeqConfigError(f"{backend}: sparse mode supports head sizes up to 256, not {head_size}")
+
+    def is_sparse_layer(self, layer_name: str) -> bool:
+        """Layers are numbered by their ``layers.<i>.`` path component; unnumbered layers stay dense."""
+        i = layer_index(layer_name)
+        return i is not None and i >= self.dense_layers
+
+
+class QuestPageIndex:
+    """Channel-wise key min/max per page of one layer's paged cache, addressed by global page id.
+
+    ``page_min``/``page_max``: ``[num_blocks * block_size // page_size, Hkv, D]`` in ``summary_dtype`` (default: the
+    cache dtype; fp8 e4m3 is rounded outward so the bound holds), allocated on the first update (the engine allocates its KV cache after our backend is built). Global page ids are
+    physical (block id based), so the index stays right under prefix caching and block reuse: a page's summary
+    is recomputed from the cache whenever one of its tokens is written.
+    """
+
+    def __init__(self, page_size: int, summary_dtype=None):
+        """``summary_dtype``: a dtype, or a callable ``(cache_dtype, device) -> dtype``, or None (cache dtype)."""
+        self.page_size = page_size
+        self.summary_dtype = summary_dtype
+        self.page_min: torch.Tensor | None = None
+        self.page_max: torch.Tensor | None = None
+        self._cache_ptr: int | None = None
+
+    def _ensure(self, key_cache: torch.Tensor) -> None:
+        num_blocks, block_size, hkv, d = key_cache.shape
+        if self.page_min is not None and self._cache_ptr == key_cache.data_ptr():
+            return
+        from longseq.kernels.sparse_decode import allocate_page_summary
+
+        shape = (num_blocks * block_size // self.page_size, hkv, d)
+        sdt = self.summary_dtype
+        sdt = sdt(key_cache.dtype, key_cache.device) if callable(sdt) else (sdt or key_cache.dtype)
+        try:
+            self.page_min, self.page_max = allocate_page_summary(num_blocks, block_size, hkv, d, self.page_size,
+                                                                 key_cache.dtype, key_cache.device, summary_dtype=sdt)
+        except torch.OutOfMemoryError as e:  # the framework's memory planner does not count this side cache
+            need = 2 * self.page_min_bytes(shape, sdt) / 2**30
+            raise LongSeqConfigError(
+                f"longseq sparse: no memory for the page index ({need:.2f} GiB per layer, 1/{self.page_size} of "
+                "the key cache); leave it room (vLLM: lower --gpu-memory-utilization a little; SGLang: lower "
+                "--mem-fraction-static) or raise LONGSEQ_SPARSE_PAGE_SIZE") from e
+        self._cache_ptr = key_cache.data_ptr()
+
+    @staticmethod
+    def page_min_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        n = 1
+        for s in shape:
+            n *= s
+        return n * torch.empty((), dtype=dtype).element_size()
+
+    def update(self, key_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Refresh the summaries of every page written this step.
+
+        Args:
+            key_cache: ``[num_blocks, block_size, Hkv, D]`` view (any strides) already holding the new keys.
+            slot_mapping: ``[T]`` int slots written this step (``-1`` = padding).
+        """
+        self._ensure(key_cache)
+        if key_cache.is_cuda:
+            from longseq.kernels.sparse_decode import update_page_summary
+        else:
+            from longseq.kernels.sparse_decode import update_page_summary_ref as update_page_summary
+        update_page_summary(key_cache, slot_mapping, self.page_min, self.page_max, self.page_size)
+
+
+def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                  seq_lens: torch.Tensor, index: QuestPageIndex, settings: SparseSettings, scale: float,
+                  out: torch.Tensor) -> torch.Tensor:
+    """One decode query per request attends to its top pages only.
+
+    Args:
+        q: ``[B, Hq, D]``; key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` views (any strides).
+        block_table: ``[B, max_blocks]`` int32; seq_lens: ``[B]`` int32 (including the query token).
+        index: the layer's page index (current: the query's own key is already written and summarized).
+        out: ``[B, Hq, D]`` written in place.
+
+    A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent). Shapes depend
+    only on ``B`` and the block table width, so the step can be captured in a CUDA graph.
+    """
+    block_size = key_cache.shape[1]
+    args = (q, index.page_min, index.page_max, block_table, seq_lens, settings.page_size, block_size,
+            settings.num_select, settings.sink_pages, settings.recent_pages)
+    if q.is_cuda:
+        from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
+
+        page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows,
+                                        group_max=settings.group_max)
+        sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
+                            out=out)
+        return out
+    from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
+
+    page_ids, _ = select_topk_pages_torch(*args, group_max=settings.group_max)
+    out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
+                                        settings.page_size, scale))
+    return out

@@ -1,0 +1,221 @@
+"""``longseq_duo``: DuoAttention for SGLang (``--attention-backend longseq_duo``), CPU.
+
+The backend name selects the technique; its knobs are the ``LONGSEQ_DUO_*`` settings (pattern, sparsity or
+threshold, sink/recent sizes), as for vLLM. Every KV head of a layer is either a retrieval head (full causal
+attention) or a streaming head (the first ``sink_size`` tokens and the ``recent_size`` most recent ones): see
+``longseq.attention_backends.core.duo``.
+
+At start-up the pattern is loaded, validated against the model (``num_hidden_layers`` x total KV heads) and
+sharded to the KV heads this tensor-parallel rank holds, which must equal the KV pool's head count: any
+mismatch is a :class:`LongSeqConfigError` naming the pattern and both shapes.
+
+Per layer (``layer.layer_id`` indexes the pattern's rows):
+  * a layer with at least one streaming head (a "duo layer") writes its K/V to SGLang's pool itself and runs
+    DuoAttention for decode and extend alike (prefill with a cached prefix, chunked prefill, mixed batches),
+    reading each request's keys through ``req_to_token`` (slot ``s`` of the pool is row ``s``: any
+    ``--page-size`` works);
+  * every other layer, and what the duo math does not implement (sliding window, cross-attention, non-causal,
+    logit soft-cap, learned sinks or other extras), runs the wrapped dense SGLang backend exactly as
+    ``longseq_dense`` does (``torch_native`` on CPU, or ``LONGSEQ_SGLANG_DENSE``).
+
+Compute: the PyTorch reference ``duo_paged_attention_ref`` (fp32 math), with each request's queries split
+into blocks of at most :data:`MAX_QUERY_ROWS` so a long prefill never materializes more than
+``Hq * MAX_QUERY_ROWS * context`` scores. On CUDA the backend refuses to start (no SGLang GPU path yet).
+
+The KV pool stays full size: streaming heads' evicted tokens are not freed (this release saves compute,
+not memory, in SGLang). Speculative decoding is refused at start-up.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from longseq.attention_backends.core.duo import StreamingHeadMask, rank_streaming_mask
+from longseq.attention_backends.sglang.dense import LongSeqDenseBackend, _Trace
+from longseq.kernels.duo_attention import duo_paged_attention_ref
+from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
+
+BACKEND_NAME = "longseq_duo"
+TRACE = _Trace(BACKEND_NAME, extra_counts=("duo_calls",), technique="duo")
+#: Queries per block of the reference: bounds the fp32 score tensor at ``Hq x MAX_QUERY_ROWS x context``.
+MAX_QUERY_ROWS = 256
+
+
+def _tp_rank_size() -> tuple[int, int]:
+    """SGLang's tensor-parallel rank and size (how models split KV heads: ``QKVParallelLinear`` over TP)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        parallel = get_parallel()
+        return int(parallel.tp_rank), int(parallel.tp_size)
+    except Exception as e:  # noqa: BLE001 - unpublished parallel state: say what is missing
+        raise LongSeqConfigError(f"--attention-backend {BACKEND_NAME}: the KV pool holds a shard of the KV heads "
+                                 f"but SGLang's tensor-parallel rank is unknown ({e})") from e
+
+
+def runner_streaming_mask(model_runner, config: LongSeqConfig) -> StreamingHeadMask:
+    """Validate the runner for the duo path; return the streaming mask of this rank's KV heads.
+
+    Raises:
+        LongSeqConfigError: no/invalid pattern, a pattern that does not fit the model (layers x total KV heads)
+            or this rank's KV pool, a non-CPU device, MLA, unequal key/value head sizes, an unsupported KV
+            dtype or layout, translated KV ids, speculative decoding, or a longseq backend as the inner one.
+    """
+    where = f"--attention-backend {BACKEND_NAME}"
+    device = str(model_runner.device).split(":")[0]
+    if device != "cpu":
+        raise LongSeqConfigError(
+            f"{where} runs on CPU only in this release (PyTorch reference path), not on {model_runner.device}; "
+            "on GPU serve DuoAttention through vLLM, or use --attention-backend longseq_dense")
+    if config.sglang_dense_backend.startswith("longseq_"):  # the inner backend must be one of SGLang's own
+        raise LongSeqConfigError(f"LONGSEQ_SGLANG_DENSE={config.sglang_dense_backend!r}: {where} wraps one of "
+                                 "SGLang's dense backends (auto, torch_native, ...), not a longseq backend")
+    if getattr(model_runner, "use_mla_backend", False):
+        raise LongSeqConfigError(f"{where}: MLA models are not supported (MHA/GQA/MQA attention only)")
+    spec = getattr(model_runner, "spec_algorithm", None)
+    if spec is not None and not spec.is_none():
+        raise LongSeqConfigError(f"{where}: speculative decoding is not supported; remove --speculative-algorithm")
+    model_config = model_runner.model_config
+    head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
+    if head != v_head:
+        raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
+    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
+                                 f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
+    pool = model_runner.token_to_kv_pool
+    layout = getattr(pool, "kv_cache_layout", "nhd")
+    if layout != "nhd":  # HND / vectorized layouts: pool rows are not token slots
+        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
+    translator = getattr(model_runner, "kv_index_translator", None)
+    if getattr(translator, "is_translating", False):
+        raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
+
+    total_kv_heads = model_config.get_total_num_kv_heads()
+    rank_kv_heads = int(pool.head_num)
+    # The whole pattern must fit the whole model; the shard is only needed when this rank holds fewer heads.
+    rank, size = (0, 1) if rank_kv_heads == total_kv_heads else _tp_rank_size()
+    mask = rank_streaming_mask(config, int(model_config.num_hidden_layers), int(total_kv_heads), rank, size)
+    if mask.num_kv_heads != rank_kv_heads:
+        raise LongSeqConfigError(
+            f"{where}: duo pattern {mask.source} gives tensor-parallel rank {rank}/{size} {mask.num_kv_heads} KV "
+            f"heads, but its KV pool holds {rank_kv_heads}")
+    return mask
+
+
+def split_query_blocks(query_start_loc: list[int], seq_lens: list[int], max_rows: int):
+    """Split each request's queries into blocks of at most ``max_rows`` rows (each block a pseudo-request).
+
+    Args:
+        query_start_loc: ``B + 1`` row offsets; request ``b``'s queries are at its last positions.
+        seq_lens: ``B`` context lengths (queries included).
+
+    Returns:
+        ``(block_qsl [N+1], block_seq_lens [N], block_request [N])`` int tensors: block ``i`` holds rows
+        ``block_qsl[i] .. block_qsl[i+1]-1`` of request ``block_request[i]``, its last query at position
+        ``block_seq_lens[i] - 1``.
+    """
+    qsl, lens, owner = [0], [], []
+    for b, n in enumerate(seq_lens):
+        q0, q1 = query_start_loc[b], query_start_loc[b + 1]
+        first_pos = n - (q1 - q0)
+        for r0 in range(q0, q1, max_rows):
+            r1 = min(r0 + max_rows, q1)
+            qsl.append(r1)
+            lens.append(first_pos + (r1 - q0))
+            owner.append(b)
+    as_int = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
+    return as_int(qsl), as_int(lens), as_int(owner)
+
+
+class LongSeqDuoBackend(LongSeqDenseBackend):
+    """``longseq_dense``'s proxy around the inner SGLang backend, plus DuoAttention for duo layers.
+
+    Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
+    output ``[T, Hq * D]`` in ``q``'s dtype. Own state: ``mask`` (this rank's :class:`StreamingHeadMask`,
+    ``[num_layers, Hkv]``), the KV ``pool`` and ``req_to_token`` ``[reqs + 1, max_context_len]`` int32.
+    """
+
+    _OWN = LongSeqDenseBackend._OWN | {"mask", "pool", "req_to_token"}
+    trace = TRACE
+
+    def __init__(self, model_runner, config: LongSeqConfig):
+        mask = runner_streaming_mask(model_runner, config)  # before building the inner backend: fail fast
+        super().__init__(model_runner, config)
+        self.mask = mask
+        self.pool = model_runner.token_to_kv_pool
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+
+    def __repr__(self) -> str:
+        return (f"LongSeqDuoBackend(inner={self.inner_name}, pattern={self.mask.source}, "
+                f"streaming={self.mask.sparsity:.2f}, sink={self.mask.sink_size}, recent={self.mask.recent_size})")
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        # The base dispatch (idle / decode / extend / mixed) to our methods, not the inner backend's forward.
+        return AttentionBackend.forward(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    def is_duo_layer(self, layer, kwargs) -> bool:
+        """Plain causal self-attention with at least one streaming head in this layer; everything else (no
+        streaming head, sliding window, cross-attention, non-causal, soft-cap, extras) stays dense."""
+        window = getattr(layer, "sliding_window_size", -1)
+        attn_type = getattr(layer, "attn_type", None)
+        return (bool(self.mask.for_layer(layer.layer_id).any()) and (window is None or window < 0)
+                and not layer.is_cross_attention and getattr(attn_type, "value", "decoder") == "decoder"
+                and not getattr(layer, "logit_cap", 0) and layer.qk_head_dim == layer.v_head_dim
+                and all(value is None or value is False for value in kwargs.values()))
+
+    def _duo_attention(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens: list[int]):
+        """Write this step's K/V, then DuoAttention of every query row; ``query_lens`` [B] rows per request."""
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, hq, d)
+        seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
+        seq_lens = (forward_batch.seq_lens if seq_lens_cpu is None else seq_lens_cpu).tolist()
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + int(n))
+        if qsl[-1] != q.shape[0]:
+            raise RuntimeError(f"{BACKEND_NAME}: the batch has {q.shape[0]} query rows, its requests {qsl[-1]}")
+        block_qsl, block_lens, owner = split_query_blocks(qsl, seq_lens, MAX_QUERY_ROWS)
+        # Slot s of the pool is row s: a [num_slots, 1, Hkv, D] paged view with block size 1, whose block
+        # table is each request's req_to_token row.
+        key_cache = self.pool.get_key_buffer(layer.layer_id).unsqueeze(1)
+        value_cache = self.pool.get_value_buffer(layer.layer_id).unsqueeze(1)
+        width = max(seq_lens, default=0)
+        rows = forward_batch.req_pool_indices.long().cpu()[owner]
+        table = self.req_to_token[rows.to(self.req_to_token.device), :width]
+        out = q.new_empty(q.shape[0], hq * d)
+        duo_paged_attention_ref(q, key_cache, value_cache, table, block_qsl, block_lens,
+                                self.mask.for_layer(layer.layer_id), self.mask.sink_size, self.mask.recent_size,
+                                layer.scaling, output=out.view(-1, hq, d))
+        self.trace.counts["duo_calls"] += 1
+        return out
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("decode_calls")
+        if not self.is_duo_layer(layer, kwargs):
+            return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self._duo_attention(q, k, v, layer, forward_batch, save_kv_cache, [1] * forward_batch.batch_size)
+
+    def _extend_query_lens(self, forward_batch) -> list[int]:
+        lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
+        if lens is None:
+            lens = forward_batch.extend_seq_lens.tolist()
+        return [int(n) for n in lens]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("extend_calls")
+        if not self.is_duo_layer(layer, kwargs):
+            return self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self._duo_attention(q, k, v, layer, forward_batch, save_kv_cache,
+                                   self._extend_query_lens(forward_batch))
+
+    def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("extend_calls")  # a mixed batch lists every request's rows in extend_seq_lens
+        if not self.is_duo_layer(layer, kwargs):
+            return self.inner.forward_mixed(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        return self._duo_attention(q, k, v, layer, forward_batch, save_kv_cache,
+                                   self._extend_query_lens(forward_batch))

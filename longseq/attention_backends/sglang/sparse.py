@@ -1,0 +1,200 @@
+"""``longseq_sparse``: Quest-style sparse decode for SGLang (``--attention-backend longseq_sparse --page-size 16``).
+
+The backend name selects the technique; its knobs are the ``LONGSEQ_SPARSE_*`` settings. Prefill/extend and
+every layer that stays dense run the wrapped dense SGLang backend exactly as ``longseq_dense`` does
+(``torch_native`` on CPU, ``triton`` on GPU, or ``LONGSEQ_SGLANG_DENSE``), and every write of a sparse layer
+refreshes that layer's Quest page index. Decode of a sparse layer writes the step's K/V, refreshes the index
+and attends each query to its top pages only, through ``longseq.attention_backends.core.sparse`` (Triton
+kernels on CUDA, the PyTorch references on CPU).
+
+Paging: SGLang's pool keeps per layer ``k_buffer`` ``[num_slots, Hkv, D]``. With ``--page-size P`` every
+request owns whole pages and slot ``s`` is row ``s % P`` of page ``s // P``, so ``k_buffer.view(-1, P, Hkv, D)``
+is a paged cache with block size ``P`` and a request's block table is ``req_to_token[req, ::P] // P`` (the
+slot of each page's first token, divided by ``P``). ``LONGSEQ_SPARSE_PAGE_SIZE`` must divide ``P``.
+
+CUDA graphs: graph hooks go to the inner backend; the block table is gathered inside the graph
+(``init_forward_metadata_in_graph``) into a buffer made in ``init_cuda_graph_state``, and the sparse step's
+shapes depend only on the batch size, so decode graphs replay the sparse path. The page indexes are
+allocated at the first write of each layer (eager: SGLang's warmup runs precede every capture).
+
+Not covered: KV that reaches the pool without passing through this backend (HiCache load-back,
+PD-disaggregation transfers) is not summarized, so such pages are selected from stale summaries. The page
+index (``LONGSEQ_SPARSE_SUMMARY``) adds up to ``2 / LONGSEQ_SPARSE_PAGE_SIZE`` of the key cache per sparse layer,
+outside SGLang's memory plan (lower ``--mem-fraction-static`` a little if it does not fit).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
+from longseq.attention_backends.sglang.dense import LongSeqDenseBackend, _Trace
+from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
+
+BACKEND_NAME = "longseq_sparse"
+TRACE = _Trace(BACKEND_NAME, extra_counts=("sparse_decode_calls", "index_updates"), technique="sparse")
+
+# Page indexes per KV pool (then per layer id), shared by every backend built on that pool: SGLang builds
+# several backends per runner (two-batch overlap, PD multiplexing), and each must see all pages' summaries.
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_runner(model_runner, settings: SparseSettings) -> int:
+    """Validate what the sparse path needs from the model runner; return SGLang's page size ``P``.
+
+    Raises:
+        LongSeqConfigError: the page size, head size, KV dtype, KV layout, summary dtype or model kind is
+            unsupported.
+    """
+    where = f"--attention-backend {BACKEND_NAME}"
+    page_size = int(model_runner.page_size or 1)
+    if page_size % settings.page_size:
+        raise LongSeqConfigError(
+            f"{where}: SGLang's --page-size {page_size} is not a multiple of LONGSEQ_SPARSE_PAGE_SIZE="
+            f"{settings.page_size}; pass --page-size {settings.page_size} (or a multiple of it), or set "
+            f"LONGSEQ_SPARSE_PAGE_SIZE to a power of two dividing {page_size}")
+    if getattr(model_runner, "use_mla_backend", False):
+        raise LongSeqConfigError(f"{where}: MLA models are not supported (MHA/GQA/MQA attention only)")
+    model_config = model_runner.model_config
+    head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
+    if head != v_head:
+        raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
+    settings.validate_layer(block_size=page_size, head_size=head, backend=where)  # head size <= 256
+    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
+                                 f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
+    layout = getattr(model_runner.token_to_kv_pool, "kv_cache_layout", "nhd")
+    if layout != "nhd":  # HND (SGLANG_USE_HND_KVCACHE) / vectorized_5d: not slot rows; the dense backends neither
+        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
+    settings.summary_dtype(model_runner.dtype, torch.device(model_runner.device))  # LONGSEQ_SPARSE_SUMMARY=fp8
+    translator = getattr(model_runner, "kv_index_translator", None)
+    if getattr(translator, "is_translating", False):  # slots would not be physical pool rows
+        raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
+    return page_size
+
+
+class LongSeqSparseBackend(LongSeqDenseBackend):
+    """``longseq_dense``'s proxy around the inner SGLang backend, plus Quest sparse decode.
+
+    Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
+    output ``[T, Hq * D]`` in ``q``'s dtype. Own state: ``indexes`` (layer id -> :class:`QuestPageIndex`
+    over ``[num_slots // P_q, Hkv, D]``, shared per KV pool) and ``block_table`` ``[B, pages]`` int32 for the
+    current decode batch.
+    """
+
+    _OWN = LongSeqDenseBackend._OWN | {"settings", "page_size", "pool", "req_to_token", "indexes",
+                                       "block_table", "graph_block_table"}
+    trace = TRACE
+
+    def __init__(self, model_runner, config: LongSeqConfig):
+        settings = SparseSettings.from_config(config)
+        page_size = check_runner(model_runner, settings)  # before building the inner backend: fail fast
+        super().__init__(model_runner, config)
+        self.settings, self.page_size = settings, page_size
+        self.pool = model_runner.token_to_kv_pool
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token  # [reqs + 1, max_context_len] int32
+        self.indexes: dict[int, QuestPageIndex] = _INDEXES.setdefault(self.pool, {})
+        self.block_table: torch.Tensor | None = None
+        self.graph_block_table: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"LongSeqSparseBackend(inner={self.inner_name}, {self.settings})"
+
+    # ---- metadata: the decode batch's block table, once per step (not per layer) ----
+    def _gather_block_table(self, forward_batch, num_pages: int | None = None) -> torch.Tensor:
+        """``[B, num_pages]`` int32 SGLang page ids of each request's pages (default: the table's full width)."""
+        p = self.page_size
+        stop = self.req_to_token.shape[1] if num_pages is None else num_pages * p
+        return self.req_to_token[forward_batch.req_pool_indices.long(), :stop:p] // p
+
+    def init_forward_metadata(self, forward_batch):
+        self.inner.init_forward_metadata(forward_batch)
+        self.block_table = None
+        if forward_batch.forward_mode.is_decode():
+            seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)  # eager: only the pages in use
+            pages = None if seq_lens_cpu is None else -(-int(seq_lens_cpu.max()) // self.page_size)
+            self.block_table = self._gather_block_table(forward_batch, pages)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+        width = -(-self.req_to_token.shape[1] // self.page_size)  # full width: shapes fixed for replay
+        self.graph_block_table = torch.zeros(max_bs, width, dtype=torch.int32, device=self.req_to_token.device)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        self.inner.init_forward_metadata_in_graph(forward_batch)
+        if forward_batch.forward_mode.is_decode() and self.graph_block_table is not None:
+            # Recorded into the graph: each replay re-gathers from the static req_pool_indices buffer.
+            table = self.graph_block_table[: forward_batch.req_pool_indices.shape[0]]
+            table.copy_(self._gather_block_table(forward_batch))
+            self.block_table = table
+
+    # ---- forward ----
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        # The base dispatch (idle / decode / extend / mixed) to our methods, not the inner backend's forward.
+        return AttentionBackend.forward(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    def is_sparse_layer(self, layer, kwargs) -> bool:
+        """Plain causal self-attention past the first ``dense_layers``; anything the sparse kernels do not
+        implement (sliding window, cross-attention, logit soft-cap, learned sinks or other extras) stays dense."""
+        window = getattr(layer, "sliding_window_size", -1)
+        return (layer.layer_id >= self.settings.dense_layers and (window is None or window < 0)
+                and not layer.is_cross_attention and not getattr(layer, "logit_cap", 0)
+                and layer.qk_head_dim == layer.v_head_dim
+                and all(value is None or value is False for value in kwargs.values()))
+
+    def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
+        def paged(buf: torch.Tensor) -> torch.Tensor:  # [num_slots, Hkv, D]
+            rows = buf.shape[0] // self.page_size * self.page_size  # allocated slots never reach the tail
+            return buf[:rows].view(-1, self.page_size, *buf.shape[1:])
+
+        return paged(self.pool.get_key_buffer(layer.layer_id)), paged(self.pool.get_value_buffer(layer.layer_id))
+
+    def _update_index(self, layer, key_cache: torch.Tensor, forward_batch) -> QuestPageIndex:
+        index = self.indexes.get(layer.layer_id)
+        if index is None:
+            index = self.indexes[layer.layer_id] = QuestPageIndex(self.settings.page_size,
+                                                                  self.settings.summary_dtype)
+        # Only this step's slots: pages are physical, so prefix-cache hits were summarized when first written.
+        index.update(key_cache, forward_batch.out_cache_loc)
+        self.trace.counts["index_updates"] += 1
+        return index
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("decode_calls")
+        if not self.is_sparse_layer(layer, kwargs):
+            return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        # Write K/V ourselves: the inner forward_decode would also run dense attention over the whole context.
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        key_cache, value_cache = self._paged_kv(layer)
+        index = self._update_index(layer, key_cache, forward_batch)
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, hq, d)
+        table = self.block_table
+        if table is None or table.shape[0] != q.shape[0]:  # batch not prepared by init_forward_metadata
+            table = self._gather_block_table(forward_batch)
+        out = q.new_empty(q.shape[0], hq * d)
+        sparse_decode(q, key_cache, value_cache, table, forward_batch.seq_lens.to(torch.int32), index,
+                      self.settings, layer.scaling, out.view(-1, hq, d))
+        self.trace.counts["sparse_decode_calls"] += 1
+        return out
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("extend_calls")
+        out = self.inner.forward_extend(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.is_sparse_layer(layer, kwargs):  # the inner backend wrote this step's keys: summarize them
+            self._update_index(layer, self._paged_kv(layer)[0], forward_batch)
+        return out
+
+    def forward_mixed(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.trace.record("extend_calls")  # SGLang sends only NPU batches here: dense, index kept current
+        out = self.inner.forward_mixed(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+        if self.is_sparse_layer(layer, kwargs):
+            self._update_index(layer, self._paged_kv(layer)[0], forward_batch)
+        return out

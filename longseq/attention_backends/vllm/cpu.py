@@ -1,0 +1,209 @@
+"""longseq on vLLM's CPU platform: replaces ``CPU_ATTN`` (opt-in with ``LONGSEQ_CPU=1``).
+
+The CPU platform always asks for ``CPU_ATTN``, so the plugin overrides that enum member's class path.
+The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv, N, 2*D]`` whose
+``[B, Hkv, 2N, D]`` view holds N K rows then N V rows). Two kernels (``LONGSEQ_CPU_KERNEL``):
+
+- ``vllm`` (default for dense): vLLM's own CPU attention and cache-write ops run the math, so dense mode
+  gives the built-in backend's tokens bit for bit; our builder/impl still wrap every step (trace, hooks).
+- ``torch``: the PyTorch paged path from ``longseq.kernels.paged_attention`` (fp32 math, our own cache
+  write in the plain layout). Techniques that read the cache themselves (sparse, duo) need this one,
+  because vLLM's CPU cache write may use an ISA-specific layout.
+
+Sparse mode runs on the ``torch`` path: sparse layers keep a Quest page index (PyTorch reference kernels)
+and every decode request attends to its top pages only; prefill rows stay dense.
+Duo mode runs on the ``torch`` path too: every row (prefill chunks and decodes) goes through the DuoAttention
+reference, streaming KV heads seeing only sink + recent tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, layer_index, sparse_decode
+from longseq.attention_backends.vllm.common import (
+    BackendTrace,
+    LongSeqStepInfo,
+    current_model_dtype,
+    duo_mask_for_this_rank,
+    validate_attention_layer,
+)
+from longseq.kernels.duo_attention import duo_paged_attention_ref
+from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
+from longseq.config import LongSeqConfigError, get_config
+
+
+@dataclasses.dataclass
+class LongSeqCPUMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus the shared step info (``None`` only in the dataclass default)."""
+
+    step: LongSeqStepInfo | None = None
+
+
+class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        config = get_config()
+        if config.attention == "sparse":
+            SparseSettings.from_config(config).validate_layer(
+                block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
+        if config.attention == "duo":
+            duo_mask_for_this_rank(config, vllm_config)  # the pattern must fit the model: fail at start-up
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> LongSeqCPUMetadata:
+        stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        step = LongSeqStepInfo.from_common(common_attn_metadata, self.kv_cache_spec.block_size)
+        return LongSeqCPUMetadata(**{f.name: getattr(stock, f.name) for f in dataclasses.fields(stock)}, step=step)
+
+
+def split_cpu_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, Hkv, N, 2*D]`` cache -> (key_cache, value_cache), each ``[B, Hkv, N, D]`` (vLLM CPU layout)."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    return key_cache, value_cache
+
+
+class LongSeqCPUImpl(CPUAttentionBackendImpl):
+    """Decoder self-attention over the paged cache: vLLM's CPU kernel or our PyTorch path."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = "decoder", kv_sharing_target_layer_name: str | None = None,
+                 **extra_impl_args) -> None:
+        self.config = get_config()
+        num_kv_heads = num_kv_heads or num_heads
+        validate_attention_layer(
+            backend="longseq CPU backend", head_size=head_size, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, kv_cache_dtype=kv_cache_dtype,
+            model_dtype=current_model_dtype(), attn_type=str(getattr(attn_type, "value", attn_type)),
+        )
+        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+                       "logits_soft_cap": logits_soft_cap, **{k: v for k, v in extra_impl_args.items() if v is not None}}
+        unsupported = {k: v for k, v in unsupported.items() if v not in (None, 0, 0.0)}
+        if unsupported:
+            raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
+                         kv_sharing_target_layer_name)
+        self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
+        self.duo = duo_mask_for_this_rank(self.config) if self.config.attention == "duo" else None
+        self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None
+        self.page_index: QuestPageIndex | None = None
+        self._is_sparse_layer: bool | None = None
+        self.trace = BackendTrace.for_backend("cpu", self.config)
+
+    def _sparse_layer(self, layer) -> bool:
+        if self._is_sparse_layer is None:
+            self._is_sparse_layer = self.sparse is not None and self.sparse.is_sparse_layer(
+                getattr(layer, "layer_name", ""))
+            if self._is_sparse_layer:
+                self.page_index = QuestPageIndex(self.sparse.page_size, self.sparse.summary_dtype)
+        return self._is_sparse_layer
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        if self.config.debug_fault == "skip_kv_write":
+            return
+        if self.use_torch:
+            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+            write_paged_kv(key, value, key_cache, value_cache, slot_mapping)
+            if self._sparse_layer(layer):  # the index reads [blocks, block_size, Hkv, D] views
+                self.page_index.update(key_cache.transpose(1, 2), slot_mapping)
+        else:
+            super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        self.trace.record("kv_writes")
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: LongSeqCPUMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("longseq CPU backend: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling run
+            return output
+        step = attn_metadata.step
+        if self.use_torch:
+            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+            out = output.view(output.shape[0], self.num_heads, self.head_size)
+            if self.duo is not None:
+                self._duo_rows(layer, query, key_cache, value_cache, step, out)
+                self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+                return output
+            paged_attention_naive(
+                query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
+                step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale,
+                output=out,
+            )
+            if step.num_decode_reqs and self._sparse_layer(layer):
+                self._sparse_decode_rows(query, key_cache, value_cache, step, out)
+        else:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+        return output
+
+    def _duo_rows(self, layer, query, key_cache, value_cache, step, out) -> None:
+        """Every row through the DuoAttention reference with this layer's streaming heads."""
+        name = getattr(layer, "layer_name", "")
+        i = layer_index(name)
+        if i is None:
+            raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {name!r}")
+        duo_paged_attention_ref(
+            query[: step.num_actual_tokens].view(-1, self.num_heads, self.head_size), key_cache.transpose(1, 2),
+            value_cache.transpose(1, 2), step.block_table[: step.num_reqs], step.query_start_loc_cpu[: step.num_reqs + 1],
+            step.seq_lens[: step.num_reqs], self.duo.for_layer(i), self.duo.sink_size, self.duo.recent_size,
+            self.scale, output=out[: step.num_actual_tokens])
+        self.trace.counts["duo_calls"] += 1
+
+    def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:
+        """Overwrite every decode request's row with attention over its top pages (the dense rows were the
+        reference path's; requests within the budget get the same pages, so the same result)."""
+        qsl = step.query_start_loc_cpu[: step.num_reqs + 1]
+        reqs = ((qsl[1:] - qsl[:-1]) == 1).nonzero().squeeze(1)
+        rows = qsl[reqs].long()
+        res = torch.empty(len(rows), self.num_heads, self.head_size, dtype=query.dtype)
+        sparse_decode(query[rows], key_cache.transpose(1, 2), value_cache.transpose(1, 2),
+                      step.block_table[reqs], step.seq_lens[reqs], self.page_index, self.sparse, self.scale, res)
+        out[rows] = res.to(out.dtype)
+        self.trace.counts["sparse_decode_calls"] += 1
+
+
+class LongSeqCPUBackend(CPUAttentionBackend):
+    """``CPU_ATTN`` replacement. Keeps the stock name, dtypes and cache layout; swaps builder and impl."""
+
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls() -> type[LongSeqCPUImpl]:
+        return LongSeqCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[LongSeqCPUMetadataBuilder]:
+        return LongSeqCPUMetadataBuilder
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"

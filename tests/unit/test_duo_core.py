@@ -1,0 +1,462 @@
+"""DuoAttention core (pattern files, sparsify, TP shards) and the PyTorch references, on CPU without a framework."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longseq.attention_backends.core import duo
+from longseq.attention_backends.core.duo import (
+    DuoPattern,
+    StreamingHeadMask,
+    load_duo_pattern,
+    random_pattern,
+    save_duo_pattern,
+)
+from longseq.kernels.duo_attention import duo_paged_decode_ref, duo_prefill_ref, duo_token_mask
+from longseq.config import LongSeqConfig, LongSeqConfigError
+
+
+def write_pattern(folder, tsv: str, config=None):
+    """A pattern folder in the authors' format, written by hand."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "full_attention_heads.tsv").write_text(tsv)
+    if config is not None:
+        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return folder
+
+
+def pattern_of(rows, sink=4, recent=8):
+    return DuoPattern(torch.tensor(rows, dtype=torch.float64), sink, recent, source="test")
+
+
+# ---------------------------------------------------------------- files
+
+
+def test_save_load_round_trip_keeps_gates_sizes_and_unknown_keys(tmp_path):
+    pat = random_pattern(5, 3, seed=7, sink_size=16, recent_size=128)
+    pat.meta.update({"model_name": "m", "lr": 0.02, "nested": {"a": [1, 2]}})
+    save_duo_pattern(pat, tmp_path / "p")
+    lines = (tmp_path / "p" / "full_attention_heads.tsv").read_text().splitlines()
+    assert len(lines) == 5 and all(len(line.split("\t")) == 3 for line in lines)
+    back = load_duo_pattern(tmp_path / "p")
+    assert torch.equal(back.gates, pat.gates)  # %.18e round-trips float64 exactly
+    assert (back.sink_size, back.recent_size) == (16, 128)
+    assert back.meta == pat.meta
+    assert back.shape == (5, 3)
+
+
+def test_load_authors_format_written_by_hand(tmp_path):
+    tsv = ("6.054687500000000000e-01\t0.000000000000000000e+00\t9.687500000000000000e-01\n"
+           "1.000000000000000000e+00\t2.490234375000000000e-02\t4.310607910156250000e-04\n")
+    cfg = {"model_name": "models/x", "sink_size": 128, "recent_size": 256, "deploy_sink_size": None,
+           "threshold": 0.5, "sparsity": None}
+    folder = write_pattern(tmp_path / "run", tsv, cfg)
+    pat = load_duo_pattern(str(folder))
+    expected = torch.tensor([[0.60546875, 0.0, 0.96875], [1.0, 0.02490234375, 0.000431060791015625]],
+                            dtype=torch.float64)
+    assert torch.equal(pat.gates, expected)
+    assert (pat.sink_size, pat.recent_size) == (128, 256)
+    assert pat.meta == {"model_name": "models/x", "deploy_sink_size": None, "threshold": 0.5, "sparsity": None}
+    pat.validate(2, 3)
+
+
+def test_single_row_and_single_column_files(tmp_path):
+    one_layer = load_duo_pattern(write_pattern(tmp_path / "a", "0.5\t0.25\n", {"sink_size": 1, "recent_size": 2}))
+    assert one_layer.shape == (1, 2)
+    one_head = load_duo_pattern(write_pattern(tmp_path / "b", "0.5\n0.25\n\n", {"sink_size": 1, "recent_size": 2}))
+    assert one_head.shape == (2, 1)
+
+
+@pytest.mark.parametrize("tsv, match", [
+    ("0.5\t1.5\n", r"gate values must be in \[0, 1\]; layer 0, KV head 1 has 1.5"),
+    ("0.5\t0.5\n-0.1\t0.2\n", r"in \[0, 1\]; layer 1, KV head 0 has -0.1"),
+    ("0.5\tnan\n", r"in \[0, 1\]; layer 0, KV head 1 has nan"),
+    ("0.5\tabc\n", r"full_attention_heads.tsv line 1, column 2: 'abc' is not a number"),
+    ("0.5\t0.5\n0.5 0.5\n", r"line 2, column 1: '0.5 0.5' is not a number \(cells are tab-separated"),
+    ("0.5\t0.5\n0.5\t0.5\t0.5\n", r"ragged: line 2 has 3 values, line 1 has 2"),
+    ("\n\n", r"holds no gate values"),
+])
+def test_bad_gates_file_is_named(tmp_path, tsv, match):
+    folder = write_pattern(tmp_path / "bad", tsv, {"sink_size": 4, "recent_size": 8})
+    with pytest.raises(LongSeqConfigError, match=match) as e:
+        load_duo_pattern(folder)
+    assert str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"sink_size": 0, "recent_size": 8}, r"sink_size=0 must be a positive integer"),
+    ({"sink_size": -4, "recent_size": 8}, r"sink_size=-4 must be a positive integer"),
+    ({"sink_size": 4, "recent_size": 12.5}, r"recent_size=12.5 must be a positive integer"),
+    ({"sink_size": "64", "recent_size": 8}, r"sink_size='64' must be a positive integer"),
+    ({"sink_size": True, "recent_size": 8}, r"sink_size=True must be a positive integer"),
+    ({"recent_size": 8}, r"config.json has no 'sink_size'"),
+    ({"sink_size": 4}, r"config.json has no 'recent_size'"),
+    ("{not json", r"config.json cannot be read as JSON"),
+    ("[4, 8]", r"config.json must hold a JSON object"),
+])
+def test_bad_config_json_is_named(tmp_path, cfg, match):
+    folder = write_pattern(tmp_path / "bad", "0.5\t0.5\n", cfg)
+    with pytest.raises(LongSeqConfigError, match=match) as e:
+        load_duo_pattern(folder)
+    assert str(folder) in str(e.value)
+
+
+def test_integral_float_sizes_are_accepted(tmp_path):
+    pat = load_duo_pattern(write_pattern(tmp_path / "p", "0.5\n", {"sink_size": 64.0, "recent_size": 256}))
+    assert (pat.sink_size, pat.recent_size) == (64, 256) and isinstance(pat.sink_size, int)
+
+
+def test_missing_files_are_named(tmp_path):
+    no_cfg = write_pattern(tmp_path / "no_cfg", "0.5\n")
+    with pytest.raises(LongSeqConfigError, match=r"no_cfg: missing config.json"):
+        load_duo_pattern(no_cfg)
+    no_tsv = tmp_path / "no_tsv"
+    no_tsv.mkdir()
+    (no_tsv / "config.json").write_text('{"sink_size": 4, "recent_size": 8}')
+    with pytest.raises(LongSeqConfigError, match=r"no_tsv: missing full_attention_heads.tsv"):
+        load_duo_pattern(no_tsv)
+
+
+def test_unknown_pattern_lists_builtin_names(tmp_path, monkeypatch):
+    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(tmp_path / "none_here"))
+    with pytest.raises(LongSeqConfigError, match=r"'nope' is neither a folder nor a built-in.*\(none installed\)"):
+        load_duo_pattern("nope")
+    builtin = tmp_path / "builtin"
+    save_duo_pattern(random_pattern(2, 3, seed=1), builtin / "tiny-b")
+    save_duo_pattern(random_pattern(4, 1, seed=2), builtin / "tiny-a")
+    (builtin / "not-a-pattern").mkdir()
+    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(builtin))
+    assert duo.builtin_pattern_names() == ["tiny-a", "tiny-b"]
+    with pytest.raises(LongSeqConfigError, match=r"'smollm2' is neither a folder nor a built-in pattern name; "
+                                                 r"built-in patterns: tiny-a, tiny-b"):
+        load_duo_pattern("smollm2")
+    with pytest.raises(LongSeqConfigError, match=r"neither a folder"):
+        load_duo_pattern(str(tmp_path / "missing" / "dir"))
+
+
+def test_builtin_name_resolves_to_package_folder(tmp_path, monkeypatch):
+    builtin = tmp_path / "builtin"
+    pat = random_pattern(3, 2, seed=3, sink_size=8, recent_size=32)
+    save_duo_pattern(pat, builtin / "tiny-a")
+    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(builtin))
+    loaded = load_duo_pattern("tiny-a")
+    assert torch.equal(loaded.gates, pat.gates) and loaded.recent_size == 32
+    assert "built-in" in loaded.source
+    with pytest.raises(LongSeqConfigError, match=r"'tiny-a' \(built-in, .*\) has 3 layers x 2 KV heads, "
+                                                 r"the model has 30 x 3"):
+        loaded.validate(30, 3)
+    # a local folder of the same name is reached with an explicit path
+    save_duo_pattern(random_pattern(1, 1, seed=4), tmp_path / "tiny-a")
+    monkeypatch.chdir(tmp_path)
+    assert load_duo_pattern("tiny-a").shape == (3, 2)
+    assert load_duo_pattern("./tiny-a").shape == (1, 1)
+
+
+def test_default_builtin_dir_is_the_package_folder():
+    assert duo.BUILTIN_PATTERN_DIR.endswith("attention_backends/core/duo_patterns")
+
+
+def test_validate_names_pattern_and_both_shapes(tmp_path):
+    folder = tmp_path / "pat"
+    save_duo_pattern(random_pattern(24, 4, seed=0), folder)
+    pat = load_duo_pattern(folder)
+    msg = f"duo pattern {folder} has 24 layers x 4 KV heads, the model has 30 x 3"
+    with pytest.raises(LongSeqConfigError, match=msg):
+        pat.validate(30, 3)
+    mask = StreamingHeadMask.from_pattern(pat, sparsity=0.5)
+    with pytest.raises(LongSeqConfigError, match=msg):
+        mask.validate(30, 3)
+    pat.validate(24, 4)
+    mask.validate(24, 4)
+
+
+def test_in_memory_pattern_checks():
+    with pytest.raises(LongSeqConfigError, match=r"non-empty \[num_layers, num_kv_heads\]"):
+        DuoPattern(torch.rand(4), 4, 8)
+    with pytest.raises(LongSeqConfigError, match=r"in \[0, 1\]"):
+        DuoPattern(torch.tensor([[2.0]]), 4, 8)
+    with pytest.raises(LongSeqConfigError, match=r"recent_size=0 must be a positive integer"):
+        DuoPattern(torch.tensor([[0.5]]), 4, 0)
+
+
+def test_random_pattern_is_deterministic_and_in_range():
+    a, b, c = random_pattern(30, 3, seed=5), random_pattern(30, 3, seed=5), random_pattern(30, 3, seed=6)
+    assert a.shape == (30, 3) and torch.equal(a.gates, b.gates) and not torch.equal(a.gates, c.gates)
+    assert bool(((a.gates >= 0) & (a.gates < 1)).all())
+    assert (a.sink_size, a.recent_size) == (duo.DEFAULT_SINK_SIZE, duo.DEFAULT_RECENT_SIZE)
+    mask = StreamingHeadMask.from_pattern(a, sparsity=0.5)
+    assert int(mask.is_streaming.sum()) == 45  # the random control at the same sparsity
+
+
+# ---------------------------------------------------------------- sparsify
+
+
+def test_sparsity_streams_the_lowest_gates():
+    pat = pattern_of([[0.9, 0.1, 0.5, 0.7], [0.3, 0.8, 0.2, 0.6]])
+    m = StreamingHeadMask.from_pattern(pat, sparsity=0.5)  # 4 of 8 heads: gates 0.1, 0.2, 0.3, 0.5
+    assert m.is_streaming.tolist() == [[False, True, True, False], [True, False, True, False]]
+    assert m.sparsity == 0.5 and (m.sink_size, m.recent_size) == (4, 8)
+    assert m.for_layer(1).tolist() == [True, False, True, False]
+    assert StreamingHeadMask.from_pattern(pat, sparsity=0.0).is_streaming.sum() == 0
+    assert bool(StreamingHeadMask.from_pattern(pat, sparsity=1.0).is_streaming.all())
+    # k = floor(s * N + 1/2): 0.3 * 8 = 2.4 -> 2 heads; 0.3125 * 8 = 2.5 -> 3; 0.99 * 8 -> all 8
+    assert StreamingHeadMask.from_pattern(pat, sparsity=0.3).is_streaming.sum() == 2
+    assert StreamingHeadMask.from_pattern(pat, sparsity=0.3125).is_streaming.sum() == 3
+    assert StreamingHeadMask.from_pattern(pat, sparsity=0.99).is_streaming.sum() == 8
+
+
+def test_sparsity_ties_break_by_layer_then_head():
+    pat = pattern_of([[0.1, 0.5, 0.5], [0.5, 0.9, 0.2]])
+    m = StreamingHeadMask.from_pattern(pat, sparsity=0.5)  # 3 heads: 0.1, 0.2, then the first 0.5
+    assert m.is_streaming.tolist() == [[True, True, False], [False, False, True]]
+    flat = pattern_of([[0.5] * 3] * 3)
+    m = StreamingHeadMask.from_pattern(flat, sparsity=4 / 9)
+    assert m.is_streaming.tolist() == [[True, True, True], [True, False, False], [False, False, False]]
+    again = StreamingHeadMask.from_pattern(flat, sparsity=4 / 9)
+    assert torch.equal(m.is_streaming, again.is_streaming)
+
+
+def test_sparsity_on_a_calibration_sized_pattern_matches_the_quantile():
+    pat = random_pattern(30, 3, seed=11)
+    for s, k in ((0.25, 23), (0.5, 45), (0.75, 68)):  # 22.5 and 67.5 round up
+        m = StreamingHeadMask.from_pattern(pat, sparsity=s)
+        assert int(m.is_streaming.sum()) == k
+        assert pat.gates[m.is_streaming].max() < pat.gates[~m.is_streaming].min()
+
+
+def test_threshold_streams_gates_below_it():
+    pat = pattern_of([[0.9, 0.1, 0.5, 0.7], [0.3, 0.8, 0.2, 1.0]])
+    assert StreamingHeadMask.from_pattern(pat, threshold=0.5).is_streaming.tolist() == [
+        [False, True, False, False], [True, False, True, False]]  # 0.5 itself stays retrieval
+    assert StreamingHeadMask.from_pattern(pat, threshold=0.0).is_streaming.sum() == 0
+    assert StreamingHeadMask.from_pattern(pat, threshold=1.0).is_streaming.sum() == 7
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({}, r"exactly one of sparsity or threshold"),
+    ({"sparsity": 0.5, "threshold": 0.5}, r"exactly one of sparsity or threshold"),
+    ({"sparsity": 1.5}, r"sparsity=1.5 must be in \[0, 1\]"),
+    ({"sparsity": -0.1}, r"sparsity=-0.1 must be in \[0, 1\]"),
+    ({"sparsity": float("nan")}, r"sparsity=nan must be in \[0, 1\]"),
+    ({"threshold": 2.0}, r"threshold=2.0 must be in \[0, 1\]"),
+    ({"sparsity": 0.5, "sink_size": 0}, r"sink_size=0 must be a positive integer"),
+    ({"sparsity": 0.5, "recent_size": 3.5}, r"recent_size=3.5 must be a positive integer"),
+])
+def test_bad_sparsify_arguments(kwargs, match):
+    with pytest.raises(LongSeqConfigError, match=match):
+        StreamingHeadMask.from_pattern(pattern_of([[0.2, 0.4]]), **kwargs)
+
+
+def test_size_overrides_and_for_layer_range():
+    m = StreamingHeadMask.from_pattern(pattern_of([[0.2, 0.4]]), threshold=0.3, sink_size=2, recent_size=5)
+    assert (m.sink_size, m.recent_size) == (2, 5)
+    with pytest.raises(LongSeqConfigError, match=r"layer 1 out of range"):
+        m.for_layer(1)
+
+
+def test_from_config(tmp_path):
+    folder = tmp_path / "pat"
+    save_duo_pattern(pattern_of([[0.9, 0.1, 0.5, 0.7], [0.3, 0.8, 0.2, 0.6]], sink=16, recent=64), folder)
+    m = StreamingHeadMask.from_config(LongSeqConfig(attention="duo", duo_pattern=str(folder)))
+    assert m.sparsity == duo.DEFAULT_SPARSITY and (m.sink_size, m.recent_size) == (16, 64)
+    m = StreamingHeadMask.from_config(LongSeqConfig(attention="duo", duo_pattern=str(folder), duo_threshold=0.25,
+                                                    duo_sink=8, duo_recent=32))
+    assert m.is_streaming.tolist() == [[False, True, False, False], [False, False, True, False]]
+    assert (m.sink_size, m.recent_size) == (8, 32)
+    with pytest.raises(LongSeqConfigError, match=r"LONGSEQ_DUO_PATTERN"):
+        StreamingHeadMask.from_config(LongSeqConfig())
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+
+def test_shard_contiguous_kv_heads():
+    pat = random_pattern(3, 4, seed=2)
+    m = StreamingHeadMask.from_pattern(pat, sparsity=0.5)
+    s = m.shard(0, 1)
+    assert torch.equal(s.is_streaming, m.is_streaming) and s.kv_head_ids == (0, 1, 2, 3)
+    for tp in (2, 4):
+        shards = [m.shard(r, tp) for r in range(tp)]
+        assert [sh.kv_head_ids for sh in shards] == [tuple(range(r * 4 // tp, (r + 1) * 4 // tp)) for r in range(tp)]
+        assert torch.equal(torch.cat([sh.is_streaming for sh in shards], dim=1), m.is_streaming)
+        assert all(sh.num_kv_heads == 4 // tp and sh.sink_size == m.sink_size for sh in shards)
+    assert m.shard(1, 2).for_layer(2).tolist() == m.is_streaming[2, 2:4].tolist()
+
+
+def test_shard_replicates_when_fewer_kv_heads_than_ranks():
+    m = StreamingHeadMask(torch.tensor([[True, False], [False, True]]), 4, 8)
+    owners = [m.shard(r, 4).kv_head_ids for r in range(4)]
+    assert owners == [(0,), (0,), (1,), (1,)]
+    assert m.shard(3, 4).is_streaming.tolist() == [[False], [True]]
+    one = StreamingHeadMask(torch.tensor([[True]]), 4, 8)
+    assert all(one.shard(r, 2).is_streaming.tolist() == [[True]] for r in range(2))
+
+
+@pytest.mark.parametrize("heads, rank, tp, match", [
+    (3, 0, 2, r"3 KV heads cannot be split over tp_size=2"),
+    (2, 0, 3, r"2 KV heads cannot be replicated over tp_size=3"),
+    (4, 2, 2, r"tp_rank=2 is not a rank of tp_size=2"),
+    (4, -1, 2, r"tp_rank=-1 is not a rank"),
+])
+def test_bad_shards(heads, rank, tp, match):
+    m = StreamingHeadMask(torch.zeros(2, heads, dtype=torch.bool), 4, 8)
+    with pytest.raises(LongSeqConfigError, match=match):
+        m.shard(rank, tp)
+
+
+# ---------------------------------------------------------------- references
+
+HQ, HKV, D = 6, 3, 16
+SCALE = D ** -0.5
+
+
+def qkv(t_q, t_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(t_q, HQ, D, generator=gen)
+    k = torch.randn(t_k, HKV, D, generator=gen)
+    v = torch.randn(t_k, HKV, D, generator=gen)
+    return q, k, v
+
+
+def causal_sdpa(q, k, v):
+    """Plain causal attention through PyTorch's own SDPA (queries = keys' positions)."""
+    g = HQ // HKV
+    kk, vv = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), is_causal=True,
+                                       scale=SCALE)
+    return o.transpose(0, 1)
+
+
+def test_token_mask_keeps_sink_and_exactly_recent_tokens():
+    m = duo_token_mask(torch.arange(20), 20, torch.tensor([True, False]), sink_size=3, recent_size=5)
+    assert m.shape == (2, 20, 20)
+    assert torch.equal(m[1], torch.ones(20, 20, dtype=torch.bool).tril())
+    assert m[0, 19].nonzero().flatten().tolist() == [0, 1, 2, 15, 16, 17, 18, 19]
+    assert m[0, 7].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 6, 7]  # windows overlap: all of 0..7
+    assert m[0, 9].nonzero().flatten().tolist() == [0, 1, 2, 5, 6, 7, 8, 9]
+    assert bool((m[0].sum(-1)[8:] == 8).all())
+
+
+def test_retrieval_heads_equal_plain_causal_attention():
+    q, k, v = qkv(40, 40, seed=1)
+    out = duo_prefill_ref(q, k, v, torch.zeros(HKV, dtype=torch.bool), 4, 8, SCALE)
+    torch.testing.assert_close(out, causal_sdpa(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_head_with_window_covering_everything_is_full_attention():
+    q, k, v = qkv(24, 24, seed=2)
+    full = causal_sdpa(q, k, v)
+    for sink, recent in ((4, 20), (1, 24), (30, 1), (8, 100)):
+        out = duo_prefill_ref(q, k, v, torch.ones(HKV, dtype=torch.bool), sink, recent, SCALE)
+        torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_head_ignores_keys_outside_sink_and_window():
+    t, sink, recent = 48, 4, 8
+    is_streaming = torch.tensor([True, False, True])
+    q, k, v = qkv(t, t, seed=3)
+    base = duo_prefill_ref(q, k, v, is_streaming, sink, recent, SCALE)
+    # positions sink .. t-recent-4 are outside the windows of the last 4 queries (p >= t-4)
+    k2, v2 = k.clone(), v.clone()
+    gen = torch.Generator().manual_seed(30)
+    k2[sink : t - recent - 3] = torch.randn(t - recent - 3 - sink, HKV, D, generator=gen) * 3
+    v2[sink : t - recent - 3] = torch.randn(t - recent - 3 - sink, HKV, D, generator=gen) * 3
+    out = duo_prefill_ref(q, k2, v2, is_streaming, sink, recent, SCALE)
+    streaming_q = torch.tensor([True, True, False, False, True, True])  # query heads of KV heads 0 and 2
+    torch.testing.assert_close(out[-4:, streaming_q], base[-4:, streaming_q], atol=1e-6, rtol=1e-6)
+    assert (out[-4:, ~streaming_q] - base[-4:, ~streaming_q]).abs().max() > 1e-2  # retrieval heads do see them
+    for pos in (0, sink - 1, t - recent, t - 1):  # a sink key or one inside the window changes the last query
+        k3 = k.clone()
+        k3[pos] = torch.randn(HKV, D, generator=gen) * 3
+        out = duo_prefill_ref(q, k3, v, is_streaming, sink, recent, SCALE)
+        assert (out[-1, streaming_q] - base[-1, streaming_q]).abs().max() > 1e-3, pos
+
+
+def test_chunked_prefill_equals_rows_of_full_prefill():
+    t = 41
+    is_streaming = torch.tensor([True, False, True])
+    q, k, v = qkv(t, t, seed=4)
+    full = duo_prefill_ref(q, k, v, is_streaming, 3, 7, SCALE)
+    for a, b in ((0, 13), (13, 29), (29, 41), (40, 41)):
+        part = duo_prefill_ref(q[a:b], k[:b], v[:b], is_streaming, 3, 7, SCALE, q_start=a)
+        torch.testing.assert_close(part, full[a:b], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"keys \(41\) must cover positions 0 .. q_start \+ Tq - 1 = 39"):
+        duo_prefill_ref(q[13:29], k, v, is_streaming, 3, 7, SCALE, q_start=24)
+
+
+def test_paged_decode_equals_last_row_of_prefill_on_shuffled_cache():
+    block_size, sink, recent = 16, 4, 8
+    is_streaming = torch.tensor([True, False, True])
+    lens = [37, 64, 5, 0, 9]  # 0 = a padding slot
+    gen = torch.Generator().manual_seed(5)
+    max_blocks = 4
+    num_blocks = 20
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = perm[: len(lens) * max_blocks].view(len(lens), max_blocks).to(torch.int32)
+    # a [num_blocks, Hkv, block_size, D] store viewed as [num_blocks, block_size, Hkv, D] (non-contiguous)
+    key_cache = torch.randn(num_blocks, HKV, block_size, D, generator=gen).permute(0, 2, 1, 3)
+    value_cache = torch.randn(num_blocks, HKV, block_size, D, generator=gen).permute(0, 2, 1, 3)
+    q = torch.randn(len(lens), HQ, D, generator=gen)
+    qs, ks, vs = [], [], []
+    for b, n in enumerate(lens):
+        qs.append(torch.randn(n, HQ, D, generator=gen))
+        ks.append(torch.randn(n, HKV, D, generator=gen))
+        vs.append(torch.randn(n, HKV, D, generator=gen))
+        if n:
+            qs[b][-1] = q[b]
+            pos = torch.arange(n)
+            blk = block_table[b].long()[pos // block_size]
+            key_cache[blk, pos % block_size] = ks[b]
+            value_cache[blk, pos % block_size] = vs[b]
+    out = duo_paged_decode_ref(q, key_cache, value_cache, block_table, torch.tensor(lens, dtype=torch.int32),
+                               is_streaming, sink, recent, SCALE)
+    assert out.shape == (len(lens), HQ, D)
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert bool((out[b] == 0).all())
+            continue
+        ref = duo_prefill_ref(qs[b], ks[b], vs[b], is_streaming, sink, recent, SCALE)[-1]
+        torch.testing.assert_close(out[b], ref, atol=1e-6, rtol=1e-5)
+    # and the decode differs from dense where the window cuts (the 37- and 64-token requests)
+    dense = duo_paged_decode_ref(q, key_cache, value_cache, block_table, torch.tensor(lens, dtype=torch.int32),
+                                 torch.zeros(HKV, dtype=torch.bool), sink, recent, SCALE)
+    assert (dense[1, :2] - out[1, :2]).abs().max() > 1e-3
+    torch.testing.assert_close(dense[1, 2:4], out[1, 2:4], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_keeps_input_dtype_and_checks_heads():
+    q, k, v = qkv(12, 12, seed=6)
+    out = duo_prefill_ref(q.bfloat16(), k.bfloat16(), v.bfloat16(), torch.tensor([True, False, True]), 2, 4, SCALE)
+    assert out.dtype == torch.bfloat16
+    ref = duo_prefill_ref(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
+                          torch.tensor([True, False, True]), 2, 4, SCALE)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match=r"is_streaming must be \[Hkv\]=\[3\]"):
+        duo_prefill_ref(q, k, v, torch.tensor([True]), 2, 4, SCALE)
+    with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of KV heads \(4\)"):
+        duo_prefill_ref(q, torch.randn(12, 4, D), torch.randn(12, 4, D), torch.ones(4, dtype=torch.bool), 2, 4, SCALE)
+    assert math.isfinite(float(out.float().abs().max()))
+
+
+def test_paged_mixed_batch_matches_prefill_and_decode_refs():
+    """A chunked-prefill request and a decode request in one batch over a shuffled paged cache."""
+    from longseq.kernels.duo_attention import duo_paged_attention_ref, duo_paged_decode_ref, duo_prefill_ref
+
+    g = torch.Generator().manual_seed(3)
+    bs, nb, hkv, hq, d = 16, 24, 2, 6, 16
+    kc, vc = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, d, generator=g)
+    bt = torch.randperm(nb, generator=g)[:12].view(2, 6).int()
+    seq = torch.tensor([70, 91])
+    qsl = torch.tensor([0, 9, 10])  # request 0: a 9-token chunk ending at 69; request 1: one decode token
+    q = torch.randn(10, hq, d, generator=g)
+    streaming = torch.tensor([True, False])
+    out = duo_paged_attention_ref(q, kc, vc, bt, qsl, seq, streaming, 4, 20, d ** -0.5)
+    pos = torch.arange(70)
+    blk = bt[0].long()[pos // bs]
+    ref0 = duo_prefill_ref(q[:9], kc[blk, pos % bs], vc[blk, pos % bs], streaming, 4, 20, d ** -0.5, q_start=61)
+    ref1 = duo_paged_decode_ref(q[9:], kc, vc, bt[1:], seq[1:], streaming, 4, 20, d ** -0.5)
+    torch.testing.assert_close(out[:9], ref0)
+    torch.testing.assert_close(out[9:], ref1)

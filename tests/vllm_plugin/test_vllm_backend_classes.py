@@ -1,0 +1,89 @@
+"""Contracts of our vLLM backend classes that the engine relies on (checked against the installed vLLM)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longseq.config import LongSeqConfigError
+
+
+def test_cpu_backend_keeps_cpu_attn_contract():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from longseq.attention_backends.vllm.cpu import LongSeqCPUBackend, LongSeqCPUImpl, LongSeqCPUMetadataBuilder
+
+    assert issubclass(LongSeqCPUBackend, CPUAttentionBackend)  # isinstance checks elsewhere in vLLM keep working
+    assert LongSeqCPUBackend.get_name() == "CPU_ATTN"
+    assert LongSeqCPUBackend.supported_kv_cache_layouts() == CPUAttentionBackend.supported_kv_cache_layouts()
+    assert LongSeqCPUBackend.get_impl_cls() is LongSeqCPUImpl
+    assert LongSeqCPUBackend.get_builder_cls() is LongSeqCPUMetadataBuilder
+    assert LongSeqCPUBackend.supports_attn_type("decoder") and not LongSeqCPUBackend.supports_attn_type("encoder")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"head_size": 48}, "head size 48 is not supported"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is not supported"),
+    ({"attn_type": "encoder_only"}, "attention type 'encoder_only' is not supported"),
+    ({"sliding_window": 128}, "sliding_window"),
+    ({"num_heads": 10, "num_kv_heads": 4}, "not a multiple"),
+])
+def test_cpu_impl_rejects_unsupported_layers(kwargs, match):
+    from longseq.attention_backends.vllm.cpu import LongSeqCPUImpl
+
+    args = {"num_heads": 8, "head_size": 64, "scale": 0.125, "num_kv_heads": 2, **kwargs}
+    with pytest.raises(LongSeqConfigError, match=match):
+        LongSeqCPUImpl(**args)
+
+
+def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch):
+    """The torch-kernel impl's KV write + attention on a vLLM-shaped [B, H, N, 2D] cache equals the reference."""
+    import types
+
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
+    from longseq.attention_backends.vllm.common import LongSeqStepInfo
+    from longseq.attention_backends.vllm.cpu import LongSeqCPUImpl, LongSeqCPUMetadata
+    from longseq.kernels.paged_attention.naive import gather_paged_kv
+    from longseq.config import get_config
+
+    monkeypatch.setenv("LONGSEQ_CPU_KERNEL", "torch")
+    get_config(refresh=True)
+    torch.manual_seed(0)
+    hq, hkv, d, n, blocks = 6, 2, 64, 32, 8
+    # The stock impl reads the model dtype from the current vLLM config (set by the engine while it builds layers).
+    fake = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.float32))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: fake)
+    impl = LongSeqCPUImpl(num_heads=hq, head_size=d, scale=d ** -0.5, num_kv_heads=hkv)
+    monkeypatch.delenv("LONGSEQ_CPU_KERNEL")
+    get_config(refresh=True)
+    assert impl.use_torch
+    kv_cache = torch.randn(blocks, hkv, n, 2 * d)
+    # One request, 40 tokens of prefill in blocks [5, 2].
+    t = 40
+    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    block_table = torch.tensor([[5, 2]], dtype=torch.int32)
+    pos = torch.arange(t)
+    slots = block_table[0][pos // n].long() * n + pos % n
+    step = LongSeqStepInfo(num_reqs=1, num_actual_tokens=t, query_start_loc=torch.tensor([0, t], dtype=torch.int32),
+                           query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
+                           seq_lens=torch.tensor([t], dtype=torch.int32), block_table=block_table, slot_mapping=slots,
+                           max_query_len=t, max_seq_len=t, num_decode_reqs=0, num_leading_decodes=0,
+                           block_size=n)
+
+    class Layer:
+        layer_name = "model.layers.0.self_attn.attn"
+
+    impl.do_kv_cache_update(Layer(), k, v, kv_cache, slots)
+    out = torch.zeros(t, hq * d)
+    meta = LongSeqCPUMetadata(num_actual_tokens=t, max_query_len=t, query_start_loc=step.query_start_loc,
+                              max_seq_len=t, seq_lens=step.seq_lens, block_table=block_table, slot_mapping=slots,
+                              scheduler_metadata=None, step=step)
+    impl.forward(Layer(), q, k, v, kv_cache, meta, out)
+    # The cache holds K then V per (block, head) as vLLM's CPU kernels expect.
+    key_cache = kv_cache.view(blocks, hkv, 2 * n, d)[:, :, :n]
+    torch.testing.assert_close(gather_paged_kv(key_cache, block_table[0], t).transpose(0, 1), k)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(3, 1).transpose(0, 1), v.repeat_interleave(3, 1).transpose(0, 1),
+        is_causal=True).transpose(0, 1)
+    torch.testing.assert_close(out.view(t, hq, d), ref, atol=1e-5, rtol=1e-5)
