@@ -6,20 +6,15 @@ agreement and mean KL(dense || duo) with the dense run's tokens fed to duo, free
 retrieval. Runs on vLLM's CPU engine by default (``LONGSEQ_CPU=1``; PyTorch reference path); ``--gpu`` uses the
 GPU engine (needs the GPU duo path).
 
-    python benchmarks/bench_duo_fidelity.py --lengths 4096,4096 --passkey-lengths 4000,3000 --max-tokens 32
-    python benchmarks/bench_duo_fidelity.py --quick        (one 1K prompt, one passkey, 8 tokens: a smoke run)
+    python -m benchmarks.bench_duo_fidelity --lengths 4096,4096 --passkey-lengths 4000,3000 --max-tokens 32
+    python -m benchmarks.bench_duo_fidelity --quick        (one 1K prompt, one passkey, 8 tokens: a smoke run)
 Writes benchmarks/results/<name>.json (``patterns``: label -> metrics; ``--out-dir`` elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def parse_args(argv=None):

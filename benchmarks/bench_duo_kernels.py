@@ -26,8 +26,8 @@ switches decode to); each decode row reports its fastest variant (``best``). Var
 rest is listed as not timed), so ``--variants`` stays under about 4 minutes.
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
 
-    python benchmarks/bench_duo_kernels.py                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
-    python benchmarks/bench_duo_kernels.py --quick         # a few seconds: 8K decode, 8K prefill
+    python -m benchmarks.bench_duo_kernels                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
+    python -m benchmarks.bench_duo_kernels --quick         # a few seconds: 8K decode, 8K prefill
 Writes benchmarks/results/duo_kernels.json (``--name``) and prints the ratios.
 """
 
@@ -35,12 +35,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 import types
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.* from a checkout
 
 
 def parse_args(argv=None):

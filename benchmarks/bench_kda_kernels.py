@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 
 os.environ.setdefault("FLA_FLASH_KDA", "0")  # fla's Triton path: must be set before fla is imported
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
 
 H, K, V = 32, 128, 128
 DEV = "cuda"

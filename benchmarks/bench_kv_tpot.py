@@ -6,9 +6,9 @@ are saved by the connector), the saves are given ``--settle-s`` seconds to finis
 TPOT = (t(1 + N tokens) - t(1 token)) / N on that prompt, both runs starting from vLLM's own prefix-cache hit,
 so neither contains a prefill. The median over repeats after the first is reported, with every time.
 
-    python benchmarks/bench_kv_tpot.py                               # CPU: SmolLM2 (real weights), ~5 minutes
-    python benchmarks/bench_kv_tpot.py --model PATH --prompt-tokens 8192   # GPU: any model
-    python benchmarks/bench_kv_tpot.py --model /tmp/longseq-shape-llama-3.1-8b --load-format dummy \
+    python -m benchmarks.bench_kv_tpot                               # CPU: SmolLM2 (real weights), ~5 minutes
+    python -m benchmarks.bench_kv_tpot --model PATH --prompt-tokens 8192   # GPU: any model
+    python -m benchmarks.bench_kv_tpot --model /tmp/longseq-shape-llama-3.1-8b --load-format dummy \
         --prompt-tokens 8192 --max-model-len 16384 --cpu-gib 16     # GPU: the shape model bench_kv_offload writes
 
 Writes ``benchmarks/results/<--name>.json`` (default ``kv_tpot_cpu`` / ``kv_tpot_gpu``) and prints the ratios.
@@ -25,8 +25,8 @@ import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from benchmarks.common import child_command, run_child
+
 
 CONFIGS = ("plain", "ours-dram", "ours-disk")
 
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
         return child(args)
     import torch
 
-    from benchmarks.common import command_line, environment, run_child, write_result
+    from benchmarks.common import command_line, environment, write_result
 
     gpu = torch.cuda.is_available()
     if args.model is None:
@@ -107,10 +107,10 @@ def main(argv=None) -> None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     res = {}
     for c in args.configs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--config", c, "--model", args.model,
+        cmd = child_command("benchmarks.bench_kv_tpot", ["--config", c, "--model", args.model,
                "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
                "--repeats", str(args.repeats), "--settle-s", str(args.settle_s), "--cpu-gib", str(args.cpu_gib),
-               "--max-model-len", str(args.max_model_len), "--load-format", args.load_format] \
+               "--max-model-len", str(args.max_model_len), "--load-format", args.load_format]) \
             + (["--enforce-eager"] if args.enforce_eager else [])
         res[c] = run_child(cmd, env, c)
     ratios = {c: res[c]["tpot_ms"] / res["plain"]["tpot_ms"] for c in res if c != "plain"}

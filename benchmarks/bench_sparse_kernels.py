@@ -32,7 +32,7 @@ unfused selection, fp8 scores >= bf16 scores (outward rounding keeps the bound),
 bf16 selections, the sparse output vs the reference on the selected pages, and fused vs separate merge.
 
 Example (GPU machine):
-    python benchmarks/bench_sparse_kernels.py --contexts 131072,32768 --batches 1,8 --variants
+    python -m benchmarks.bench_sparse_kernels --contexts 131072,32768 --batches 1,8 --variants
 Writes benchmarks/results/sparse_kernels.json and prints a table. ``TRITON_INTERPRET=1 ... --smoke
 --contexts 2048 --batches 2 --hq 8 --hkv 2 --head-size 64 --num-select 8 --variants`` runs every op once on
 the CPU (a check of this script).
@@ -42,12 +42,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
 
 
 def parse_args(argv=None):

@@ -8,18 +8,14 @@ the one-program select first; each split size is timed with a second merge launc
 into the last segment program (``..._fused``). Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
 after warm-up on a side stream (CUDA events); median per call.
 
-    python benchmarks/bench_topk_split.py --pages 8192 --batches 1,8
+    python -m benchmarks.bench_topk_split --pages 8192 --batches 1,8
 Writes benchmarks/results/<name>.json (default ``topk_split``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def parse_args(argv=None):

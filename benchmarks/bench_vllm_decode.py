@@ -7,7 +7,7 @@ with ``max_tokens=1`` gives TTFT (the whole prefill); then, with the prompts cac
 of one synchronous ``LLM.generate`` call (it returns after the GPU finished), after a warm-up call.
 
 Example (GPU machine):
-    python benchmarks/bench_vllm_decode.py --contexts 8192,32768,129024 --batches 1 --mode dense
+    python -m benchmarks.bench_vllm_decode --contexts 8192,32768,129024 --batches 1 --mode dense
 Writes benchmarks/results/<name>.json and prints the table for BENCHMARKS.md.
 """
 
@@ -21,8 +21,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
+from benchmarks.common import child_command, run_child
 
 
 def child(args) -> None:
@@ -105,16 +104,14 @@ def cases(args) -> list[tuple[int, int]]:
 
 
 def run_backend(args, backend: str, env: dict) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--backend", backend,
+    cmd = child_command("benchmarks.bench_vllm_decode", ["--backend", backend,
            "--model-dir", args.model_dir, "--contexts", ",".join(map(str, args.contexts)),
            "--batches", ",".join(map(str, args.batches)), *(["--cases", args.cases] if args.cases else []), "--repeats", str(args.repeats),
            "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
-           "--profile-steps", str(args.profile_steps)]
+           "--profile-steps", str(args.profile_steps)])
     if args.profile_steps:
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the profiler must see the engine's GPU work
-    from benchmarks.common import run_child
-
     return run_child(cmd, env, backend)
 
 

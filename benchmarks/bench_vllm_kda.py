@@ -13,9 +13,9 @@ one synchronous ``LLM.generate`` call after a warm-up call; the median of ``--re
 * prefill: one prompt of each ``--prefill`` length, ``max_tokens=1``: tokens/s = length / time.
 * decode: ``--batches`` prompts of ``--decode-context`` tokens; TPOT = (t(N+1 tokens) - t(1 token)) / N.
 
-    python benchmarks/bench_vllm_kda.py            # ~3-4 min on an H200
-    python benchmarks/bench_vllm_kda.py --quick    # ~1.5 min: short shapes, one repeat (engine starts dominate)
-    python benchmarks/bench_vllm_kda.py --quick --kda-prefill longseq   # our chunk kernel for prefill too
+    python -m benchmarks.bench_vllm_kda            # ~3-4 min on an H200
+    python -m benchmarks.bench_vllm_kda --quick    # ~1.5 min: short shapes, one repeat (engine starts dominate)
+    python -m benchmarks.bench_vllm_kda --quick --kda-prefill longseq   # our chunk kernel for prefill too
 Writes benchmarks/results/vllm_kda.json (vllm_kda_quick.json with --quick) and prints the table.
 """
 
@@ -30,8 +30,7 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
+from benchmarks.common import child_command, run_child
 
 
 def child(args) -> None:
@@ -80,13 +79,11 @@ def child(args) -> None:
 
 def run_engine(args, label: str, env: dict) -> dict:
     """``--child`` in a fresh process with ``env``; its RESULT line."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "--label", label, "--model-dir", args.model_dir,
+    cmd = child_command("benchmarks.bench_vllm_kda", ["--label", label, "--model-dir", args.model_dir,
            "--prefill", ",".join(map(str, args.prefill)), "--batches", ",".join(map(str, args.batches)),
            "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens),
            "--repeats", str(args.repeats), "--max-model-len", str(args.max_model_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    from benchmarks.common import run_child
-
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization)])
     return run_child(cmd, env, label)
 
 

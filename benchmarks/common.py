@@ -1,4 +1,10 @@
-"""Shared by benchmark scripts: environment description and result files."""
+"""Shared by the benchmarks: the environment of a run, result files, and the one launcher of child engines.
+
+Every benchmark runs from the repository root as ``python -m benchmarks.<name>`` (studies:
+``python -m benchmarks.studies.<name>``) against the installed ``longseq`` package. Engine benchmarks start each
+configuration in a fresh process (:func:`run_child`), so one engine's memory and compile caches never leak
+into the next one's timings.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,9 @@ import sys
 import threading
 import time
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCHMARKS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCHMARKS_DIR)
+RESULTS_DIR = os.path.join(BENCHMARKS_DIR, "results")
 
 
 def environment() -> dict:
@@ -39,7 +47,7 @@ def _git_commit() -> str | None:
         return os.environ["BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+                              cwd=REPO_ROOT, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -54,7 +62,11 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
 
 
 def command_line() -> str:
-    return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    """This run's command as it is typed from the repository root (``python -m benchmarks.X ...``)."""
+    main = sys.modules.get("__main__")
+    module = getattr(getattr(main, "__spec__", None), "name", None)
+    head = ["python", "-m", module] if module else [os.path.relpath(sys.argv[0], REPO_ROOT)]
+    return " ".join(head + sys.argv[1:])
 
 
 def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool,
@@ -100,13 +112,23 @@ def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
     return cuda_event_seconds(lambda: dst.copy_(src, non_blocking=True), repeats)
 
 
-def run_child(cmd: list[str], env: dict, label: str) -> dict:
-    """Run a benchmark child process (a fresh engine) that prints ``RESULT <json>``; return that JSON.
+def child_command(module: str, args: list[str]) -> list[str]:
+    """The command that runs ``module``'s ``--child`` mode (one engine, one configuration) in a fresh Python."""
+    return [sys.executable, "-m", module, "--child", *args]
 
-    Its ``[...]`` progress lines on stderr are echoed; on failure the stderr tail is shown and we exit."""
+
+def run_child(cmd: list[str], env: dict, label: str) -> dict:
+    """Run a benchmark child process (a fresh engine, ``cmd`` from :func:`child_command`) that prints
+    ``RESULT <json>``; return that JSON.
+
+    It runs in a temporary directory (vLLM and its compile caches write beside the cwd) with the repository root
+    on ``PYTHONPATH`` so ``-m benchmarks.<name>`` resolves. Its ``[...]`` progress lines on stderr are echoed; on
+    failure the stderr tail is shown and we exit."""
     import tempfile
 
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    path = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(cmd, env={**env, "PYTHONPATH": path}, capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())
     sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
         line + "\n" for line in proc.stderr.splitlines() if line.startswith("[")))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

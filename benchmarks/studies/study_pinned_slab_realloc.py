@@ -6,7 +6,7 @@ phase, and only the measurements after it were slow (a 32K GPU hit, TPOT). This 
 engine: a thread ``put``s blocks into a reserved pinned tier (as the connector's save thread does) while this thread
 times small CUDA ops with a sync (as the engine's steps do), after the tier was emptied each way.
 
-    python benchmarks/study_pinned_slab_realloc.py [--gib 4] [--block-mib 2]
+    python -m benchmarks.studies.study_pinned_slab_realloc [--gib 4] [--block-mib 2]
 
 Writes ``results/study_pinned_slab_realloc.json``. Needs CUDA.
 """
@@ -14,14 +14,9 @@ Writes ``results/study_pinned_slab_realloc.json``. Needs CUDA.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import threading
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def run(store, src, keys, x) -> dict:

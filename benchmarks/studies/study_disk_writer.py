@@ -21,7 +21,7 @@ variants (what runs in the background)
   process     ``DiskTier.write`` in a separate process (no GIL shared with the probes)
   spin        a pure-Python busy loop in a thread (the GIL's worst case, for scale)
 
-    python benchmarks/study_disk_writer.py [--seconds 2] [--block-mib 2] [--dir DIR]
+    python -m benchmarks.studies.study_disk_writer [--seconds 2] [--block-mib 2] [--dir DIR]
 
 Writes ``results/study_disk_writer.json``: per variant and probe the median time and its ratio to idle, plus the
 machine's CPU-time split (user, system, iowait, steal) over the variant.
@@ -37,14 +37,11 @@ import os
 import pickle
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
 import zlib
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 VARIANTS = ("idle", "store", "crc", "write", "odirect", "process", "spin")
 PROBES = ("wake", "hash", "torch_ops", "open_miss")

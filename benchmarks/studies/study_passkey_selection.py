@@ -12,7 +12,7 @@ on the needle's pages (the pages holding the key in the prompt) that each keeps.
 bench's seeds (``eval.study``: passkey ``i`` of a run uses seed ``i``), so ``--lengths 6000,7600 --seeds 1,2``
 rebuilds the two prompts the GPU run lost.
 
-    python benchmarks/study_passkey_selection.py --lengths 6000,7600 --seeds 1,2
+    python -m benchmarks.studies.study_passkey_selection --lengths 6000,7600 --seeds 1,2
 
 Writes ``benchmarks/results/<name>.json``.
 """
@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
 
 
 def parse_args(argv=None):

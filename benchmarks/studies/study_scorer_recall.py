@@ -14,7 +14,7 @@ Scorers (page = ``--page-size`` tokens; the sink page and ``--recent`` pages are
 At fp8 storage, quest and lowrank-r cost the same bytes per page when ``r * page_size == 2 * D`` (r = 8 for
 SmolLM2's D = 64 and page 16).
 
-    python benchmarks/study_scorer_recall.py --lengths 4096,4096 --budgets 512,1024,2048
+    python -m benchmarks.studies.study_scorer_recall --lengths 4096,4096 --budgets 512,1024,2048
 
 Writes ``benchmarks/results/<name>.json``.
 """
@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # benchmarks.common when run as a script from a checkout
 
 
 def parse_args(argv=None):
