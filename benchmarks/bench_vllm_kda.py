@@ -2,9 +2,8 @@
 (``LONGSEQ_KDA=1``) vs vLLM's built-in KDA kernels (``LONGSEQ_KDA=0``: vLLM alone). Prefill throughput and decode
 time per output token.
 
-Routing of the longseq engine: ``--kda-prefill`` sets ``LONGSEQ_KDA_PREFILL`` (default ``framework``, the plugin's
-default): steps with prefills then run vLLM's own KDA forward, so the prefill rows measure the plugin's overhead
-(expected ~1.0x) and the decode rows our recurrent kernel. ``--kda-prefill longseq`` times our chunk kernel instead.
+Routing of the longseq engine: steps with prefills run vLLM's own KDA forward (longseq has no chunk prefill
+kernel), so the prefill rows measure the plugin's overhead (expected ~1.0x) and the decode rows our recurrent kernel.
 
 Both run in the same invocation, each in its own engine process (baseline with ``VLLM_PLUGINS=""``), on
 ``longseq.models.kimi_linear``'s ``kimi-linear-48b`` shape (real hidden size, heads, MLA, MoE; ``--layers`` deep,
@@ -15,7 +14,6 @@ one synchronous ``LLM.generate`` call after a warm-up call; the median of ``--re
 
     python -m benchmarks.bench_vllm_kda            # ~3-4 min on an H200
     python -m benchmarks.bench_vllm_kda --quick    # ~1.5 min: short shapes, one repeat (engine starts dominate)
-    python -m benchmarks.bench_vllm_kda --quick --kda-prefill longseq   # our chunk kernel for prefill too
 Writes benchmarks/results/vllm_kda.json (vllm_kda_quick.json with --quick) and prints the table.
 """
 
@@ -99,9 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.6)
     p.add_argument("--model-dir", default=None, help="a written Kimi-Linear shape folder (default: build one)")
-    p.add_argument("--name", default=None, help="result name (default vllm_kda[_quick][_longseq_prefill])")
-    p.add_argument("--kda-prefill", choices=("framework", "longseq"), default="framework",
-                   help="LONGSEQ_KDA_PREFILL of the longseq engine (default: framework, the plugin's default)")
+    p.add_argument("--name", default=None, help="result name (default vllm_kda[_quick])")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--label", default="", help=argparse.SUPPRESS)
     p.add_argument("--max-model-len", type=int, default=None, help=argparse.SUPPRESS)
@@ -127,32 +123,28 @@ def main(argv=None) -> None:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
     vllm_kda = run_engine(args, "vllm", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone: its own KDA kernels
     with tempfile.TemporaryDirectory() as trace_dir:  # proof that the engine ran our layer (vLLM falls back silently)
-        ours = run_engine(args, "longseq", {**base_env, "LONGSEQ_KDA": "1", "LONGSEQ_KDA_PREFILL": args.kda_prefill,
-                                            "LONGSEQ_TRACE_DIR": trace_dir})
+        ours = run_engine(args, "longseq", {**base_env, "LONGSEQ_KDA": "1", "LONGSEQ_TRACE_DIR": trace_dir})
         traces = [json.load(open(os.path.join(trace_dir, f))) for f in os.listdir(trace_dir) if f.endswith(".json")]
     kda_layers = sum(1 for i in range(1, args.layers + 1) if i % 4)
     if not any(t["backend"] == "kda" and t["num_layers"] == kda_layers for t in traces):
         raise SystemExit(f"LONGSEQ_KDA=1 engine did not run longseq's KDA layer on {kda_layers} layers: {traces}")
-    prefill_event = "framework_prefill_calls" if args.kda_prefill == "framework" else "forward_calls"
-    if not sum(t.get(prefill_event, 0) for t in traces if t["backend"] == "kda"):
-        raise SystemExit(f"LONGSEQ_KDA_PREFILL={args.kda_prefill}: no {prefill_event} in the trace: {traces}")
+    if not sum(t.get("framework_prefill_calls", 0) for t in traces if t["backend"] == "kda"):
+        raise SystemExit(f"LONGSEQ_KDA=1: no framework_prefill_calls in the trace: {traces}")
     table = {
         "prefill": [{"tokens": v["tokens"], "vllm_tok_s": v["tokens_per_s"], "longseq_tok_s": o["tokens_per_s"],
                      "speedup": o["tokens_per_s"] / v["tokens_per_s"]} for v, o in zip(vllm_kda["prefill"], ours["prefill"])],
         "decode": [{"batch": v["batch"], "vllm_tpot_ms": v["tpot_ms"], "longseq_tpot_ms": o["tpot_ms"],
                     "speedup": v["tpot_ms"] / o["tpot_ms"]} for v, o in zip(vllm_kda["decode"], ours["decode"])],
     }
-    name = args.name or ("vllm_kda" + ("_quick" if args.quick else "")
-                         + ("_longseq_prefill" if args.kda_prefill == "longseq" else ""))
+    name = args.name or ("vllm_kda" + ("_quick" if args.quick else ""))
     path = write_result(name, {
         "benchmark": "vllm_kda", "command": command_line(), "env": environment(),
         "inputs": {"shape": "kimi-linear-48b", "layers": args.layers, "prefill": args.prefill, "batches": args.batches,
                    "decode_context": args.decode_context, "decode_tokens": args.decode_tokens, "repeats": args.repeats,
-                   "longseq_kda_prefill": args.kda_prefill,
+                   "longseq_kda_prefill": "framework",
                    "dtype": "bfloat16", "cudagraph_mode": "FULL_DECODE_ONLY", "prefix_caching": False},
         "vllm": vllm_kda, "longseq": ours, "longseq_trace": traces, "table": table})
-    print(f"LONGSEQ_KDA=0 (vLLM) vs LONGSEQ_KDA=1 with LONGSEQ_KDA_PREFILL={args.kda_prefill} (prefill on "
-          f"{'vLLM' if args.kda_prefill == 'framework' else 'longseq'}'s chunk kernel, decode on longseq's)")
+    print("LONGSEQ_KDA=0 (vLLM) vs LONGSEQ_KDA=1 (prefill on vLLM's chunk kernel, decode on longseq's)")
     print("| prefill tokens | vLLM KDA tok/s | longseq KDA tok/s | speedup |\n|---|---|---|---|")
     for r in table["prefill"]:
         print(f"| {r['tokens']} | {r['vllm_tok_s']:.0f} | {r['longseq_tok_s']:.0f} | {r['speedup']:.3f} |")

@@ -23,9 +23,9 @@ DEBUG_FAULTS = ("none", "skip_kv_write")
 #: Math under our CPU backend in dense mode: vLLM's own CPU kernel (bit-identical tokens) or our PyTorch path.
 CPU_KERNELS = ("vllm", "torch")
 
-#: Where KDA prefill runs under ``LONGSEQ_KDA=1`` (``LONGSEQ_KDA_PREFILL``): the framework's own chunk kernel
-#: (vLLM's vendored fla, SGLang's extend kernel; measured 3.3x faster than ours on H200) or longseq's.
-KDA_PREFILL_KERNELS = ("framework", "longseq")
+#: Where KDA prefill runs under ``LONGSEQ_KDA=1`` (``LONGSEQ_KDA_PREFILL``): only the framework's own chunk kernel
+#: (vLLM's vendored fla, SGLang's extend kernel); longseq's was slower and is gone (docs/benchmarks/kda.md).
+KDA_PREFILL_KERNELS = ("framework",)
 
 #: Page-summary dtypes of sparse mode.
 SPARSE_SUMMARIES = ("auto", "fp8", "cache")
@@ -72,9 +72,9 @@ class LongSeqConfig:
         sparse_group_score: how a GQA group's query heads combine their Quest page bounds
             (``LONGSEQ_SPARSE_GROUP_SCORE``): ``max`` (the largest head's bound, the default: keeps pages that a
             single head needs, such as a retrieved needle) or ``sum`` (one score for the group's summed query,
-            Quest's; with page 16 the faster setting at batch 8, but it loses pass keys: ``BENCHMARKS.md``).
+            Quest's; faster at larger batches, but it loses pass keys: docs/benchmarks/sparse.md).
         sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
-            (requests x KV heads) than this splits each row's top-k over several programs; unset: the measured
+            (requests x KV heads) than this splits each row's top-k over several programs; unset: the kernel's
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
         duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
             authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
@@ -89,15 +89,14 @@ class LongSeqConfig:
             unset = the pattern's ``recent_size`` (256 for patterns that have none).
         duo_hybrid_decode_batch: GPU duo decode steps of at least this many requests run FlashAttention on the
             retrieval heads and the Triton kernel on the streaming heads (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``,
-            default 8); 0 = one Triton launch for all heads at every batch size. Measured on an H200 at 126K,
-            batch 8: 0.550x of FlashAttention's time with the hybrid vs 0.690x with one launch; at batch 1 the
-            one launch is faster (``BENCHMARKS.md``).
+            default 8); 0 = one Triton launch for all heads at every batch size. The hybrid pays off only at
+            larger batches (docs/benchmarks/duo.md).
         kda: run Kimi Delta Attention (Kimi-Linear's linear-attention layers) on longseq's KDA kernels instead of
             the framework's vendored ones (``LONGSEQ_KDA``, ``0``/``1``): vLLM's KDA layer is replaced through its
             out-of-tree layer registry, SGLang's through its KDA kernel dispatcher.
-        kda_prefill: under ``kda``, which chunk (prefill) kernel runs (``LONGSEQ_KDA_PREFILL``): ``framework``
-            (default: the framework's own, faster on H200) or ``longseq`` (ours; development and tests). Decode
-            always runs longseq's kernel.
+        kda_prefill: under ``kda``, which chunk (prefill) kernel runs (``LONGSEQ_KDA_PREFILL``): only
+            ``framework`` (the framework's own); ``longseq`` (longseq's chunk kernel, removed) is refused with an
+            error saying so. Decode always runs longseq's kernel.
     """
 
     attention: str = "dense"
@@ -129,6 +128,11 @@ class LongSeqConfig:
                 f"LONGSEQ_ATTENTION={self.attention!r} is not a longseq technique; "
                 f"allowed values: {', '.join(ATTENTION_TECHNIQUES)}"
             )
+        if self.kda_prefill == "longseq":
+            raise LongSeqConfigError(
+                "LONGSEQ_KDA_PREFILL='longseq': longseq's KDA chunk prefill kernel was removed; prefill runs on the "
+                "framework's own kernel (vLLM's vendored fla chunk_kda, SGLang's extend kernel): unset "
+                "LONGSEQ_KDA_PREFILL (or set it to framework)")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise LongSeqConfigError(f"{self.ENV_NAMES[name]}={getattr(self, name)!r} is not allowed; "

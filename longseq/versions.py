@@ -6,6 +6,7 @@ Version differences live here only: adapters ask these helpers instead of compar
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 
 from packaging.version import Version
 
@@ -42,3 +43,24 @@ def check_vllm_version(version: str | None = None) -> str:
             f"longseq supports vLLM >={VLLM_MIN},<{VLLM_MAX_EXCLUSIVE}; installed: vllm {version}"
         )
     return version
+
+
+#: ``KimiGatedDeltaNetAttention._forward``'s parameters after ``self``, per vLLM API shape.
+_KDA_SPLIT_QKV = ("q_proj_states", "k_proj_states", "v_proj_states", "g1", "beta", "core_attn_out")  # vLLM 0.26
+_KDA_PACKED_QKV = ("mixed_qkv", "g1", "g2", "beta", "core_attn_out")  # vLLM 0.32+
+
+
+def vllm_kda_layer_api(layer_cls: type) -> str:
+    """``"split_qkv"`` (vLLM 0.26) or ``"packed_qkv"`` (0.32+), from the signature of ``layer_cls._forward``.
+
+    Read from the signature, not the version number, so a patch release that keeps the layout keeps working.
+    Raises :class:`LongSeqVersionError` for a layout longseq does not know.
+    """
+    params = tuple(inspect.signature(inspect.unwrap(layer_cls._forward)).parameters)[1:]
+    if params == _KDA_SPLIT_QKV:
+        return "split_qkv"
+    if params == _KDA_PACKED_QKV:
+        return "packed_qkv"
+    raise LongSeqVersionError(
+        f"LONGSEQ_KDA=1: vLLM's {layer_cls.__name__}._forward{params} matches no layout longseq knows "
+        f"({_KDA_SPLIT_QKV} in vLLM 0.26, {_KDA_PACKED_QKV} in 0.32+); unset LONGSEQ_KDA")

@@ -1,7 +1,7 @@
 """Loads on CUDA with one kernel that reads the store's pinned DRAM buffers directly (no staging tensor).
 
-The per-block path (``OffloadWorker._load_chunk_staged``) reached 75-80% of the pinned host-to-device bandwidth
-on an H200: one ``cudaMemcpyAsync`` per 2 MiB block plus a scatter per layer. ``scatter_host_blocks``
+The per-block path (``OffloadWorker._load_chunk_staged``) falls short of the pinned host-to-device bandwidth
+(docs/benchmarks/kv-offload.md): one ``cudaMemcpyAsync`` per 2 MiB block plus a scatter per layer. ``scatter_host_blocks``
 (``longseq.kernels.kv_block_copy``) reads the pinned buffers over the bus from the GPU itself and writes every
 layer's pages, a request's whole prefix in one launch.
 

@@ -25,8 +25,7 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     The store's copies run on background threads (the vLLM connector's save thread and disk readers, SGLang's
     HiCache threads). torch's CPU ``copy_`` runs an OpenMP parallel region, and one started from another thread
     builds a second OpenMP thread team beside the engine's. On vLLM's CPU platform that slowed every later
-    decode step by ~1.6x (SmolLM2, 2 cores: 43 -> 70 ms per token after one prompt's blocks were saved;
-    ``BENCHMARKS.md``). numpy copies in the calling thread only, with the GIL released.
+    decode step (docs/benchmarks/kv-offload.md). numpy copies in the calling thread only, with the GIL released.
     """
     if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype == torch.uint8 \
             and dst.shape == src.shape:
@@ -165,8 +164,7 @@ class DramTier:
     def reserve(self, nbytes: int) -> int:
         """Pre-carve pinned pieces of ``nbytes`` for the whole tier (``capacity // nbytes`` blocks); returns the
         bytes allocated. Lazy carving calls ``cudaHostAlloc`` while serving, and that call stalls the engine's
-        own CUDA calls: reserving up front took the connector-on cold-prompt TTFT from +87% / +46% (8K / 32K) to
-        +2-7% on an H200 (``BENCHMARKS.md``)."""
+        own CUDA calls: reserving up front keeps them off the cold-prompt TTFT (docs/benchmarks/kv-offload.md)."""
         return self.allocator.reserve(nbytes, (self.capacity_bytes - self.used_bytes) // nbytes)
 
     def lookup(self, key: bytes) -> torch.Tensor | None:

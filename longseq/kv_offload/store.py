@@ -105,7 +105,7 @@ class BlockStore:
     def count_prefix_hits(self, keys: list[bytes]) -> int:
         """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks."""
         n = 0
-        with self._lock:  # one lock for the DRAM-resident part (per-key locking cost ~1 us a block: 2 ms at 32K)
+        with self._lock:  # one lock for the DRAM-resident part (per-key locking adds up over a long prefix)
             for key in keys:
                 key = _check_key(key)
                 if not self._resident(key):
@@ -306,8 +306,8 @@ class BlockStore:
             return self._dram.reserve(block_nbytes)
 
     def _reserve_slab(self, key: bytes, nbytes: int) -> None:
-        """Allocate the pinned slab the next DRAM insert needs OUTSIDE the lock: ``cudaHostAlloc`` takes
-        ~10-20 ms per 64 MiB slab, and under the lock it stalled every lookup (the engine thread's
+        """Allocate the pinned slab the next DRAM insert needs OUTSIDE the lock: ``cudaHostAlloc`` is slow
+        (docs/benchmarks/kv-offload.md), and under the lock it stalled every lookup (the engine thread's
         ``contains``) while a save thread or disk readers filled the tier. Added only if still needed
         (another thread may have added one meanwhile), so at most one partly carved slab per size remains."""
         dram = self._dram

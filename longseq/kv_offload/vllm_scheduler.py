@@ -43,7 +43,7 @@ def chain_keys(token_ids, block_size: int, num_blocks: int, seed: bytes, prev: l
     first = len(keys)
     if num_blocks <= first:
         return keys
-    # One conversion for all new blocks (per-block conversions were most of the cost: ~7 ms at 32K tokens).
+    # One conversion for all new blocks (per-block conversions were most of the hashing cost).
     raw = np.asarray(token_ids[first * block_size:num_blocks * block_size], dtype=np.int64).tobytes()
     step = block_size * 8
     for i in range(num_blocks - first):
@@ -202,7 +202,7 @@ class OffloadScheduler:
         keys = self._keys(st, n_full)
         ids, todo = [], []
         # DRAM residency only, one lock for all: probing the disk tier costs a file open per block on the engine
-        # thread (~16 ms for a 32K prompt). A block only on disk is saved again: that promotes it into DRAM (it is
+        # thread. A block only on disk is saved again: that promotes it into DRAM (it is
         # hot now), and the disk writer sees the file exists and only refreshes its mtime.
         in_dram = self.hits.in_dram_batch(keys[st.saved_blocks:n_full])
         for b in range(st.saved_blocks, n_full):

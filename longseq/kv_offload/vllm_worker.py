@@ -55,8 +55,8 @@ def find_block_dim(shape: tuple[int, ...], num_blocks: int) -> int:
 class StagingPool:
     """Reusable host buffers ``[chunk_blocks, *block_shape]`` (pinned on CUDA) for device->host saves.
 
-    Pinned allocation (``cudaHostAlloc``) costs about 0.3 s per GiB and would run in the engine thread, inside
-    the step whose forward wrote the pages (a prefill: it showed up as +0.5 s TTFT at 8K tokens of Llama-8B).
+    Pinned allocation (``cudaHostAlloc``) is slow and would run in the engine thread, inside the step whose
+    forward wrote the pages (a prefill: it showed up in TTFT, docs/benchmarks/kv-offload.md).
     Buffers are allocated on first use, given back by the save thread once ``put`` copied them out, and
     reused; at most ``max_buffers`` exist (``take`` returns None when all are in flight). Thread-safe.
     """
@@ -128,9 +128,9 @@ class OffloadWorker:
 
     def attach(self, store: BlockStore, pin_at_start: bool = True, load_kernel: str = "auto") -> None:
         """Use ``store``. ``pin_at_start`` (CUDA): allocate the pinned staging buffers and the store's whole DRAM
-        tier now. Allocated lazily, ``cudaHostAlloc`` runs while serving, and it stalls the engine's CUDA calls;
-        with lazy pinning the H200 bench measured +0.19 s TTFT recomputing 8K tokens and +0.56 s at 32K, with
-        ``pin_at_start`` +0.005-0.09 s. Up front it costs start-up time instead (~0.3 s per GiB).
+        tier now. Allocated lazily, ``cudaHostAlloc`` runs while serving, and it stalls the engine's CUDA calls
+        (it raised TTFT well above what pinning at start costs: docs/benchmarks/kv-offload.md). Up front it costs
+        start-up time instead.
         ``load_kernel``: ``auto`` loads with the direct-read kernel where it applies (CUDA, pinned tier, a
         supported cache layout, self-test passed), ``copy`` always with per-block copies."""
         self.store = store
@@ -160,7 +160,7 @@ class OffloadWorker:
             if not tr.checked:  # the scheduler could not read this rank's store: check (and pull disk blocks) here
                 tr = self._usable_prefix(tr)
             # The direct kernel takes the whole prefix in one launch (no staging memory to bound, and no GPU idle
-            # time between chunks: chunks of 256 MiB ran at 47 GB/s where the kernel alone reaches 51);
+            # time between chunks, which cost bandwidth: docs/benchmarks/kv-offload.md);
             # blocks it could not take are copied per block, in chunks.
             done = self._load_direct(tr.block_ids, tr.keys) if self._direct is not None else 0
             for start in range(done, len(tr.block_ids), self.chunk_blocks):
@@ -259,7 +259,7 @@ class OffloadWorker:
             # thread does not block): vLLM may reuse a page right away (a preempted request's pages are zeroed
             # and rewritten by the next step before any connector hook runs). It does not wait for the
             # device->host copies, which read only the scratch: they overlap the next forward passes instead of
-            # adding ~2 ms per 100 MB to this step. The save stream is in order, so the last gather implies all.
+            # adding their time to this step. The save stream is in order, so the last gather implies all.
             torch.cuda.current_stream(self.device).wait_event(gathered)
         self.counters["save_call_seconds"] += time.perf_counter() - t0  # the engine thread's share of saving
 

@@ -1,7 +1,7 @@
 """GPU (vLLM 0.26, H200): a tiny random-weight Kimi-Linear (3 KDA layers + 1 MLA) generates vLLM's own greedy
 tokens when its KDA layers run on longseq's kernels (``LONGSEQ_KDA=1``), with CUDA graphs for decode.
-Default routing (``LONGSEQ_KDA_PREFILL=framework``): steps with prefills run vLLM's own KDA ``_forward``, decode
-steps longseq's recurrent kernel; the trace proves both happened.
+Routing: steps with prefills run vLLM's own KDA ``_forward``, decode steps longseq's recurrent kernel; the trace
+proves both happened.
 
 Weights: vLLM's dummy load, then every non-MLA weight redrawn (``longseq.models.kimi_linear.randomize_weights``)
 so logits spread and the KDA layers carry signal. Ours and vLLM's KDA decode kernels round differently, so a

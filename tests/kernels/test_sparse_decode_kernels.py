@@ -20,8 +20,8 @@ from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 DEV = "cuda" if CUDA else "cpu"
 
 # The sparse_decode package with its kernels interpreted when there is no GPU (see tests/support/triton_interp.py).
-sd = import_kernels(*(f"longseq.kernels.sparse_decode.{m}" for m in ("page_summary", "select", "topk_split", "decode")),
-                    "longseq.kernels.sparse_decode")[-1]
+_SPARSE_MODULES = ("page_summary", "radix_topk", "select", "topk_split", "decode")
+sd = import_kernels(*(f"longseq.kernels.sparse_decode.{m}" for m in _SPARSE_MODULES), "longseq.kernels.sparse_decode")[-1]
 _interpreter_env = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 from longseq.kernels.paged_attention import paged_attention_naive  # noqa: E402
 from longseq.kernels.sparse_decode import naive  # noqa: E402

@@ -1,6 +1,6 @@
-"""SGLang KDA (``LONGSEQ_KDA=1``): the plugin's hook on SGLang's KDA backend puts longseq's kernels in its
-``KDAKernelDispatcher`` (decode and extend; verify stays SGLang's), ``LONGSEQ_KDA=0`` registers nothing, bad
-shapes stop start-up, and ``LongSeqKDAKernel`` (extend, packed decode, decode over SGLang's state pool) matches the
+"""SGLang KDA (``LONGSEQ_KDA=1``): the plugin's hook on SGLang's KDA backend puts longseq's decode kernel in its
+``KDAKernelDispatcher`` (extend and verify stay SGLang's), ``LONGSEQ_KDA=0`` registers nothing, bad shapes and
+settings stop start-up, and ``LongSeqKDAKernel`` (packed decode, decode over SGLang's state pool) matches the
 naive KDA reference on random inputs (kernels in Triton's interpreter on CPU).
 
 SGLang's own vendored KDA kernels do not run on CPU (``fla/utils.py`` needs a device context), so the reference
@@ -83,15 +83,14 @@ def no_state_tracking(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("prefill", ["framework", "longseq"])
-def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env, no_state_tracking, prefill):
-    """Decode always goes to our kernel; extend only under LONGSEQ_KDA_PREFILL=longseq (default: SGLang's)."""
+def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longseq_env, no_state_tracking):
+    """Decode goes to our kernel; extend stays SGLang's."""
     from sglang.srt.layers.attention.linear.kernels.kda_triton import TritonKDAKernel
 
     from longseq.attention_backends.sglang.kda import LongSeqKDAKernel
     from longseq.plugin.sglang import KDA_BACKEND_INIT, _install_kda_kernels_after_init, register
 
-    longseq_env(LONGSEQ_KDA="1", **({} if prefill == "framework" else {"LONGSEQ_KDA_PREFILL": prefill}))
+    longseq_env(LONGSEQ_KDA="1")
     register()
     register()  # SGLang calls plugins in every process, sometimes more than once
     assert len(_our_hooks(hook_registry)) == 1
@@ -101,10 +100,7 @@ def test_kda_on_hooks_backend_and_swaps_dispatcher_kernels(hook_registry, longse
     _install_kda_kernels_after_init(None, backend, runner)  # what the patched KDAAttnBackend.__init__ runs last
     d = backend.kernel_dispatcher
     assert isinstance(d.decode_kernel, LongSeqKDAKernel)
-    if prefill == "longseq":
-        assert d.extend_kernel is d.decode_kernel
-    else:
-        assert type(d.extend_kernel) is TritonKDAKernel
+    assert type(d.extend_kernel) is TritonKDAKernel
     assert type(d.verify_kernel) is TritonKDAKernel and d.supports_packed_decode
 
 
@@ -127,9 +123,11 @@ def test_unsupported_state_pool_fails_at_startup(longseq_env, no_state_tracking)
     backend, runner = _dispatcher_and_runner(torch.zeros(1, 2, H, D, D))
     _install_kda_kernels_after_init(None, backend, runner)  # default: SGLang's extend kernel snapshots the states
     assert backend.kernel_dispatcher.extend_kernel.supports_track_state_snapshot
-    longseq_env(LONGSEQ_KDA="1", LONGSEQ_KDA_PREFILL="longseq")  # ours does not: refused at start-up
-    with pytest.raises(LongSeqConfigError, match="--mamba-radix-cache-strategy no_buffer"):
+    monkeypatch.setenv("LONGSEQ_KDA_PREFILL", "longseq")  # longseq's chunk prefill is gone: refused at start-up
+    monkeypatch.setattr(cfg_mod, "_CACHED", None)
+    with pytest.raises(LongSeqConfigError, match="longseq's KDA chunk prefill kernel was removed"):
         _install_kda_kernels_after_init(None, *_dispatcher_and_runner(torch.zeros(1, 2, H, D, D)))
+    monkeypatch.delenv("LONGSEQ_KDA_PREFILL")
     monkeypatch.setenv("LONGSEQ_KDA", "maybe")  # a bad setting stops the KDA backend at start-up: config error
     monkeypatch.setattr(cfg_mod, "_CACHED", None)
     with pytest.raises(LongSeqConfigError, match="LONGSEQ_KDA='maybe' must be a boolean"):
@@ -140,9 +138,9 @@ def test_unsupported_features_are_named():
     from longseq.attention_backends.sglang.kda import LongSeqKDAKernel
 
     kernel, z = LongSeqKDAKernel(), torch.zeros(1, 2, H, D)
-    with pytest.raises(NotImplementedError, match="radix-cache state tracking"):
+    with pytest.raises(NotImplementedError, match="no KDA extend \\(chunk prefill\\) kernel; SGLang's extend kernel"):
         kernel.extend(z, z, z, z, z[..., 0], ssm_states=torch.zeros(2, H, D, D), cache_indices=torch.tensor([0]),
-                      query_start_loc=torch.tensor([0, 2]), A_log=torch.zeros(H), return_intermediate_states=True)
+                      query_start_loc=torch.tensor([0, 2]), A_log=torch.zeros(H))
     with pytest.raises(NotImplementedError, match="enable-linear-replayssm"):
         kernel.packed_decode(torch.zeros(1, 3 * H * D), z, z, A_log=torch.zeros(H), dt_bias=torch.zeros(H * D),
                              scale=1.0, ssm_states=torch.zeros(2, H, D, D), cache_indices=torch.tensor([0]),
@@ -158,9 +156,10 @@ def _reference(q, k, v, raw_g, raw_beta, A_log, dt_bias, state0, lower_bound):
 
 
 @pytest.mark.parametrize("lower_bound", [None, -4.0])
-def test_kernel_extend_then_decode_matches_naive(lower_bound):
-    """Two requests (slot 1 continues a stored state, slot 4 is fresh: SGLang zeroes it): extend, packed decode,
-    then plain decode; outputs and pool rows vs the naive recurrence over each request's whole history."""
+def test_kernel_decode_matches_naive(lower_bound):
+    """Two requests (slot 1 continues a stored state, slot 4 is fresh: SGLang zeroes it), their prompts run by the
+    naive recurrence (standing in for SGLang's extend kernel), then packed decode and plain decode; outputs and pool
+    rows vs the naive recurrence over each request's whole history."""
     from longseq.attention_backends.sglang.kda import LongSeqKDAKernel
 
     gen = torch.Generator().manual_seed(11)
@@ -173,12 +172,10 @@ def test_kernel_extend_then_decode_matches_naive(lower_bound):
     total = [n + 2 for n in lens]
     seq = [(rnd(n, H, D), rnd(n, H, D), rnd(n, H, D), rnd(n, H, D), rnd(n, H)) for n in total]  # q k v raw_g raw_b
     kernel, idx = LongSeqKDAKernel(trace={}), torch.tensor(slots, dtype=torch.int32)
+    for i, slot in enumerate(slots):  # the prompt, as the framework's extend leaves it in the pool
+        pool[slot] = _reference(*(x[:lens[i]] for x in seq[i]), A_log, dt_bias, before[slot], lower_bound)[1]
 
     cat = lambda j, a, b: torch.cat([s[j][a(i):b(i)] for i, s in enumerate(seq)])[None]  # noqa: E731
-    q, k, v, g, b = (cat(j, lambda i: 0, lambda i: lens[i]) for j in range(5))
-    o_ext = kernel.extend(q, k, v, g.flatten(-2), b, ssm_states=pool, cache_indices=idx,
-                          query_start_loc=torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32),
-                          A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound, beta_is_raw=True)
     step = [cat(j, lambda i, t=t: lens[i] + t, lambda i, t=t: lens[i] + t + 1) for t in (0, 1) for j in range(5)]
     mixed = torch.cat([x[0].flatten(-2) for x in step[:3]], dim=-1)
     o_packed = kernel.packed_decode(mixed, step[3][0].flatten(-2), step[4][0], A_log=A_log, dt_bias=dt_bias,
@@ -188,14 +185,11 @@ def test_kernel_extend_then_decode_matches_naive(lower_bound):
     o_dec = kernel.decode(q2, k2, v2, g2[0].flatten(-2), b2[0], A_log=A_log, dt_bias=dt_bias, ssm_states=pool,
                           cache_indices=idx, query_start_loc=torch.arange(3, dtype=torch.int32),
                           lower_bound=lower_bound)
-    assert kernel.trace == {"extend": 1, "packed_decode": 1, "decode": 1}
-    off = 0
+    assert kernel.trace == {"packed_decode": 1, "decode": 1}
     for i, slot in enumerate(slots):
         o_ref, s_ref = _reference(*seq[i], A_log, dt_bias, before[slot], lower_bound)
-        torch.testing.assert_close(o_ext[0, off:off + lens[i]], o_ref[:lens[i]], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(o_packed[0, i], o_ref[lens[i]], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(o_dec[0, i], o_ref[lens[i] + 1], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(pool[slot], s_ref, atol=2e-3, rtol=2e-3)
-        off += lens[i]
     others = [s for s in range(SLOTS) if s not in slots]
     assert torch.equal(pool[others], before[others])

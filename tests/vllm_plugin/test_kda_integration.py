@@ -1,10 +1,11 @@
-"""KDA integration with vLLM (``LONGSEQ_KDA``): the knob, the out-of-tree layer registration, start-up errors,
-and both versions' ``_forward`` bodies (vLLM 0.26's split q/k/v, 0.32+'s packed) run through our kernels (Triton
-interpreter on CPU) against the naive KDA reference on random inputs.
+"""KDA integration with vLLM (``LONGSEQ_KDA``): the knobs, the out-of-tree layer registration, start-up errors,
+and both versions' ``_forward`` bodies (vLLM 0.26's split q/k/v, 0.32+'s packed): decode steps through our kernels
+(Triton interpreter on CPU), steps with prefills routed to vLLM's own ``_forward`` (a PyTorch stand-in here),
+against the naive KDA reference on random inputs.
 
-vLLM's causal-conv ops and forward context are Triton/engine-bound, so the forward tests give the shims PyTorch
-convolutions and a stand-in context; everything else (metadata slicing, state-pool gather/scatter, the kernel
-calls, the output placement) is the adapters' own code. The state pools are strided views of raw pages, as
+vLLM's causal-conv ops and forward context are Triton/engine-bound, so the forward tests give the adapter PyTorch
+convolutions and a stand-in context; everything else (metadata slicing, routing, the kernel calls on the state
+pool, the output placement) is the adapter's own code. The state pools are strided views of raw pages, as
 vLLM's KV cache hands them to the layer, and vLLM 0.26's own decode branch is re-implemented (naive kernels for its
 Triton ones) to check our decode step against it on the same pages and indices.
 """
@@ -21,14 +22,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longseq.plugin import kda_compat
 from longseq.config import LongSeqConfig, LongSeqConfigError
-from longseq.versions import LongSeqVersionError
+from longseq.plugin.vllm import (
+    VLLM_KDA_LAYER_CLASS,
+    VLLM_KDA_LAYER_MODULE,
+    _AfterImportHook,
+    install_vllm_kda_layer,
+    register_vllm_kda_layer,
+)
+from longseq.versions import LongSeqVersionError, vllm_kda_layer_api
 
 triton = pytest.importorskip("triton")
 from triton_interp import import_kernels, interpreter_env  # noqa: E402
 
-LAYER = kda_compat.VLLM_KDA_LAYER_CLASS
+LAYER = VLLM_KDA_LAYER_CLASS
 
 
 # Every kernel module twice: the 2nd pass rebinds names a module imported from one not yet re-imported.
@@ -84,71 +91,71 @@ def test_kda_off_leaves_vllm_layer_untouched(kda_env):
     kda_env(None)
     kda_env("0")
     assert LAYER not in op_registry_oot
-    assert not any(isinstance(f, kda_compat._AfterImportHook) for f in sys.meta_path)
+    assert not any(isinstance(f, _AfterImportHook) for f in sys.meta_path)
 
 
 def test_kda_on_registers_our_layer_idempotently(kda_env):
     from vllm.model_executor.custom_op import op_registry_oot
 
-    layer_mod = importlib.import_module(kda_compat.VLLM_KDA_LAYER_MODULE)
-    from longseq.attention_backends.vllm.kda import LongSeqKimiDeltaAttention
+    layer_mod = importlib.import_module(VLLM_KDA_LAYER_MODULE)
+    from longseq.attention_backends.vllm.kda import LongSeqKimiDeltaAttention, forward_packed_qkv, forward_split_qkv
 
     kda_env("1")
     kda_env("1")  # a second register() (vLLM calls it in every process, sometimes twice) changes nothing
-    kda_compat.register_vllm_kda_layer()
+    register_vllm_kda_layer()
     assert op_registry_oot[LAYER] is LongSeqKimiDeltaAttention
     base = getattr(layer_mod, LAYER)
     assert issubclass(LongSeqKimiDeltaAttention, base)
     # What the model's `KimiGatedDeltaNetAttention(...)` builds (PluggableLayer.__new__; __init__ not run here).
     assert type(base.__new__(base)) is LongSeqKimiDeltaAttention
     want = "split_qkv" if "q_proj_states" in inspect.signature(base._forward).parameters else "packed_qkv"
-    assert kda_compat.vllm_kda_layer_api(base) == want
-    body = kda_compat.forward_split_qkv if want == "split_qkv" else kda_compat.forward_packed_qkv
+    assert vllm_kda_layer_api(base) == want
+    body = forward_split_qkv if want == "split_qkv" else forward_packed_qkv
     assert inspect.unwrap(LongSeqKimiDeltaAttention._forward) is body
 
 
 def test_registration_defers_until_the_layer_module_is_imported(monkeypatch, tmp_path):
     """Without vLLM's layer module loaded, register() only installs an import hook (no heavy import); the hook
     fires once, right after the module it waits for executes."""
-    monkeypatch.delitem(sys.modules, kda_compat.VLLM_KDA_LAYER_MODULE, raising=False)
+    monkeypatch.delitem(sys.modules, VLLM_KDA_LAYER_MODULE, raising=False)
     saved = list(sys.meta_path)
     try:
-        assert kda_compat.register_vllm_kda_layer() == "deferred"
-        assert kda_compat.register_vllm_kda_layer() == "deferred"
-        hooks = [f for f in sys.meta_path if isinstance(f, kda_compat._AfterImportHook)]
-        assert [h.name for h in hooks] == [kda_compat.VLLM_KDA_LAYER_MODULE]
+        assert register_vllm_kda_layer() == "deferred"
+        assert register_vllm_kda_layer() == "deferred"
+        hooks = [f for f in sys.meta_path if isinstance(f, _AfterImportHook)]
+        assert [h.name for h in hooks] == [VLLM_KDA_LAYER_MODULE]
     finally:
         sys.meta_path[:] = saved
     (tmp_path / "kda_hook_probe.py").write_text("VALUE = 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
-    sys.meta_path.insert(0, kda_compat._AfterImportHook("kda_hook_probe", lambda m: seen.append(m.VALUE)))
+    sys.meta_path.insert(0, _AfterImportHook("kda_hook_probe", lambda m: seen.append(m.VALUE)))
     try:
         import kda_hook_probe  # noqa: F401
 
         assert seen == [42]
-        assert not any(isinstance(f, kda_compat._AfterImportHook) for f in sys.meta_path)
+        assert not any(isinstance(f, _AfterImportHook) for f in sys.meta_path)
         assert inspect.getsource(kda_hook_probe).strip() == "VALUE = 42"  # loader delegation (tracebacks)
     finally:
         sys.modules.pop("kda_hook_probe", None)
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, kda_compat._AfterImportHook)]
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImportHook)]
 
 
 def test_conflicting_replacement_and_unknown_layout_are_clear_errors(kda_env):
     from vllm.model_executor.custom_op import op_registry_oot
 
-    layer_mod = importlib.import_module(kda_compat.VLLM_KDA_LAYER_MODULE)
+    layer_mod = importlib.import_module(VLLM_KDA_LAYER_MODULE)
     kda_env(None)  # only to get the registry restored after the test
     op_registry_oot[LAYER] = type("OtherPluginKDA", (getattr(layer_mod, LAYER),), {})
     with pytest.raises(LongSeqVersionError, match="already replaced by .*OtherPluginKDA"):
-        kda_compat.install_vllm_kda_layer(layer_mod)
+        install_vllm_kda_layer(layer_mod)
 
     class FutureLayer:
         def _forward(self, hidden_states, core_attn_out):
             pass
 
     with pytest.raises(LongSeqVersionError, match=r"FutureLayer._forward\('hidden_states', 'core_attn_out'\)"):
-        kda_compat.vllm_kda_layer_api(FutureLayer)
+        vllm_kda_layer_api(FutureLayer)
 
 
 def test_unsupported_layer_shapes_fail_at_construction():
@@ -210,9 +217,9 @@ def patch_vllm_ops(monkeypatch, layer, meta):
     from longseq.attention_backends.vllm import kda as adapter
 
     ctx = lambda: types.SimpleNamespace(attn_metadata={layer.prefix: meta["m"]})  # noqa: E731
-    ops = types.SimpleNamespace(get_forward_context=ctx, causal_conv1d_fn=conv_fn, causal_conv1d_update=conv_update,
-                                kda=adapter, is_conv_state_dim_first=lambda: True)
-    monkeypatch.setattr(kda_compat, "_vllm_ops", lambda: ops)
+    ops = types.SimpleNamespace(get_forward_context=ctx, causal_conv1d_update=conv_update,
+                                is_conv_state_dim_first=lambda: True)
+    monkeypatch.setattr(adapter, "_vllm_ops", lambda: ops)
 
 
 def o_norm(x, gate):  # stand-in for FusedRMSNormGated (0.32+ applies it inside _forward)
@@ -230,14 +237,43 @@ def ref_sequence(tokens_qkv, raw_g, beta, conv_w, conv0, state0, A_log, dt_bias,
     return o[0], s[0].transpose(-1, -2)
 
 
-def _run_layer(api, lower_bound, prefill, monkeypatch):
+def framework_prefill_stand_in(layer, api, m, args):
+    """Stand-in for vLLM's own ``_forward`` on a step with prefills (its vendored Triton kernels do not run on CPU):
+    the same math in PyTorch (conv stand-in, naive gate and recurrence per sequence), continuing and writing the
+    pooled conv and recurrent states, the output written (and, in 0.32+, normed) as vLLM's does."""
+    n = m.num_actual_tokens
+    conv_pool, state_pool = layer.kv_cache
+    if api == "split_qkv":
+        q, k, v, raw_g, beta, out = args
+        qkv = torch.cat([q[:n], k[:n], v[:n]], dim=-1)
+    else:
+        mixed, raw_g, g2, raw_beta, out = args
+        qkv, beta = mixed[:n], raw_beta.float().sigmoid()
+    weight = layer.conv1d.weight[:, 0]  # the three q/k/v convolutions are the 3C channels of one depthwise conv
+    x = conv_fn(qkv.T, weight, None, "silu", conv_pool, m.has_initial_state, m.non_spec_state_indices_tensor,
+                m.non_spec_query_start_loc, m).T
+    q, k, v = (t.reshape(1, n, H, D) for t in x.split(C, dim=-1))
+    g = kk.naive_kda_gate(raw_g[:, :n], layer.A_log, layer.dt_bias, lower_bound=layer.gate_lower_bound)
+    cu = m.non_spec_query_start_loc.tolist()
+    for i, slot in enumerate(m.non_spec_state_indices_tensor.tolist()):
+        s, e = cu[i], cu[i + 1]
+        state0 = state_pool[slot] if m.has_initial_state[i] else torch.zeros(H, D, D)
+        o, final = kk.naive_recurrent_kda(l2norm(q[:, s:e]), l2norm(k[:, s:e]), v[:, s:e], g[:, s:e], beta[:, s:e],
+                                          initial_state=state0.transpose(-1, -2)[None], output_final_state=True)
+        state_pool[slot] = final[0].transpose(-1, -2)
+        out[0, s:e] = o[0]
+    if api == "packed_qkv":
+        out.copy_(layer.o_norm(out, g2))
+
+
+def _run_layer(api, lower_bound, monkeypatch):
     """Prefill two sequences, then one decode step each, through the version's _forward; compare to naive.
 
-    ``prefill`` is ``LONGSEQ_KDA_PREFILL``. Under ``framework`` the layer's ``longseq_framework_forward`` (vLLM's own
-    ``_forward``, whose vendored Triton kernels do not run on CPU) is a stand-in that records its call and computes
-    the step with our kernels, so the same reference checks hold; the routing is what is checked: the prefill step
-    goes to the stand-in with _forward's own arguments, the decode step to our kernels."""
+    The prefill step must go to the layer's ``longseq_framework_forward`` (vLLM's own ``_forward``) with _forward's
+    own arguments; here that is :func:`framework_prefill_stand_in`, so the same reference checks hold after it. The
+    decode step must run on our kernels."""
     from longseq.attention_backends.vllm.common import BackendTrace
+    from longseq.attention_backends.vllm.kda import forward_packed_qkv, forward_split_qkv
 
     gen = torch.Generator().manual_seed(7)
     rnd = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale  # noqa: E731
@@ -248,14 +284,14 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
     total = {slot: n + 1 for slot, n in PREFILL.items()}
     seq = {slot: (rnd(n, 3 * C), rnd(n, H, D), rnd(n, H)) for slot, n in total.items()}  # qkv, raw gate, raw beta
     trace = BackendTrace("kda-test", LongSeqConfig())
-    config = LongSeqConfig(kda=True, kda_prefill=prefill)
-    forward = kda_compat.forward_split_qkv if api == "split_qkv" else kda_compat.forward_packed_qkv
+    config = LongSeqConfig(kda=True)
+    forward = forward_split_qkv if api == "split_qkv" else forward_packed_qkv
     framework_calls = []
+    meta = {}
 
-    def framework_forward(*args):  # stand-in for vLLM's _forward: the same math, on our kernels
+    def framework_forward(*args):  # stand-in for vLLM's _forward: the same math in PyTorch
         framework_calls.append(args)
-        forward(types.SimpleNamespace(**{**vars(layer), "longseq_config": LongSeqConfig(kda_prefill="longseq"),
-                                         "longseq_trace": BackendTrace("kda-stand-in", LongSeqConfig())}), *args)
+        framework_prefill_stand_in(layer, api, meta["m"], args)
 
     layer = types.SimpleNamespace(longseq_framework_forward=framework_forward,
         prefix="model.layers.0.self_attn", head_dim=D, local_projection_size=C, A_log=A_log, dt_bias=dt_bias,
@@ -264,7 +300,6 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
         conv1d=types.SimpleNamespace(weight=conv_w[:, None], bias=None),
         **{f"{n}_conv1d": types.SimpleNamespace(weight=w[:, None], bias=None)
            for n, w in zip("qkv", conv_w.split(C))})
-    meta = {}
     patch_vllm_ops(monkeypatch, layer, meta)
 
     def step(parts, num_prefills):
@@ -289,7 +324,7 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
         calls_before = len(framework_calls)
         forward(layer, *args)
         routed_to_framework = len(framework_calls) > calls_before
-        assert routed_to_framework == (num_prefills > 0 and prefill == "framework")
+        assert routed_to_framework == (num_prefills > 0)
         if routed_to_framework:  # the framework gets _forward's arguments untouched (it slices them itself)
             assert all(a is b for a, b in zip(framework_calls[-1], args, strict=True))
         assert out[0, sum(lens):].abs().max() == 0
@@ -311,29 +346,30 @@ def _run_layer(api, lower_bound, prefill, monkeypatch):
         offset += n
     others = [s for s in range(SLOTS) if s not in PREFILL]
     assert torch.equal(state_pool[others], state_before[others]) and torch.equal(conv_pool[others], conv_before[others])
-    on_framework = prefill == "framework"
-    assert trace.counts["forward_calls"] == (1 if on_framework else 2)  # our kernels: decode (+ prefill)
-    assert trace.counts.get("framework_prefill_calls", 0) == (1 if on_framework else 0)
+    assert trace.counts["forward_calls"] == 1  # our kernels: the decode step
+    assert trace.counts.get("framework_prefill_calls", 0) == 1
 
 
-@pytest.mark.parametrize("api,lower_bound,prefill", [
-    ("split_qkv", None, "longseq"), ("packed_qkv", None, "longseq"), ("packed_qkv", -3.0, "longseq"),
-    ("split_qkv", None, "framework"), ("packed_qkv", -3.0, "framework")])
-def test_layer_forward_matches_naive_kda(api, lower_bound, prefill, monkeypatch):
-    _run_layer(api, lower_bound, prefill, monkeypatch)
+@pytest.mark.parametrize("api,lower_bound", [("split_qkv", None), ("packed_qkv", -3.0)])
+def test_layer_forward_matches_naive_kda(api, lower_bound, monkeypatch):
+    _run_layer(api, lower_bound, monkeypatch)
 
 
 def test_kda_prefill_knob_values():
     assert LongSeqConfig.from_env({}).kda_prefill == "framework"
-    assert LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "longseq"}).kda_prefill == "longseq"
+    assert LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "framework"}).kda_prefill == "framework"
+    with pytest.raises(LongSeqConfigError, match="LONGSEQ_KDA_PREFILL='longseq': longseq's KDA chunk prefill kernel "
+                                                  "was removed; prefill runs on the framework's own kernel"):
+        LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "longseq"})
     with pytest.raises(LongSeqConfigError, match="LONGSEQ_KDA_PREFILL='fla' is not allowed; allowed values: "
-                                                  "framework, longseq"):
+                                                  "framework$"):
         LongSeqConfig.from_env({"LONGSEQ_KDA_PREFILL": "fla"})
 
 
 def test_framework_prefill_under_skip_kv_write_leaves_states_unwritten():
     """The negative-control fault must also hold when the framework runs the prefill: its state write is undone."""
     from longseq.attention_backends.vllm.common import BackendTrace
+    from longseq.attention_backends.vllm.kda import _framework_prefill
 
     state_pool = torch.randn(SLOTS, H, D, D)
     before = state_pool.clone()
@@ -344,7 +380,7 @@ def test_framework_prefill_under_skip_kv_write_leaves_states_unwritten():
     layer = types.SimpleNamespace(prefix="model.layers.0.self_attn", longseq_framework_forward=framework_forward,
                                   longseq_config=LongSeqConfig(kda=True, debug_fault="skip_kv_write"),
                                   longseq_trace=BackendTrace("kda-fault-test", LongSeqConfig()))
-    kda_compat._framework_prefill(layer, ("args",), state_pool)
+    _framework_prefill(layer, ("args",), state_pool)
     assert torch.equal(state_pool, before) and layer.longseq_trace.counts["framework_prefill_calls"] == 1
 
 
@@ -385,6 +421,7 @@ def test_vllm026_decode_step_matches_vllm_own_decode_on_paged_cache(monkeypatch)
     Regression: the recurrent kernel addressed slots at ``H*V*K`` elements instead of the pool's slot stride, so on
     GPU it read and overwrote other memory at the first decode step."""
     from longseq.attention_backends.vllm.common import BackendTrace
+    from longseq.attention_backends.vllm.kda import forward_split_qkv
 
     gen = torch.Generator().manual_seed(11)
     rnd = lambda *s, scale=1.0: torch.randn(*s, generator=gen) * scale  # noqa: E731
@@ -413,7 +450,7 @@ def test_vllm026_decode_step_matches_vllm_own_decode_on_paged_cache(monkeypatch)
                                   longseq_config=LongSeqConfig(kda=True), longseq_framework_forward=None)
     patch_vllm_ops(monkeypatch, layer, {"m": m})
     out = torch.zeros(1, T, H, D)
-    kda_compat.forward_split_qkv(layer, *args, out)
+    forward_split_qkv(layer, *args, out)
 
     assert trace.counts["forward_calls"] == 1  # the decode ran on our kernel, not the framework's
     torch.testing.assert_close(out[0, :real], out_vllm[0, :real], atol=2e-3, rtol=2e-3)

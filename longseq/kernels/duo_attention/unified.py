@@ -36,8 +36,8 @@ MAX_SPLITS = 128  # batch 1 at 126K with 4 long heads on 132 SMs wants 132 (64 l
 #: instead of tensor-core dots over 16 rows, which stage K and V through shared memory.
 #: ``prefetch=True``: each program requests tile ``v+1`` before tile ``v``'s math (explicit double buffering in
 #: registers, independent of Triton's software pipelining; variants ``*_pf``).
-#: Measured (H200, 126K, batch 1, 50% streaming): 2 stages 78.2 us vs Triton's default (3) 100.1 us, FA3 133.2 us
-#: (``results/duo_kernels.json``, 2026-11-29); 3 and 4 stages, 8 warps, tile 128, prefetch and FMA all slower.
+#: The defaults are the fastest variant of the tuning run (2 pipeline stages; more stages, 8 warps, tile 128,
+#: prefetch and FMA were slower): docs/benchmarks/duo.md.
 DECODE_TUNING: dict[str, int | bool | None] = {"tile_n": 64, "num_warps": 4, "num_stages": 2, "use_dot": True,
                                                "prefetch": False}
 

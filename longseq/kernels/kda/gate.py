@@ -1,5 +1,5 @@
-"""The KDA forget gate, alone (``fused_kda_gate``) or fused with the chunk-local cumulative sum that the
-chunked prefill needs (``kda_gate_chunk_cumsum``).
+"""The KDA forget gate, alone (``fused_kda_gate``) or fused with the chunk-local cumulative sum that a chunked
+prefill takes (``kda_gate_chunk_cumsum``, fla's gate form; no longseq path calls it: prefill is the framework's).
 
 Gate (log decay, fp32), per head h and channel d, on ``x = g + dt_bias``:
     default      -exp(A_log[h]) * softplus(x)                  (softplus with ``beta``/``threshold``)

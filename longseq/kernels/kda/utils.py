@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK_SIZE = 64  # rows per chunk of the chunked prefill (fla's KDA chunk size)
-MAX_HEAD_DIM = 128  # register budget of the state tile and the [16, K] / [BT, K] MMA operands (sm_90: no spills at 128)
+CHUNK_SIZE = 64  # rows per chunk of ``kda_gate_chunk_cumsum`` (fla's KDA chunk size)
+MAX_HEAD_DIM = 128  # register budget of the recurrent kernel's [BV, K] state tile
 
 
 def check_head_dims(K: int, V: int, where: str) -> None:

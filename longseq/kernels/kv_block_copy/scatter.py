@@ -2,7 +2,7 @@
 writes them into every layer's paged cache.
 
 The per-block path (one ``cudaMemcpyAsync`` per 2 MiB block into a device staging tensor, then one
-``index_copy_`` per layer) reached 75-80% of the pinned host-to-device bandwidth on an H200 (``BENCHMARKS.md``):
+``index_copy_`` per layer) falls short of the pinned host-to-device bandwidth (docs/benchmarks/kv-offload.md):
 each copy pays a fixed launch/DMA-setup cost. Here the GPU reads the pinned buffers itself (pinned
 ``cudaHostAlloc`` memory is mapped into the device's address space under unified addressing, at the same
 address), many blocks at once, so there is one launch per load, no staging tensor and no second pass.

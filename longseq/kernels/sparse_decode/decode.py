@@ -6,7 +6,7 @@ online softmax over its range for all ``G`` query heads of the group at once (on
 ``tl.dot``; ``G`` padded to 16, the smallest dot tile), and a second kernel merges the splits by their
 log-sum-exp. With one split the first kernel writes the output directly and the second is skipped. By
 default the merge runs inside the first kernel instead: the last split program of each (request, kv head) to
-finish (an atomic counter, reset by that program; see ``select.py`` on the shared counter workspace) merges
+finish (an atomic counter, reset by that program; see ``workspace.py``) merges
 that group's splits, which saves a launch.
 Shapes depend only on ``(B, Hq, D, S)``, never on ``seq_lens``: safe to capture in a CUDA graph.
 """
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longseq.kernels.sparse_decode.select import counters
+from longseq.kernels.sparse_decode.workspace import counters
 
 _LOG2E = 1.4426950408889634
 FUSE_MERGE_DEFAULT = True

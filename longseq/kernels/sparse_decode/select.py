@@ -7,15 +7,10 @@ Fixed shapes, no host synchronization (CUDA-graph safe). By default ONE launch d
    Hkv=8, D=128 the summaries are 16.8 MB in fp8 (33.5 MB in bf16), the bulk of the sparse path's bytes.
    Programs of one row are adjacent in launch order, so the kv heads of a page are read together.
 2. Top-k, by the last scoring program of each (request, kv head) row to finish (an atomic counter per row,
-   reset by that program; ``fused=False`` runs it as a second kernel instead). It finds the exact
-   ``k``-th largest score with a radix select (8-bit digits, ``tl.histogram``), but first shrinks the row:
-   the ``k``-th largest of the maxima of ``GS``-page groups is a lower bound of the ``k``-th largest score,
-   so only pages at or above it can win (at most ``k * GS``, kept <= ``CAP / 2`` so that runs of top pages
-   fit too); they are compacted (prefix sum) into a ``CAP``-slot scratch row and the 4-pass select runs on
-   those. A row with more candidates than ``CAP`` (heavy ties) falls back to the select over the whole row.
-   The row width is the block table's (``max_model_len``); the top-k picks a half- or quarter-width
-   compiled variant at run time when the request's live pages fit, and scoring skips dead tiles. Winners
-   are compacted in ascending page order.
+   reset by that program; ``fused=False`` runs it as a second kernel instead): the exact radix select of
+   ``radix_topk.py`` (``topk_row``). The row width is the block table's (``max_model_len``); the top-k picks a
+   half- or quarter-width compiled variant at run time when the request's live pages fit, and scoring skips
+   dead tiles. Winners are compacted in ascending page order.
    Rows longer than ``_MAX_TRITON_TOPK`` pages use ``torch.topk`` + sort.
 
 The GQA reduction is linear: ``max(q min, q max) = q max`` if ``q >= 0`` else ``q min``, so
@@ -25,8 +20,8 @@ one ``[D]`` pair of vectors per kv head instead of a ``[G, pages, D]`` tile.
 fp8 summaries (``page_summary``) hold NaN where a key was out of fp8 range; the NaN propagates into the
 page's sum, which is then scored ``+inf`` (the page is always kept).
 
-The fused launch and the fused split merge of ``decode.py`` use per-row counters in a workspace cached per
-device, which every launch leaves zeroed: launches that share a device must not run concurrently on
+The fused launch and the fused split merge of ``decode.py`` use per-row counters (``workspace.counters``) cached
+per device, which every launch leaves zeroed: launches that share a device must not run concurrently on
 different streams.
 """
 
@@ -36,142 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.kernels.sparse_decode.radix_topk import topk_config, topk_row
+from longseq.kernels.sparse_decode.workspace import counters
+
 _MAX_TRITON_TOPK = 16384  # pages per row held in one program's registers
-_INT_MIN = tl.constexpr(-2147483648)
 
-# Defaults (H100 measurements in benchmarks/bench_sparse_kernels.py).
-# Fused score + top-k launch: off. On an H200 (benchmarks/results/sparse_kernels.json, 2026-11-29) separate
-# launches were as fast or faster in every case: 30.9 vs 40.5 us at 128K batch 1, 80.8 vs 175.8 us at batch 8
-# (the fused kernel's score programs carry the top-k's 16-warp register budget).
+# Fused score + top-k launch: off. Separate launches were as fast or faster everywhere (the fused kernel's score
+# programs carry the top-k's 16-warp register budget): docs/benchmarks/sparse.md.
 FUSED_DEFAULT = False
-CANDIDATE_CAP = 1024  # candidate slots of the filtered top-k (0: no filter)
-GROUP_PASSES = 3  # radix passes for the group-max bound (3: within 2^-15 of the exact k-th group max)
-
-
-# --------------------------------------------------------------------------------------------- workspace
-_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # replaced buffers stay allocated: captured graphs may still use them
-
-
-def counters(device: torch.device, n: int) -> torch.Tensor:
-    """``n`` int32 zeros that stay zero between launches (each user resets what it counted). Cached per device;
-    a larger request replaces the buffer (allocated with its zeros inside a graph capture when first needed
-    there, so the capture records that zeroing too)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.zeros(max(4096, triton.next_power_of_2(n)), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
-# --------------------------------------------------------------------------------------------- top-k parts
-@triton.jit
-def _float_key(s):
-    """Order-preserving fp32 -> int32: flipping the magnitude bits of negative floats makes signed integer
-    order equal float order (-inf lowest)."""
-    bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _kth_largest(key, k, N: tl.constexpr, PASSES: tl.constexpr):
-    """Radix select over int32 ``key`` ``[N]`` (``0 <= k <= N``), 8 bits per pass from the top.
-
-    Returns ``(prefix, kr)``. After 4 passes ``prefix`` is the ``k``-th largest key and ``kr`` how many keys
-    equal to it belong to the top ``k`` (the rest being larger); after fewer passes ``prefix`` is the
-    ``k``-th largest key with its low bits cleared: a lower bound of it. Radix digits are taken in unsigned
-    order, which for the top byte means flipping its sign bit.
-    """
-    bins = tl.arange(0, 256)
-    kr = k  # how many still to take among the keys that match the prefix found so far
-    prefix = tl.full((), 0, tl.int32)  # the k-th largest key's bytes found so far
-    n_match = N
-    for i in tl.static_range(PASSES):
-        shift = 24 - 8 * i  # a compile-time constant (static_range)
-        if i == 0:
-            hist = tl.histogram(((key >> 24) & 255) ^ 128, 256)
-        else:
-            match = (key >> (shift + 8)) == (prefix >> (shift + 8))
-            # Non-matching keys are counted in bin 0: take them back out.
-            hist = tl.histogram(tl.where(match, (key >> shift) & 255, 0), 256)
-            hist = hist - tl.where(bins == 0, N - n_match, 0)
-        ge = n_match - tl.cumsum(hist, axis=0) + hist  # matching keys with digit >= bin
-        sel_bin = tl.sum((ge >= kr).to(tl.int32), axis=0) - 1  # the largest bin still holding the k-th
-        above = tl.where(bins > sel_bin, hist, 0)
-        kr = kr - tl.sum(above, axis=0)
-        n_match = tl.sum(tl.where(bins == sel_bin, hist, 0), axis=0)
-        if i == 0:
-            prefix = (sel_bin ^ 128) << 24  # back to signed order (wraps to negative for low bins)
-        else:
-            prefix = prefix | (sel_bin << shift)
-    return prefix, kr
-
-
-@triton.jit
-def _take_top(key, idx, k, out_row, N: tl.constexpr):
-    """Store ``idx`` of the ``k`` largest ``key`` (ties: the first ones) to ``out_row`` in their order."""
-    thr, kr = _kth_largest(key, k, N, 4)
-    eq = key == thr
-    sel = (key > thr) | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= kr))
-    pos = tl.cumsum(sel.to(tl.int32), axis=0) - 1  # ascending order of idx for free
-    tl.store(out_row + pos, idx, mask=sel)
-
-
-@triton.jit
-def _topk_row(s_row, n_pages, num_select, out_row, cand_row,
-              BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr,
-              GPASSES: tl.constexpr, FILTER: tl.constexpr):
-    """Top ``min(n_pages, num_select)`` of the score row ``s_row`` -> ascending page ids at ``out_row``,
-    ``-1`` up to ``num_select``. ``cand_row``: ``2 * CAP`` int32 scratch (candidate keys, then pages)."""
-    k = tl.minimum(n_pages, num_select)
-    j = tl.arange(0, BLOCK)
-    valid = j < n_pages
-    # .cg: in the fused launch other programs wrote this row; read it from L2, not a stale L1 line.
-    s = tl.load(s_row + j, mask=valid, other=float("-inf"), cache_modifier=".cg")
-    key = tl.where(valid, _float_key(s), _INT_MIN)
-    c = CAP + 1
-    tied = tl.full((), 0, tl.int32)  # 1: the equal-scores path below already wrote the selection
-    if FILTER:
-        # Group maxima: at least k pages score >= the k-th largest group max `lo`, so the top k are among
-        # the pages >= lo. `lo` with its low bits cleared (GPASSES < 4) is a lower bound too.
-        gmax = tl.max(tl.reshape(key, [BLOCK // GS, GS]), axis=1)
-        lo, _ = _kth_largest(gmax, k, BLOCK // GS, GPASSES)
-        cand = valid & (key >= lo)
-        ci = cand.to(tl.int32)
-        pos = tl.cumsum(ci, axis=0) - 1
-        c = tl.sum(ci, axis=0)
-        if c <= CAP:
-            tl.store(cand_row + pos, key, mask=cand)
-            tl.store(cand_row + CAP + pos, j, mask=cand)
-        else:
-            # The exact k-th group max (all 4 radix passes) is a lower bound of the k-th largest score too.
-            # If fewer than k pages are above it, the k-th largest IS it: the top k are the pages above plus
-            # the first k - c_gt pages equal to it. Many equal scores (e.g. summaries rounded to the same fp8
-            # values) take this path instead of the slow whole-row select.
-            lo_x, _ = _kth_largest(gmax, k, BLOCK // GS, 4)
-            gt = valid & (key > lo_x)
-            c_gt = tl.sum(gt.to(tl.int32), axis=0)
-            if c_gt < k:
-                eq = valid & (key == lo_x)
-                sel = gt | (eq & (tl.cumsum(eq.to(tl.int32), axis=0) <= k - c_gt))
-                pos_sel = tl.cumsum(sel.to(tl.int32), axis=0) - 1
-                tl.store(out_row + pos_sel, j, mask=sel)
-                tied = tl.full((), 1, tl.int32)
-    if c <= CAP:
-        tl.debug_barrier()  # the scratch row was written by other threads of this program
-        i = tl.arange(0, CAP)
-        ck = tl.load(cand_row + i, mask=i < c, other=_INT_MIN)
-        cj = tl.load(cand_row + CAP + i, mask=i < c, other=0)
-        _take_top(ck, cj, k, out_row, CAP)
-    elif tied == 0:
-        _take_top(key, j, k, out_row, BLOCK)
-    o = tl.arange(0, BLOCK_K)
-    tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -240,8 +107,8 @@ def _score_pages_kernel(
         done = tl.atomic_add(row_counters + bh, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(1) - 1:
             tl.store(row_counters + bh, 0)  # ready for the next launch
-            _topk_row(s_row, n_pages, num_select, page_ids + b * s_ob + h * s_oh, cand + bh * (2 * CAP),
-                      BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+            topk_row(s_row, n_pages, num_select, page_ids + b * s_ob + h * s_oh, cand + bh * (2 * CAP),
+                     BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
             if h == 0:
                 tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
 
@@ -268,21 +135,21 @@ def _topk_pages_kernel(
     # the live length (all variants are compiled into this one kernel; no host sync, no recapture).
     if NARROW >= 2:
         if n_pages <= BLOCK_2:
-            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_2, BLOCK_K, GS_2, CAP_2, GPASSES,
-                      FILTER_2)
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_2, BLOCK_K, GS_2, CAP_2, GPASSES,
+                     FILTER_2)
         elif n_pages <= BLOCK_1:
-            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
-                      FILTER_1)
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                     FILTER_1)
         else:
-            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
     elif NARROW == 1:
         if n_pages <= BLOCK_1:
-            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
-                      FILTER_1)
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                     FILTER_1)
         else:
-            _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
     else:
-        _topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+        topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
     if h == 0:
         tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
 
@@ -293,39 +160,15 @@ def max_logical_pages(block_table: torch.Tensor, page_size: int, block_size: int
     return block_table.shape[1] * block_size // page_size
 
 
-def _topk_config(max_pages: int, num_select: int, candidate_cap: int | None, num_warps: int | None) -> dict:
-    """Compile-time shape of the top-k: row block, group size and candidate cap (filter off when it cannot
-    pay: rows that fit the cap, or too few groups for ``num_select``)."""
-    block = max(triton.next_power_of_2(max_pages), 256)
-    if num_warps is None:
-        num_warps = 16 if block >= 4096 else max(4, block // 256)
-    num_warps = min(num_warps, block // 32)
-    threads = 32 * num_warps  # every tl.histogram input holds at least one element per thread
-    cap = CANDIDATE_CAP if candidate_cap is None else candidate_cap
-    cap = max(triton.next_power_of_2(cap), threads) if cap > 0 else 0
-    # Groups small enough that even fully clustered rows (the top pages filling whole groups: scores that vary
-    # smoothly with position, as RoPE makes them in real and dummy-weight models) fit the cap: at most
-    # k * GS candidates, kept <= cap / 2. With 4k groups iid rows pass ~k/4 of the maxima. A row over the cap
-    # falls back to the whole-row select, ~3x slower (measured in the engine before this bound existed).
-    k_pow2 = triton.next_power_of_2(num_select)
-    n_groups = max(4 * k_pow2, threads, triton.next_power_of_2(-(-2 * block * k_pow2 // max(cap, 1))))
-    n_groups = min(block // 2, n_groups)
-    filt = 0 < cap < block and num_select <= n_groups and n_groups >= threads
-    if not filt:
-        cap, n_groups = 16, block  # unused scratch
-    return dict(BLOCK=block, BLOCK_K=triton.next_power_of_2(num_select), GS=block // n_groups, CAP=cap,
-                GPASSES=GROUP_PASSES, FILTER=filt, num_warps=num_warps)
-
-
 NARROW_LEVELS = 2  # narrower top-k variants (each half the previous width) compiled into the kernel
 
 
 def _narrow_topk_config(max_pages: int, num_select: int, candidate_cap: int | None, num_warps: int | None,
                         levels: int | None = None) -> dict:
-    """``_topk_config`` of the full row plus up to ``levels`` half-width variants (``BLOCK_1``, ``BLOCK_2``)
+    """``topk_config`` of the full row plus up to ``levels`` half-width variants (``BLOCK_1``, ``BLOCK_2``)
     picked at run time by the live page count. A variant must keep one element per thread in every
     histogram (``>= 32 * num_warps``) and hold ``num_select`` winners."""
-    cfg = _topk_config(max_pages, num_select, candidate_cap, num_warps)
+    cfg = topk_config(max_pages, num_select, candidate_cap, num_warps)
     levels = NARROW_LEVELS if levels is None else levels
     threads = 32 * cfg["num_warps"]
     out = dict(cfg, CAND_STRIDE=2 * cfg["CAP"], NARROW=0)
@@ -333,7 +176,7 @@ def _narrow_topk_config(max_pages: int, num_select: int, candidate_cap: int | No
         block = cfg["BLOCK"] >> lvl
         sub = None
         if lvl <= levels and block >= max(threads, 256, triton.next_power_of_2(num_select)):
-            sub = _topk_config(block, num_select, candidate_cap, cfg["num_warps"])
+            sub = topk_config(block, num_select, candidate_cap, cfg["num_warps"])
             if sub["num_warps"] != cfg["num_warps"]:
                 sub = None
         if sub is None:
@@ -497,7 +340,7 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
         scores = torch.empty(bsz, hkv, max_pages, dtype=torch.float32, device=q.device)
         page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=q.device)
         num_valid = torch.empty(bsz, dtype=torch.int32, device=q.device)
-        cfg = _topk_config(max_pages, num_select, candidate_cap, topk_num_warps)
+        cfg = topk_config(max_pages, num_select, candidate_cap, topk_num_warps)
         _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
                       num_recent_pages, scores, score_block_n, fused=(page_ids, num_valid, num_select, cfg),
                       group_max=group_max)

@@ -2,14 +2,14 @@
 
 The one-program top-k of ``select.py`` runs one program per (request, KV head) row: at batch 1 with 8 KV heads
 that is 8 programs on a 132-SM GPU for a 8192-page row (128K tokens), and it was the largest cost of a sparse
-decode step in the engine (41.7 us per layer at 126K, ``BENCHMARKS.md``). Here the row is cut into segments of
+decode step in the engine at long context (docs/benchmarks/sparse.md). Here the row is cut into segments of
 ``SEG`` pages:
 
 1. ``_topk_segment_kernel``, grid ``(B * Hkv, NSEG)``: each program selects its segment's top ``k`` pages
-   (``select._topk_row``: exact radix select, ties to the lower page) into a scratch row of ``BLOCK_K`` local
+   (``radix_topk.topk_row``: exact radix select, ties to the lower page) into a scratch row of ``BLOCK_K`` local
    page ids, ascending, ``-1`` padded. Segments past the request's live pages only write ``-1``.
 2. ``_topk_merge_kernel``, grid ``(B * Hkv,)``: gathers the ``NSEG * BLOCK_K`` candidates (global page ids and
-   their scores) and keeps the top ``k`` of them (``select._take_top``), in ascending page order. With
+   their scores) and keeps the top ``k`` of them (``radix_topk.take_top``), in ascending page order. With
    ``fused_merge`` the last segment program of each row to finish does this instead (a per-row counter,
    reset by that program), saving the second launch.
 
@@ -24,16 +24,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .select import _INT_MIN, _float_key, _take_top, _topk_config, _topk_row, counters
+from .radix_topk import INT_MIN, float_key, take_top, topk_config, topk_row
+from .workspace import counters
 
 #: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default when
-#: there are fewer than ``SPLIT_MAX_ROWS`` rows. Measured on an H200 (``results/topk_split.json``, 8192-page rows,
-#: k=128, 8 KV heads): batch 1 at 126K live 14.7 us vs 21.1 one-program (1024 beat 512 and 2048); batch 8 at
-#: 126K 20.7 vs 21.8, but at 32K live (2048 pages) the split's second launch makes it slower: 14.9 vs 13.8 at
-#: batch 1, 16.4 vs 14.1 at batch 8. With 64 rows the one-program select already fills half the SMs.
+#: there are fewer than ``SPLIT_MAX_ROWS`` rows: the split wins on long live rows at few rows, its second launch
+#: loses on shorter ones, and with 64 rows the one-program select already fills half the SMs
+#: (docs/benchmarks/sparse.md).
 SEGMENT_PAGES = 1024
 SPLIT_MAX_ROWS = 64
-#: The merge done by each row's last segment program (one launch) instead of a second launch: not timed yet.
+#: The merge done by each row's last segment program (one launch) instead of a second launch: off, it gains
+#: little at the default segment size and loses at smaller ones (docs/benchmarks/sparse.md).
 FUSED_MERGE = False
 
 
@@ -50,8 +51,8 @@ def _merge_row(s_row, seg_row, out_row, n_pages, num_select,
     ok = lid >= 0
     gid = seg * SEG + lid
     s = tl.load(s_row + gid, mask=ok, other=float("-inf"))
-    key = tl.where(ok, _float_key(s), _INT_MIN)
-    _take_top(key, gid, k, out_row, N)
+    key = tl.where(ok, float_key(s), INT_MIN)
+    take_top(key, gid, k, out_row, N)
     o = tl.arange(0, BLOCK_K)
     tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=(o >= k) & (o < num_select))
     return k
@@ -74,8 +75,8 @@ def _topk_segment_kernel(
     n_seg = tl.minimum(tl.maximum(n_pages - start, 0), SEG)
     out_row = seg_ids + (bh * NSEG + seg) * BLOCK_K
     if n_seg > 0:
-        _topk_row(scores + b * s_sb + h * s_sh + start, n_seg, num_select, out_row,
-                  cand + (bh * NSEG + seg) * (2 * CAP), BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+        topk_row(scores + b * s_sb + h * s_sh + start, n_seg, num_select, out_row,
+                 cand + (bh * NSEG + seg) * (2 * CAP), BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
     else:
         o = tl.arange(0, BLOCK_K)
         tl.store(out_row + o, tl.full([BLOCK_K], -1, tl.int32), mask=o < num_select)
@@ -130,9 +131,9 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     Args:
         scores: ``[B, Hkv, max_pages]`` fp32 (last dim contiguous); seq_lens: ``[B]`` int32.
         segment_pages: pages per segment, a power of two >= 2 * next_pow2(num_select) (default
-            ``SEGMENT_PAGES``). candidate_cap, num_warps: the per-segment select's tuning (``_topk_config``).
+            ``SEGMENT_PAGES``). candidate_cap, num_warps: the per-segment select's tuning (``topk_config``).
         fused_merge: the last segment program of each row merges (one launch, per-row counters of
-            ``select.counters``) instead of a second launch (default ``FUSED_MERGE``).
+            ``workspace.counters``) instead of a second launch (default ``FUSED_MERGE``).
 
     Returns:
         page_ids ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded; num_valid ``[B]`` int32.
@@ -149,7 +150,7 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     if bsz == 0:
         return page_ids, num_valid
     nseg = triton.cdiv(max_pages, seg)
-    cfg = _topk_config(seg, num_select, candidate_cap, num_warps)
+    cfg = topk_config(seg, num_select, candidate_cap, num_warps)
     warps = cfg.pop("num_warps")  # cfg["BLOCK"] (>= 256) may exceed seg: the select masks pages >= n_seg
     seg_ids = torch.empty(bsz * hkv * nseg * block_k, dtype=torch.int32, device=dev)
     cand = torch.empty(bsz * hkv * nseg * 2 * cfg["CAP"], dtype=torch.int32, device=dev)
