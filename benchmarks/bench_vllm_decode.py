@@ -8,7 +8,7 @@ of one synchronous ``LLM.generate`` call (it returns after the GPU finished), af
 
 Example (GPU machine):
     python -m benchmarks.bench_vllm_decode --contexts 8192,32768,129024 --batches 1 --mode dense
-Writes benchmarks/results/<name>.json and prints the table for BENCHMARKS.md.
+Writes benchmarks/results/<name>.json and prints the table for docs/benchmarks/<technique>.md.
 """
 
 from __future__ import annotations

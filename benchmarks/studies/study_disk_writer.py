@@ -1,7 +1,7 @@
 """What about writing KV blocks to disk slows the engine thread of the same process?
 
 On the H200 a GPU prefix hit that ran while a 32K prompt's blocks were being written to disk took 0.14 s
-against 0.058 s with a DRAM-only tier (``results/kv_offload_direct.json``); the connector's own hooks took ~5 ms
+against 0.058 s with a DRAM-only tier (docs/benchmarks/archive.md, KV offload: kv_offload_direct.json); the connector's own hooks took ~5 ms
 of it. This runs engine-like foreground work (probes) while a background writer works (variants) and reports
 how much slower each probe gets, so each suspected cause is tested on its own:
 

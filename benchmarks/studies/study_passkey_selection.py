@@ -1,6 +1,6 @@
 """Does sparse decode keep the pass key's pages? The Triton select vs its PyTorch reference on real queries.
 
-The GPU fidelity run lost pass keys that dense found (``results/sparse_fidelity_gpu.json``). This study replays
+The GPU fidelity run lost pass keys that dense found (docs/benchmarks/archive.md, sparse). This study replays
 the answer steps offline: SmolLM2-135M-Instruct through transformers reads a passkey prompt plus the key's
 tokens (teacher-forced); the post-RoPE keys of every layer go into a paged cache (identity block table), page
 summaries are built, and for each answer query (the positions that predict the key's tokens), each sparse layer

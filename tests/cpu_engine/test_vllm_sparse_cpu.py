@@ -36,7 +36,7 @@ def study(smollm2_path):
                          PASSKEY_LENGTHS, MAX_TOKENS, BASE_ENV, KW,
                          dense_env={"LONGSEQ_ATTENTION": "dense", "LONGSEQ_CPU_KERNEL": "torch"})
     out = os.environ.get("LONGSEQ_RESULTS_DIR")
-    if out:  # CI keeps the numbers (BENCHMARKS.md quotes them)
+    if out:  # CI keeps the numbers (docs/benchmarks/sparse.md quotes them)
         json.dump(res, open(os.path.join(out, "sparse_fidelity_cpu.json"), "w"), indent=1)
     res["budgets"] = res["variants"]["default"]
     for b, m in res["budgets"].items():
@@ -54,7 +54,7 @@ def test_sparse_ran_in_engine(study, budget):
 # Issue 3's targets: agreement >= 0.99, mean KL <= 0.01. With the defaults (page 8, group max) this CPU run
 # measured at budget 2048 agreement 0.984 (1 flip in each 64-step prompt, at near-ties: no step's KL above 0.021)
 # and KL 0.0023 (page 16 with the summed bound: 0.992 / 0.0046); the GPU run at 4K-8K meets both (0.996 / 0.0075).
-# The bounds hold each budget to its measured level (KL to the target) so a regression fails; BENCHMARKS.md
+# The bounds hold each budget to its measured level (KL to the target) so a regression fails; docs/benchmarks/sparse.md
 # reports the shortfalls.
 FIDELITY_BOUNDS = {1024: (0.975, 0.025), 2048: (0.98, 0.01)}
 
