@@ -19,7 +19,7 @@ import tempfile
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_duo_fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=ints, default=[4096, 4096])
     p.add_argument("--passkey-lengths", type=ints, default=[4000, 3000])
     p.add_argument("--max-tokens", type=int, default=32)

@@ -23,7 +23,7 @@ prefill (one request of ``P`` tokens, causal, keys in the paged cache; ``triton.
 FlashAttention's splits fixed at 32 as vLLM does under CUDA graphs: what ``LONGSEQ_DUO_HYBRID_DECODE_BATCH``
 switches decode to); each decode row reports its fastest variant (``best``). Variants run at the contexts of
 ``--variant-contexts`` (default 126K), at most ``--budget-s`` seconds per decode case (compiles included; the
-rest is listed as not timed), so ``--variants`` stays under about 4 minutes.
+rest is listed as not timed), so a ``--variants`` run stays bounded.
 Correctness first (small sizes): duo and hybrid vs the fp32 reference, duo_0pct vs FlashAttention.
 
     python -m benchmarks.bench_duo_kernels                 # 32K and 126K, batch 1 and 8, prefill 32K and 126K
@@ -40,7 +40,7 @@ import types
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_duo_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--contexts", default="32768,129024", help="decode context lengths (comma-separated)")
     p.add_argument("--batches", default="1,8", help="decode batch sizes")
     p.add_argument("--prefill", default="32768,129024", help="prefill lengths ('' = none)")

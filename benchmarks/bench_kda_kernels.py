@@ -19,8 +19,12 @@ raw beta computed in the kernel (``fused_gate``: how the vLLM 0.26 and SGLang ad
 each ``(BV, num_warps)`` tile of ``DECODE_TILE_GRID`` forced through ``fused_recurrent.DECODE_TILE``; the fastest
 is printed per batch (to pick ``_pick_tile``'s choice from one GPU run).
 Correctness first, at every decode size: ours vs fla, max abs diff of outputs and final states printed; the
-script exits non-zero if any is off. Writes benchmarks/results/kda_kernels.json. ``--quick``: T=8K, batch 1 only.
-Decode only: ``--prefill "" --varlen 0 --name kda_kernels_decode``.
+script exits non-zero if any is off.
+
+    python -m benchmarks.bench_kda_kernels                 # prefill and decode
+    python -m benchmarks.bench_kda_kernels --quick         # T=8K, batch 1 only
+    python -m benchmarks.bench_kda_kernels --prefill "" --varlen 0 --name kda_kernels_decode   # decode only
+Writes benchmarks/results/kda_kernels.json (``--name``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ VARIANT_BATCHES = (1, 16)
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731 - "" = none (e.g. --prefill "": decode only)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kda_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--prefill", type=ints, default=[8192, 32768, 65536], help="single-sequence prefill lengths")
     p.add_argument("--varlen", type=int, default=32768, help="total tokens of the 8-sequence varlen batch (0: off)")
     p.add_argument("--batches", type=ints, default=[1, 16, 64], help="decode batch sizes")

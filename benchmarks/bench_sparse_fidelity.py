@@ -26,7 +26,7 @@ from longseq.config import LongSeqConfig  # noqa: E402
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_sparse_fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--budgets", type=ints, default=[256, 512, 1024, 2048])
     p.add_argument("--lengths", type=ints, default=[4096, 5120, 6144, 7168, 8000, 4500, 6500, 7600],
                    help="fidelity prompt lengths (tokens)")

@@ -48,7 +48,7 @@ import sys
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_sparse_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--contexts", type=ints, default=[131072, 32768])
     p.add_argument("--batches", type=ints, default=[1, 8])
     p.add_argument("--num-select", type=int, default=128, help="pages kept per (request, kv head)")

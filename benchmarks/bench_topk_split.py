@@ -1,11 +1,11 @@
 """Top-k page selection on a GPU: rows split over several programs (``topk_split.py``) vs one program per row.
 
-Needs only torch and triton (no vLLM). Score rows ``[B, Hkv, pages]`` fp32 as the score kernel writes them, in
-three patterns: ``random`` (continuous, no ties), ``ties`` (8 distinct values: what fp8 page summaries of a
-dummy-weight model give, the in-engine case that was 2x slower than random rows) and ``smooth`` (a random
-walk along the row: top pages cluster, as with RoPE'd keys). Every variant's selection is checked equal to
-the one-program select first; each split size is timed with a second merge launch and with the merge fused
-into the last segment program (``..._fused``). Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
+Needs only torch and triton (no vLLM). Score rows ``[B, Hkv, pages]`` fp32 as the score kernel writes them, in three
+patterns: ``random`` (continuous, no ties), ``ties`` (8 distinct values: what fp8 page summaries of a dummy-weight
+model give, the in-engine case, slower than random rows: docs/benchmarks/sparse.md) and ``smooth`` (a random walk
+along the row: top pages cluster, as with RoPE'd keys). Every variant's selection is checked equal to the
+one-program select first; each split size is timed with a second merge launch and with the merge fused into the last
+segment program (``..._fused``). Timing: ``--inner`` calls captured in one CUDA graph, replayed ``--reps`` times
 after warm-up on a side stream (CUDA events); median per call.
 
     python -m benchmarks.bench_topk_split --pages 8192 --batches 1,8
@@ -20,7 +20,7 @@ import sys
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_topk_split", description=__doc__.split("\n")[0])
     p.add_argument("--pages", type=int, default=8192, help="row width (block table pages: 131072 tokens / 16)")
     p.add_argument("--live", type=ints, default=[8064, 2048], help="live pages per request (126K, 32K tokens)")
     p.add_argument("--batches", type=ints, default=[1, 8])

@@ -1,7 +1,7 @@
 """Time per output token (TPOT) and time to first token (TTFT) of a longseq mode vs vLLM's default backend.
 
 Both run in the same invocation, each in its own engine process, on a shape-only model (random weights,
-``load_format="dummy"``). Method (stable on an H100): prefix caching on; per context and batch, a cold run
+``load_format="dummy"``). Method: prefix caching on; per context and batch, a cold run
 with ``max_tokens=1`` gives TTFT (the whole prefill); then, with the prompts cached, the median of
 ``max_tokens=1`` and of ``max_tokens=257`` runs; TPOT = (t257 - t1) / 256. Each time is the wall clock
 of one synchronous ``LLM.generate`` call (it returns after the GPU finished), after a warm-up call.
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import child_command, run_child
+from benchmarks.common import run_child
 
 
 def child(args) -> None:
@@ -52,21 +52,20 @@ def child(args) -> None:
     timed(warm, many)  # warm-up: first-call costs (allocator, sampler) out of the measurements
     rows = []
     for ctx, batch in cases(args):
-        if True:  # one (context, batch) case
-            rng = random.Random(ctx * 100 + batch)
-            prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
-                       for _ in range(batch)]
-            ttft = timed(prompts, one)
-            t1 = [timed(prompts, one) for _ in range(args.repeats)]
-            tn = [timed(prompts, many) for _ in range(args.repeats)]
-            tpot = (statistics.median(tn) - statistics.median(t1)) / args.decode_tokens
-            rows.append({"context": ctx, "batch": batch, "ttft_s": ttft, "t1_s": t1, "t_many_s": tn,
-                         "tpot_ms": tpot * 1e3, "throughput_tok_s": batch / tpot})
-            print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
-                  file=sys.stderr, flush=True)
-            if args.profile_steps:
-                rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, SamplingParams(
-                    temperature=0.0, max_tokens=args.profile_steps + 1, ignore_eos=True)), args.profile_steps)
+        rng = random.Random(ctx * 100 + batch)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
+                   for _ in range(batch)]
+        ttft = timed(prompts, one)
+        t1 = [timed(prompts, one) for _ in range(args.repeats)]
+        tn = [timed(prompts, many) for _ in range(args.repeats)]
+        tpot = (statistics.median(tn) - statistics.median(t1)) / args.decode_tokens
+        rows.append({"context": ctx, "batch": batch, "ttft_s": ttft, "t1_s": t1, "t_many_s": tn,
+                     "tpot_ms": tpot * 1e3, "throughput_tok_s": batch / tpot})
+        print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
+              file=sys.stderr, flush=True)
+        if args.profile_steps:
+            rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, SamplingParams(
+                temperature=0.0, max_tokens=args.profile_steps + 1, ignore_eos=True)), args.profile_steps)
     print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "rows": rows}), flush=True)
 
 
@@ -104,15 +103,15 @@ def cases(args) -> list[tuple[int, int]]:
 
 
 def run_backend(args, backend: str, env: dict) -> dict:
-    cmd = child_command("benchmarks.bench_vllm_decode", ["--backend", backend,
-           "--model-dir", args.model_dir, "--contexts", ",".join(map(str, args.contexts)),
-           "--batches", ",".join(map(str, args.batches)), *(["--cases", args.cases] if args.cases else []), "--repeats", str(args.repeats),
-           "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
-           "--profile-steps", str(args.profile_steps)])
+    child_args = ["--backend", backend, "--model-dir", args.model_dir,
+                  "--contexts", ",".join(map(str, args.contexts)), "--batches", ",".join(map(str, args.batches)),
+                  *(["--cases", args.cases] if args.cases else []), "--repeats", str(args.repeats),
+                  "--decode-tokens", str(args.decode_tokens), "--max-model-len", str(args.max_model_len),
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                  "--cudagraph-mode", args.cudagraph_mode, "--profile-steps", str(args.profile_steps)]
     if args.profile_steps:
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the profiler must see the engine's GPU work
-    return run_child(cmd, env, backend)
+    return run_child("benchmarks.bench_vllm_decode", child_args, env, backend)
 
 
 def plot(result: dict, path: str) -> str:
@@ -140,7 +139,8 @@ def plot(result: dict, path: str) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vllm_decode",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     p.add_argument("--contexts", type=ints, default=[8192, 32768, 129024])
     p.add_argument("--batches", type=ints, default=[1])

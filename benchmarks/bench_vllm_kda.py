@@ -3,7 +3,8 @@
 time per output token.
 
 Routing of the longseq engine: steps with prefills run vLLM's own KDA forward (longseq has no chunk prefill
-kernel), so the prefill rows measure the plugin's overhead (expected ~1.0x) and the decode rows our recurrent kernel.
+kernel), so the prefill rows measure the plugin's overhead (the two should match) and the decode rows our recurrent
+kernel.
 
 Both run in the same invocation, each in its own engine process (baseline with ``VLLM_PLUGINS=""``), on
 ``longseq.models.kimi_linear``'s ``kimi-linear-48b`` shape (real hidden size, heads, MLA, MoE; ``--layers`` deep,
@@ -12,8 +13,8 @@ one synchronous ``LLM.generate`` call after a warm-up call; the median of ``--re
 * prefill: one prompt of each ``--prefill`` length, ``max_tokens=1``: tokens/s = length / time.
 * decode: ``--batches`` prompts of ``--decode-context`` tokens; TPOT = (t(N+1 tokens) - t(1 token)) / N.
 
-    python -m benchmarks.bench_vllm_kda            # ~3-4 min on an H200
-    python -m benchmarks.bench_vllm_kda --quick    # ~1.5 min: short shapes, one repeat (engine starts dominate)
+    python -m benchmarks.bench_vllm_kda            # full
+    python -m benchmarks.bench_vllm_kda --quick    # short shapes, one repeat (engine starts dominate)
 Writes benchmarks/results/vllm_kda.json (vllm_kda_quick.json with --quick) and prints the table.
 """
 
@@ -28,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import child_command, run_child
+from benchmarks.common import run_child
 
 
 def child(args) -> None:
@@ -77,17 +78,17 @@ def child(args) -> None:
 
 def run_engine(args, label: str, env: dict) -> dict:
     """``--child`` in a fresh process with ``env``; its RESULT line."""
-    cmd = child_command("benchmarks.bench_vllm_kda", ["--label", label, "--model-dir", args.model_dir,
-           "--prefill", ",".join(map(str, args.prefill)), "--batches", ",".join(map(str, args.batches)),
-           "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens),
-           "--repeats", str(args.repeats), "--max-model-len", str(args.max_model_len),
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization)])
-    return run_child(cmd, env, label)
+    child_args = ["--label", label, "--model-dir", args.model_dir,
+                  "--prefill", ",".join(map(str, args.prefill)), "--batches", ",".join(map(str, args.batches)),
+                  "--decode-context", str(args.decode_context), "--decode-tokens", str(args.decode_tokens),
+                  "--repeats", str(args.repeats), "--max-model-len", str(args.max_model_len),
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    return run_child("benchmarks.bench_vllm_kda", child_args, env, label)
 
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vllm_kda", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short shapes and one repeat (smoke run)")
     p.add_argument("--layers", type=int, default=4, help="model depth (3 KDA : 1 MLA)")
     p.add_argument("--prefill", type=ints, default=[8192, 32768], help="prefill prompt lengths")

@@ -112,23 +112,25 @@ def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
     return cuda_event_seconds(lambda: dst.copy_(src, non_blocking=True), repeats)
 
 
-def child_command(module: str, args: list[str]) -> list[str]:
-    """The command that runs ``module``'s ``--child`` mode (one engine, one configuration) in a fresh Python."""
-    return [sys.executable, "-m", module, "--child", *args]
+def run_child(module: str, args: list[str], env: dict, label: str, timeout: float | None = None) -> dict:
+    """Run ``python -m <module> --child <args>`` (one engine, one configuration) in a fresh Python with ``env``;
+    return the JSON of the ``RESULT <json>`` line it prints on stdout.
 
-
-def run_child(cmd: list[str], env: dict, label: str) -> dict:
-    """Run a benchmark child process (a fresh engine, ``cmd`` from :func:`child_command`) that prints
-    ``RESULT <json>``; return that JSON.
-
-    It runs in a temporary directory (vLLM and its compile caches write beside the cwd) with the repository root
-    on ``PYTHONPATH`` so ``-m benchmarks.<name>`` resolves. Its ``[...]`` progress lines on stderr are echoed; on
-    failure the stderr tail is shown and we exit."""
+    The child runs in a temporary directory (vLLM and its compile caches write beside the cwd) with the repository
+    root on ``PYTHONPATH``, so ``-m benchmarks.<name>`` resolves from any cwd. Its ``[...]`` progress lines on
+    stderr are echoed; on failure (or past ``timeout`` seconds) the stderr tail is shown and we exit naming
+    ``label``."""
     import tempfile
 
+    cmd = [sys.executable, "-m", module, "--child", *args]
     path = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(cmd, env={**env, "PYTHONPATH": path}, capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())
+    try:
+        proc = subprocess.run(cmd, env={**env, "PYTHONPATH": path}, capture_output=True, text=True,
+                              cwd=tempfile.gettempdir(), timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        sys.stderr.write(tail[-6000:])
+        raise SystemExit(f"{label} run timed out after {timeout} s") from None
     sys.stderr.write(proc.stderr[-6000:] if proc.returncode else "".join(
         line + "\n" for line in proc.stderr.splitlines() if line.startswith("[")))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -1,9 +1,9 @@
 """What about writing KV blocks to disk slows the engine thread of the same process?
 
-On the H200 a GPU prefix hit that ran while a 32K prompt's blocks were being written to disk took 0.14 s
-against 0.058 s with a DRAM-only tier (docs/benchmarks/archive.md, KV offload: kv_offload_direct.json); the connector's own hooks took ~5 ms
-of it. This runs engine-like foreground work (probes) while a background writer works (variants) and reports
-how much slower each probe gets, so each suspected cause is tested on its own:
+A GPU prefix hit that ran while a long prompt's blocks were being written to disk was slower than with a DRAM-only
+tier, by far more than the connector's own hooks take (docs/benchmarks/kv-offload.md, docs/benchmarks/archive.md).
+This runs engine-like foreground work (probes) while a background writer works (variants) and reports how much
+slower each probe gets, so each suspected cause is tested on its own:
 
 probes (the engine thread's kinds of work)
   wake        delay past 0.5 ms sleeps (a thread waking needs the GIL)
@@ -236,7 +236,8 @@ def main(argv=None) -> None:
 
     from benchmarks.common import command_line, environment, write_result
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_disk_writer",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=2.0, help="per probe and variant")
     p.add_argument("--block-mib", type=float, default=2.0)
     p.add_argument("--variants", default=",".join(VARIANTS))

@@ -26,7 +26,8 @@ import time
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_passkey_selection",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF checkpoint folder (default: the SmolLM2 test model)")
     p.add_argument("--lengths", type=ints, default=[6000, 7600])
     p.add_argument("--seeds", type=ints, default=[1, 2], help="passkey prompt seeds, one per length")
@@ -87,7 +88,7 @@ def variant_needle_kept(q_all, k_all, queries, needle, budget, args):
     """Needle mass kept per scorer variant for one layer: {variant: (kept, total)} summed over heads/queries."""
     import torch
 
-    from benchmarks.study_scorer_recall import page_reduce
+    from benchmarks.studies.study_scorer_recall import page_reduce
 
     hq, hkv, d = q_all.shape[0], k_all.shape[0], k_all.shape[2]
     out = {}
@@ -160,7 +161,7 @@ def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.common import command_line, environment, write_result
-    from benchmarks.study_scorer_recall import capture_qk, page_reduce
+    from benchmarks.studies.study_scorer_recall import capture_qk, page_reduce
     from longseq.eval.passkey import passkey_prompt
     from longseq.kernels.sparse_decode import naive
     from longseq.kernels.sparse_decode.page_summary import FP8, allocate_page_summary, update_page_summary

@@ -54,7 +54,8 @@ def main(argv=None) -> None:
     from benchmarks.common import command_line, environment, write_result
     from longseq.kv_offload.store import BlockStore, KVFingerprint
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_pinned_slab_realloc",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gib", type=float, default=4.0, help="bytes put per round (a 32K Llama-8B prompt: 4.3 GB)")
     p.add_argument("--block-mib", type=float, default=2.0)
     p.add_argument("--name", default="study_pinned_slab_realloc")

@@ -28,7 +28,8 @@ import time
 
 def parse_args(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.study_scorer_recall",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF checkpoint folder (default: the SmolLM2 test model)")
     p.add_argument("--lengths", type=ints, default=[4096, 4096])
     p.add_argument("--budgets", type=ints, default=[512, 1024, 2048])

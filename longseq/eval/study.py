@@ -46,7 +46,7 @@ def duo_variants(pattern: str, sparsity: float, random_seed: int, folder: str) -
     """DuoAttention's two variants: ``{"calibrated": env, "random": env}``, ``pattern`` (a folder or built-in
     name) and a random pattern of its shape and streaming sizes (written to ``folder``), both at ``sparsity``.
     The random one is the control: same streaming-head count, heads not chosen by calibration."""
-    from longseq.attention_backends.core.duo import load_duo_pattern, random_pattern, save_duo_pattern
+    from longseq.attention_backends.core.duo_pattern import load_duo_pattern, random_pattern, save_duo_pattern
 
     calibrated = load_duo_pattern(pattern)
     rnd = os.path.join(folder, "random")

@@ -31,7 +31,7 @@ class DirectLoad:
         self.layer_bases = torch.tensor(layout.layer_bases, dtype=torch.int64, device=self.device)
 
     def warm_up(self, views: list[torch.Tensor]) -> None:
-        """Compile the kernel for this cache layout now, not in the first hit's TTFT (Triton JIT, ~1 s): copy
+        """Compile the kernel for this cache layout now, not in the first hit's TTFT (a Triton JIT compile): copy
         page 0's own bytes back onto it (start-up: no request uses the caches yet)."""
         from longseq.kernels.kv_block_copy import scatter_host_blocks
 

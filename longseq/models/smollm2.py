@@ -94,7 +94,7 @@ def smollm2_path(cache_dir: str | None = None) -> str:
 
     ``$LONGSEQ_TEST_MODEL``, if it names an existing folder, wins (the GPU machine converts its own copy).
     Otherwise the folder is ``<cache root>/smollm2-135m-instruct``, cache root = ``cache_dir`` or
-    ``$LONGSEQ_CACHE_DIR`` or ``~/.cache/longseq/models``. Building takes ~30 s on 2 CPU cores.
+    ``$LONGSEQ_CACHE_DIR`` or ``~/.cache/longseq/models``. Built once per cache root (a GGUF-to-bf16 conversion).
     """
     override = os.environ.get("LONGSEQ_TEST_MODEL")
     if override and os.path.isdir(override):

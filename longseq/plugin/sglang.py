@@ -16,8 +16,10 @@ Usage:  ``python -m sglang.launch_server --model-path M --attention-backend long
 
 from __future__ import annotations
 
+import importlib
 import logging
 
+from longseq.attention_backends.sglang import BACKEND_CLASSES
 from longseq.config import LongSeqConfigError, get_config
 from longseq.versions import SGLANG_SUPPORTED, LongSeqVersionError, installed_version
 
@@ -40,49 +42,42 @@ def check_sglang_version(version: str | None = None) -> str:
     return version
 
 
-def create_dense_backend(model_runner):
-    """``ATTENTION_BACKENDS["longseq_dense"]`` factory: ``fn(model_runner) -> AttentionBackend``.
-
-    SGLang may call it several times per process (two-batch overlap, PD multiplexing).
+def create_backend(name: str, model_runner):
+    """The backend ``name`` of :data:`BACKEND_CLASSES` for ``model_runner`` (its module is imported here, not at
+    registration). SGLang may call a factory several times per process (two-batch overlap, PD multiplexing).
 
     Raises:
         LongSeqVersionError: the installed SGLang is not a supported version.
-        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid.
+        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or the model runner does not fit the backend.
     """
     check_sglang_version()
     config = get_config()
-    from longseq.attention_backends.sglang.dense import LongSeqDenseBackend
+    module, cls = BACKEND_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(model_runner, config)
 
-    return LongSeqDenseBackend(model_runner, config)
+
+def create_dense_backend(model_runner):
+    """``ATTENTION_BACKENDS["longseq_dense"]`` factory: ``fn(model_runner) -> AttentionBackend``, one of SGLang's
+    own backends wrapped (see :func:`create_backend`)."""
+    return create_backend(DENSE_BACKEND, model_runner)
 
 
 def create_sparse_backend(model_runner):
-    """``ATTENTION_BACKENDS["longseq_sparse"]`` factory: Quest sparse decode over a wrapped dense backend.
-
-    Raises:
-        LongSeqVersionError: the installed SGLang is not a supported version.
-        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or SGLang's ``--page-size`` (or the model)
-            does not fit the sparse settings.
-    """
-    check_sglang_version()
-    config = get_config()
-    from longseq.attention_backends.sglang.sparse import LongSeqSparseBackend
-
-    return LongSeqSparseBackend(model_runner, config)
+    """``ATTENTION_BACKENDS["longseq_sparse"]`` factory: Quest sparse decode over a wrapped dense backend; SGLang's
+    ``--page-size`` (and the model) must fit the sparse settings."""
+    return create_backend(SPARSE_BACKEND, model_runner)
 
 
 def create_duo_backend(model_runner):
-    """``ATTENTION_BACKENDS["longseq_duo"]`` factory: DuoAttention (``LONGSEQ_DUO_*``) over a wrapped dense backend.
+    """``ATTENTION_BACKENDS["longseq_duo"]`` factory: DuoAttention (``LONGSEQ_DUO_*``) over a wrapped dense
+    backend; the pattern must fit the model."""
+    return create_backend(DUO_BACKEND, model_runner)
 
-    Raises:
-        LongSeqVersionError: the installed SGLang is not a supported version.
-        LongSeqConfigError: a ``LONGSEQ_*`` setting is invalid, or the pattern does not fit the model.
-    """
-    check_sglang_version()
-    config = get_config()
-    from longseq.attention_backends.sglang.duo import LongSeqDuoBackend
 
-    return LongSeqDuoBackend(model_runner, config)
+#: What :func:`register` puts in SGLang's registry (one named factory per backend: SGLang calls it with the
+#: model runner only).
+FACTORIES = {DENSE_BACKEND: create_dense_backend, SPARSE_BACKEND: create_sparse_backend,
+             DUO_BACKEND: create_duo_backend}
 
 
 #: SGLang's KDA (Kimi-Linear) linear-attention backend; its ``kernel_dispatcher`` picks the KDA kernels.
@@ -105,8 +100,7 @@ def _install_kda_kernels_after_init(result, backend, model_runner, *args, **kwar
 
     install_kda_kernels(backend.kernel_dispatcher, model_runner.req_to_token_pool.mamba_pool.mamba_cache.temporal,
                         state_tracking=_mamba_state_tracking())
-    logger.info("longseq: KDA decode kernel -> longseq (LONGSEQ_KDA=1); extend -> longseq only with "
-                "LONGSEQ_KDA_PREFILL=longseq; verify stays SGLang's")
+    logger.info("longseq: KDA decode kernel -> longseq (LONGSEQ_KDA=1); extend and verify stay SGLang's")
 
 
 def _mamba_state_tracking() -> bool:
@@ -144,12 +138,11 @@ def register() -> None:
             get_config()  # validate LONGSEQ_* early so a typo shows in the front-end log
         except (LongSeqVersionError, LongSeqConfigError) as e:  # still register: the factory raises it again
             logger.error("longseq: %s; --attention-backend %s will fail (and so will %s)", e, DENSE_BACKEND,
-                         SPARSE_BACKEND)
+                         ", ".join(name for name in FACTORIES if name != DENSE_BACKEND))
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
-    for name, factory in ((DENSE_BACKEND, create_dense_backend), (SPARSE_BACKEND, create_sparse_backend),
-                          (DUO_BACKEND, create_duo_backend)):
+    for name, factory in FACTORIES.items():
         register_attention_backend(name)(factory)
         if name not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
             add_attention_backend_choices([name])

@@ -174,8 +174,8 @@ def duo_mix_attention(module, query, key, value, attention_mask, scaling=None, d
     if gates is None or not gates.enabled or first >= t:
         return full.transpose(1, 2).contiguous(), None
     if query.is_cuda:
-        # One masked SDPA over all T^2 pairs instead of ~T/256 small chunk calls: the chunked form, launch-bound
-        # on a GPU, took 0.83 s per step at 8K for SmolLM2 on an H200. The CPU keeps the O(T * window) form.
+        # One masked SDPA over all T^2 pairs instead of ~T/256 small chunk calls: the chunked form is launch-bound
+        # on a GPU (docs/benchmarks/duo.md, calibration). The CPU keeps the O(T * window) form.
         stream = streaming_attention_ref(query, key, value, gates.sink, gates.recent, scaling)[:, :, first:]
     else:
         stream = streaming_attention_tail(query, key, value, gates.sink, gates.recent, scaling)
@@ -337,11 +337,11 @@ def calibrate(cfg: CalibConfig, model=None, tokenizer=None, command: str | None 
 def write_pattern(out_dir: str, gates: list[list[float]], sink: int, recent: int, meta: dict) -> None:
     """Write ``full_attention_heads.tsv`` + ``config.json`` (the authors' format) into ``out_dir``.
 
-    Uses ``longseq.attention_backends.core.duo.save_duo_pattern`` when that module provides it, so the
+    Uses ``longseq.attention_backends.core.duo_pattern.save_duo_pattern`` when that module provides it, so the
     writer and the loader stay one format.
     """
     try:
-        from longseq.attention_backends.core.duo import DuoPattern, save_duo_pattern
+        from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern
     except ImportError:
         save_duo_pattern = None
     if save_duo_pattern is not None:

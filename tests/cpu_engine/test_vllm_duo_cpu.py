@@ -38,7 +38,7 @@ def dense(smollm2_path, prompts):
 
 
 def _pattern(tmp_path, layers=30, kv_heads=3, seed=0, sink=64, recent=256) -> str:
-    from longseq.attention_backends.core.duo import random_pattern, save_duo_pattern
+    from longseq.attention_backends.core.duo_pattern import random_pattern, save_duo_pattern
 
     path = tmp_path / f"pattern-{layers}x{kv_heads}-{sink}-{recent}"
     save_duo_pattern(random_pattern(layers, kv_heads, seed, sink_size=sink, recent_size=recent), path)

@@ -7,14 +7,13 @@ Weights: vLLM's dummy load, then every non-MLA weight redrawn (``longseq.models.
 so logits spread and the KDA layers carry signal. Ours and vLLM's KDA decode kernels round differently, so a
 greedy run may legitimately part where vLLM's own top-2 logprobs nearly tie: the test requires identical tokens
 up to such a near-tie (gap < ``engine_utils.TIE_NATS``) reached only after several identical steps, the same logprobs up to
-``LOGPROB_TOL`` before it, and at least half of the prompts identical to the end. (The bar was "all prompts but
-one identical" until the 2026-11-29 H200 run: 2 of 4 identical, the others parting after 22 and 28 identical
-tokens at vLLM top-2 gaps of 0.125 and exactly 0.0 nats, max logprob difference 0.144. A gap of 0.0 is a tie
-any rounding flips; a wrong state, as in the bug that run fixed, parts at the first decode step.) It also proves our layer ran (trace markers from
-the 3 KDA layers) and that a broken variant (recurrent state never written) changes the tokens.
+``LOGPROB_TOL`` before it, and at least half of the prompts identical to the end: a gap of 0.0 is a tie any
+rounding flips, while a wrong state parts at the first decode step (the run behind this bar: docs/benchmarks/kda.md).
+It also proves our layer ran (trace markers from the 3 KDA layers) and that a broken variant (recurrent state never
+written) changes the tokens.
 
 Run on the GPU machine: ``source /tmp/lsq-bundle/env.sh && python -m pytest tests/gpu/test_vllm_kda_gpu.py -m gpu -q``
-(about 3 min: three engine starts; ``-k paged_state_pool`` alone: seconds, no engine).
+(three engine starts; ``-k paged_state_pool`` alone starts none).
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def test_duo_tp2_follows_tp1(tiny, prompts, dense_tp1, tmp_path):
     layer 0, rank 1 in layer 1. TP=2 must follow TP=1 (each rank applies its own slice of the pattern)."""
     import torch
 
-    from longseq.attention_backends.core.duo import DuoPattern, save_duo_pattern
+    from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern
 
     gates = torch.tensor([[0.1, 0.9], [0.9, 0.1]])  # [layers, kv heads]: low gate = streaming
     save_duo_pattern(DuoPattern(gates=gates, sink_size=16, recent_size=64), tmp_path / "pattern")

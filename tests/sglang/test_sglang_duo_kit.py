@@ -34,7 +34,7 @@ def model_shape(monkeypatch):
 def write_pattern(folder, gates, sink: int, recent: int) -> str:
     import torch
 
-    from longseq.attention_backends.core.duo import DuoPattern, save_duo_pattern
+    from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern
 
     save_duo_pattern(DuoPattern(torch.tensor(gates, dtype=torch.float64), sink, recent), folder)
     return str(folder)

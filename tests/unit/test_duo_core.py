@@ -1,6 +1,5 @@
-"""DuoAttention core (pattern files, sparsify, TP shards) and the PyTorch references, on CPU without a framework."""
+"""DuoAttention core (sparsify, TP shards) and the PyTorch references, on CPU without a framework."""
 
-import json
 import math
 
 import pytest
@@ -8,187 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from longseq.attention_backends.core import duo
-from longseq.attention_backends.core.duo import (
-    DuoPattern,
-    StreamingHeadMask,
-    load_duo_pattern,
-    random_pattern,
-    save_duo_pattern,
-)
+from longseq.attention_backends.core.duo import StreamingHeadMask
+from longseq.attention_backends.core.duo_pattern import DuoPattern, random_pattern, save_duo_pattern
 from longseq.kernels.duo_attention import duo_paged_decode_ref, duo_prefill_ref, duo_token_mask
 from longseq.config import LongSeqConfig, LongSeqConfigError
 
 
-def write_pattern(folder, tsv: str, config=None):
-    """A pattern folder in the authors' format, written by hand."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "full_attention_heads.tsv").write_text(tsv)
-    if config is not None:
-        (folder / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
-    return folder
-
-
 def pattern_of(rows, sink=4, recent=8):
     return DuoPattern(torch.tensor(rows, dtype=torch.float64), sink, recent, source="test")
-
-
-# ---------------------------------------------------------------- files
-
-
-def test_save_load_round_trip_keeps_gates_sizes_and_unknown_keys(tmp_path):
-    pat = random_pattern(5, 3, seed=7, sink_size=16, recent_size=128)
-    pat.meta.update({"model_name": "m", "lr": 0.02, "nested": {"a": [1, 2]}})
-    save_duo_pattern(pat, tmp_path / "p")
-    lines = (tmp_path / "p" / "full_attention_heads.tsv").read_text().splitlines()
-    assert len(lines) == 5 and all(len(line.split("\t")) == 3 for line in lines)
-    back = load_duo_pattern(tmp_path / "p")
-    assert torch.equal(back.gates, pat.gates)  # %.18e round-trips float64 exactly
-    assert (back.sink_size, back.recent_size) == (16, 128)
-    assert back.meta == pat.meta
-    assert back.shape == (5, 3)
-
-
-def test_load_authors_format_written_by_hand(tmp_path):
-    tsv = ("6.054687500000000000e-01\t0.000000000000000000e+00\t9.687500000000000000e-01\n"
-           "1.000000000000000000e+00\t2.490234375000000000e-02\t4.310607910156250000e-04\n")
-    cfg = {"model_name": "models/x", "sink_size": 128, "recent_size": 256, "deploy_sink_size": None,
-           "threshold": 0.5, "sparsity": None}
-    folder = write_pattern(tmp_path / "run", tsv, cfg)
-    pat = load_duo_pattern(str(folder))
-    expected = torch.tensor([[0.60546875, 0.0, 0.96875], [1.0, 0.02490234375, 0.000431060791015625]],
-                            dtype=torch.float64)
-    assert torch.equal(pat.gates, expected)
-    assert (pat.sink_size, pat.recent_size) == (128, 256)
-    assert pat.meta == {"model_name": "models/x", "deploy_sink_size": None, "threshold": 0.5, "sparsity": None}
-    pat.validate(2, 3)
-
-
-def test_single_row_and_single_column_files(tmp_path):
-    one_layer = load_duo_pattern(write_pattern(tmp_path / "a", "0.5\t0.25\n", {"sink_size": 1, "recent_size": 2}))
-    assert one_layer.shape == (1, 2)
-    one_head = load_duo_pattern(write_pattern(tmp_path / "b", "0.5\n0.25\n\n", {"sink_size": 1, "recent_size": 2}))
-    assert one_head.shape == (2, 1)
-
-
-@pytest.mark.parametrize("tsv, match", [
-    ("0.5\t1.5\n", r"gate values must be in \[0, 1\]; layer 0, KV head 1 has 1.5"),
-    ("0.5\t0.5\n-0.1\t0.2\n", r"in \[0, 1\]; layer 1, KV head 0 has -0.1"),
-    ("0.5\tnan\n", r"in \[0, 1\]; layer 0, KV head 1 has nan"),
-    ("0.5\tabc\n", r"full_attention_heads.tsv line 1, column 2: 'abc' is not a number"),
-    ("0.5\t0.5\n0.5 0.5\n", r"line 2, column 1: '0.5 0.5' is not a number \(cells are tab-separated"),
-    ("0.5\t0.5\n0.5\t0.5\t0.5\n", r"ragged: line 2 has 3 values, line 1 has 2"),
-    ("\n\n", r"holds no gate values"),
-])
-def test_bad_gates_file_is_named(tmp_path, tsv, match):
-    folder = write_pattern(tmp_path / "bad", tsv, {"sink_size": 4, "recent_size": 8})
-    with pytest.raises(LongSeqConfigError, match=match) as e:
-        load_duo_pattern(folder)
-    assert str(folder) in str(e.value)
-
-
-@pytest.mark.parametrize("cfg, match", [
-    ({"sink_size": 0, "recent_size": 8}, r"sink_size=0 must be a positive integer"),
-    ({"sink_size": -4, "recent_size": 8}, r"sink_size=-4 must be a positive integer"),
-    ({"sink_size": 4, "recent_size": 12.5}, r"recent_size=12.5 must be a positive integer"),
-    ({"sink_size": "64", "recent_size": 8}, r"sink_size='64' must be a positive integer"),
-    ({"sink_size": True, "recent_size": 8}, r"sink_size=True must be a positive integer"),
-    ({"recent_size": 8}, r"config.json has no 'sink_size'"),
-    ({"sink_size": 4}, r"config.json has no 'recent_size'"),
-    ("{not json", r"config.json cannot be read as JSON"),
-    ("[4, 8]", r"config.json must hold a JSON object"),
-])
-def test_bad_config_json_is_named(tmp_path, cfg, match):
-    folder = write_pattern(tmp_path / "bad", "0.5\t0.5\n", cfg)
-    with pytest.raises(LongSeqConfigError, match=match) as e:
-        load_duo_pattern(folder)
-    assert str(folder) in str(e.value)
-
-
-def test_integral_float_sizes_are_accepted(tmp_path):
-    pat = load_duo_pattern(write_pattern(tmp_path / "p", "0.5\n", {"sink_size": 64.0, "recent_size": 256}))
-    assert (pat.sink_size, pat.recent_size) == (64, 256) and isinstance(pat.sink_size, int)
-
-
-def test_missing_files_are_named(tmp_path):
-    no_cfg = write_pattern(tmp_path / "no_cfg", "0.5\n")
-    with pytest.raises(LongSeqConfigError, match=r"no_cfg: missing config.json"):
-        load_duo_pattern(no_cfg)
-    no_tsv = tmp_path / "no_tsv"
-    no_tsv.mkdir()
-    (no_tsv / "config.json").write_text('{"sink_size": 4, "recent_size": 8}')
-    with pytest.raises(LongSeqConfigError, match=r"no_tsv: missing full_attention_heads.tsv"):
-        load_duo_pattern(no_tsv)
-
-
-def test_unknown_pattern_lists_builtin_names(tmp_path, monkeypatch):
-    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(tmp_path / "none_here"))
-    with pytest.raises(LongSeqConfigError, match=r"'nope' is neither a folder nor a built-in.*\(none installed\)"):
-        load_duo_pattern("nope")
-    builtin = tmp_path / "builtin"
-    save_duo_pattern(random_pattern(2, 3, seed=1), builtin / "tiny-b")
-    save_duo_pattern(random_pattern(4, 1, seed=2), builtin / "tiny-a")
-    (builtin / "not-a-pattern").mkdir()
-    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(builtin))
-    assert duo.builtin_pattern_names() == ["tiny-a", "tiny-b"]
-    with pytest.raises(LongSeqConfigError, match=r"'smollm2' is neither a folder nor a built-in pattern name; "
-                                                 r"built-in patterns: tiny-a, tiny-b"):
-        load_duo_pattern("smollm2")
-    with pytest.raises(LongSeqConfigError, match=r"neither a folder"):
-        load_duo_pattern(str(tmp_path / "missing" / "dir"))
-
-
-def test_builtin_name_resolves_to_package_folder(tmp_path, monkeypatch):
-    builtin = tmp_path / "builtin"
-    pat = random_pattern(3, 2, seed=3, sink_size=8, recent_size=32)
-    save_duo_pattern(pat, builtin / "tiny-a")
-    monkeypatch.setattr(duo, "BUILTIN_PATTERN_DIR", str(builtin))
-    loaded = load_duo_pattern("tiny-a")
-    assert torch.equal(loaded.gates, pat.gates) and loaded.recent_size == 32
-    assert "built-in" in loaded.source
-    with pytest.raises(LongSeqConfigError, match=r"'tiny-a' \(built-in, .*\) has 3 layers x 2 KV heads, "
-                                                 r"the model has 30 x 3"):
-        loaded.validate(30, 3)
-    # a local folder of the same name is reached with an explicit path
-    save_duo_pattern(random_pattern(1, 1, seed=4), tmp_path / "tiny-a")
-    monkeypatch.chdir(tmp_path)
-    assert load_duo_pattern("tiny-a").shape == (3, 2)
-    assert load_duo_pattern("./tiny-a").shape == (1, 1)
-
-
-def test_default_builtin_dir_is_the_package_folder():
-    assert duo.BUILTIN_PATTERN_DIR.endswith("attention_backends/core/duo_patterns")
-
-
-def test_validate_names_pattern_and_both_shapes(tmp_path):
-    folder = tmp_path / "pat"
-    save_duo_pattern(random_pattern(24, 4, seed=0), folder)
-    pat = load_duo_pattern(folder)
-    msg = f"duo pattern {folder} has 24 layers x 4 KV heads, the model has 30 x 3"
-    with pytest.raises(LongSeqConfigError, match=msg):
-        pat.validate(30, 3)
-    mask = StreamingHeadMask.from_pattern(pat, sparsity=0.5)
-    with pytest.raises(LongSeqConfigError, match=msg):
-        mask.validate(30, 3)
-    pat.validate(24, 4)
-    mask.validate(24, 4)
-
-
-def test_in_memory_pattern_checks():
-    with pytest.raises(LongSeqConfigError, match=r"non-empty \[num_layers, num_kv_heads\]"):
-        DuoPattern(torch.rand(4), 4, 8)
-    with pytest.raises(LongSeqConfigError, match=r"in \[0, 1\]"):
-        DuoPattern(torch.tensor([[2.0]]), 4, 8)
-    with pytest.raises(LongSeqConfigError, match=r"recent_size=0 must be a positive integer"):
-        DuoPattern(torch.tensor([[0.5]]), 4, 0)
-
-
-def test_random_pattern_is_deterministic_and_in_range():
-    a, b, c = random_pattern(30, 3, seed=5), random_pattern(30, 3, seed=5), random_pattern(30, 3, seed=6)
-    assert a.shape == (30, 3) and torch.equal(a.gates, b.gates) and not torch.equal(a.gates, c.gates)
-    assert bool(((a.gates >= 0) & (a.gates < 1)).all())
-    assert (a.sink_size, a.recent_size) == (duo.DEFAULT_SINK_SIZE, duo.DEFAULT_RECENT_SIZE)
-    mask = StreamingHeadMask.from_pattern(a, sparsity=0.5)
-    assert int(mask.is_streaming.sum()) == 45  # the random control at the same sparsity
 
 
 # ---------------------------------------------------------------- sparsify
@@ -460,3 +286,84 @@ def test_paged_mixed_batch_matches_prefill_and_decode_refs():
     ref1 = duo_paged_decode_ref(q[9:], kc, vc, bt[1:], seq[1:], streaming, 4, 20, d ** -0.5)
     torch.testing.assert_close(out[:9], ref0)
     torch.testing.assert_close(out[9:], ref1)
+
+
+# ---------------------------------------------------------------- layer tensors and the step
+
+
+def test_duo_layer_from_row_or_layer_name():
+    mask = StreamingHeadMask(torch.tensor([[True, False, False, True], [False, True, True, False]]), 4, 8)
+    layer = duo.DuoLayer.build(mask, "model.layers.1.self_attn.attn", "cpu")
+    assert layer.is_streaming.dtype == torch.int8 and layer.is_streaming.tolist() == [0, 1, 1, 0]
+    assert layer.streaming_heads.tolist() == [1, 2] and layer.all_heads.tolist() == [0, 1, 2, 3]
+    assert layer.retrieval_runs == [(0, 1), (3, 4)] and (layer.num_streaming, layer.num_retrieval) == (2, 2)
+    assert (layer.sink_size, layer.recent_size) == (4, 8)
+    assert duo.DuoLayer.build(mask, 0, "cpu").retrieval_runs == [(1, 3)]
+    with pytest.raises(LongSeqConfigError, match="cannot tell the layer number of attention layer 'lm_head'"):
+        duo.DuoLayer.build(mask, "lm_head", "cpu")
+    with pytest.raises(LongSeqConfigError, match="layer 2 out of range"):
+        duo.DuoLayer.build(mask, 2, "cpu")
+    assert duo.retrieval_head_runs(torch.ones(3, dtype=torch.bool)) == []
+
+
+def _paged_batch(seed=4):
+    """A chunked-prefill request and a decode request over a shuffled paged cache (as above)."""
+    g = torch.Generator().manual_seed(seed)
+    bs, nb, hkv, hq, d = 16, 24, 2, 6, 16
+    kc, vc = torch.randn(nb, bs, hkv, d, generator=g), torch.randn(nb, bs, hkv, d, generator=g)
+    bt = torch.randperm(nb, generator=g)[:12].view(2, 6).int()
+    return torch.randn(10, hq, d, generator=g), kc, vc, bt, torch.tensor([0, 9, 10]), torch.tensor([70, 91])
+
+
+def test_duo_attention_on_cpu_is_the_reference():
+    from longseq.kernels.duo_attention import duo_paged_attention_ref
+
+    q, kc, vc, bt, qsl, seq = _paged_batch()
+    mask = StreamingHeadMask(torch.tensor([[True, False]]), 4, 20)
+    layer = duo.DuoLayer.build(mask, 0, "cpu")
+    out = torch.full_like(q, float("nan"))
+    path = duo.duo_attention(q, kc, vc, bt, qsl, seq, layer, 0.25, out, max_query_len=9)
+    assert path == duo.REFERENCE
+    assert torch.equal(out, duo_paged_attention_ref(q, kc, vc, bt, qsl, seq, mask.for_layer(0), 4, 20, 0.25))
+    with pytest.raises(ValueError, match="kernel='cuda' is not one of auto, triton, reference"):
+        duo.duo_attention(q, kc, vc, bt, qsl, seq, layer, 0.25, out, max_query_len=9, kernel="cuda")
+
+
+@pytest.mark.parametrize("max_query_len,num_reqs,dense,hybrid_batch,want", [
+    (1, 2, True, 0, "one_launch"),  # decode: one launch, split-K
+    (1, 2, True, 2, "hybrid"),  # decode from the hybrid batch size on
+    (1, 1, True, 2, "one_launch"),  # below it
+    (9, 2, True, 0, "hybrid"),  # prefill rows: dense kernel on the retrieval heads
+    (9, 2, False, 0, "one_launch"),  # no dense kernel: the Triton kernel does every head
+    (1, 2, False, 2, "one_launch"),
+])
+def test_duo_attention_triton_path_choice(max_query_len, num_reqs, dense, hybrid_batch, want, monkeypatch):
+    """Which kernels the Triton path launches, and with which heads and splits (the kernels recorded, not run)."""
+    pytest.importorskip("triton")
+    from longseq.kernels.duo_attention import unified
+
+    launches, dense_calls = [], []
+    monkeypatch.setattr(unified, "duo_paged_attention",
+                        lambda q, *args, **kw: launches.append((args[5].tolist(), *args[6:], kw["max_query_len"],
+                                                                kw["kv_heads"].tolist(), kw["num_splits"])))
+    monkeypatch.setattr(unified, "default_num_splits", lambda batch, heads, device: 10 * batch + heads)
+    mask = StreamingHeadMask(torch.tensor([[True, False, False, True]]), 4, 8)
+    layer = duo.DuoLayer.build(mask, 0, "cpu")
+    q, out = torch.zeros(3, 8, 16), torch.zeros(3, 8, 16)
+    seq = torch.ones(num_reqs, dtype=torch.int32)
+
+    def flash(q_, k_, v_, out_, runs):
+        assert q_ is q and out_ is out
+        dense_calls.append(runs)
+
+    path = duo.duo_attention(q, None, None, None, None, seq, layer, 0.5, out, max_query_len=max_query_len,
+                             dense_retrieval=flash if dense else None, hybrid_decode_batch=hybrid_batch,
+                             kernel="triton")
+    assert path == want
+    layer_args = ([1, 0, 0, 1], 4, 8, 0.5)  # is_streaming, sink_size, recent_size, scale
+    if want == "hybrid":
+        assert dense_calls == [[(1, 3)]] and launches == [(*layer_args, max_query_len, [0, 3], 1)]
+    elif max_query_len == 1:
+        assert not dense_calls and launches == [(*layer_args, 1, [0, 1, 2, 3], 10 * num_reqs + 2)]
+    else:
+        assert not dense_calls and launches == [(*layer_args, max_query_len, [0, 1, 2, 3], 1)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longseq.attention_backends.core.duo import StreamingHeadMask, random_pattern, rank_streaming_mask
+from longseq.attention_backends.core.duo import StreamingHeadMask, rank_streaming_mask
+from longseq.attention_backends.core.duo_pattern import random_pattern
 from longseq.config import LongSeqConfig, LongSeqConfigError
 
 

@@ -1,244 +1,45 @@
-"""DuoAttention head patterns, framework-free: load/save, validate, sparsify into a streaming-head mask.
+"""DuoAttention, framework-free: which KV heads stream (the mask), each layer's tensors, and one attention step.
 
 DuoAttention splits the KV heads of every layer in two kinds:
   retrieval heads keep full causal attention over the whole context;
   streaming heads attend only to the first ``sink_size`` tokens (attention sinks) and the ``recent_size``
   most recent tokens (the query's own token included), so their KV cache stays bounded.
 
-Pattern format (the DuoAttention authors' published format, ``attn_patterns/<model>/<run>/`` in their
-repository): a folder with
-  ``full_attention_heads.tsv``: one row per layer, one column per KV head, tab-separated gate values in
-      [0, 1] (``numpy.savetxt`` writes them as ``%.18e``); a higher gate means the head is more retrieval-like;
-  ``config.json``: a JSON object with at least ``sink_size`` and ``recent_size`` (the sizes used in
-      calibration); every other key (the authors store their whole training configuration) is kept in
-      :attr:`DuoPattern.meta` and written back unchanged.
-
-Built-in patterns live in ``longseq/attention_backends/core/duo_patterns/<name>/`` (package data) and are
-loaded by name: ``load_duo_pattern("smollm2-135m-instruct")``. The name ``random`` (or ``random:<seed>``, seed 0
-by default) is no file: :func:`rank_streaming_mask` builds :func:`random_pattern` for the model's shape, for
-shape-only benchmarks (dummy weights) and as the "random heads at the same sparsity" control.
-
-From a pattern to the heads that stream (:class:`StreamingHeadMask`): either ``sparsity`` (a fraction of
-ALL KV heads of the model, the lowest gates first) or ``threshold`` (gate below it streams).
+The gates of a calibrated pattern (files, built-in names, random patterns: ``duo_pattern.py``, whose
+:func:`load_duo_pattern` is importable from here too) become a :class:`StreamingHeadMask`: either ``sparsity``
+(a fraction of ALL KV heads of the model, the lowest gates first) or ``threshold`` (gate below it streams).
 
 Tensor parallelism: vLLM and SGLang split the KV heads contiguously over the ranks;
 :meth:`StreamingHeadMask.shard` gives the mask of one rank's heads (see there for the replicated case).
 
-Framework adapters call: ``StreamingHeadMask.from_config(config)`` once at start-up, ``.validate(layers,
-kv_heads)`` against the model (total KV heads, before sharding), ``.shard(tp_rank, tp_size)``, then
-``.for_layer(i)`` per attention layer, and the kernels of ``longseq.kernels.duo_attention``.
+Framework adapters call: :func:`rank_streaming_mask` once at start-up (loads, validates against the model's
+total KV heads, shards to this rank), :meth:`DuoLayer.build` once per attention layer, then
+:func:`duo_attention` for every step of that layer. The adapter passes its framework's dense kernel for the
+retrieval heads as a callable; nothing here imports a framework.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from typing import Any
+from typing import Literal, Protocol
 
 import torch
 
+from longseq.attention_backends.core.duo_pattern import (
+    DuoPattern,
+    check_shape,
+    check_size,
+    load_duo_pattern,
+    random_pattern,
+    random_pattern_seed,
+)
+from longseq.attention_backends.core.layers import layer_index
 from longseq.config import LongSeqConfig, LongSeqConfigError
+from longseq.kernels.duo_attention.naive import retrieval_head_runs
 
-GATES_FILE = "full_attention_heads.tsv"
-CONFIG_FILE = "config.json"
-
-#: Streaming sizes for patterns that carry none (random patterns) when the config does not set them.
-DEFAULT_SINK_SIZE = 64
-DEFAULT_RECENT_SIZE = 256
 #: Sparsity used when neither ``duo_sparsity`` nor ``duo_threshold`` is configured.
 DEFAULT_SPARSITY = 0.5
-
-#: Folder of the built-in patterns (one sub-folder per name, in the format above).
-BUILTIN_PATTERN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "duo_patterns")
-
-
-def _check_size(value: Any, name: str, source: str) -> int:
-    """``value`` as a positive int (an integral float such as ``64.0`` is accepted), else a clear error."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not value.is_integer()):
-        raise LongSeqConfigError(f"duo pattern {source}: {name}={value!r} must be a positive integer")
-    if value <= 0:
-        raise LongSeqConfigError(f"duo pattern {source}: {name}={value!r} must be a positive integer")
-    return int(value)
-
-
-@dataclasses.dataclass
-class DuoPattern:
-    """One model's DuoAttention gates.
-
-    Attributes:
-        gates: ``[num_layers, num_kv_heads]`` float64 tensor of gate values in [0, 1] (higher = retrieval).
-        sink_size, recent_size: the streaming sizes stored with the pattern (positive ints).
-        meta: every other key of ``config.json``, kept as is.
-        source: where the pattern came from (a folder, a built-in name, ``random(...)``), for messages.
-    """
-
-    gates: torch.Tensor
-    sink_size: int
-    recent_size: int
-    meta: dict = dataclasses.field(default_factory=dict)
-    source: str = "<in memory>"
-
-    def __post_init__(self) -> None:
-        g = self.gates if isinstance(self.gates, torch.Tensor) else torch.as_tensor(self.gates, device="cpu")
-        g = g.detach().to("cpu", torch.float64)
-        if g.dim() != 2 or g.numel() == 0:
-            raise LongSeqConfigError(f"duo pattern {self.source}: gates must be a non-empty [num_layers, "
-                                     f"num_kv_heads] table, got shape {tuple(g.shape)}")
-        bad = ~((g >= 0) & (g <= 1))  # NaN is bad too
-        if bad.any():
-            layer, head = (int(i) for i in bad.nonzero()[0])
-            raise LongSeqConfigError(
-                f"duo pattern {self.source}: gate values must be in [0, 1]; layer {layer}, KV head {head} has "
-                f"{g[layer, head].item()!r}")
-        self.gates = g.contiguous()
-        self.sink_size = _check_size(self.sink_size, "sink_size", self.source)
-        self.recent_size = _check_size(self.recent_size, "recent_size", self.source)
-        self.meta = dict(self.meta)
-
-    @property
-    def num_layers(self) -> int:
-        return self.gates.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.gates.shape[1]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.num_layers, self.num_kv_heads)
-
-    def validate(self, num_layers: int, num_kv_heads: int) -> None:
-        """Raise :class:`LongSeqConfigError` unless the pattern covers a model of this shape (total KV heads)."""
-        _check_shape(self.source, self.shape, (num_layers, num_kv_heads))
-
-
-def _check_shape(source: str, have: tuple[int, int], want: tuple[int, int]) -> None:
-    if tuple(have) != tuple(want):
-        raise LongSeqConfigError(
-            f"duo pattern {source} has {have[0]} layers x {have[1]} KV heads, the model has {want[0]} x {want[1]}; "
-            "use a pattern calibrated for this model")
-
-
-def builtin_pattern_names() -> list[str]:
-    """Names of the built-in patterns (sub-folders of :data:`BUILTIN_PATTERN_DIR` holding a gates file)."""
-    try:
-        entries = os.listdir(BUILTIN_PATTERN_DIR)
-    except OSError:
-        return []
-    return sorted(e for e in entries if os.path.isfile(os.path.join(BUILTIN_PATTERN_DIR, e, GATES_FILE)))
-
-
-def resolve_duo_pattern(path: str | os.PathLike) -> str:
-    """The folder of a pattern given as a folder path or a built-in name.
-
-    A plain name (no path separator) that is a built-in pattern wins over a folder of the same name in the
-    working directory (write ``./name`` for that folder); anything else must be an existing folder.
-    """
-    p = os.fspath(path)
-    is_name = p and os.sep not in p and (os.altsep is None or os.altsep not in p) and p not in (".", "..")
-    if is_name and p in builtin_pattern_names():
-        return os.path.join(BUILTIN_PATTERN_DIR, p)
-    if os.path.isdir(p):
-        return p
-    names = builtin_pattern_names()
-    raise LongSeqConfigError(
-        f"duo pattern {p!r} is neither a folder nor a built-in pattern name; built-in patterns: "
-        f"{', '.join(names) if names else '(none installed)'}; a pattern folder holds {GATES_FILE} and {CONFIG_FILE}")
-
-
-def _parse_gates(text: str, source: str) -> torch.Tensor:
-    """Gates of a ``full_attention_heads.tsv`` text; blank lines and ``#`` comments are skipped (as numpy does)."""
-    rows: list[list[float]] = []
-    first_line = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        row = []
-        for col, cell in enumerate(line.split("\t"), start=1):
-            try:
-                row.append(float(cell.strip()))
-            except ValueError:
-                raise LongSeqConfigError(
-                    f"duo pattern {source}: {GATES_FILE} line {lineno}, column {col}: {cell!r} is not a number "
-                    "(cells are tab-separated gate values)") from None
-        if rows and len(row) != len(rows[0]):
-            raise LongSeqConfigError(
-                f"duo pattern {source}: {GATES_FILE} is ragged: line {lineno} has {len(row)} values, line "
-                f"{first_line} has {len(rows[0])} (one row per layer, one column per KV head)")
-        if not rows:
-            first_line = lineno
-        rows.append(row)
-    if not rows:
-        raise LongSeqConfigError(f"duo pattern {source}: {GATES_FILE} holds no gate values")
-    return torch.tensor(rows, dtype=torch.float64, device="cpu")
-
-
-def load_duo_pattern(path: str | os.PathLike) -> DuoPattern:
-    """Load a pattern folder (authors' format) or a built-in pattern by name.
-
-    Raises :class:`LongSeqConfigError` naming the pattern for: an unknown folder/name (listing the built-in
-    names), a missing file, unreadable JSON, missing/non-integer/non-positive ``sink_size``/``recent_size``,
-    non-numeric cells, ragged rows, gates outside [0, 1].
-    """
-    folder = resolve_duo_pattern(path)
-    source = os.fspath(path)
-    if folder != source:  # a built-in name
-        source = f"{source!r} (built-in, {folder})"
-    for name in (GATES_FILE, CONFIG_FILE):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise LongSeqConfigError(f"duo pattern {source}: missing {name}; a pattern folder holds {GATES_FILE} "
-                                     f"(gates, one row per layer) and {CONFIG_FILE} (sink_size, recent_size)")
-    try:
-        with open(os.path.join(folder, CONFIG_FILE)) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LongSeqConfigError(f"duo pattern {source}: {CONFIG_FILE} cannot be read as JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise LongSeqConfigError(f"duo pattern {source}: {CONFIG_FILE} must hold a JSON object")
-    for key in ("sink_size", "recent_size"):
-        if key not in config:
-            raise LongSeqConfigError(f"duo pattern {source}: {CONFIG_FILE} has no {key!r} (needs sink_size and "
-                                     "recent_size, positive integers)")
-    try:
-        with open(os.path.join(folder, GATES_FILE)) as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LongSeqConfigError(f"duo pattern {source}: {GATES_FILE} cannot be read: {e}") from e
-    gates = _parse_gates(text, source)
-    meta = {k: v for k, v in config.items() if k not in ("sink_size", "recent_size")}
-    return DuoPattern(gates, config["sink_size"], config["recent_size"], meta, source)
-
-
-def save_duo_pattern(pattern: DuoPattern, path: str | os.PathLike) -> None:
-    """Write ``pattern`` as a folder in the authors' format (created if missing; the two files are replaced).
-
-    Gates are written as ``%.18e`` (as ``numpy.savetxt`` does), so float64 values round-trip exactly.
-    """
-    folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
-    lines = ["\t".join(f"{v:.18e}" for v in row) for row in pattern.gates.tolist()]
-    with open(os.path.join(folder, GATES_FILE), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    config = {**pattern.meta, "sink_size": pattern.sink_size, "recent_size": pattern.recent_size}
-    with open(os.path.join(folder, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
-
-
-def random_pattern(num_layers: int, num_kv_heads: int, seed: int, sink_size: int = DEFAULT_SINK_SIZE,
-                   recent_size: int = DEFAULT_RECENT_SIZE) -> DuoPattern:
-    """Uniform random gates in [0, 1) (the "random heads at the same sparsity" control; shape-only benchmarks).
-
-    Deterministic for a given ``seed`` on every machine (CPU generator). Built at engine start while vLLM has
-    set torch's default device to the GPU, so every tensor here names its device.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    gates = torch.rand((num_layers, num_kv_heads), generator=gen, dtype=torch.float64, device="cpu")
-    return DuoPattern(gates, sink_size, recent_size, {"random": True, "seed": int(seed)}, f"random(seed={seed})")
 
 
 @dataclasses.dataclass
@@ -266,8 +67,8 @@ class StreamingHeadMask:
             raise LongSeqConfigError(f"duo mask {self.source}: is_streaming must be a 2-D bool tensor, got "
                                      f"{m.dtype} of shape {tuple(m.shape)}")
         self.is_streaming = m
-        self.sink_size = _check_size(self.sink_size, "sink_size", self.source)
-        self.recent_size = _check_size(self.recent_size, "recent_size", self.source)
+        self.sink_size = check_size(self.sink_size, "sink_size", self.source)
+        self.recent_size = check_size(self.recent_size, "recent_size", self.source)
         if self.kv_head_ids is None:
             self.kv_head_ids = tuple(range(m.shape[1]))
         self.kv_head_ids = tuple(int(h) for h in self.kv_head_ids)
@@ -353,7 +154,7 @@ class StreamingHeadMask:
     def validate(self, num_layers: int, num_kv_heads: int) -> None:
         """Raise :class:`LongSeqConfigError` unless the mask has this shape (call it before :meth:`shard` with the
         model's total KV heads)."""
-        _check_shape(self.source, (self.num_layers, self.num_kv_heads), (num_layers, num_kv_heads))
+        check_shape(self.source, (self.num_layers, self.num_kv_heads), (num_layers, num_kv_heads))
 
     def to(self, device: torch.device | str) -> "StreamingHeadMask":
         return dataclasses.replace(self, is_streaming=self.is_streaming.to(device))
@@ -385,21 +186,6 @@ class StreamingHeadMask:
                                    kv_head_ids=tuple(self.kv_head_ids[c] for c in cols))
 
 
-RANDOM_PATTERN = "random"
-
-
-def random_pattern_seed(name: str | None) -> int | None:
-    """The seed of a ``random`` / ``random:<seed>`` pattern name, ``None`` for any other name."""
-    if not name or name.split(":", 1)[0] != RANDOM_PATTERN:
-        return None
-    _, _, seed = name.partition(":")
-    try:
-        return int(seed) if seed else 0
-    except ValueError:
-        raise LongSeqConfigError(f"LONGSEQ_DUO_PATTERN={name!r}: the seed of a random pattern must be an integer "
-                                 "(random or random:<seed>)") from None
-
-
 def rank_streaming_mask(config: LongSeqConfig, num_layers: int, num_kv_heads: int, tp_rank: int = 0,
                         tp_size: int = 1) -> StreamingHeadMask:
     """The mask one tensor-parallel rank applies: loaded from ``config`` (a ``random[:seed]`` pattern is built
@@ -411,3 +197,131 @@ def rank_streaming_mask(config: LongSeqConfig, num_layers: int, num_kv_heads: in
     mask = StreamingHeadMask.from_config(config, pattern)
     mask.validate(num_layers, num_kv_heads)
     return mask.shard(tp_rank, tp_size) if tp_size > 1 else mask
+
+
+@dataclasses.dataclass
+class DuoLayer:
+    """One attention layer's DuoAttention tensors on the model's device (built once per layer, before any
+    CUDA-graph capture, since building copies host to device).
+
+    Attributes:
+        is_streaming: ``[Hkv]`` int8, 1 for a streaming KV head (this rank's KV heads).
+        streaming_heads: ``[n]`` int32 ids of the streaming KV heads; all_heads: ``[Hkv]`` int32 ``0..Hkv-1``.
+        retrieval_runs: ``[(lo, hi), ...]`` runs of consecutive retrieval KV heads (host side).
+        num_streaming, num_retrieval: head counts (host side: grid sizes stay fixed under CUDA graphs).
+        sink_size, recent_size: the streaming sizes (as in :class:`StreamingHeadMask`).
+    """
+
+    is_streaming: torch.Tensor
+    streaming_heads: torch.Tensor
+    all_heads: torch.Tensor
+    retrieval_runs: list[tuple[int, int]]
+    num_streaming: int
+    num_retrieval: int
+    sink_size: int
+    recent_size: int
+
+    @classmethod
+    def build(cls, mask: StreamingHeadMask, layer: int | str, device: torch.device | str) -> "DuoLayer":
+        """The tensors of ``layer``: a row of ``mask`` or a module path ``...layers.<i>....`` (vLLM's layer names;
+        a path without a layer number is a :class:`LongSeqConfigError`)."""
+        if isinstance(layer, str):
+            i = layer_index(layer)
+            if i is None:
+                raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {layer!r}")
+            layer = i
+        flags = mask.for_layer(layer).to(torch.bool)
+        heads = flags.nonzero().squeeze(1).to(torch.int32)
+        return cls(flags.to(device=device, dtype=torch.int8), heads.to(device),
+                   torch.arange(len(flags), dtype=torch.int32, device=device), retrieval_head_runs(flags),
+                   int(flags.sum()), int((~flags).sum()), mask.sink_size, mask.recent_size)
+
+
+def hybrid_decode(num_reqs: int, min_batch: int) -> bool:
+    """Whether a decode-only step of ``num_reqs`` requests (the padded batch size under CUDA graphs, fixed per
+    graph) takes the hybrid path: the framework's dense kernel on the retrieval-head runs, the Triton kernel on
+    the streaming heads. ``min_batch`` (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``, default 8): from that many requests
+    on; 0: never (one Triton launch for all heads). Large batches fill the GPU without split-K, where the dense
+    kernel is faster on the retrieval heads (see docs/benchmarks/duo.md)."""
+    return min_batch > 0 and num_reqs >= min_batch
+
+
+class RetrievalAttention(Protocol):
+    """A framework's dense causal attention over the whole context, for the KV heads of ``runs`` only.
+
+    Args:
+        q: ``[T, Hq, D]``; key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` (any strides).
+        out: ``[T, Hq, D]``; only the query heads of ``runs`` are written, in place.
+        runs: ``[(lo, hi), ...]`` KV-head ranges; the kernel reads strided head views (``q[:, lo*G:hi*G]``,
+            ``key_cache[:, :, lo:hi]``, ``G = Hq // Hkv``).
+    The step's request layout (block table, lengths) is bound by the adapter.
+    """
+
+    def __call__(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
+                 runs: list[tuple[int, int]]) -> None: ...
+
+
+#: What :func:`duo_attention` ran: one Triton launch for all KV heads, the framework's dense kernel on the
+#: retrieval heads plus the Triton kernel on the streaming heads, or the PyTorch reference.
+ONE_LAUNCH, HYBRID, REFERENCE = "one_launch", "hybrid", "reference"
+DuoPath = Literal["one_launch", "hybrid", "reference"]
+
+
+def duo_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
+                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, layer: DuoLayer, scale: float,
+                  out: torch.Tensor, *, max_query_len: int, dense_retrieval: RetrievalAttention | None = None,
+                  hybrid_decode_batch: int = 0, kernel: Literal["auto", "triton", "reference"] = "auto") -> DuoPath:
+    """DuoAttention for every query row of one layer's step (prefill chunks and decodes, any mix).
+
+    Args:
+        q: ``[T, Hq, D]`` fp16/bf16/fp32 (any strides); request ``b``'s queries are rows
+            ``query_start_loc[b] .. query_start_loc[b+1]-1``, at the last positions of its ``seq_lens[b]`` tokens.
+        key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` views (any strides) already holding this
+            step's keys and values.
+        block_table: ``[B, max_blocks]`` int32; query_start_loc: ``[B+1]`` int32; seq_lens: ``[B]`` int32. On
+            ``q``'s device for the Triton kernel; the reference reads ``query_start_loc`` on the host (pass a
+            CPU copy).
+        layer: the layer's :class:`DuoLayer` (this rank's KV heads, tensors on ``q``'s device).
+        scale: softmax scale.
+        out: ``[T, Hq, D]`` written in place (rows past ``query_start_loc[B]`` may be left as they are).
+        max_query_len: an upper bound of the requests' query lengths (host int); ``<= 1``: a decode-only step.
+        dense_retrieval: the framework's dense kernel for the retrieval heads (see :class:`RetrievalAttention`),
+            used by the Triton path in steps with prefill rows and in hybrid decode (:func:`hybrid_decode`);
+            None: the Triton kernel computes every head.
+        hybrid_decode_batch: ``LONGSEQ_DUO_HYBRID_DECODE_BATCH``.
+        kernel: ``triton`` (longseq's Triton kernel; on CPU tensors only under the Triton interpreter),
+            ``reference`` (PyTorch, fp32 math, one request at a time: the CPU path) or ``auto`` (Triton on CUDA
+            tensors, else the reference).
+
+    Returns:
+        The path taken: :data:`ONE_LAUNCH` (decode-only steps: split-K sized from shapes only, so a captured
+        CUDA graph stays valid), :data:`HYBRID` or :data:`REFERENCE`.
+    """
+    if kernel == "auto":
+        kernel = "triton" if q.is_cuda else "reference"
+    if kernel == "reference":
+        from longseq.kernels.duo_attention import duo_paged_attention_ref
+
+        duo_paged_attention_ref(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, layer.is_streaming,
+                                layer.sink_size, layer.recent_size, scale, output=out)
+        return REFERENCE
+    if kernel != "triton":
+        raise ValueError(f"duo_attention: kernel={kernel!r} is not one of auto, triton, reference")
+    from longseq.kernels.duo_attention.unified import default_num_splits, duo_paged_attention
+
+    num_reqs = seq_lens.shape[0]
+    args = (key_cache, value_cache, block_table, query_start_loc, seq_lens, layer.is_streaming, layer.sink_size,
+            layer.recent_size, scale)
+    if dense_retrieval is None or (max_query_len <= 1 and not hybrid_decode(num_reqs, hybrid_decode_batch)):
+        if max_query_len <= 1:  # split-K over the retrieval heads, the only ones reading the whole context
+            splits = default_num_splits(num_reqs, layer.num_retrieval, q.device) if layer.num_retrieval else 1
+            duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=layer.all_heads, num_splits=splits)
+        else:
+            duo_paged_attention(q, *args, max_query_len=max_query_len, out=out, kv_heads=layer.all_heads,
+                                num_splits=1)
+        return ONE_LAUNCH
+    dense_retrieval(q, key_cache, value_cache, out, layer.retrieval_runs)
+    if layer.num_streaming:  # streaming heads visit only their sink and window tiles
+        duo_paged_attention(q, *args, max_query_len=max_query_len, out=out, kv_heads=layer.streaming_heads,
+                            num_splits=1)
+    return HYBRID

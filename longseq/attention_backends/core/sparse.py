@@ -14,19 +14,11 @@ selection is per KV head; nothing is exchanged between ranks.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 
+from longseq.attention_backends.core.layers import layer_index
 from longseq.config import LongSeqConfig, LongSeqConfigError
-
-_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-def layer_index(layer_name: str) -> int | None:
-    """The ``<i>`` of a ``...layers.<i>....`` module path (vLLM's attention layer names), else None."""
-    m = _LAYER_RE.search(layer_name)
-    return None if m is None else int(m.group(1))
 
 
 @dataclasses.dataclass(frozen=True)

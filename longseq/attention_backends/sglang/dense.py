@@ -6,6 +6,9 @@ It is the skeleton later techniques grow from: it builds the inner backend (``to
 attributes behave exactly as with the inner backend. It only adds per-process call counters (and a JSON
 trace marker when ``trace_dir`` is set) so tests can prove SGLang ran our code.
 
+:class:`LongSeqTechniqueBackend` (below) is the base of ``longseq_sparse`` and ``longseq_duo``: the same proxy,
+plus what both share (the KV pool, the runner checks, which layer calls a technique may serve).
+
 Tensor contract (unchanged from SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v``
 ``[T, Hkv, D]`` in the model dtype; output ``[T, Hq * Dv]``.
 """
@@ -19,12 +22,14 @@ import threading
 
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from longseq.config import LongSeqConfig, LongSeqConfigError
+from longseq.attention_backends.sglang import BACKEND_CLASSES
+from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_dense"
 DEFAULT_INNER = {"cpu": "torch_native"}  # any other device: "triton"
-LONGSEQ_BACKENDS = frozenset({BACKEND_NAME, "longseq_sparse"})  # never wrapped as the inner backend
+LONGSEQ_BACKENDS = frozenset(BACKEND_CLASSES)  # never wrapped as the inner backend
 
 
 def resolve_inner_backend(setting: str, device) -> str:
@@ -41,7 +46,7 @@ def resolve_inner_backend(setting: str, device) -> str:
     return setting
 
 
-class _Trace:
+class BackendTrace:
     """Per-process call counters of one longseq SGLang backend (``longseq_dense`` unless told otherwise).
 
     With ``trace_dir`` set they are written to ``<trace_dir>/sglang-<backend>-<pid>.json`` when a backend
@@ -91,7 +96,7 @@ class _Trace:
         os.replace(path + ".tmp", path)
 
 
-TRACE = _Trace()
+TRACE = BackendTrace()
 
 
 class LongSeqDenseBackend(AttentionBackend):
@@ -101,7 +106,8 @@ class LongSeqDenseBackend(AttentionBackend):
     ``needs_cpu_seq_lens``) is forwarded to the inner backend; reads and writes of any other attribute
     go to the inner backend too (``__getattr__``/``__setattr__``), so SGLang code that pokes at
     backend state sees the inner backend's. Only the forward entry points are ours (they count calls).
-    Subclasses (``longseq_sparse``) extend ``_OWN`` with their own attributes and set their own ``trace``.
+    Subclasses (:class:`LongSeqTechniqueBackend`) extend ``_OWN`` with their own attributes and set their own
+    ``trace``.
     """
 
     _OWN = frozenset({"inner", "inner_name", "config"})
@@ -169,3 +175,59 @@ for _name, _value in list(vars(AttentionBackend).items()):
     else:
         setattr(LongSeqDenseBackend, _name, _forward_attribute(_name))
 del _name, _value
+
+
+def check_runner_kv_pool(model_runner, where: str) -> None:
+    """What a technique that reads and writes SGLang's KV pool itself needs from the model runner: MHA/GQA/MQA
+    attention with equal key and value head sizes, a supported KV dtype, the ``nhd`` slot-row layout and
+    physical slot ids. ``where`` starts each :class:`LongSeqConfigError` message."""
+    if getattr(model_runner, "use_mla_backend", False):
+        raise LongSeqConfigError(f"{where}: MLA models are not supported (MHA/GQA/MQA attention only)")
+    model_config = model_runner.model_config
+    head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
+    if head != v_head:
+        raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
+    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
+                                 f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
+    layout = getattr(model_runner.token_to_kv_pool, "kv_cache_layout", "nhd")
+    if layout != "nhd":  # HND (SGLANG_USE_HND_KVCACHE) / vectorized_5d: pool rows are not token slots
+        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
+    translator = getattr(model_runner, "kv_index_translator", None)
+    if getattr(translator, "is_translating", False):  # slots would not be physical pool rows
+        raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
+
+
+def plain_causal_attention(layer, kwargs: dict) -> bool:
+    """Whether a layer call is what the technique kernels implement: no sliding window, no cross-attention, no
+    logit soft-cap, equal key/value head sizes, no extras (learned sinks and the like) in ``kwargs``."""
+    window = getattr(layer, "sliding_window_size", -1)
+    return ((window is None or window < 0) and not layer.is_cross_attention and not getattr(layer, "logit_cap", 0)
+            and layer.qk_head_dim == layer.v_head_dim
+            and all(value is None or value is False for value in kwargs.values()))
+
+
+class LongSeqTechniqueBackend(LongSeqDenseBackend):
+    """Base of the backends that run a technique on some layers (``longseq_sparse``, ``longseq_duo``).
+
+    The wrapped dense backend serves every other layer; ``forward`` dispatches (idle / decode / extend / mixed)
+    to this class's ``forward_*`` methods, not to the inner backend's ``forward``. Own state: the KV ``pool``
+    (per layer ``[num_slots, Hkv, D]`` key and value buffers) and ``req_to_token`` ``[reqs + 1,
+    max_context_len]`` int32 (each request's slots).
+    """
+
+    _OWN = LongSeqDenseBackend._OWN | {"pool", "req_to_token"}
+
+    def __init__(self, model_runner, config: LongSeqConfig):
+        super().__init__(model_runner, config)
+        self.pool = model_runner.token_to_kv_pool
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+
+    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        return AttentionBackend.forward(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+
+    def _write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool) -> None:
+        """Write this step's ``[T, Hkv, D]`` keys and values to the pool (what the inner backend would do)."""
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)

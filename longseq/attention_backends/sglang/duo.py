@@ -18,9 +18,9 @@ Per layer (``layer.layer_id`` indexes the pattern's rows):
     logit soft-cap, learned sinks or other extras), runs the wrapped dense SGLang backend exactly as
     ``longseq_dense`` does (``torch_native`` on CPU, or ``LONGSEQ_SGLANG_DENSE``).
 
-Compute: the PyTorch reference ``duo_paged_attention_ref`` (fp32 math), with each request's queries split
-into blocks of at most :data:`MAX_QUERY_ROWS` so a long prefill never materializes more than
-``Hq * MAX_QUERY_ROWS * context`` scores. On CUDA the backend refuses to start (no SGLang GPU path yet).
+Compute: ``longseq.attention_backends.core.duo.duo_attention``, on CPU its PyTorch reference (fp32 math), with
+each request's queries split into blocks of at most :data:`MAX_QUERY_ROWS` so a long prefill never
+materializes more than ``Hq * MAX_QUERY_ROWS * context`` scores. On CUDA the backend refuses to start (no SGLang GPU path yet).
 
 The KV pool stays full size: streaming heads' evicted tokens are not freed (this release saves compute,
 not memory, in SGLang). Speculative decoding is refused at start-up.
@@ -29,16 +29,18 @@ not memory, in SGLang). Speculative decoding is refused at start-up.
 from __future__ import annotations
 
 import torch
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from longseq.attention_backends.core.duo import StreamingHeadMask, rank_streaming_mask
-from longseq.attention_backends.sglang.dense import LongSeqDenseBackend, _Trace
-from longseq.kernels.duo_attention import duo_paged_attention_ref
-from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
+from longseq.attention_backends.core.duo import DuoLayer, StreamingHeadMask, duo_attention, rank_streaming_mask
+from longseq.attention_backends.sglang.dense import (
+    BackendTrace,
+    LongSeqTechniqueBackend,
+    check_runner_kv_pool,
+    plain_causal_attention,
+)
+from longseq.config import LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_duo"
-TRACE = _Trace(BACKEND_NAME, extra_counts=("duo_calls",), technique="duo")
+TRACE = BackendTrace(BACKEND_NAME, extra_counts=("duo_calls",), technique="duo")
 #: Queries per block of the reference: bounds the fp32 score tensor at ``Hq x MAX_QUERY_ROWS x context``.
 MAX_QUERY_ROWS = 256
 
@@ -72,29 +74,14 @@ def runner_streaming_mask(model_runner, config: LongSeqConfig) -> StreamingHeadM
     if config.sglang_dense_backend.startswith("longseq_"):  # the inner backend must be one of SGLang's own
         raise LongSeqConfigError(f"LONGSEQ_SGLANG_DENSE={config.sglang_dense_backend!r}: {where} wraps one of "
                                  "SGLang's dense backends (auto, torch_native, ...), not a longseq backend")
-    if getattr(model_runner, "use_mla_backend", False):
-        raise LongSeqConfigError(f"{where}: MLA models are not supported (MHA/GQA/MQA attention only)")
     spec = getattr(model_runner, "spec_algorithm", None)
     if spec is not None and not spec.is_none():
         raise LongSeqConfigError(f"{where}: speculative decoding is not supported; remove --speculative-algorithm")
-    model_config = model_runner.model_config
-    head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
-    if head != v_head:
-        raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
-    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
-    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-        raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
-                                 f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
-    pool = model_runner.token_to_kv_pool
-    layout = getattr(pool, "kv_cache_layout", "nhd")
-    if layout != "nhd":  # HND / vectorized layouts: pool rows are not token slots
-        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
-    translator = getattr(model_runner, "kv_index_translator", None)
-    if getattr(translator, "is_translating", False):
-        raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
+    check_runner_kv_pool(model_runner, where)
 
+    model_config = model_runner.model_config
     total_kv_heads = model_config.get_total_num_kv_heads()
-    rank_kv_heads = int(pool.head_num)
+    rank_kv_heads = int(model_runner.token_to_kv_pool.head_num)
     # The whole pattern must fit the whole model; the shard is only needed when this rank holds fewer heads.
     rank, size = (0, 1) if rank_kv_heads == total_kv_heads else _tp_rank_size()
     mask = rank_streaming_mask(config, int(model_config.num_hidden_layers), int(total_kv_heads), rank, size)
@@ -130,46 +117,42 @@ def split_query_blocks(query_start_loc: list[int], seq_lens: list[int], max_rows
     return as_int(qsl), as_int(lens), as_int(owner)
 
 
-class LongSeqDuoBackend(LongSeqDenseBackend):
+class LongSeqDuoBackend(LongSeqTechniqueBackend):
     """``longseq_dense``'s proxy around the inner SGLang backend, plus DuoAttention for duo layers.
 
     Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
     output ``[T, Hq * D]`` in ``q``'s dtype. Own state: ``mask`` (this rank's :class:`StreamingHeadMask`,
-    ``[num_layers, Hkv]``), the KV ``pool`` and ``req_to_token`` ``[reqs + 1, max_context_len]`` int32.
+    ``[num_layers, Hkv]``) and ``duo_layers`` (layer id -> :class:`DuoLayer`, built on first use).
     """
 
-    _OWN = LongSeqDenseBackend._OWN | {"mask", "pool", "req_to_token"}
+    _OWN = LongSeqTechniqueBackend._OWN | {"mask", "duo_layers"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
         mask = runner_streaming_mask(model_runner, config)  # before building the inner backend: fail fast
         super().__init__(model_runner, config)
         self.mask = mask
-        self.pool = model_runner.token_to_kv_pool
-        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.duo_layers: dict[int, DuoLayer] = {}
 
     def __repr__(self) -> str:
         return (f"LongSeqDuoBackend(inner={self.inner_name}, pattern={self.mask.source}, "
                 f"streaming={self.mask.sparsity:.2f}, sink={self.mask.sink_size}, recent={self.mask.recent_size})")
 
-    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        # The base dispatch (idle / decode / extend / mixed) to our methods, not the inner backend's forward.
-        return AttentionBackend.forward(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
+    def _duo_layer(self, layer_id: int) -> DuoLayer:
+        if layer_id not in self.duo_layers:
+            self.duo_layers[layer_id] = DuoLayer.build(self.mask, layer_id, self.req_to_token.device)
+        return self.duo_layers[layer_id]
 
     def is_duo_layer(self, layer, kwargs) -> bool:
         """Plain causal self-attention with at least one streaming head in this layer; everything else (no
         streaming head, sliding window, cross-attention, non-causal, soft-cap, extras) stays dense."""
-        window = getattr(layer, "sliding_window_size", -1)
         attn_type = getattr(layer, "attn_type", None)
-        return (bool(self.mask.for_layer(layer.layer_id).any()) and (window is None or window < 0)
-                and not layer.is_cross_attention and getattr(attn_type, "value", "decoder") == "decoder"
-                and not getattr(layer, "logit_cap", 0) and layer.qk_head_dim == layer.v_head_dim
-                and all(value is None or value is False for value in kwargs.values()))
+        return (self._duo_layer(layer.layer_id).num_streaming > 0
+                and getattr(attn_type, "value", "decoder") == "decoder" and plain_causal_attention(layer, kwargs))
 
     def _duo_attention(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens: list[int]):
         """Write this step's K/V, then DuoAttention of every query row; ``query_lens`` [B] rows per request."""
-        if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        self._write_kv(k, v, layer, forward_batch, save_kv_cache)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
         seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
@@ -188,9 +171,8 @@ class LongSeqDuoBackend(LongSeqDenseBackend):
         rows = forward_batch.req_pool_indices.long().cpu()[owner]
         table = self.req_to_token[rows.to(self.req_to_token.device), :width]
         out = q.new_empty(q.shape[0], hq * d)
-        duo_paged_attention_ref(q, key_cache, value_cache, table, block_qsl, block_lens,
-                                self.mask.for_layer(layer.layer_id), self.mask.sink_size, self.mask.recent_size,
-                                layer.scaling, output=out.view(-1, hq, d))
+        duo_attention(q, key_cache, value_cache, table, block_qsl, block_lens, self._duo_layer(layer.layer_id),
+                      layer.scaling, out.view(-1, hq, d), max_query_len=max(query_lens, default=0))
         self.trace.counts["duo_calls"] += 1
         return out
 

@@ -28,15 +28,18 @@ from __future__ import annotations
 import weakref
 
 import torch
-from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
-from longseq.attention_backends.sglang.dense import LongSeqDenseBackend, _Trace
-from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
+from longseq.attention_backends.sglang.dense import (
+    BackendTrace,
+    LongSeqTechniqueBackend,
+    check_runner_kv_pool,
+    plain_causal_attention,
+)
+from longseq.config import LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_sparse"
-TRACE = _Trace(BACKEND_NAME, extra_counts=("sparse_decode_calls", "index_updates"), technique="sparse")
+TRACE = BackendTrace(BACKEND_NAME, extra_counts=("sparse_decode_calls", "index_updates"), technique="sparse")
 
 # Page indexes per KV pool (then per layer id), shared by every backend built on that pool: SGLang builds
 # several backends per runner (two-batch overlap, PD multiplexing), and each must see all pages' summaries.
@@ -57,28 +60,14 @@ def check_runner(model_runner, settings: SparseSettings) -> int:
             f"{where}: SGLang's --page-size {page_size} is not a multiple of LONGSEQ_SPARSE_PAGE_SIZE="
             f"{settings.page_size}; pass --page-size {settings.page_size} (or a multiple of it), or set "
             f"LONGSEQ_SPARSE_PAGE_SIZE to a power of two dividing {page_size}")
-    if getattr(model_runner, "use_mla_backend", False):
-        raise LongSeqConfigError(f"{where}: MLA models are not supported (MHA/GQA/MQA attention only)")
-    model_config = model_runner.model_config
-    head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
-    if head != v_head:
-        raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
-    settings.validate_layer(block_size=page_size, head_size=head, backend=where)  # head size <= 256
-    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
-    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-        raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
-                                 f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
-    layout = getattr(model_runner.token_to_kv_pool, "kv_cache_layout", "nhd")
-    if layout != "nhd":  # HND (SGLANG_USE_HND_KVCACHE) / vectorized_5d: not slot rows; the dense backends neither
-        raise LongSeqConfigError(f"{where}: KV cache layout {layout!r} is not supported (only the default nhd)")
+    check_runner_kv_pool(model_runner, where)
+    settings.validate_layer(block_size=page_size, head_size=model_runner.model_config.head_dim,
+                            backend=where)  # head size <= 256
     settings.summary_dtype(model_runner.dtype, torch.device(model_runner.device))  # LONGSEQ_SPARSE_SUMMARY=fp8
-    translator = getattr(model_runner, "kv_index_translator", None)
-    if getattr(translator, "is_translating", False):  # slots would not be physical pool rows
-        raise LongSeqConfigError(f"{where}: translated KV ids (unified KV memory) are not supported")
     return page_size
 
 
-class LongSeqSparseBackend(LongSeqDenseBackend):
+class LongSeqSparseBackend(LongSeqTechniqueBackend):
     """``longseq_dense``'s proxy around the inner SGLang backend, plus Quest sparse decode.
 
     Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
@@ -87,8 +76,7 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
     current decode batch.
     """
 
-    _OWN = LongSeqDenseBackend._OWN | {"settings", "page_size", "pool", "req_to_token", "indexes",
-                                       "block_table", "graph_block_table"}
+    _OWN = LongSeqTechniqueBackend._OWN | {"settings", "page_size", "indexes", "block_table", "graph_block_table"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
@@ -96,8 +84,6 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
         page_size = check_runner(model_runner, settings)  # before building the inner backend: fail fast
         super().__init__(model_runner, config)
         self.settings, self.page_size = settings, page_size
-        self.pool = model_runner.token_to_kv_pool
-        self.req_to_token = model_runner.req_to_token_pool.req_to_token  # [reqs + 1, max_context_len] int32
         self.indexes: dict[int, QuestPageIndex] = _INDEXES.setdefault(self.pool, {})
         self.block_table: torch.Tensor | None = None
         self.graph_block_table: torch.Tensor | None = None
@@ -134,18 +120,10 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
             self.block_table = table
 
     # ---- forward ----
-    def forward(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        # The base dispatch (idle / decode / extend / mixed) to our methods, not the inner backend's forward.
-        return AttentionBackend.forward(self, q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-
     def is_sparse_layer(self, layer, kwargs) -> bool:
         """Plain causal self-attention past the first ``dense_layers``; anything the sparse kernels do not
         implement (sliding window, cross-attention, logit soft-cap, learned sinks or other extras) stays dense."""
-        window = getattr(layer, "sliding_window_size", -1)
-        return (layer.layer_id >= self.settings.dense_layers and (window is None or window < 0)
-                and not layer.is_cross_attention and not getattr(layer, "logit_cap", 0)
-                and layer.qk_head_dim == layer.v_head_dim
-                and all(value is None or value is False for value in kwargs.values()))
+        return layer.layer_id >= self.settings.dense_layers and plain_causal_attention(layer, kwargs)
 
     def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
@@ -170,8 +148,7 @@ class LongSeqSparseBackend(LongSeqDenseBackend):
         if not self.is_sparse_layer(layer, kwargs):
             return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
         # Write K/V ourselves: the inner forward_decode would also run dense attention over the whole context.
-        if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+        self._write_kv(k, v, layer, forward_batch, save_kv_cache)
         key_cache, value_cache = self._paged_kv(layer)
         index = self._update_index(layer, key_cache, forward_batch)
         hq, d = layer.tp_q_head_num, layer.qk_head_dim

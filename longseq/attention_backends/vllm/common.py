@@ -179,23 +179,3 @@ def current_model_dtype() -> torch.dtype | None:
 
     cfg = get_current_vllm_config_or_none()
     return None if cfg is None or cfg.model_config is None else cfg.model_config.dtype
-
-
-
-def duo_mask_for_this_rank(config, vllm_config=None):
-    """DuoAttention's streaming-head mask for this worker's tensor-parallel rank, validated against the model
-    being built (``vllm_config``: the current one when omitted). Raises ``LongSeqConfigError`` at start-up."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    from longseq.attention_backends.core.duo import rank_streaming_mask
-
-    cfg = vllm_config or get_current_vllm_config_or_none()
-    model = cfg.model_config
-    tp_size = cfg.parallel_config.tensor_parallel_size
-    tp_rank = 0
-    if tp_size > 1:
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        tp_rank = get_tensor_model_parallel_rank()
-    return rank_streaming_mask(config, model.hf_config.num_hidden_layers, model.get_total_num_kv_heads(),
-                               tp_rank, tp_size)

@@ -12,8 +12,9 @@ The class keeps the name ``CPU_ATTN`` and the stock head-major cache (``[B, Hkv,
 
 Sparse mode runs on the ``torch`` path: sparse layers keep a Quest page index (PyTorch reference kernels)
 and every decode request attends to its top pages only; prefill rows stay dense.
-Duo mode runs on the ``torch`` path too: every row (prefill chunks and decodes) goes through the DuoAttention
-reference, streaming KV heads seeing only sink + recent tokens.
+Duo mode runs on the ``torch`` path too: every row (prefill chunks and decodes) of every layer goes through
+``longseq.attention_backends.core.duo.duo_attention`` (its PyTorch reference on CPU), streaming KV heads seeing
+only sink + recent tokens.
 """
 
 from __future__ import annotations
@@ -31,15 +32,10 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, layer_index, sparse_decode
-from longseq.attention_backends.vllm.common import (
-    BackendTrace,
-    LongSeqStepInfo,
-    current_model_dtype,
-    duo_mask_for_this_rank,
-    validate_attention_layer,
-)
-from longseq.kernels.duo_attention import duo_paged_attention_ref
+from longseq.attention_backends.core.duo import duo_attention
+from longseq.attention_backends.core.sparse import sparse_decode
+from longseq.attention_backends.vllm.common import LongSeqStepInfo, current_model_dtype, validate_attention_layer
+from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique
 from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
 from longseq.config import LongSeqConfigError, get_config
 
@@ -54,12 +50,7 @@ class LongSeqCPUMetadata(CPUAttentionMetadata):
 class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        config = get_config()
-        if config.attention == "sparse":
-            SparseSettings.from_config(config).validate_layer(
-                block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
-        if config.attention == "duo":
-            duo_mask_for_this_rank(config, vllm_config)  # the pattern must fit the model: fail at start-up
+        check_technique(get_config(), kv_cache_spec, vllm_config)  # fail at start-up
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LongSeqCPUMetadata:
@@ -75,7 +66,7 @@ def split_cpu_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return key_cache, value_cache
 
 
-class LongSeqCPUImpl(CPUAttentionBackendImpl):
+class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
     """Decoder self-attention over the paged cache: vLLM's CPU kernel or our PyTorch path."""
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
@@ -97,20 +88,8 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
             raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
                          kv_sharing_target_layer_name)
-        self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
-        self.duo = duo_mask_for_this_rank(self.config) if self.config.attention == "duo" else None
+        self._init_techniques("cpu")
         self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None
-        self.page_index: QuestPageIndex | None = None
-        self._is_sparse_layer: bool | None = None
-        self.trace = BackendTrace.for_backend("cpu", self.config)
-
-    def _sparse_layer(self, layer) -> bool:
-        if self._is_sparse_layer is None:
-            self._is_sparse_layer = self.sparse is not None and self.sparse.is_sparse_layer(
-                getattr(layer, "layer_name", ""))
-            if self._is_sparse_layer:
-                self.page_index = QuestPageIndex(self.sparse.page_size, self.sparse.summary_dtype)
-        return self._is_sparse_layer
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -139,7 +118,7 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
             out = output.view(output.shape[0], self.num_heads, self.head_size)
             if self.duo is not None:
                 self._duo_rows(layer, query, key_cache, value_cache, step, out)
-                self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+                self._record_forward(layer, step.num_actual_tokens)
                 return output
             paged_attention_naive(
                 query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
@@ -150,20 +129,16 @@ class LongSeqCPUImpl(CPUAttentionBackendImpl):
                 self._sparse_decode_rows(query, key_cache, value_cache, step, out)
         else:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        self.trace.record("forward_calls", getattr(layer, "layer_name", ""), step.num_actual_tokens)
+        self._record_forward(layer, step.num_actual_tokens)
         return output
 
     def _duo_rows(self, layer, query, key_cache, value_cache, step, out) -> None:
-        """Every row through the DuoAttention reference with this layer's streaming heads."""
-        name = getattr(layer, "layer_name", "")
-        i = layer_index(name)
-        if i is None:
-            raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {name!r}")
-        duo_paged_attention_ref(
-            query[: step.num_actual_tokens].view(-1, self.num_heads, self.head_size), key_cache.transpose(1, 2),
-            value_cache.transpose(1, 2), step.block_table[: step.num_reqs], step.query_start_loc_cpu[: step.num_reqs + 1],
-            step.seq_lens[: step.num_reqs], self.duo.for_layer(i), self.duo.sink_size, self.duo.recent_size,
-            self.scale, output=out[: step.num_actual_tokens])
+        """Every row through DuoAttention with this layer's streaming heads (the reference kernel on CPU)."""
+        t, nr = step.num_actual_tokens, step.num_reqs
+        duo_attention(query[:t].view(-1, self.num_heads, self.head_size), key_cache.transpose(1, 2),
+                      value_cache.transpose(1, 2), step.block_table[:nr], step.query_start_loc_cpu[: nr + 1],
+                      step.seq_lens[:nr], self._duo_for(layer, query.device), self.scale, out[:t],
+                      max_query_len=step.max_query_len)
         self.trace.counts["duo_calls"] += 1
 
     def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:

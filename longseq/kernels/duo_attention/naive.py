@@ -154,3 +154,18 @@ def duo_paged_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_
         out[q0:q1] = duo_prefill_ref(query[q0:q1], k, v, is_streaming, sink_size, recent_size, scale,
                                      q_start=n - (q1 - q0)).to(out.dtype)
     return out
+
+
+def retrieval_head_runs(is_streaming: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs ``[lo, hi)`` of consecutive retrieval KV heads of a ``[Hkv]`` mask (host side, once per
+    layer): the head slices a dense kernel such as FlashAttention can take as strided views."""
+    runs: list[tuple[int, int]] = []
+    lo = None
+    flags = [bool(x) for x in is_streaming.tolist()]
+    for h, streaming in enumerate(flags + [True]):
+        if not streaming and lo is None:
+            lo = h
+        elif streaming and lo is not None:
+            runs.append((lo, h))
+            lo = None
+    return runs

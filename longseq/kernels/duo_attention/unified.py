@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .naive import retrieval_head_runs  # noqa: F401 - re-exported: host-side helper of this kernel's callers
+
 _LOG2E = 1.4426950408889634
 #: Programs per SM that :func:`default_num_splits` aims at for the heads that do long work.
 SPLIT_PROGRAMS_PER_SM = 4
@@ -335,18 +337,3 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
             BLOCK_D=triton.next_power_of_2(d), num_warps=8 if num_splits > 32 else 4,
         )
     return out
-
-
-def retrieval_head_runs(is_streaming: torch.Tensor) -> list[tuple[int, int]]:
-    """Maximal runs ``[lo, hi)`` of consecutive retrieval KV heads of a ``[Hkv]`` mask (host side, once per
-    layer): the head slices a dense kernel such as FlashAttention can take as strided views."""
-    runs: list[tuple[int, int]] = []
-    lo = None
-    flags = [bool(x) for x in is_streaming.tolist()]
-    for h, streaming in enumerate(flags + [True]):
-        if not streaming and lo is None:
-            lo = h
-        elif streaming and lo is not None:
-            runs.append((lo, h))
-            lo = None
-    return runs
