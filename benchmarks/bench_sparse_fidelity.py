@@ -3,7 +3,8 @@
 Per budget, teacher-forced next-token agreement and mean KL(dense || sparse) with the dense run's tokens fed
 to sparse, free-running greedy match, and passkey retrieval next to dense's (``longseq.eval.study``).
 ``--summaries fp8,cache`` repeats the sweep per page-summary dtype (``LONGSEQ_SPARSE_SUMMARY``), and
-``--group-scores sum,max`` per GQA group score (``LONGSEQ_SPARSE_GROUP_SCORE``).
+``--group-scores sum,max`` per GQA group score (``LONGSEQ_SPARSE_GROUP_SCORE``), ``--reuse-steps 1,4,8`` per
+selection reuse interval (``LONGSEQ_SPARSE_REUSE_STEPS``).
 
 GPU machine (vLLM 0.26, CUDA graphs for decode):
     python -m benchmarks.bench_sparse_fidelity --budgets 256,512,1024,2048 --summaries fp8,cache
@@ -36,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--group-scores", default=LongSeqConfig().sparse_group_score,
                    help="comma list of LONGSEQ_SPARSE_GROUP_SCORE values to sweep (sweep names get +sum / +max); "
                         "default: the plugin's default")
+    p.add_argument("--reuse-steps", default=str(LongSeqConfig().sparse_reuse_steps),
+                   help="comma list of LONGSEQ_SPARSE_REUSE_STEPS values to sweep")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
     p.add_argument("--sparse-env", default="", help="extra K=V,K=V environment of the sparse runs "
                    "(e.g. LONGSEQ_SPARSE_PAGE_SIZE=8,LONGSEQ_SPARSE_RECENT_PAGES=8)")
@@ -102,9 +105,14 @@ def main(argv=None) -> None:
     summaries = args.summaries.split(",")
     extra = dict(kv.split("=", 1) for kv in args.sparse_env.split(",") if kv)
     result["sparse_env"] = extra
-    groups = args.group_scores.split(",")
-    sweeps = {(s if len(groups) == 1 else f"{s}+{g}"): {"LONGSEQ_SPARSE_SUMMARY": s, "LONGSEQ_SPARSE_GROUP_SCORE": g,
-                                                        **extra} for s in summaries for g in groups}
+    groups, reuses = args.group_scores.split(","), args.reuse_steps.split(",")
+
+    def label(s: str, g: str, n: str) -> str:
+        return "+".join([s] + ([g] if len(groups) > 1 else []) + ([f"reuse{n}"] if len(reuses) > 1 else []))
+
+    sweeps = {label(s, g, n): {"LONGSEQ_SPARSE_SUMMARY": s, "LONGSEQ_SPARSE_GROUP_SCORE": g,
+                               "LONGSEQ_SPARSE_REUSE_STEPS": n, **extra}
+              for s in summaries for g in groups for n in reuses}
     res = fidelity_study(model, tok, args.budgets, args.lengths, args.passkey_lengths, args.max_tokens,
                          base_env, kw, dense_env, sparse_envs=sweeps)
     res["dense"].pop("trace", None)

@@ -127,7 +127,13 @@ def plot(result: dict, path: str) -> str:
         rows = sorted((r for r in result["table"] if r["batch"] == batch), key=lambda r: r["context"])
         x = [r["context"] for r in rows]
         ax.plot(x, [r["default_tpot_ms"] for r in rows], "o--", label=f"vLLM default, batch {batch}")
-        ax.plot(x, [r["longseq_tpot_ms"] for r in rows], "o-", label=f"longseq {mode}, batch {batch}")
+        if rows and rows[0].get("variants"):
+            for i, v in enumerate(rows[0]["variants"]):
+                env = ",".join(f"{k.removeprefix('LONGSEQ_SPARSE_').lower()}={val}"
+                               for k, val in v["longseq_env"].items())
+                ax.plot(x, [r["variants"][i]["tpot_ms"] for r in rows], "o-", label=f"{mode} {env}, batch {batch}")
+        else:
+            ax.plot(x, [r["longseq_tpot_ms"] for r in rows], "o-", label=f"longseq {mode}, batch {batch}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("time per output token (ms)")
@@ -147,7 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--cases", default=None,
                    help="CTXxBATCH list instead of every (context, batch), e.g. 32768x1,129024x1,32768x8")
     p.add_argument("--skip-default", action="store_true", help="time only the longseq run (diagnostics)")
-    p.add_argument("--longseq-env", default="", help="extra K=V,K=V environment of the longseq run")
+    p.add_argument("--longseq-env", action="append", default=None,
+                   help="extra K=V,K=V environment of the longseq run; repeat it to time several longseq settings "
+                        "(one engine each) against the same default run")
     p.add_argument("--mode", default="dense", help="LONGSEQ_ATTENTION for the longseq run")
     p.add_argument("--shape", default="llama-3.1-8b")
     p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
@@ -182,32 +190,44 @@ def main(argv=None) -> None:
         write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
                           max_model_len=args.max_model_len)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
-    extra = dict(kv.split("=", 1) for kv in args.longseq_env.split(",") if kv)
-    ours_env = {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra}
+    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.longseq_env or [""])]
     if args.skip_default:
-        ours = run_backend(args, "CUSTOM", ours_env)
-        print("RESULT-ONLY " + json.dumps({"longseq_env": extra, **ours}))
+        for extra in extras:
+            ours = run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra})
+            print("RESULT-ONLY " + json.dumps({"longseq_env": extra, **ours}))
         return
     default = run_backend(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
-    ours = run_backend(args, "CUSTOM", ours_env)
+    runs = [run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra}) for extra in extras]
+    ours = runs[0]
     table = []
-    for d, o in zip(default["rows"], ours["rows"]):
+    for i, d in enumerate(default["rows"]):
+        o = ours["rows"][i]
         table.append({"context": d["context"], "batch": d["batch"],
                       "default_tpot_ms": d["tpot_ms"], "longseq_tpot_ms": o["tpot_ms"],
                       "tpot_ratio": o["tpot_ms"] / d["tpot_ms"],
                       "default_ttft_s": d["ttft_s"], "longseq_ttft_s": o["ttft_s"],
                       "ttft_ratio": o["ttft_s"] / d["ttft_s"]})
+        if len(runs) > 1:  # every setting's TPOT against the same default run
+            table[-1]["variants"] = [{"longseq_env": extra, "tpot_ms": r["rows"][i]["tpot_ms"],
+                                      "tpot_ratio": r["rows"][i]["tpot_ms"] / d["tpot_ms"],
+                                      "throughput_ratio": d["tpot_ms"] / r["rows"][i]["tpot_ms"]}
+                                     for extra, r in zip(extras, runs)]
     name = args.name or f"vllm_decode_{args.mode}_{args.shape}"
     path = write_result(name, {"benchmark": "vllm_decode", "command": command_line(), "env": environment(),
                                "inputs": {"mode": args.mode, "shape": args.shape, "cases": cases(args), "repeats": args.repeats,
                                           "decode_tokens": args.decode_tokens,
                                           "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
-                               "default": default, "longseq": ours, "table": table})
+                               "longseq_envs": extras, "default": default, "longseq": ours,
+                               **({"longseq_runs": runs} if len(runs) > 1 else {}), "table": table})
     print(f"| context | batch | default TPOT ms | longseq ({args.mode}) TPOT ms | ratio | default TTFT s | "
           "longseq TTFT s | ratio |\n|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['context']} | {r['batch']} | {r['default_tpot_ms']:.2f} | {r['longseq_tpot_ms']:.2f} | "
               f"{r['tpot_ratio']:.3f} | {r['default_ttft_s']:.3f} | {r['longseq_ttft_s']:.3f} | {r['ttft_ratio']:.3f} |")
+    for r in table:
+        for v in r.get("variants", []):
+            print(f"  {r['context']}x{r['batch']} {v['longseq_env']}: TPOT {v['tpot_ms']:.2f} ms, ratio "
+                  f"{v['tpot_ratio']:.3f} (throughput {v['throughput_ratio']:.2f}x)")
     print("wrote", path)
     try:
         print("plot", plot(json.load(open(path)), path[:-5] + ".png"))

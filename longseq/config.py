@@ -76,6 +76,8 @@ class LongSeqConfig:
         sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
             (requests x KV heads) than this splits each row's top-k over several programs; unset: the kernel's
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
+        sparse_reuse_steps: a decode row selects its pages every N steps and in between attends to the pages it
+            kept plus every page written since (``LONGSEQ_SPARSE_REUSE_STEPS``; 1: select every step).
         duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
             authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
             ``smollm2-135m-instruct``, or ``random`` / ``random:<seed>`` (random gates for the model's shape, built at
@@ -113,6 +115,7 @@ class LongSeqConfig:
     sparse_summary: str = "auto"
     sparse_topk_split_rows: int | None = None
     sparse_group_score: str = "max"
+    sparse_reuse_steps: int = 4
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None
@@ -142,7 +145,7 @@ class LongSeqConfig:
 
     def _check_sparse(self) -> None:
         env = self.ENV_NAMES
-        for name in ("sparse_budget", "sparse_page_size"):
+        for name in ("sparse_budget", "sparse_page_size", "sparse_reuse_steps"):
             if getattr(self, name) <= 0:
                 raise LongSeqConfigError(f"{env[name]}={getattr(self, name)} must be a positive integer")
         for name in ("sparse_dense_layers", "sparse_sink_pages", "sparse_recent_pages", "sparse_topk_split_rows"):
@@ -158,6 +161,13 @@ class LongSeqConfig:
             raise LongSeqConfigError(
                 f"LONGSEQ_SPARSE_SINK_PAGES + LONGSEQ_SPARSE_RECENT_PAGES ({self.sparse_sink_pages} + "
                 f"{self.sparse_recent_pages}) exceed the budget of {self.sparse_budget // p} pages")
+        new_pages = (self.sparse_reuse_steps - 1 + p - 1) // p  # budget slots for pages written between selections
+        if self.sparse_sink_pages + self.sparse_recent_pages + new_pages > self.sparse_budget // p:
+            raise LongSeqConfigError(
+                f"LONGSEQ_SPARSE_REUSE_STEPS={self.sparse_reuse_steps} keeps {new_pages} page(s) of the budget for "
+                f"pages written between selections; with {self.sparse_sink_pages} sink and "
+                f"{self.sparse_recent_pages} recent pages that exceeds the budget of {self.sparse_budget // p} pages: "
+                "raise LONGSEQ_SPARSE_BUDGET or lower LONGSEQ_SPARSE_REUSE_STEPS")
 
     def _check_duo(self) -> None:
         env = self.ENV_NAMES
@@ -197,6 +207,7 @@ class LongSeqConfig:
         "sparse_summary": "LONGSEQ_SPARSE_SUMMARY",
         "sparse_topk_split_rows": "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS",
         "sparse_group_score": "LONGSEQ_SPARSE_GROUP_SCORE",
+        "sparse_reuse_steps": "LONGSEQ_SPARSE_REUSE_STEPS",
         "duo_pattern": "LONGSEQ_DUO_PATTERN",
         "duo_sparsity": "LONGSEQ_DUO_SPARSITY",
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",

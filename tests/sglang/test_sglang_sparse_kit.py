@@ -157,28 +157,38 @@ def request_kv(runner, b: int, n: int):
     return pool.get_key_buffer(0)[slots], pool.get_value_buffer(0)[slots]
 
 
-def quest_reference(runner, q, seq_lens, p: int, num_select: int, sink: int, recent: int, group_max: bool):
-    """Independent Quest decode per request: a contiguous copy of its KV, page min/max by ``amin``/``amax``,
-    then the kernels' PyTorch references for selection and sparse attention. Returns (out, summaries)."""
+def quest_one(runner, q, b: int, n: int, p: int, num_select: int, sink: int, recent: int, group_max: bool,
+              keep=None, extra=()):
+    """Independent Quest decode of request ``b`` (``n`` tokens): a contiguous copy of its KV, page min/max by
+    ``amin``/``amax``, the kernels' PyTorch references for selection and sparse attention. ``keep``: ``[1, Hkv, S]``
+    pages selected at an earlier step (selection reuse) attended with the ``extra`` pages instead of a new
+    selection. Returns (out ``[1, Hq, D]``, the pages ``[1, Hkv, S]``, (page_min, page_max))."""
     import torch
 
     from longseq.kernels.sparse_decode.naive import select_topk_pages_ref, sparse_paged_decode_ref
 
-    outs, summaries = [], []
-    for b, n in enumerate(seq_lens):
-        k, v = request_kv(runner, b, n)
-        pages = math.ceil(n / p)
-        kc, vc = (torch.zeros(pages * p, HKV, D).index_copy_(0, torch.arange(n), x).view(pages, p, HKV, D)
-                  for x in (k, v))
-        pmin = torch.stack([k[j * p:(j + 1) * p].amin(0) for j in range(pages)])
-        pmax = torch.stack([k[j * p:(j + 1) * p].amax(0) for j in range(pages)])
-        table, lens = torch.arange(pages, dtype=torch.int32)[None], torch.tensor([n], dtype=torch.int32)
+    k, v = request_kv(runner, b, n)
+    pages = math.ceil(n / p)
+    kc, vc = (torch.zeros(pages * p, HKV, D).index_copy_(0, torch.arange(n), x).view(pages, p, HKV, D)
+              for x in (k, v))
+    pmin = torch.stack([k[j * p:(j + 1) * p].amin(0) for j in range(pages)])
+    pmax = torch.stack([k[j * p:(j + 1) * p].amax(0) for j in range(pages)])
+    table, lens = torch.arange(pages, dtype=torch.int32)[None], torch.tensor([n], dtype=torch.int32)
+    ids = keep
+    if ids is None:
         ids, _ = select_topk_pages_ref(q[b:b + 1], pmin, pmax, table, lens, p, p, num_select, sink, recent,
                                        group_max=group_max)
-        assert ids.shape == (1, HKV, num_select) and bool((ids >= 0).all())  # a real selection: 4 of 13-15 pages
-        outs.append(sparse_paged_decode_ref(q[b:b + 1], kc, vc, table, lens, ids, p, D**-0.5))
-        summaries.append((pmin, pmax))
-    return torch.cat(outs), summaries
+        assert ids.shape == (1, HKV, num_select) and bool((ids >= 0).all())  # a real selection of 13-15 pages
+    listed = torch.cat([ids, torch.tensor(list(extra), dtype=torch.int32).view(1, 1, -1).expand(1, HKV, -1)], 2)
+    return sparse_paged_decode_ref(q[b:b + 1], kc, vc, table, lens, listed, p, D**-0.5), ids, (pmin, pmax)
+
+
+def quest_reference(runner, q, seq_lens, p: int, num_select: int, sink: int, recent: int, group_max: bool):
+    """:func:`quest_one` for every request, each selecting. Returns (out ``[B, Hq, D]``, summaries)."""
+    import torch
+
+    res = [quest_one(runner, q, b, n, p, num_select, sink, recent, group_max) for b, n in enumerate(seq_lens)]
+    return torch.cat([r[0] for r in res]), [r[2] for r in res]
 
 
 def dense_reference(runner, q, seq_lens):
@@ -194,8 +204,9 @@ def dense_reference(runner, q, seq_lens):
     return torch.stack(outs)
 
 
+# Selection every step here (the selection itself against the reference); reuse has its own test below.
 SPARSE_ENV = dict(LONGSEQ_SPARSE_BUDGET="64", LONGSEQ_SPARSE_PAGE_SIZE="16", LONGSEQ_SPARSE_DENSE_LAYERS="0",
-                  LONGSEQ_SPARSE_SINK_PAGES="1", LONGSEQ_SPARSE_RECENT_PAGES="1")
+                  LONGSEQ_SPARSE_SINK_PAGES="1", LONGSEQ_SPARSE_RECENT_PAGES="1", LONGSEQ_SPARSE_REUSE_STEPS="1")
 
 
 @pytest.mark.parametrize("group_score", ["max", "sum"])
@@ -234,6 +245,36 @@ def test_sparse_decode_matches_independent_quest_reference(sglang_page_size, gro
     marker = json.loads((tmp_path / f"sglang-{NAME}-{os.getpid()}.json").read_text())
     assert marker["backend"] == NAME and marker["technique"] == "sparse" and "torch_native" in marker["inner"]
     assert marker["sparse_decode_calls"] == TRACE.counts["sparse_decode_calls"] >= 2
+
+
+def test_sparse_decode_reuses_selection_every_4_steps(longseq_env):
+    """LONGSEQ_SPARSE_REUSE_STEPS=4 on SGLang's real pools: a request selects at decode steps 0, 4, 8 (3 pages +
+    1 budget slot for pages written since); in between its output is the reference attention over the pages
+    it selected then plus the pages opened since (the same plan as the vLLM and GPU paths: core/sparse.py)."""
+    import torch
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    from longseq.plugin.sglang import register
+
+    longseq_env(**{**SPARSE_ENV, "LONGSEQ_SPARSE_REUSE_STEPS": "4"})
+    register()
+    runner, layer = make_runner(16), make_layer(0)
+    backend = ATTENTION_BACKENDS[NAME](runner)
+    kept, new_pages = {}, 0
+    for step, (q, out, seq_lens) in enumerate(prefill_and_decode(backend, runner, layer, steps=9)):
+        for b, n in enumerate(seq_lens):
+            if step % 4 == 0:
+                want, ids, _ = quest_one(runner, q, b, n, 16, num_select=3, sink=1, recent=1, group_max=True)
+                kept[b] = (ids, n)
+            else:
+                ids, n0 = kept[b]
+                extra = list(range(math.ceil(n0 / 16), math.ceil(n / 16)))  # pages opened since the selection
+                new_pages += len(extra)
+                want, _, _ = quest_one(runner, q, b, n, 16, 3, 1, 1, True, keep=ids, extra=extra or [-1])
+                fresh, _, _ = quest_one(runner, q, b, n, 16, 3, 1, 1, True)
+                assert step != 1 or not torch.allclose(fresh, want, atol=1e-3)  # a new selection would differ
+            torch.testing.assert_close(out.view(-1, HQ, D)[b:b + 1], want, atol=1e-5, rtol=1e-5)
+    assert new_pages == 1  # request 1 opens page 13 (token 208) at step 7, after its selection at step 4
 
 
 def test_dense_layers_and_budget_controls(longseq_env):

@@ -75,6 +75,8 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     assert not SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_GROUP_SCORE": "SUM"})).group_max
     defaults = LongSeqConfig.from_env({})
     assert (defaults.sparse_page_size, defaults.sparse_recent_pages, defaults.sparse_group_score) == (8, 8, "max")
+    assert defaults.sparse_reuse_steps == 4 and SparseSettings.from_config(defaults).reuse_steps == 4
+    assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_REUSE_STEPS": "1"})).reuse_steps == 1
 
 
 @pytest.mark.parametrize("env, match", [
@@ -87,6 +89,11 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     ({"LONGSEQ_SPARSE_DENSE_LAYERS": "-1"}, "LONGSEQ_SPARSE_DENSE_LAYERS=-1 must be >= 0"),
     ({"LONGSEQ_SPARSE_TOPK_SPLIT_ROWS": "-1"}, "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS=-1 must be >= 0"),
     ({"LONGSEQ_SPARSE_GROUP_SCORE": "mean"}, "LONGSEQ_SPARSE_GROUP_SCORE='mean' is not allowed; allowed values: sum, max"),
+    ({"LONGSEQ_SPARSE_REUSE_STEPS": "0"}, "LONGSEQ_SPARSE_REUSE_STEPS=0 must be a positive integer"),
+    ({"LONGSEQ_SPARSE_REUSE_STEPS": "often"}, "LONGSEQ_SPARSE_REUSE_STEPS.*'often' must be an integer"),
+    # 1 sink + 7 recent + 1 slot for the page written between selections (every 4 steps) > 64 / 8 pages
+    ({"LONGSEQ_SPARSE_BUDGET": "64", "LONGSEQ_SPARSE_RECENT_PAGES": "7"},
+     "LONGSEQ_SPARSE_REUSE_STEPS=4 keeps 1 page.*exceeds the budget of 8 pages"),
 ])
 def test_bad_sparse_knobs_are_named(env, match):
     with pytest.raises(LongSeqConfigError, match=match):

@@ -1,9 +1,11 @@
 """Quest-style sparse decode, framework-free: settings, the per-layer page index, one decode step.
 
-Framework adapters (vLLM, SGLang) call three things:
+Framework adapters (vLLM, SGLang) call four things:
   ``SparseSettings.from_config(config)`` and ``.validate_layer(...)`` at start-up (clear errors);
   ``QuestPageIndex.update(key_cache, slot_mapping)`` after every KV write of a sparse layer;
-  ``sparse_decode(...)`` for the decode queries of a sparse layer.
+  ``SelectionReuse.plan(block_table, seq_lens)`` once per decode step, before the layers run (one object per
+  KV-cache group, shared by its sparse layers; only when ``settings.reuse_steps > 1``);
+  ``sparse_decode(..., reuse=...)`` for the decode queries of a sparse layer.
 On CUDA the Triton kernels of ``longseq.kernels.sparse_decode`` run; elsewhere (CPU engine) their batched
 PyTorch versions (``torch_ops.py``, tested against the references), so CPU CI exercises the same selection.
 
@@ -34,6 +36,7 @@ class SparseSettings:
             it; the cache dtype elsewhere, where the PyTorch references run).
         topk_split_rows: GPU top-k split threshold in rows (None: the kernel's default; 0: never).
         group_max: score pages by the largest query head's Quest bound, not the group's sum.
+        reuse_steps: a decode row selects every this many steps (:class:`SelectionReuse`; 1: every step).
     """
 
     budget_tokens: int
@@ -44,12 +47,13 @@ class SparseSettings:
     summary: str = "auto"
     topk_split_rows: int | None = None
     group_max: bool = False
+    reuse_steps: int = 1
 
     @classmethod
     def from_config(cls, config: LongSeqConfig) -> "SparseSettings":
         return cls(config.sparse_budget, config.sparse_page_size, config.sparse_dense_layers,
                    config.sparse_sink_pages, config.sparse_recent_pages, config.sparse_summary,
-                   config.sparse_topk_split_rows, config.sparse_group_score == "max")
+                   config.sparse_topk_split_rows, config.sparse_group_score == "max", config.sparse_reuse_steps)
 
     def summary_dtype(self, cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """The page summaries' dtype for a cache of ``cache_dtype`` on ``device``."""
@@ -100,6 +104,18 @@ class QuestPageIndex:
         self.page_min: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
         self._cache_ptr: int | None = None
+        self._kept: torch.Tensor | None = None  # [rows, Hkv, num_select] int32: selections kept for reuse
+
+    def kept_pages(self, capacity: int, num_kv_heads: int, num_select: int,
+                   device: torch.device) -> torch.Tensor:
+        """``[capacity, Hkv, num_select]`` int32 persistent buffer of this layer's selected pages per decode row
+        (selection reuse; ``capacity``: :attr:`SelectionReuse.capacity`). Its contents matter only where
+        :class:`SelectionReuse` says a row reuses, which a reallocated plan never does."""
+        k, device = self._kept, torch.device(device)
+        same_device = k is not None and k.device.type == device.type and device.index in (None, k.device.index)
+        if not same_device or k.shape != (capacity, num_kv_heads, num_select):
+            self._kept = torch.full((capacity, num_kv_heads, num_select), -1, dtype=torch.int32, device=device)
+        return self._kept
 
     def _ensure(self, key_cache: torch.Tensor) -> None:
         num_blocks, block_size, hkv, d = key_cache.shape
@@ -143,9 +159,77 @@ class QuestPageIndex:
         update_page_summary(key_cache, slot_mapping, self.page_min, self.page_max, self.page_size)
 
 
+class SelectionReuse:
+    """Which decode rows select their pages this step (LServe's reusable page selector), for every sparse layer
+    of one KV-cache group. The decision is per request: a row selects every ``settings.reuse_steps`` steps and
+    in between attends to the pages it kept plus the pages written since. A row is trusted to hold the same
+    request as at its last selection only while its length grew by fewer than ``reuse_steps`` tokens and the
+    block that held its last token then is still in place (``kernels/sparse_decode/reuse.py``); anything else
+    (a new request in the row, batch reordering, preemption) selects again.
+
+    State: int32 ``[capacity]`` tensors allocated once (``max_rows``: the most decode rows a step can have);
+    a step with more rows reallocates it (eager steps only: a captured graph never sees more rows than it was
+    captured with), and every row then selects.
+
+    Attributes (after :meth:`plan`):
+        refresh: ``[rows]`` int32, 1 where the row selects this step.
+        extra: ``[rows, E]`` int32 pages written since the row's selection, ``-1`` padded
+            (``E = ceil((reuse_steps - 1) / page_size)``).
+    """
+
+    def __init__(self, settings: SparseSettings, block_size: int, max_rows: int, device: torch.device):
+        from longseq.kernels.sparse_decode.reuse import extra_page_slots
+
+        self.every, self.page_size, self.block_size = settings.reuse_steps, settings.page_size, block_size
+        self.num_extra = extra_page_slots(self.every, self.page_size)
+        self.device = torch.device(device)
+        self.rows = 0
+        self._allocate(max(max_rows, 1))
+
+    def _allocate(self, capacity: int) -> None:
+        def full(shape, value):
+            return torch.full(shape, value, dtype=torch.int32, device=self.device)
+
+        self.sel_len, self.sel_tag = full((capacity,), 0), full((capacity,), -1)
+        self._refresh, self._extra = full((capacity,), 1), full((capacity, self.num_extra), -1)
+
+    @property
+    def capacity(self) -> int:
+        return self.sel_len.shape[0]
+
+    @property
+    def refresh(self) -> torch.Tensor:
+        return self._refresh[: self.rows]
+
+    @property
+    def extra(self) -> torch.Tensor:
+        return self._extra[: self.rows]
+
+    def plan(self, block_table: torch.Tensor, seq_lens: torch.Tensor, kernel: str | None = None) -> None:
+        """This step's decision for the decode rows: ``block_table`` ``[B, max_blocks]`` int32 and ``seq_lens``
+        ``[B]`` int32 (with the query token), rows in the order the layers will see them. ``kernel``:
+        ``triton`` or ``torch`` (default: triton on CUDA tensors; tests force triton under the interpreter)."""
+        rows = seq_lens.shape[0]
+        if rows > self.capacity:
+            self._allocate(rows)
+        self.rows = rows
+        if rows == 0:
+            return
+        args = (block_table, seq_lens, self.sel_len, self.sel_tag, self._refresh, self._extra, self.every,
+                self.page_size, self.block_size)
+        if (kernel or ("triton" if block_table.is_cuda else "torch")) == "triton":
+            from longseq.kernels.sparse_decode.reuse import plan_selection_reuse
+
+            plan_selection_reuse(*args)
+        else:
+            from longseq.kernels.sparse_decode.naive import plan_selection_reuse_ref
+
+            plan_selection_reuse_ref(*args)
+
+
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, index: QuestPageIndex, settings: SparseSettings, scale: float,
-                  out: torch.Tensor) -> torch.Tensor:
+                  out: torch.Tensor, reuse: SelectionReuse | None = None, kernel: str | None = None) -> torch.Tensor:
     """One decode query per request attends to its top pages only.
 
     Args:
@@ -153,24 +237,40 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         block_table: ``[B, max_blocks]`` int32; seq_lens: ``[B]`` int32 (including the query token).
         index: the layer's page index (current: the query's own key is already written and summarized).
         out: ``[B, Hq, D]`` written in place.
+        reuse: the step's :class:`SelectionReuse` (planned for these ``B`` rows), or None (select every row).
+        kernel: ``triton`` (the GPU kernels) or ``torch`` (their batched PyTorch versions); default: triton on
+            CUDA tensors. Both select the same pages (up to float rounding of equal bounds).
 
-    A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent). Shapes depend
-    only on ``B`` and the block table width, so the step can be captured in a CUDA graph.
+    A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent; with reuse,
+    ``num_select - E`` kept pages plus the ``E`` slots for pages written since). Shapes depend only on ``B`` and
+    the block table width, so the step can be captured in a CUDA graph.
     """
     block_size = key_cache.shape[1]
+    bsz = q.shape[0]
+    refresh = kept = extra = None
+    num_select = settings.num_select
+    if reuse is not None and reuse.every > 1:
+        # The pages written since a selection take slots of the budget: the list stays num_select pages long,
+        # so the decode kernel's split count (and the bytes read) match a step without reuse.
+        assert reuse.rows == bsz, f"the reuse plan is for {reuse.rows} rows, the step has {bsz}"
+        num_select -= reuse.num_extra
+        kept = index.kept_pages(reuse.capacity, index.page_min.shape[1], num_select, q.device)[:bsz]
+        refresh, extra = reuse.refresh, reuse.extra
     args = (q, index.page_min, index.page_max, block_table, seq_lens, settings.page_size, block_size,
-            settings.num_select, settings.sink_pages, settings.recent_pages)
-    if q.is_cuda:
+            num_select, settings.sink_pages, settings.recent_pages)
+    if (kernel or ("triton" if q.is_cuda else "torch")) == "triton":
         from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
 
         page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows,
-                                        group_max=settings.group_max)
+                                        group_max=settings.group_max, refresh=refresh, page_ids=kept)
         sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
-                            out=out)
+                            out=out, extra_pages=extra)
         return out
     from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
 
     page_ids, _ = select_topk_pages_torch(*args, group_max=settings.group_max)
+    if kept is not None:
+        page_ids = kept.copy_(torch.where(refresh.bool()[:, None, None], page_ids, kept))
     out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
-                                        settings.page_size, scale))
+                                        settings.page_size, scale, extra_pages=extra))
     return out

@@ -29,7 +29,7 @@ import weakref
 
 import torch
 
-from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings, sparse_decode
+from longseq.attention_backends.core.sparse import QuestPageIndex, SelectionReuse, SparseSettings, sparse_decode
 from longseq.attention_backends.sglang.dense import (
     BackendTrace,
     LongSeqTechniqueBackend,
@@ -76,7 +76,8 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
     current decode batch.
     """
 
-    _OWN = LongSeqTechniqueBackend._OWN | {"settings", "page_size", "indexes", "block_table", "graph_block_table"}
+    _OWN = LongSeqTechniqueBackend._OWN | {"settings", "page_size", "indexes", "block_table", "graph_block_table",
+                                           "reuse"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
@@ -87,6 +88,9 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
         self.indexes: dict[int, QuestPageIndex] = _INDEXES.setdefault(self.pool, {})
         self.block_table: torch.Tensor | None = None
         self.graph_block_table: torch.Tensor | None = None
+        # One reuse plan per decode step for all sparse layers (rows: the batch's requests, in batch order).
+        self.reuse = None if settings.reuse_steps <= 1 else SelectionReuse(
+            settings, page_size, self.req_to_token.shape[0], self.req_to_token.device)
 
     def __repr__(self) -> str:
         return f"LongSeqSparseBackend(inner={self.inner_name}, {self.settings})"
@@ -105,6 +109,7 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
             seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)  # eager: only the pages in use
             pages = None if seq_lens_cpu is None else -(-int(seq_lens_cpu.max()) // self.page_size)
             self.block_table = self._gather_block_table(forward_batch, pages)
+            self._plan_reuse(forward_batch)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
         self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
@@ -118,6 +123,11 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
             table = self.graph_block_table[: forward_batch.req_pool_indices.shape[0]]
             table.copy_(self._gather_block_table(forward_batch))
             self.block_table = table
+            self._plan_reuse(forward_batch)
+
+    def _plan_reuse(self, forward_batch) -> None:
+        if self.reuse is not None:
+            self.reuse.plan(self.block_table, forward_batch.seq_lens.to(torch.int32))
 
     # ---- forward ----
     def is_sparse_layer(self, layer, kwargs) -> bool:
@@ -154,11 +164,12 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
         table = self.block_table
+        reuse = self.reuse
         if table is None or table.shape[0] != q.shape[0]:  # batch not prepared by init_forward_metadata
-            table = self._gather_block_table(forward_batch)
+            table, reuse = self._gather_block_table(forward_batch), None
         out = q.new_empty(q.shape[0], hq * d)
         sparse_decode(q, key_cache, value_cache, table, forward_batch.seq_lens.to(torch.int32), index,
-                      self.settings, layer.scaling, out.view(-1, hq, d))
+                      self.settings, layer.scaling, out.view(-1, hq, d), reuse=reuse)
         self.trace.counts["sparse_decode_calls"] += 1
         return out
 

@@ -38,6 +38,8 @@ class LongSeqStepInfo:
         num_leading_decodes: how many of the first requests are decodes (vLLM puts decodes first when the
             builder sets ``reorder_batch_threshold = 1``), so their queries are ``query[:num_leading_decodes]``.
         block_size: tokens per KV block.
+        sparse_reuse: sparse mode's :class:`SelectionReuse`, planned for this step's decode rows (the rows of
+            :meth:`decode_req_indices`), or None.
     """
 
     num_reqs: int
@@ -52,6 +54,12 @@ class LongSeqStepInfo:
     num_decode_reqs: int
     num_leading_decodes: int
     block_size: int
+    sparse_reuse: object | None = None
+
+    def decode_req_indices(self) -> torch.Tensor:
+        """``[num_decode_reqs]`` int64 indices (on CPU) of the requests with exactly one new token."""
+        qsl = self.query_start_loc_cpu[: self.num_reqs + 1]
+        return ((qsl[1:] - qsl[:-1]) == 1).nonzero().squeeze(1)
 
     @classmethod
     def from_common(cls, cam, block_size: int) -> "LongSeqStepInfo":

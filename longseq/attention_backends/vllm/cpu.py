@@ -35,7 +35,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from longseq.attention_backends.core.duo import duo_attention
 from longseq.attention_backends.core.sparse import sparse_decode
 from longseq.attention_backends.vllm.common import LongSeqStepInfo, current_model_dtype, validate_attention_layer
-from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique
+from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique, sparse_reuse_for
 from longseq.kernels.paged_attention import paged_attention_naive, write_paged_kv
 from longseq.config import LongSeqConfigError, get_config
 
@@ -50,12 +50,18 @@ class LongSeqCPUMetadata(CPUAttentionMetadata):
 class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        check_technique(get_config(), kv_cache_spec, vllm_config)  # fail at start-up
+        config = get_config()
+        check_technique(config, kv_cache_spec, vllm_config)  # fail at start-up
+        self.sparse_reuse = sparse_reuse_for(config, kv_cache_spec, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> LongSeqCPUMetadata:
         stock = super().build(common_prefix_len, common_attn_metadata, fast_build)
         step = LongSeqStepInfo.from_common(common_attn_metadata, self.kv_cache_spec.block_size)
+        if self.sparse_reuse is not None:  # one plan per step for the decode rows, in the order the layers use
+            reqs = step.decode_req_indices()
+            self.sparse_reuse.plan(step.block_table[reqs], step.seq_lens[reqs])
+            step.sparse_reuse = self.sparse_reuse
         return LongSeqCPUMetadata(**{f.name: getattr(stock, f.name) for f in dataclasses.fields(stock)}, step=step)
 
 
@@ -144,12 +150,12 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
     def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:
         """Overwrite every decode request's row with attention over its top pages (the dense rows were the
         reference path's; requests within the budget get the same pages, so the same result)."""
-        qsl = step.query_start_loc_cpu[: step.num_reqs + 1]
-        reqs = ((qsl[1:] - qsl[:-1]) == 1).nonzero().squeeze(1)
-        rows = qsl[reqs].long()
+        reqs = step.decode_req_indices()
+        rows = step.query_start_loc_cpu[reqs].long()
         res = torch.empty(len(rows), self.num_heads, self.head_size, dtype=query.dtype)
         sparse_decode(query[rows], key_cache.transpose(1, 2), value_cache.transpose(1, 2),
-                      step.block_table[reqs], step.seq_lens[reqs], self.page_index, self.sparse, self.scale, res)
+                      step.block_table[reqs], step.seq_lens[reqs], self.page_index, self.sparse, self.scale, res,
+                      reuse=step.sparse_reuse)
         out[rows] = res.to(out.dtype)
         self.trace.counts["sparse_decode_calls"] += 1
 

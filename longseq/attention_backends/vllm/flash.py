@@ -41,7 +41,7 @@ from longseq.attention_backends.vllm.common import (
     current_model_dtype,
     validate_attention_layer,
 )
-from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique
+from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique, sparse_reuse_for
 from longseq.config import SUPPORTED_HEAD_SIZES, get_config
 
 
@@ -82,10 +82,17 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         if config.attention == "sparse":
             # Decodes first: their queries are then the leading rows, a fixed slice under CUDA graphs.
             self.reorder_batch_threshold = 1
+        self.sparse_reuse = sparse_reuse_for(config, kv_cache_spec, vllm_config, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> LongSeqFlashMetadata:
         inner = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        return _wrap_flash_metadata(inner, LongSeqStepInfo.from_common(common_attn_metadata, self.block_size))
+        step = LongSeqStepInfo.from_common(common_attn_metadata, self.block_size)
+        if self.sparse_reuse is not None:
+            # Eager, before the layers (and any graph replay) run: one plan for all sparse layers of the group.
+            nd = step.num_leading_decodes
+            self.sparse_reuse.plan(step.block_table[:nd], step.seq_lens[:nd])
+            step.sparse_reuse = self.sparse_reuse
+        return _wrap_flash_metadata(inner, step)
 
 
 class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
@@ -143,7 +150,8 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
             key_cache, value_cache = self._key_value_caches(kv_cache)
             out = output[:nd].view(nd, self.num_heads, self.head_size)
             sparse_decode(query[:nd].view(nd, self.num_heads, self.head_size), key_cache, value_cache,
-                          step.block_table[:nd], step.seq_lens[:nd], self.page_index, self.sparse, self.scale, out)
+                          step.block_table[:nd], step.seq_lens[:nd], self.page_index, self.sparse, self.scale, out,
+                          reuse=step.sparse_reuse)
             self.trace.counts["sparse_decode_calls"] += 1
         self._record_forward(layer, step.num_actual_tokens)
         return output

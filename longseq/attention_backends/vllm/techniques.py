@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from longseq.attention_backends.core.duo import DuoLayer, StreamingHeadMask, rank_streaming_mask
-from longseq.attention_backends.core.sparse import QuestPageIndex, SparseSettings
+from longseq.attention_backends.core.sparse import QuestPageIndex, SelectionReuse, SparseSettings
 from longseq.attention_backends.vllm.common import BackendTrace
 from longseq.config import LongSeqConfig
 
@@ -40,6 +40,15 @@ def check_technique(config: LongSeqConfig, kv_cache_spec, vllm_config) -> None:
             block_size=kv_cache_spec.block_size, head_size=kv_cache_spec.head_size, backend="longseq sparse")
     if config.attention == "duo":
         duo_mask_for_this_rank(config, vllm_config)
+
+
+def sparse_reuse_for(config: LongSeqConfig, kv_cache_spec, vllm_config, device) -> SelectionReuse | None:
+    """The builder's :class:`SelectionReuse` for its KV-cache group (sparse mode with
+    ``LONGSEQ_SPARSE_REUSE_STEPS`` > 1), sized for the scheduler's most concurrent requests; else None."""
+    if config.attention != "sparse" or config.sparse_reuse_steps <= 1:
+        return None
+    return SelectionReuse(SparseSettings.from_config(config), kv_cache_spec.block_size,
+                          vllm_config.scheduler_config.max_num_seqs, device)
 
 
 class LayerTechniques:

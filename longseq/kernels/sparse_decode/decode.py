@@ -27,14 +27,14 @@ FUSE_MERGE_DEFAULT = True
 
 @triton.jit
 def _sparse_decode_kernel(
-    q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse, row_counters,
-    scale_log2, list_tokens, tokens_per_split, num_splits,
+    q, key_cache, value_cache, block_table, seq_lens, page_ids, extra_pages, out, part_o, part_lse, row_counters,
+    scale_log2, list_tokens, tokens_per_split, num_splits, num_listed,
     s_qb, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
-    s_btb, s_btn, s_pb, s_ph, s_ob, s_oh, s_od,
+    s_btb, s_btn, s_pb, s_ph, s_eb, s_ob, s_oh, s_od,
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr,
+    FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr, EXTRA: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -61,7 +61,14 @@ def _sparse_decode_kernel(
     for t0 in range(t_start, t_end, BLOCK_N):
         # Token slot t of the list = offset t % P of the (t // P)-th selected page.
         t = t0 + n
-        page = tl.load(pid_row + t // PAGE_SIZE, mask=t < t_end, other=-1).to(tl.int64)
+        slot = t // PAGE_SIZE
+        if EXTRA:  # slots past the selected pages: the request's pages written since (selection reuse)
+            page = tl.load(pid_row + slot, mask=(t < t_end) & (slot < num_listed), other=-1)
+            page_x = tl.load(extra_pages + b * s_eb + (slot - num_listed), mask=(t < t_end) & (slot >= num_listed),
+                             other=-1)
+            page = tl.where(slot < num_listed, page, page_x).to(tl.int64)
+        else:
+            page = tl.load(pid_row + slot, mask=t < t_end, other=-1).to(tl.int64)
         pos = page * PAGE_SIZE + t % PAGE_SIZE  # position in the request's sequence
         valid = (page >= 0) & (pos < seq_len)  # -1 entries and the partial last page's tail are masked
         blk = tl.load(bt_row + (pos // BLOCK_SIZE) * s_btn, mask=valid, other=0).to(tl.int64)
@@ -191,7 +198,8 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                         block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
                         page_size: int, scale: float, out: torch.Tensor | None = None,
                         num_splits: int | None = None, fuse_merge: bool | None = None,
-                        num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                        num_warps: int | None = None, num_stages: int | None = None,
+                        extra_pages: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over the selected pages only.
 
     Args:
@@ -206,6 +214,8 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         num_splits: split-K factor (default: ``default_num_splits``, from shapes only).
         fuse_merge: merge the splits in the split kernel (default ``FUSE_MERGE_DEFAULT``) instead of a second
             launch. num_warps, num_stages: tuning.
+        extra_pages: optional ``[B, E]`` int32 logical pages attended by every KV head after ``page_ids``
+            (``-1`` skipped): the pages written since a reused selection (``reuse.py``).
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (or ``out``'s); zeros for a request that sees no token.
@@ -216,7 +226,10 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     assert block_size % page_size == 0 and page_ids.shape[:2] == (bsz, hkv) and page_ids.stride(2) == 1
     if out is None:
         out = torch.empty_like(q)
-    num_select = page_ids.shape[2]
+    num_listed = page_ids.shape[2]
+    num_extra = 0 if extra_pages is None else extra_pages.shape[1]
+    assert extra_pages is None or (extra_pages.shape[0] == bsz and extra_pages.stride(1) == 1)
+    num_select = num_listed + num_extra
     if bsz == 0:
         return out
     block_n = _block_n(d)
@@ -240,14 +253,14 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
-        q, key_cache, value_cache, block_table, seq_lens, page_ids, out, part_o, part_lse, ctr,
-        scale * _LOG2E, list_tokens, tokens_per_split, num_splits,
+        q, key_cache, value_cache, block_table, seq_lens, page_ids, page_ids if extra_pages is None else extra_pages,
+        out, part_o, part_lse, ctr, scale * _LOG2E, list_tokens, tokens_per_split, num_splits, num_listed,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
-        page_ids.stride(0), page_ids.stride(1), *out.stride(),
+        page_ids.stride(0), page_ids.stride(1), 0 if extra_pages is None else extra_pages.stride(0), *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_N=block_n, SPLIT=split, DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
-        DOT_FP32=interp_bf16, FUSE_MERGE=fuse, BLOCK_S=block_s, MERGE_G=merge_g,
+        DOT_FP32=interp_bf16, FUSE_MERGE=fuse, BLOCK_S=block_s, MERGE_G=merge_g, EXTRA=num_extra > 0,
         num_warps=num_warps or 4, **extra,
     )
     if split and not fuse:

@@ -187,3 +187,25 @@ def sparse_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cach
             p = torch.softmax((qh @ k.t()) * scale, dim=-1)
             out[b, h * g : (h + 1) * g] = (p @ v).to(q.dtype)
     return out
+
+
+def plan_selection_reuse_ref(block_table: torch.Tensor, seq_lens: torch.Tensor, sel_len: torch.Tensor,
+                             sel_tag: torch.Tensor, refresh: torch.Tensor, extra: torch.Tensor, every: int,
+                             page_size: int, block_size: int) -> None:
+    """``reuse.plan_selection_reuse``'s contract (which rows select this step, the pages written since the last
+    selection of the others), in place, one row at a time."""
+    for b in range(seq_lens.shape[0]):
+        n_now, n_old, tag = int(seq_lens[b]), int(sel_len[b]), int(sel_tag[b])
+        reuse = (n_old > 0 and 0 < n_now - n_old < every
+                 and int(block_table[b, (n_old - 1) // block_size]) == tag)
+        extra[b] = -1
+        if reuse:
+            refresh[b] = 0
+            first_new, n_pages = -(-n_old // page_size), -(-n_now // page_size)
+            for e in range(extra.shape[1]):
+                if first_new + e < n_pages:
+                    extra[b, e] = first_new + e
+        else:
+            refresh[b] = 1
+            sel_len[b] = n_now
+            sel_tag[b] = int(block_table[b, (n_now - 1) // block_size]) if n_now > 0 else -1

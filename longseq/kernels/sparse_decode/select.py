@@ -44,7 +44,7 @@ FUSED_DEFAULT = False
 # --------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _score_pages_kernel(
-    q, page_min, page_max, block_table, seq_lens, scores,
+    q, page_min, page_max, block_table, seq_lens, scores, refresh,
     max_pages, num_sink, num_recent,
     s_qb, s_qh, s_qd, s_pp, s_ph, s_pd, s_btb, s_btn, s_sb, s_sh,
     # fused top-k (FUSED): per-row counters, outputs, scratch
@@ -53,105 +53,118 @@ def _score_pages_kernel(
     PAGES_PER_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     FUSED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr,
     GPASSES: tl.constexpr, FILTER: tl.constexpr, FP8_BITS: tl.constexpr, GROUP_MAX: tl.constexpr,
+    REUSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    tile = tl.program_id(1)
     b = bh // HKV
-    h = bh % HKV
-    n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
-    j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    s_row = scores + b * s_sb + h * s_sh
-    if tile * BLOCK_N >= n_pages:
-        # Past the request's pages (the table is max_model_len wide): no loads, just the -inf row tail.
-        tl.store(s_row + j, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=j < max_pages)
+    if REUSE:  # a row that reuses its last selection (reuse.py) is not scored
+        go = tl.load(refresh + b) != 0
     else:
-        valid = j < n_pages
-        d = tl.arange(0, BLOCK_D)
-        d_mask = d < HEAD_DIM
-        # Invalid pages are masked out of every load: block_table past the request's blocks may hold anything.
-        blk = tl.load(block_table + b * s_btb + (j // PAGES_PER_BLOCK) * s_btn, mask=valid, other=0).to(tl.int64)
-        gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
-        offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
-        m = valid[:, None] & d_mask[None, :]
-        if FP8_BITS:  # interpreter: uint8 views; its fp8 cast reads NaN (0x7F/0xFF) as +-480, the GPU's as NaN
-            mn_b = tl.load(page_min + offs, mask=m, other=0)
-            mx_b = tl.load(page_max + offs, mask=m, other=0)
-            mn = tl.where((mn_b & 0x7F) == 0x7F, float("nan"), mn_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-            mx = tl.where((mx_b & 0x7F) == 0x7F, float("nan"), mx_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+        go = b >= 0
+    if go:
+        tile = tl.program_id(1)
+        h = bh % HKV
+        n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
+        j = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        s_row = scores + b * s_sb + h * s_sh
+        if tile * BLOCK_N >= n_pages:
+            # Past the request's pages (the table is max_model_len wide): no loads, just the -inf row tail.
+            tl.store(s_row + j, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=j < max_pages)
         else:
-            mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
-            mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
-        if GROUP_MAX:  # the largest query head's bound: a page one head of the group needs is kept
-            s = tl.full([BLOCK_N], float("-inf"), tl.float32)
-            for gi in tl.static_range(GROUP):
-                qh = tl.load(q + b * s_qb + (h * GROUP + gi) * s_qh + d * s_qd, mask=d_mask, other=0.0)
-                qh = qh.to(tl.float32)
-                sg = tl.sum(mx * tl.maximum(qh, 0.0)[None, :] + mn * tl.minimum(qh, 0.0)[None, :], axis=1)
-                s = tl.where((sg != sg) | (s != s), float("nan"), tl.maximum(s, sg))
-        else:  # the group's bounds summed: one dot product per page
-            g = tl.arange(0, BLOCK_G)
-            qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
-                         mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-            q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
-            q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
-            s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
-        s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary out of range, no finite bound
-        s = tl.where(valid, s, float("-inf"))
-        forced = valid & ((j < num_sink) | (j >= n_pages - num_recent))
-        s = tl.where(forced, float("inf"), s)
-        tl.store(s_row + j, s, mask=j < max_pages)
-    if FUSED:
-        # Last program of this row to finish selects its top k. The barrier orders every thread's score
-        # stores before the (single-thread, acq_rel) counter increment.
-        tl.debug_barrier()
-        done = tl.atomic_add(row_counters + bh, 1, sem="acq_rel", scope="gpu")
-        if done == tl.num_programs(1) - 1:
-            tl.store(row_counters + bh, 0)  # ready for the next launch
-            topk_row(s_row, n_pages, num_select, page_ids + b * s_ob + h * s_oh, cand + bh * (2 * CAP),
-                     BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
-            if h == 0:
-                tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
+            valid = j < n_pages
+            d = tl.arange(0, BLOCK_D)
+            d_mask = d < HEAD_DIM
+            # Invalid pages are masked out of every load: block_table past the request's blocks may hold anything.
+            blk = tl.load(block_table + b * s_btb + (j // PAGES_PER_BLOCK) * s_btn, mask=valid, other=0).to(tl.int64)
+            gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
+            offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
+            m = valid[:, None] & d_mask[None, :]
+            if FP8_BITS:  # interpreter: uint8 views; its fp8 cast reads NaN (0x7F/0xFF) as +-480, the GPU's as NaN
+                mn_b = tl.load(page_min + offs, mask=m, other=0)
+                mx_b = tl.load(page_max + offs, mask=m, other=0)
+                mn = tl.where((mn_b & 0x7F) == 0x7F, float("nan"), mn_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+                mx = tl.where((mx_b & 0x7F) == 0x7F, float("nan"), mx_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+            else:
+                mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
+                mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
+            if GROUP_MAX:  # the largest query head's bound: a page one head of the group needs is kept
+                s = tl.full([BLOCK_N], float("-inf"), tl.float32)
+                for gi in tl.static_range(GROUP):
+                    qh = tl.load(q + b * s_qb + (h * GROUP + gi) * s_qh + d * s_qd, mask=d_mask, other=0.0)
+                    qh = qh.to(tl.float32)
+                    sg = tl.sum(mx * tl.maximum(qh, 0.0)[None, :] + mn * tl.minimum(qh, 0.0)[None, :], axis=1)
+                    s = tl.where((sg != sg) | (s != s), float("nan"), tl.maximum(s, sg))
+            else:  # the group's bounds summed: one dot product per page
+                g = tl.arange(0, BLOCK_G)
+                qg = tl.load(q + b * s_qb + (h * GROUP + g)[:, None] * s_qh + d[None, :] * s_qd,
+                             mask=(g < GROUP)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+                q_pos = tl.sum(tl.maximum(qg, 0.0), axis=0)  # weights of max_i
+                q_neg = tl.sum(tl.minimum(qg, 0.0), axis=0)  # weights of min_i
+                s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
+            s = tl.where(s != s, float("inf"), s)  # NaN: an fp8 summary out of range, no finite bound
+            s = tl.where(valid, s, float("-inf"))
+            forced = valid & ((j < num_sink) | (j >= n_pages - num_recent))
+            s = tl.where(forced, float("inf"), s)
+            tl.store(s_row + j, s, mask=j < max_pages)
+        if FUSED:
+            # Last program of this row to finish selects its top k. The barrier orders every thread's score
+            # stores before the (single-thread, acq_rel) counter increment.
+            tl.debug_barrier()
+            done = tl.atomic_add(row_counters + bh, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                tl.store(row_counters + bh, 0)  # ready for the next launch
+                topk_row(s_row, n_pages, num_select, page_ids + b * s_ob + h * s_oh, cand + bh * (2 * CAP),
+                         BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+                if h == 0:
+                    tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
 
 
 @triton.jit
 def _topk_pages_kernel(
-    scores, seq_lens, page_ids, num_valid, cand, max_pages, num_select,
+    scores, seq_lens, page_ids, num_valid, cand, refresh, max_pages, num_select,
     s_sb, s_sh, s_ob, s_oh,
     HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
     GS: tl.constexpr, CAP: tl.constexpr, GPASSES: tl.constexpr, FILTER: tl.constexpr,
     CAND_STRIDE: tl.constexpr, NARROW: tl.constexpr,
     BLOCK_1: tl.constexpr, GS_1: tl.constexpr, CAP_1: tl.constexpr, FILTER_1: tl.constexpr,
     BLOCK_2: tl.constexpr, GS_2: tl.constexpr, CAP_2: tl.constexpr, FILTER_2: tl.constexpr,
+    REUSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
-    s_row = scores + b * s_sb + h * s_sh
-    out_row = page_ids + b * s_ob + h * s_oh
-    cand_row = cand + bh * CAND_STRIDE
-    # The row width is the block table's (max_model_len), fixed for CUDA graphs, but a request's live pages
-    # may be far fewer: a runtime branch picks a narrower compiled variant so the select's work follows
-    # the live length (all variants are compiled into this one kernel; no host sync, no recapture).
-    if NARROW >= 2:
-        if n_pages <= BLOCK_2:
-            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_2, BLOCK_K, GS_2, CAP_2, GPASSES,
-                     FILTER_2)
-        elif n_pages <= BLOCK_1:
-            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
-                     FILTER_1)
-        else:
-            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
-    elif NARROW == 1:
-        if n_pages <= BLOCK_1:
-            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
-                     FILTER_1)
-        else:
-            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+    # A row that reuses its last selection (reuse.py) keeps its page_ids: nothing to rank.
+    if REUSE:
+        go = tl.load(refresh + b) != 0
     else:
-        topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
-    if h == 0:
-        tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
+        go = n_pages >= 0
+    if go:
+        s_row = scores + b * s_sb + h * s_sh
+        out_row = page_ids + b * s_ob + h * s_oh
+        cand_row = cand + bh * CAND_STRIDE
+        # The row width is the block table's (max_model_len), fixed for CUDA graphs, but a request's live pages
+        # may be far fewer: a runtime branch picks a narrower compiled variant so the select's work follows
+        # the live length (all variants are compiled into this one kernel; no host sync, no recapture).
+        if NARROW >= 2:
+            if n_pages <= BLOCK_2:
+                topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_2, BLOCK_K, GS_2, CAP_2, GPASSES,
+                         FILTER_2)
+            elif n_pages <= BLOCK_1:
+                topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                         FILTER_1)
+            else:
+                topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+        elif NARROW == 1:
+            if n_pages <= BLOCK_1:
+                topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK_1, BLOCK_K, GS_1, CAP_1, GPASSES,
+                         FILTER_1)
+            else:
+                topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+        else:
+            topk_row(s_row, n_pages, num_select, out_row, cand_row, BLOCK, BLOCK_K, GS, CAP, GPASSES, FILTER)
+        if h == 0:
+            tl.store(num_valid + b, tl.minimum(n_pages, num_select).to(tl.int32))
 
 
 # --------------------------------------------------------------------------------------------- host side
@@ -195,8 +208,10 @@ def _score_config(d: int, block_n: int | None) -> tuple[int, int]:
 
 
 def _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
-                  num_recent_pages, out, block_n, num_warps=None, fused=None, group_max=False):
-    """Score (and with ``fused = (page_ids, num_valid, num_select, topk_cfg)`` select) in one launch."""
+                  num_recent_pages, out, block_n, num_warps=None, fused=None, group_max=False, refresh=None):
+    """Score (and with ``fused = (page_ids, num_valid, num_select, topk_cfg)`` select) in one launch; with
+    ``refresh`` (``[B]`` int32) only the rows where it is nonzero."""
+    assert refresh is None or fused is None, "selection reuse runs the separate score and top-k launches"
     bsz, hq, d = q.shape
     hkv = page_min.shape[1]
     max_pages = out.shape[2]
@@ -217,20 +232,22 @@ def _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block
         cand = torch.empty(bsz * hkv * 2 * cfg["CAP"], dtype=torch.int32, device=q.device)
         s_ob, s_oh = page_ids.stride(0), page_ids.stride(1)
     _score_pages_kernel[grid](
-        q, page_min, page_max, block_table, seq_lens, out,
+        q, page_min, page_max, block_table, seq_lens, out, out if refresh is None else refresh,
         max_pages, num_sink_pages, num_recent_pages,
         *q.stride(), *page_min.stride(), *block_table.stride(), out.stride(0), out.stride(1),
         ctr, page_ids, num_valid, cand, num_select, s_ob, s_oh,
         HKV=hkv, GROUP=hq // hkv, HEAD_DIM=d, PAGE_SIZE=page_size, PAGES_PER_BLOCK=block_size // page_size,
         BLOCK_G=triton.next_power_of_2(hq // hkv), BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
-        FUSED=fused is not None, **cfg, FP8_BITS=fp8_bits, GROUP_MAX=group_max, num_warps=num_warps or warps,
+        FUSED=fused is not None, **cfg, FP8_BITS=fp8_bits, GROUP_MAX=group_max, REUSE=refresh is not None,
+        num_warps=num_warps or warps,
     )
 
 
 def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, block_table: torch.Tensor,
                 seq_lens: torch.Tensor, page_size: int, block_size: int, num_sink_pages: int = 0,
                 num_recent_pages: int = 0, out: torch.Tensor | None = None,
-                block_n: int | None = None, group_max: bool = False) -> torch.Tensor:
+                block_n: int | None = None, group_max: bool = False,
+                refresh: torch.Tensor | None = None) -> torch.Tensor:
     """Quest upper bound of ``q . k`` for every logical page of every (request, kv head).
 
     Args:
@@ -243,6 +260,7 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
         out: optional ``[B, Hkv, max_pages]`` fp32 to write into.
         block_n: pages per program (tuning; default 64 for D <= 128).
         group_max: the largest query head's bound instead of the group's sum (``score_pages_ref``).
+        refresh: optional ``[B]`` int32; rows where it is 0 are not scored (their scores stay as they were).
 
     Returns:
         ``[B, Hkv, max_blocks * block_size // page_size]`` fp32; ``-inf`` for pages at or past
@@ -258,7 +276,7 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     if bsz == 0 or max_pages == 0:
         return out
     _launch_score(q, page_min, page_max, block_table, seq_lens, page_size, block_size, num_sink_pages,
-                  num_recent_pages, out, block_n, group_max=group_max)
+                  num_recent_pages, out, block_n, group_max=group_max, refresh=refresh)
     return out
 
 
@@ -272,7 +290,8 @@ def _resolve_impl(impl: str, max_pages: int) -> str:
 def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                impl: str = "auto", candidate_cap: int | None = None, num_warps: int | None = None,
                narrow_levels: int | None = None, segment_pages: int | None = None,
-               split_max_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               split_max_rows: int | None = None, refresh: torch.Tensor | None = None,
+               page_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded.
 
     ``impl``: ``"triton"`` (radix select, rows up to ``_MAX_TRITON_TOPK`` pages), ``"torch"``
@@ -283,7 +302,10 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     ``segment_pages``: rows longer than two segments are split over several programs per row
     (``topk_split.py``, same selection; default ``topk_split.SEGMENT_PAGES``, ``0``: never), with the default
     size only when there are fewer than ``split_max_rows`` rows (default ``topk_split.SPLIT_MAX_ROWS``).
+    ``refresh`` (``[B]`` int32, needs ``page_ids``: ``[B, Hkv, num_select]`` int32, last dim contiguous): only
+    rows where it is nonzero are selected; the others keep their ``page_ids`` (``num_valid`` is then unset).
     """
+    assert refresh is None or page_ids is not None, "refresh needs the page_ids to keep"
     bsz, hkv, max_pages = scores.shape
     dev = scores.device
     impl = _resolve_impl(impl, max_pages)
@@ -292,21 +314,27 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
 
         if split_applies(max_pages, num_select, segment_pages, bsz * hkv, split_max_rows):
             return topk_pages_split(scores, seq_lens, page_size, num_select, segment_pages, candidate_cap,
-                                    num_warps)
+                                    num_warps, refresh=refresh, page_ids=page_ids)
         assert max_pages <= _MAX_TRITON_TOPK and scores.stride(2) == 1
-        page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
+        if page_ids is None:
+            page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
+        assert page_ids.shape == (bsz, hkv, num_select) and page_ids.stride(2) == 1
         num_valid = torch.empty(bsz, dtype=torch.int32, device=dev)
         cfg = _narrow_topk_config(max_pages, num_select, candidate_cap, num_warps, narrow_levels)
         cand = torch.empty(bsz * hkv * cfg["CAND_STRIDE"], dtype=torch.int32, device=dev)
         _topk_pages_kernel[(bsz * hkv,)](
-            scores, seq_lens, page_ids, num_valid, cand, max_pages, num_select,
-            scores.stride(0), scores.stride(1), page_ids.stride(0), page_ids.stride(1),
-            HKV=hkv, PAGE_SIZE=page_size, **cfg,
+            scores, seq_lens, page_ids, num_valid, cand, num_valid if refresh is None else refresh, max_pages,
+            num_select, scores.stride(0), scores.stride(1), page_ids.stride(0), page_ids.stride(1),
+            HKV=hkv, PAGE_SIZE=page_size, **cfg, REUSE=refresh is not None,
         )
         return page_ids, num_valid
     from longseq.kernels.sparse_decode.torch_ops import topk_pages_torch
 
-    return topk_pages_torch(scores, seq_lens, page_size, num_select)
+    ids, num_valid = topk_pages_torch(scores, seq_lens, page_size, num_select)
+    if refresh is None:
+        return ids, num_valid
+    page_ids.copy_(torch.where(refresh.bool()[:, None, None], ids, page_ids))
+    return page_ids, num_valid
 
 
 def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
@@ -315,7 +343,8 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
                       topk_impl: str = "auto", fused: bool | None = None, candidate_cap: int | None = None,
                       score_block_n: int | None = None, topk_num_warps: int | None = None,
                       segment_pages: int | None = None, split_max_rows: int | None = None,
-                      group_max: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      group_max: bool = False, refresh: torch.Tensor | None = None,
+                      page_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quest page selection: score every page (``score_pages``) and keep the best ``num_select``.
 
     Args: as ``score_pages``; ``num_select``: pages kept per (request, kv head), at least
@@ -323,6 +352,8 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
         one launch (default ``FUSED_DEFAULT``; triton top-k only). ``candidate_cap``, ``score_block_n``,
         ``topk_num_warps``, ``segment_pages``, ``split_max_rows``: tuning (``topk_pages``, ``score_pages``).
         ``group_max``: score by the largest query head's bound (``score_pages``).
+        ``refresh``, ``page_ids``: select only the rows where ``refresh`` (``[B]`` int32) is nonzero, into
+        ``page_ids``; the other rows keep theirs (selection reuse, ``reuse.py``; not with ``fused``).
 
     Returns:
         page_ids: ``[B, Hkv, num_select]`` int32 logical pages, ascending, ``-1`` padded past
@@ -335,7 +366,7 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
     hkv = page_min.shape[1]
     max_pages = max_logical_pages(block_table, page_size, block_size)
     impl = _resolve_impl(topk_impl, max_pages)
-    fused = FUSED_DEFAULT if fused is None else fused
+    fused = (FUSED_DEFAULT if fused is None else fused) and refresh is None
     if fused and impl == "triton" and bsz > 0 and max_pages > 0:
         scores = torch.empty(bsz, hkv, max_pages, dtype=torch.float32, device=q.device)
         page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=q.device)
@@ -346,6 +377,8 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
                       group_max=group_max)
         return page_ids, num_valid
     scores = score_pages(q, page_min, page_max, block_table, seq_lens, page_size, block_size,
-                         num_sink_pages, num_recent_pages, block_n=score_block_n, group_max=group_max)
+                         num_sink_pages, num_recent_pages, block_n=score_block_n, group_max=group_max,
+                         refresh=refresh)
     return topk_pages(scores, seq_lens, page_size, num_select, impl=impl, candidate_cap=candidate_cap,
-                      num_warps=topk_num_warps, segment_pages=segment_pages, split_max_rows=split_max_rows)
+                      num_warps=topk_num_warps, segment_pages=segment_pages, split_max_rows=split_max_rows,
+                      refresh=refresh, page_ids=page_ids)

@@ -61,16 +61,18 @@ def _merge_row(s_row, seg_row, out_row, n_pages, num_select,
 @triton.jit
 def _topk_segment_kernel(
     scores, seq_lens, seg_ids, cand, max_pages, num_select, s_sb, s_sh,
-    row_counters, page_ids, num_valid, s_ob, s_oh,
+    row_counters, page_ids, num_valid, s_ob, s_oh, refresh,
     HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr, GS: tl.constexpr, CAP: tl.constexpr, GPASSES: tl.constexpr, FILTER: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, N: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, N: tl.constexpr, REUSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     seg = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
+    if REUSE:  # a row that reuses its last selection (reuse.py): its segments hold nothing (the merge skips it)
+        n_pages = tl.where(tl.load(refresh + b) != 0, n_pages, 0)
     start = seg * SEG
     n_seg = tl.minimum(tl.maximum(n_pages - start, 0), SEG)
     out_row = seg_ids + (bh * NSEG + seg) * BLOCK_K
@@ -95,18 +97,23 @@ def _topk_segment_kernel(
 
 @triton.jit
 def _topk_merge_kernel(
-    scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, s_sb, s_sh, s_ob, s_oh,
+    scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, s_sb, s_sh, s_ob, s_oh, refresh,
     HKV: tl.constexpr, PAGE_SIZE: tl.constexpr, NSEG: tl.constexpr, SEG: tl.constexpr, BLOCK_K: tl.constexpr,
-    N: tl.constexpr,
+    N: tl.constexpr, REUSE: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
     n_pages = tl.minimum((tl.load(seq_lens + b) + PAGE_SIZE - 1) // PAGE_SIZE, max_pages)
-    k = _merge_row(scores + b * s_sb + h * s_sh, seg_ids + bh * NSEG * BLOCK_K, page_ids + b * s_ob + h * s_oh,
-                   n_pages, num_select, NSEG, SEG, BLOCK_K, N)
-    if h == 0:
-        tl.store(num_valid + b, k.to(tl.int32))
+    if REUSE:
+        go = tl.load(refresh + b) != 0
+    else:
+        go = n_pages >= 0
+    if go:  # a row that reuses its last selection (reuse.py) keeps its page_ids
+        k = _merge_row(scores + b * s_sb + h * s_sh, seg_ids + bh * NSEG * BLOCK_K,
+                       page_ids + b * s_ob + h * s_oh, n_pages, num_select, NSEG, SEG, BLOCK_K, N)
+        if h == 0:
+            tl.store(num_valid + b, k.to(tl.int32))
 
 
 def split_applies(max_pages: int, num_select: int, segment_pages: int | None = None,
@@ -124,8 +131,9 @@ def split_applies(max_pages: int, num_select: int, segment_pages: int | None = N
 
 def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                      segment_pages: int | None = None, candidate_cap: int | None = None,
-                     num_warps: int | None = None,
-                     fused_merge: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     num_warps: int | None = None, fused_merge: bool | None = None,
+                     refresh: torch.Tensor | None = None,
+                     page_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``select.topk_pages`` (triton path, ties to the lower page), split over segments.
 
     Args:
@@ -134,6 +142,8 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
             ``SEGMENT_PAGES``). candidate_cap, num_warps: the per-segment select's tuning (``topk_config``).
         fused_merge: the last segment program of each row merges (one launch, per-row counters of
             ``workspace.counters``) instead of a second launch (default ``FUSED_MERGE``).
+        refresh, page_ids: selection reuse (``select.topk_pages``): rows where ``refresh`` is 0 keep their
+            ``page_ids`` (not with ``fused_merge``).
 
     Returns:
         page_ids ``[B, Hkv, num_select]`` int32 ascending, ``-1`` padded; num_valid ``[B]`` int32.
@@ -145,7 +155,9 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
         raise ValueError(f"segment_pages must be a power of two >= 2 * {block_k}, got {seg}")
     assert scores.stride(2) == 1
     dev = scores.device
-    page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
+    if page_ids is None:
+        page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=dev)
+    assert page_ids.shape == (bsz, hkv, num_select) and page_ids.stride(2) == 1
     num_valid = torch.empty(bsz, dtype=torch.int32, device=dev)
     if bsz == 0:
         return page_ids, num_valid
@@ -155,6 +167,9 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     seg_ids = torch.empty(bsz * hkv * nseg * block_k, dtype=torch.int32, device=dev)
     cand = torch.empty(bsz * hkv * nseg * 2 * cfg["CAP"], dtype=torch.int32, device=dev)
     fused = FUSED_MERGE if fused_merge is None else fused_merge
+    assert refresh is None or not fused, "selection reuse runs the separate merge launch"
+    reuse = dict(REUSE=refresh is not None)
+    refresh = num_valid if refresh is None else refresh  # unused unless REUSE
     common = dict(HKV=hkv, PAGE_SIZE=page_size, NSEG=nseg, SEG=seg)
     n = triton.next_power_of_2(nseg * block_k)
     # >= 1 element per thread in every histogram of the merge (its warps: the segment kernel's when fused)
@@ -162,13 +177,14 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     ctr = counters(dev, bsz * hkv) if fused else seg_ids  # unused unless fused
     _topk_segment_kernel[(bsz * hkv, nseg)](
         scores, seq_lens, seg_ids, cand, max_pages, num_select, scores.stride(0), scores.stride(1),
-        ctr, page_ids, num_valid, page_ids.stride(0), page_ids.stride(1),
-        **common, **cfg, FUSED_MERGE=fused, N=n, num_warps=warps,
+        ctr, page_ids, num_valid, page_ids.stride(0), page_ids.stride(1), refresh,
+        **common, **cfg, FUSED_MERGE=fused, N=n, **reuse, num_warps=warps,
     )
     if not fused:
         _topk_merge_kernel[(bsz * hkv,)](
             scores, seq_lens, seg_ids, page_ids, num_valid, max_pages, num_select, scores.stride(0),
-            scores.stride(1), page_ids.stride(0), page_ids.stride(1), **common, BLOCK_K=block_k, N=n,
+            scores.stride(1), page_ids.stride(0), page_ids.stride(1), refresh, **common, BLOCK_K=block_k, N=n,
+            **reuse,
             num_warps=min(16, max(4, n // 256)),
         )
     return page_ids, num_valid

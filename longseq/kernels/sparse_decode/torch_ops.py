@@ -75,14 +75,17 @@ def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: t
 
 def sparse_paged_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                               block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
-                              page_size: int, scale: float) -> torch.Tensor:
+                              page_size: int, scale: float, extra_pages: torch.Tensor | None = None) -> torch.Tensor:
     """``sparse_paged_decode_ref``'s result (``[B, Hq, D]`` in ``q.dtype``, fp32 softmax), batched.
 
     Args: as ``sparse_paged_decode_ref``: caches ``[num_blocks, block_size, Hkv, D]`` (any strides),
-    ``page_ids`` ``[B, Hkv, S]`` logical pages, ``-1`` skipped, tokens at positions ``>= seq_len`` masked.
+    ``page_ids`` ``[B, Hkv, S]`` logical pages, ``-1`` skipped, tokens at positions ``>= seq_len`` masked;
+    ``extra_pages`` ``[B, E]``: more pages for every KV head (``sparse_paged_decode``).
     """
     b_, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
+    if extra_pages is not None:
+        page_ids = torch.cat([page_ids, extra_pages[:, None, :].expand(-1, hkv, -1).to(page_ids.dtype)], dim=2)
     pos = (page_ids.long()[..., None] * page_size + torch.arange(page_size, device=q.device)).flatten(2)  # [B,Hkv,N]
     ok = (page_ids.long()[..., None] >= 0).expand(-1, -1, -1, page_size).flatten(2) & (pos < seq_lens.long()[:, None, None])
     pos = torch.where(ok, pos, 0)
