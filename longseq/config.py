@@ -161,13 +161,6 @@ class LongSeqConfig:
             raise LongSeqConfigError(
                 f"LONGSEQ_SPARSE_SINK_PAGES + LONGSEQ_SPARSE_RECENT_PAGES ({self.sparse_sink_pages} + "
                 f"{self.sparse_recent_pages}) exceed the budget of {self.sparse_budget // p} pages")
-        new_pages = (self.sparse_reuse_steps - 1 + p - 1) // p  # budget slots for pages written between selections
-        if self.sparse_sink_pages + self.sparse_recent_pages + new_pages > self.sparse_budget // p:
-            raise LongSeqConfigError(
-                f"LONGSEQ_SPARSE_REUSE_STEPS={self.sparse_reuse_steps} keeps {new_pages} page(s) of the budget for "
-                f"pages written between selections; with {self.sparse_sink_pages} sink and "
-                f"{self.sparse_recent_pages} recent pages that exceeds the budget of {self.sparse_budget // p} pages: "
-                "raise LONGSEQ_SPARSE_BUDGET or lower LONGSEQ_SPARSE_REUSE_STEPS")
 
     def _check_duo(self) -> None:
         env = self.ENV_NAMES

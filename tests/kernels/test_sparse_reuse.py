@@ -136,7 +136,8 @@ def test_select_with_refresh_keeps_the_other_rows(segment_pages):
     assert torch.equal(kept[[0, 2]], full[[0, 2]]) and torch.equal(kept[[1, 3]], before[[1, 3]])
 
 
-def test_decode_with_extra_pages_matches_reference():
+@pytest.mark.parametrize("num_splits", [1, 3])  # the last split also reads the extra pages
+def test_decode_with_extra_pages_matches_reference(num_splits):
     torch.manual_seed(2)
     dec = Decoding([200, 130, 70], block_size=16)
     q = torch.randn(3, 4, dec.d).to(torch.bfloat16)
@@ -146,7 +147,8 @@ def test_decode_with_extra_pages_matches_reference():
     want = naive.sparse_paged_decode_ref(q, dec.key_cache, dec.value_cache, dec.block_table, dec.seq_lens,
                                          torch.cat([page_ids, extra[:, None].expand(-1, dec.hkv, -1)], 2), 4, 0.2)
     got = sd.sparse_paged_decode(*[t.to(DEV) for t in (q, dec.key_cache, dec.value_cache, dec.block_table,
-                                                       dec.seq_lens, page_ids)], 4, 0.2, extra_pages=extra.to(DEV))
+                                                       dec.seq_lens, page_ids)], 4, 0.2, extra_pages=extra.to(DEV),
+                                 num_splits=num_splits)
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=2e-2, rtol=2e-2)
     from longseq.kernels.sparse_decode.torch_ops import sparse_paged_decode_torch
 
@@ -179,7 +181,7 @@ def _run_steps(kernel: str, every: int, steps: int = 11):
         q = torch.randn(3, 4, dec.d, generator=g).to(torch.bfloat16).to(dev)
         out = torch.empty_like(q)
         sparse_decode(q, kc, vc, bt, sl, index, settings, 0.2, out, reuse=reuse, kernel=kernel)
-        kept = index.kept_pages(reuse.capacity, dec.hkv, settings.num_select - reuse.num_extra, dev)[:3]
+        kept = index.kept_pages(reuse.capacity, dec.hkv, settings.num_select, dev)[:3]
         log.append(dict(refresh=reuse.refresh.cpu().clone(), extra=reuse.extra.cpu().clone(), kept=kept.cpu().clone(),
                         out=out.cpu().float(), q=q.cpu(), seq_lens=dec.seq_lens.clone(),
                         table=dec.block_table.clone(), pmin=index.page_min.cpu().clone(),
@@ -191,18 +193,16 @@ def _run_steps(kernel: str, every: int, steps: int = 11):
 @pytest.mark.parametrize("kernel", ["triton", "torch"])
 def test_core_reuses_selection_for_n_steps_and_attends_new_pages(kernel):
     """Each row selects every 4 steps (row 1 also right after a new request took it); in between it keeps its
-    pages and attends to the pages written since: outputs equal the reference attention over those pages. The
-    slot for pages written since comes out of the budget: 8 pages = 7 selected + 1."""
+    pages and attends to the pages written since (on top of the budget's 8 pages: one slot for 4 steps)."""
     settings, log = _run_steps(kernel, every=4)
-    num_kept = settings.num_select - extra_page_slots(4, settings.page_size)
-    assert num_kept == 7 and log[0]["kept"].shape[-1] == num_kept and log[0]["extra"].shape[-1] == 1
+    assert log[0]["kept"].shape[-1] == settings.num_select and log[0]["extra"].shape[-1] == 1
     refresh = torch.stack([s["refresh"] for s in log])  # [steps, 3]
     assert refresh[:, 0].tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0]
     assert refresh[:, 1].tolist() == [1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]  # step 6: a new request in the row
     last = {}
     for step, s in enumerate(log):
         fresh, _ = naive.select_topk_pages_ref(s["q"], s["pmin"], s["pmax"], s["table"], s["seq_lens"], 4, 16,
-                                               num_kept, 1, 2, group_max=True)
+                                               settings.num_select, 1, 2, group_max=True)
         for b in range(3):
             if s["refresh"][b]:
                 assert torch.equal(s["kept"][b], fresh[b]), (step, b)
@@ -281,7 +281,7 @@ def test_reuse_under_cuda_graph_matches_eager():
         q_static.copy_(q)
         graph.replay()
         torch.cuda.synchronize()
-        kept = [ix.kept_pages(rows, hkv, settings.num_select - 1, torch.device("cuda")) for ix in indexes]
+        kept = [ix.kept_pages(rows, hkv, settings.num_select, torch.device("cuda")) for ix in indexes]
         assert torch.equal(kept[0], kept[1]), step
         assert torch.equal(reuses[0].refresh, reuses[1].refresh)
         torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=1e-2, rtol=1e-2)

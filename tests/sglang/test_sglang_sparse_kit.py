@@ -248,9 +248,9 @@ def test_sparse_decode_matches_independent_quest_reference(sglang_page_size, gro
 
 
 def test_sparse_decode_reuses_selection_every_4_steps(longseq_env):
-    """LONGSEQ_SPARSE_REUSE_STEPS=4 on SGLang's real pools: a request selects at decode steps 0, 4, 8 (3 pages +
-    1 budget slot for pages written since); in between its output is the reference attention over the pages
-    it selected then plus the pages opened since (the same plan as the vLLM and GPU paths: core/sparse.py)."""
+    """LONGSEQ_SPARSE_REUSE_STEPS=4 on SGLang's real pools: a request selects (4 pages) at decode steps 0, 4 and
+    8; in between its output is the reference attention over the pages it selected then plus the pages opened
+    since (the same plan as the vLLM and GPU paths: core/sparse.py)."""
     import torch
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
@@ -264,14 +264,14 @@ def test_sparse_decode_reuses_selection_every_4_steps(longseq_env):
     for step, (q, out, seq_lens) in enumerate(prefill_and_decode(backend, runner, layer, steps=9)):
         for b, n in enumerate(seq_lens):
             if step % 4 == 0:
-                want, ids, _ = quest_one(runner, q, b, n, 16, num_select=3, sink=1, recent=1, group_max=True)
+                want, ids, _ = quest_one(runner, q, b, n, 16, num_select=4, sink=1, recent=1, group_max=True)
                 kept[b] = (ids, n)
             else:
                 ids, n0 = kept[b]
                 extra = list(range(math.ceil(n0 / 16), math.ceil(n / 16)))  # pages opened since the selection
                 new_pages += len(extra)
-                want, _, _ = quest_one(runner, q, b, n, 16, 3, 1, 1, True, keep=ids, extra=extra or [-1])
-                fresh, _, _ = quest_one(runner, q, b, n, 16, 3, 1, 1, True)
+                want, _, _ = quest_one(runner, q, b, n, 16, 4, 1, 1, True, keep=ids, extra=extra or [-1])
+                fresh, _, _ = quest_one(runner, q, b, n, 16, 4, 1, 1, True)
                 assert step != 1 or not torch.allclose(fresh, want, atol=1e-3)  # a new selection would differ
             torch.testing.assert_close(out.view(-1, HQ, D)[b:b + 1], want, atol=1e-5, rtol=1e-5)
     assert new_pages == 1  # request 1 opens page 13 (token 208) at step 7, after its selection at step 4

@@ -241,23 +241,19 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         kernel: ``triton`` (the GPU kernels) or ``torch`` (their batched PyTorch versions); default: triton on
             CUDA tensors. Both select the same pages (up to float rounding of equal bounds).
 
-    A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent; with reuse,
-    ``num_select - E`` kept pages plus the ``E`` slots for pages written since). Shapes depend only on ``B`` and
-    the block table width, so the step can be captured in a CUDA graph.
+    A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent; between two
+    selections also to the up to ``E`` pages written since, which come on top of the budget). Shapes depend only
+    on ``B`` and the block table width, so the step can be captured in a CUDA graph.
     """
     block_size = key_cache.shape[1]
     bsz = q.shape[0]
     refresh = kept = extra = None
-    num_select = settings.num_select
     if reuse is not None and reuse.every > 1:
-        # The pages written since a selection take slots of the budget: the list stays num_select pages long,
-        # so the decode kernel's split count (and the bytes read) match a step without reuse.
         assert reuse.rows == bsz, f"the reuse plan is for {reuse.rows} rows, the step has {bsz}"
-        num_select -= reuse.num_extra
-        kept = index.kept_pages(reuse.capacity, index.page_min.shape[1], num_select, q.device)[:bsz]
+        kept = index.kept_pages(reuse.capacity, index.page_min.shape[1], settings.num_select, q.device)[:bsz]
         refresh, extra = reuse.refresh, reuse.extra
     args = (q, index.page_min, index.page_max, block_table, seq_lens, settings.page_size, block_size,
-            num_select, settings.sink_pages, settings.recent_pages)
+            settings.num_select, settings.sink_pages, settings.recent_pages)
     if (kernel or ("triton" if q.is_cuda else "torch")) == "triton":
         from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
 

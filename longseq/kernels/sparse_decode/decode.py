@@ -26,9 +26,50 @@ FUSE_MERGE_DEFAULT = True
 
 
 @triton.jit
+def _attend_list(
+    src_row, t_lo, t_hi, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, scale_log2,
+    s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+    BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online softmax of one GQA group over token slots ``[t_lo, t_hi)`` of a page list (``src_row``: logical
+    pages); returns the updated ``(m_i, l_i, acc)``."""
+    n = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    for t0 in range(t_lo, t_hi, BLOCK_N):
+        # Token slot t of the list = offset t % P of the (t // P)-th listed page.
+        t = t0 + n
+        page = tl.load(src_row + t // PAGE_SIZE, mask=t < t_hi, other=-1).to(tl.int64)
+        pos = page * PAGE_SIZE + t % PAGE_SIZE  # position in the request's sequence
+        valid = (page >= 0) & (pos < seq_len)  # -1 entries and the partial last page's tail are masked
+        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * s_btn, mask=valid, other=0).to(tl.int64)
+        off = pos % BLOCK_SIZE
+        kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(key_cache + (blk * s_kb + off * s_ko + h * s_kh)[:, None] + d[None, :] * s_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(value_cache + (blk * s_vb + off * s_vo + h * s_vh)[:, None] + d[None, :] * s_vd,
+                    mask=kv_mask, other=0.0)
+        p_dtype = v.dtype
+        if DOT_FP32:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(qg, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [G, N], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a range with no token yet: no NaNs
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
+        acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _sparse_decode_kernel(
     q, key_cache, value_cache, block_table, seq_lens, page_ids, extra_pages, out, part_o, part_lse, row_counters,
-    scale_log2, list_tokens, tokens_per_split, num_splits, num_listed,
+    scale_log2, list_tokens, tokens_per_split, num_splits, extra_tokens,
     s_qb, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
     s_btb, s_btn, s_pb, s_ph, s_eb, s_ob, s_oh, s_od,
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -55,42 +96,20 @@ def _sparse_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    n = tl.arange(0, BLOCK_N)
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, list_tokens)
-    for t0 in range(t_start, t_end, BLOCK_N):
-        # Token slot t of the list = offset t % P of the (t // P)-th selected page.
-        t = t0 + n
-        slot = t // PAGE_SIZE
-        if EXTRA:  # slots past the selected pages: the request's pages written since (selection reuse)
-            page = tl.load(pid_row + slot, mask=(t < t_end) & (slot < num_listed), other=-1)
-            page_x = tl.load(extra_pages + b * s_eb + (slot - num_listed), mask=(t < t_end) & (slot >= num_listed),
-                             other=-1)
-            page = tl.where(slot < num_listed, page, page_x).to(tl.int64)
-        else:
-            page = tl.load(pid_row + slot, mask=t < t_end, other=-1).to(tl.int64)
-        pos = page * PAGE_SIZE + t % PAGE_SIZE  # position in the request's sequence
-        valid = (page >= 0) & (pos < seq_len)  # -1 entries and the partial last page's tail are masked
-        blk = tl.load(bt_row + (pos // BLOCK_SIZE) * s_btn, mask=valid, other=0).to(tl.int64)
-        off = pos % BLOCK_SIZE
-        kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(key_cache + (blk * s_kb + off * s_ko + h * s_kh)[:, None] + d[None, :] * s_kd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(value_cache + (blk * s_vb + off * s_vo + h * s_vh)[:, None] + d[None, :] * s_vd,
-                    mask=kv_mask, other=0.0)
-        p_dtype = v.dtype
-        if DOT_FP32:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(qg, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [G, N], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a range with no token yet: no NaNs
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        # P rounded to the cache dtype, as in flash attention: the second dot runs on the tensor cores too.
-        acc = acc * alpha[:, None] + tl.dot(p.to(p_dtype).to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_list(
+        pid_row, t_start, t_end, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, scale_log2,
+        s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+        BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32)
+    if EXTRA:
+        # The pages written since a reused selection (reuse.py): one more short range for the last split, so the
+        # split count (and the merge) stays that of the selected list.
+        if split == num_splits - 1:
+            m_i, l_i, acc = _attend_list(
+                extra_pages + b * s_eb, 0, extra_tokens, qg, m_i, l_i, acc, seq_len, bt_row, key_cache,
+                value_cache, h, scale_log2, s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+                BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a head that saw no token outputs zeros
     if SPLIT:
         row = (b * (HKV * GROUP) + heads) * num_splits + split  # part_o is [B, Hq, num_splits, D]
@@ -226,10 +245,9 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     assert block_size % page_size == 0 and page_ids.shape[:2] == (bsz, hkv) and page_ids.stride(2) == 1
     if out is None:
         out = torch.empty_like(q)
-    num_listed = page_ids.shape[2]
+    num_select = page_ids.shape[2]
     num_extra = 0 if extra_pages is None else extra_pages.shape[1]
     assert extra_pages is None or (extra_pages.shape[0] == bsz and extra_pages.stride(1) == 1)
-    num_select = num_listed + num_extra
     if bsz == 0:
         return out
     block_n = _block_n(d)
@@ -254,7 +272,7 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
         q, key_cache, value_cache, block_table, seq_lens, page_ids, page_ids if extra_pages is None else extra_pages,
-        out, part_o, part_lse, ctr, scale * _LOG2E, list_tokens, tokens_per_split, num_splits, num_listed,
+        out, part_o, part_lse, ctr, scale * _LOG2E, list_tokens, tokens_per_split, num_splits, num_extra * page_size,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         page_ids.stride(0), page_ids.stride(1), 0 if extra_pages is None else extra_pages.stride(0), *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size,
