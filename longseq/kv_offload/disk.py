@@ -20,6 +20,11 @@ which is atomic on POSIX: a reader (this process or another server) sees the who
 new file, or nothing. Any failed check is a miss, never data; the bad file is deleted only if the path
 still names the very file we read (same device, inode, size and mtime), so a good block that another
 server published meanwhile is left alone. No pickle anywhere: the header is ``struct``, the sidecar JSON.
+
+The directory may be shared, so its entries are not trusted: every level below ``DIR`` is opened with
+``O_NOFOLLOW`` (a symlinked ``blocks/ab`` is never followed, so nothing is read, written, touched or deleted
+outside ``DIR``), block files are opened non-blocking and must be regular files (a FIFO cannot hang a reader),
+and the header's payload size is checked against the expected block size before anything is allocated.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import threading
 import time
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .fingerprint import DIGEST_BYTES, KVFingerprint
+from .safe_fs import TMP_SUFFIX, UnsafeEntryError, open_dir, open_regular, unlink_if, write_atomic
 from .stats import StatsRecorder
 
 if TYPE_CHECKING:  # torch only for annotations: ``longseq kv stats`` imports this module without torch
@@ -49,13 +56,16 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sHH16sIQII")  # see module docstring
 HEADER_SIZE = HEADER.size  # 48
 BLOCK_SUFFIX = ".kvb"
-TMP_SUFFIX = ".tmp"
 MAX_KEY_BYTES = 1 << 16
 STALE_TMP_SECONDS = 600.0  # temp files older than this are a crashed writer's leftovers
 
 
 class BlockCheckError(Exception):
     """A block file failed a check; the message names which one."""
+
+
+class SizeMismatch(Exception):
+    """The caller's output buffer does not fit the block: a miss, but not the file's fault."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,11 @@ def encode_header(digest: bytes, key: bytes, payload_nbytes: int, payload_crc: i
     return head[:-4] + struct.pack("<I", header_crc) + key
 
 
-def read_header(f, file_size: int) -> BlockHeader:
-    """Read and check the header + key from an open binary file at offset 0. Raises BlockCheckError."""
+def read_header(f, file_size: int, payload_nbytes: int | None = None, max_payload: int | None = None) -> BlockHeader:
+    """Read and check the header + key from an open binary file at offset 0. Raises BlockCheckError.
+
+    payload_nbytes: the exact payload size a block must have here; max_payload: an upper bound when that is unknown.
+    Both are checked before the caller allocates anything for the payload."""
     raw = f.read(HEADER_SIZE)
     if len(raw) != HEADER_SIZE:
         raise BlockCheckError(f"truncated header ({len(raw)} of {HEADER_SIZE} bytes)")
@@ -93,6 +106,10 @@ def read_header(f, file_size: int) -> BlockHeader:
         raise BlockCheckError("truncated key")
     if zlib.crc32(key, zlib.crc32(raw[:-4])) != header_crc:
         raise BlockCheckError("header checksum mismatch")
+    if payload_nbytes is not None and nbytes != payload_nbytes:
+        raise BlockCheckError(f"payload is {nbytes} bytes, a block here has {payload_nbytes}")
+    if max_payload is not None and nbytes > max_payload:
+        raise BlockCheckError(f"payload of {nbytes} bytes is larger than the whole cache ({max_payload} bytes)")
     header = BlockHeader(digest, key, nbytes, payload_crc)
     if file_size != header.file_size:
         raise BlockCheckError(f"file is {file_size} bytes, header says {header.file_size}")
@@ -104,7 +121,7 @@ def block_name(digest: bytes, key: bytes) -> str:
 
 
 def iter_block_files(root: str) -> Iterator[os.DirEntry]:
-    """Every ``*.kvb`` and leftover temp file under ``root/blocks`` (two-level fan-out)."""
+    """Every ``*.kvb`` and leftover temp file under ``root/blocks`` (two-level fan-out; symlinks never followed)."""
     blocks = os.path.join(root, "blocks")
     for top in _scandir(blocks):
         if top.is_dir(follow_symlinks=False):
@@ -121,47 +138,36 @@ def _scandir(path: str) -> list[os.DirEntry]:
         return []
 
 
-def write_atomic(path: str, chunks: list, fsync: bool) -> None:
-    """Write ``chunks`` (bytes-like) to a unique temp file beside ``path``, then ``os.replace`` it into place."""
-    d, name = os.path.split(path)
-    tmp = os.path.join(d, f".{name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as f:
-            for c in chunks:
-                f.write(c)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_fingerprint_sidecar(root: str, fp: KVFingerprint) -> None:
-    path = os.path.join(root, "fingerprints", fp.digest().hex() + ".json")
-    if os.path.exists(path):
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    doc = json.loads(fp.to_json()) | {"format_version": FORMAT_VERSION, "created_unix": time.time()}
-    write_atomic(path, [json.dumps(doc, indent=1).encode()], fsync=False)
+    name = fp.digest().hex() + ".json"
+    dfd = open_dir(root, ("fingerprints",), create=True)
+    try:
+        try:
+            if stat.S_ISREG(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        doc = json.loads(fp.to_json()) | {"format_version": FORMAT_VERSION, "created_unix": time.time()}
+        write_atomic(dfd, name, [json.dumps(doc, indent=1).encode()], fsync=False)
+    finally:
+        os.close(dfd)
 
 
 class DiskTier:
     """Block files under ``root`` for one fingerprint, at most ``capacity_bytes`` in total (shared by every
     fingerprint and server using the directory; each server evicts oldest-mtime files when it sees the
-    directory over the cap). Thread-safe: no shared mutable state except the usage estimate (locked)."""
+    directory over the cap). Thread-safe: no shared mutable state except the usage estimate (locked).
+    ``block_nbytes``: the payload size every block of this fingerprint has (None: unknown, then only bounded
+    by the cap); a file claiming another size is corrupt."""
 
     def __init__(self, root: str, fingerprint: KVFingerprint, capacity_bytes: int, recorder: StatsRecorder,
-                 fsync: bool = False, rescan_seconds: float = 60.0) -> None:
+                 fsync: bool = False, rescan_seconds: float = 60.0, block_nbytes: int | None = None) -> None:
         self.root = os.path.abspath(root)
         self.digest = fingerprint.digest()
         assert len(self.digest) == DIGEST_BYTES
         self.capacity_bytes = int(capacity_bytes)
         self.low_water_bytes = int(capacity_bytes * 0.9)  # evict below the cap so we do not scan on every write
+        self.block_nbytes = int(block_nbytes) if block_nbytes else None
         self.fsync = fsync
         self.rescan_seconds = rescan_seconds
         self.rec = recorder
@@ -172,7 +178,7 @@ class DiskTier:
         self._fingerprint = fingerprint
         self._sidecar_written = False
         try:
-            os.makedirs(os.path.join(self.root, "blocks"), exist_ok=True)
+            os.close(open_dir(self.root, ("blocks",), create=True))
             self._write_sidecar()
         except OSError as e:
             self._write_failed("init", e)
@@ -183,9 +189,14 @@ class DiskTier:
         self._sidecar_written = True
 
     # ---- paths and checks ------------------------------------------------------------------
-    def path_for(self, key: bytes) -> str:
+    def _where(self, key: bytes) -> tuple[tuple[str, str, str], str]:
+        """(directory levels below root, file name) of the key's block file."""
         name = block_name(self.digest, key)
-        return os.path.join(self.root, "blocks", name[:2], name[2:4], name + BLOCK_SUFFIX)
+        return ("blocks", name[:2], name[2:4]), name + BLOCK_SUFFIX
+
+    def path_for(self, key: bytes) -> str:
+        parts, fname = self._where(key)
+        return os.path.join(self.root, *parts, fname)
 
     def _check_identity(self, header: BlockHeader, key: bytes) -> None:
         if header.digest != self.digest:
@@ -193,74 +204,84 @@ class DiskTier:
         if header.key != key:
             raise BlockCheckError("key mismatch")
 
-    def probe(self, key: bytes) -> bool:
-        """File exists and its header passes every check (payload checksum is left to ``read``)."""
-        path, st = self.path_for(key), None
+    def _header(self, f, st: os.stat_result, key: bytes) -> BlockHeader:
+        header = read_header(f, st.st_size, self.block_nbytes, self.capacity_bytes)
+        self._check_identity(header, key)
+        return header
+
+    def _with_block(self, key: bytes, body: Callable):
+        """``body(f, fd, st)`` on the key's block file, opened safely; None on a miss. Every failure is a miss:
+        a failed check or an unexpected error deletes the file (only if it is still the regular file we read);
+        a symlink, FIFO or other non-regular entry is counted and left alone (a write replaces it)."""
+        parts, fname = self._where(key)
+        path, st, dfd = os.path.join(self.root, *parts, fname), None, None
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                self._check_identity(read_header(f, st.st_size), key)
-            return True
+            dfd = open_dir(self.root, parts)
+            fd, st = open_regular(fname, dfd)
+            with open(fd, "rb", buffering=0) as f:
+                return body(f, fd, st)
         except FileNotFoundError:
-            return False
+            return None  # plain miss (never written, or evicted by us or another server)
+        except UnsafeEntryError as e:
+            self._bad_entry(path, e)
         except BlockCheckError as e:
-            self._corrupt(path, st, e)
-            return False
+            self._corrupt(dfd, fname, st, path, e)
+        except SizeMismatch as e:
+            log.warning("kv store: disk block %s not usable here: %s", path, e)
         except OSError as e:
             self._read_failed(path, e)
-            return False
+        except Exception as e:  # e.g. an allocation the header asked for failed: still a miss, never an exception
+            self.rec.add("lookup_errors")
+            log.warning("kv store: disk block %s could not be read (%s: %s): treated as a miss", path,
+                        type(e).__name__, e)
+            if dfd is not None and st is not None:
+                unlink_if(dfd, fname, (stat.S_ISREG,), same_as=st)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        return None
+
+    def probe(self, key: bytes) -> bool:
+        """File exists and its header passes every check (payload checksum is left to ``read``)."""
+        return bool(self._with_block(key, lambda f, fd, st: self._header(f, st, key) is not None))
 
     def read(self, key: bytes, alloc: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
         """The block's payload in a flat uint8 buffer from ``alloc(nbytes)``, or None on miss / failed check.
 
-        ``alloc`` may raise ValueError (e.g. caller's ``out`` has another size): that is a miss, not corruption.
+        ``alloc`` may raise SizeMismatch (e.g. caller's ``out`` has another size): that is a miss, not corruption.
         """
-        path = self.path_for(key)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                st = os.fstat(f.fileno())
-                try:
-                    header = read_header(f, st.st_size)
-                    self._check_identity(header, key)
-                    buf = alloc(header.payload_nbytes)
-                    view = memoryview(buf.numpy()).cast("B")
-                    got = 0
-                    while got < header.payload_nbytes:  # raw reads may return short counts
-                        n = f.readinto(view[got:])
-                        if not n:
-                            raise BlockCheckError(f"truncated payload ({got} of {header.payload_nbytes} bytes)")
-                        got += n
-                    if zlib.crc32(view) != header.payload_crc:
-                        raise BlockCheckError("payload checksum mismatch")
-                except BlockCheckError as e:
-                    self._corrupt(path, st, e)
-                    return None
-            try:  # a hit is a use: refresh mtime so eviction (oldest mtime first) keeps hot blocks
-                os.utime(path)
+        def body(f, fd: int, st: os.stat_result) -> torch.Tensor:
+            header = self._header(f, st, key)
+            buf = alloc(header.payload_nbytes)
+            view = memoryview(buf.numpy()).cast("B")
+            got = 0
+            while got < header.payload_nbytes:  # raw reads may return short counts
+                n = f.readinto(view[got:])
+                if not n:
+                    raise BlockCheckError(f"truncated payload ({got} of {header.payload_nbytes} bytes)")
+                got += n
+            if zlib.crc32(view) != header.payload_crc:
+                raise BlockCheckError("payload checksum mismatch")
+            try:  # a hit is a use: refresh mtime (of the file we read, by fd) so eviction keeps hot blocks
+                os.utime(fd)
             except OSError:
                 pass
             return buf
-        except FileNotFoundError:
-            return None  # plain miss (never written, or evicted by us or another server)
-        except ValueError as e:
-            log.warning("kv store: disk block %s not usable here: %s", path, e)
-            return None
-        except OSError as e:
-            self._read_failed(path, e)
-            return None
 
-    def _corrupt(self, path: str, st: os.stat_result, err: Exception) -> None:
-        """Count and log a failed check; delete the file only if the path still names the file we checked
+        return self._with_block(key, body)
+
+    def _corrupt(self, dfd: int | None, fname: str, st: os.stat_result | None, path: str, err: Exception) -> None:
+        """Count and log a failed check; delete the file only if the name still holds the regular file we checked
         (another server may have published a good block there meanwhile)."""
         self.rec.add("corrupt_blocks")
         log.warning("kv store: disk block %s failed a check (%s): treated as a miss", path, err)
-        try:
-            now = os.stat(path)
-            if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == \
-                    (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-                os.unlink(path)
-        except OSError:
-            pass
+        if dfd is not None and st is not None:
+            unlink_if(dfd, fname, (stat.S_ISREG,), same_as=st)
+
+    def _bad_entry(self, path: str, err: Exception) -> None:
+        self.rec.add("bad_files")
+        self._warn_once(("bad", str(err)), "kv store: %s in the disk cache: %s; treated as a miss and never followed"
+                        " (logged once per kind)", path, err)
 
     def _read_failed(self, path: str, err: OSError) -> None:
         self.rec.add("read_errors")
@@ -283,20 +304,22 @@ class DiskTier:
     # ---- writes and the size cap --------------------------------------------------------------
     def write(self, key: bytes, buf: torch.Tensor) -> bool:
         """Publish one block (flat uint8 CPU tensor) atomically. False on an OS error (counted, logged once)."""
-        path = self.path_for(key)
-        if os.path.exists(path):  # content-addressed: equal key, equal bytes; just mark it used
-            try:
-                os.utime(path)
-                return True
-            except OSError:
-                pass  # evicted meanwhile: write it again
+        parts, fname = self._where(key)
         view = memoryview(buf.numpy()).cast("B")
         header = encode_header(self.digest, key, len(view), zlib.crc32(view))
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if not self._sidecar_written:
-                self._write_sidecar()
-            write_atomic(path, [header, view], self.fsync)
+            dfd = open_dir(self.root, parts, create=True)
+            try:
+                if self._refresh(dfd, fname):  # content-addressed: equal key, equal bytes; just mark it used
+                    return True
+                if not self._sidecar_written:
+                    self._write_sidecar()
+                write_atomic(dfd, fname, [header, view], self.fsync)
+            finally:
+                os.close(dfd)
+        except UnsafeEntryError as e:
+            self._bad_entry(self.path_for(key), e)
+            return False
         except OSError as e:
             self._write_failed("write", e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -307,6 +330,21 @@ class DiskTier:
                 self._usage += len(header) + len(view)
         self.enforce_cap()
         return True
+
+    @staticmethod
+    def _refresh(dfd: int, fname: str) -> bool:
+        """Touch an existing regular block file (by fd, never through a symlink); False if there is none."""
+        try:
+            fd, _ = open_regular(fname, dfd)
+        except (OSError, UnsafeEntryError):
+            return False  # missing, or a symlink / FIFO that the write replaces
+        try:
+            os.utime(fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     @property
     def usage_bytes(self) -> int:
@@ -330,7 +368,7 @@ class DiskTier:
                 continue
             if e.name.endswith(TMP_SUFFIX):
                 if now - st.st_mtime > STALE_TMP_SECONDS:
-                    _unlink_quiet(e.path)
+                    self._unlink_quiet(e.path)
                 continue
             files.append((st.st_mtime, st.st_size, e.path))
             total += st.st_size
@@ -343,7 +381,7 @@ class DiskTier:
             for _, size, path in files:
                 if total <= target:
                     break
-                if _unlink_quiet(path):
+                if self._unlink_quiet(path):
                     evicted += 1
                 total -= size
         with self._lock:
@@ -353,10 +391,15 @@ class DiskTier:
             log.info("kv store: disk cache %s over %.2f GiB: evicted %d oldest blocks, now %.2f GiB",
                      self.root, self.capacity_bytes / 2**30, evicted, total / 2**30)
 
-
-def _unlink_quiet(path: str) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
+    def _unlink_quiet(self, path: str) -> bool:
+        """Delete a regular file found by the scan, through O_NOFOLLOW directory fds (a level swapped for a
+        symlink since the scan is not followed)."""
+        *parts, name = os.path.relpath(path, self.root).split(os.sep)
+        try:
+            dfd = open_dir(self.root, parts)
+        except (OSError, UnsafeEntryError):
+            return False
+        try:
+            return unlink_if(dfd, name, (stat.S_ISREG,))
+        finally:
+            os.close(dfd)

@@ -15,14 +15,16 @@ import zlib
 from collections import defaultdict
 
 from .disk import TMP_SUFFIX, BlockCheckError, iter_block_files, read_header
+from .safe_fs import UnsafeEntryError, open_regular
 
 CHUNK = 4 << 20
 
 
 def _check_file(path: str, verify: bool) -> tuple[str, int]:
-    """(fingerprint digest hex, payload bytes). Raises BlockCheckError / OSError."""
-    with open(path, "rb") as f:
-        header = read_header(f, os.fstat(f.fileno()).st_size)
+    """(fingerprint digest hex, payload bytes). Raises BlockCheckError / UnsafeEntryError / OSError."""
+    fd, st = open_regular(path)  # no symlink followed, and a FIFO cannot hang the scan
+    with open(fd, "rb") as f:
+        header = read_header(f, st.st_size)
         if verify:
             crc = 0
             while chunk := f.read(CHUNK):
@@ -61,7 +63,7 @@ def scan(root: str, verify: bool = False) -> dict:
             digest, _ = _check_file(entry.path, verify)
         except FileNotFoundError:
             continue
-        except (BlockCheckError, OSError) as e:
+        except (BlockCheckError, UnsafeEntryError, OSError) as e:
             corrupt.append({"path": entry.path, "reason": str(e)})
             continue
         per_fp[digest]["blocks"] += 1

@@ -198,6 +198,14 @@ class DramTier:
         self.used_bytes += nbytes
         return buf, evicted
 
+    def discard(self, key: bytes) -> None:
+        """Forget one block (no-op if absent); its buffer is recycled unless the disk writer still needs it."""
+        buf = self._blocks.pop(key, None)
+        if buf is not None:
+            self.used_bytes -= buf.numel()
+            if self._can_recycle(key):
+                self.allocator.release(buf)
+
     def drop_blocks(self) -> None:
         """Forget every block but keep the buffers for reuse (pinned slabs stay allocated): the state of a server
         restarted with its tier reserved at start-up. Buffers the disk writer still needs are left to it."""

@@ -30,40 +30,47 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from .disk import HEADER_SIZE
 from .dram import as_bytes, copy_bytes
 from .fingerprint import KVFingerprint
+from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
 from .store import BlockStore
 
 log = logging.getLogger("longseq.kv_offload")
 
 # Keys SGLang itself puts in / reads from extra_config; ours with their types and defaults.
 SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
-OUR_KEYS = {"cpu_gib": (float, 0.0), "disk_dir": (str, None), "disk_gib": (float, 0.0), "fsync": (bool, False)}
+OUR_KEYS = {"cpu_gib": (size_gib, 0.0), "disk_dir": (cache_dir, None), "disk_gib": (size_gib, 0.0),
+            "fsync": (flag, False)}
+PREFIX = "longseq HiCache backend: extra_config"
 # Host pool attributes that may hold the pool's root tensors (zero-copy pointers point into these).
 _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
 
 
 def parse_extra_config(extra: Optional[dict]) -> dict:
-    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` from SGLang's extra_config, validated.
-    Raises ValueError naming the allowed keys on an unknown key, and on a wrong type or no tier at all."""
+    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` from SGLang's extra_config, validated with the same
+    rules as the vLLM connector's (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded).
+    Raises ``KVConfigError`` (a ValueError) naming the setting, or the allowed keys on an unknown key."""
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(SGLANG_KEYS) - set(OUR_KEYS))
     if unknown:
-        raise ValueError(f"longseq HiCache backend: unknown extra_config key(s) {unknown}; allowed: "
-                         f"{', '.join(OUR_KEYS)} (ours) and {', '.join(SGLANG_KEYS)} (SGLang's)")
-    opts = {}
-    for name, (typ, default) in OUR_KEYS.items():
-        value = extra.get(name, default)
-        if value is not None:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if typ is float \
-                else isinstance(value, typ)
-            if not ok:
-                raise ValueError(f"longseq HiCache backend: extra_config {name}={value!r} must be a {typ.__name__}")
-            value = typ(value)
-        opts[name] = value
+        raise KVConfigError(f"longseq HiCache backend: unknown extra_config key(s) {unknown}; allowed: "
+                            f"{', '.join(OUR_KEYS)} (ours) and {', '.join(SGLANG_KEYS)} (SGLang's)")
+    opts = {name: check(PREFIX, name, extra.get(name, default)) for name, (check, default) in OUR_KEYS.items()}
     if opts["cpu_gib"] <= 0 and not opts["disk_dir"]:
-        raise ValueError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) in extra_config")
+        raise KVConfigError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) in extra_config")
+    if opts["disk_dir"] and opts["disk_gib"] <= 0:
+        raise KVConfigError("longseq HiCache backend: extra_config disk_gib must be > 0 when disk_dir is set")
     return opts
+
+
+def open_store(opts: dict, fp: KVFingerprint, page_nbytes: int) -> BlockStore:
+    """The store for parsed options once the page size is known: a tier that cannot hold one page is refused,
+    naming the setting. Pageable DRAM tier: it only exchanges bytes with SGLang's (already pinned) host pool, CPU
+    to CPU, so pinning would buy nothing and its cudaHostAlloc calls would stall the GPU engine while serving."""
+    check_tier_sizes(PREFIX, opts["cpu_gib"], opts["disk_dir"], opts["disk_gib"], page_nbytes, HEADER_SIZE)
+    return BlockStore(fp, cpu_gib=opts["cpu_gib"], disk_dir=opts["disk_dir"], disk_gib=opts["disk_gib"],
+                      fsync=opts["fsync"], pin_memory=False, block_nbytes=page_nbytes or None)
 
 
 def _shard(cfg: HiCacheStorageConfig) -> str:
@@ -132,11 +139,7 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         self.fingerprint = sglang_fingerprint(self.storage_config, mem_pool_host, self.page_nbytes)
         if self.store is not None:
             self.store.close()
-        o = self.options
-        # Pageable DRAM tier: this tier only exchanges bytes with SGLang's (already pinned) host pool, CPU to CPU,
-        # so pinning would buy nothing and its cudaHostAlloc calls would stall the GPU engine while serving.
-        self.store = BlockStore(self.fingerprint, cpu_gib=o["cpu_gib"], disk_dir=o["disk_dir"],
-                                disk_gib=o["disk_gib"], fsync=o["fsync"], pin_memory=False)
+        self.store = open_store(self.options, self.fingerprint, self.page_nbytes)
         log.info("longseq HiCache backend: %s", self.fingerprint)
 
     def on_host_pools_registered(self) -> None:
@@ -215,10 +218,14 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         chunks = self._page_chunks(host_indices, len(keys))
         results = [False] * len(keys)
         for i, key in enumerate(keys):
-            if chunks is not None:
-                ok = self._get_into(key.encode(), chunks[i])
-            else:
-                ok = self._get_copy(key, host_indices[i * page_size].item())
+            try:
+                if chunks is not None:
+                    ok = self._get_into(key.encode(), chunks[i])
+                else:
+                    ok = self._get_copy(key, host_indices[i * page_size].item())
+            except Exception as e:  # a lookup never fails SGLang's prefetch thread: the page is a miss
+                self._require_store().record_lookup_error("batch_get_v1", e)
+                ok = False
             if not ok:
                 break
             results[i] = True
@@ -247,8 +254,14 @@ class LongSeqHiCacheStorage(HiCacheStorage):
     # ---- legacy copy path (SGLang's default for dynamic backends) ------------------------------
     def get(self, key: str, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> torch.Tensor | None:
-        """Fill ``target_location`` (a flat page tensor) with the page, or return a new uint8 tensor."""
-        return self._require_store().get(key.encode(), out=target_location)
+        """Fill ``target_location`` (a flat page tensor) with the page, or return a new uint8 tensor; None on a miss
+        or any error (counted by the store)."""
+        store = self._require_store()
+        try:
+            return store.get(key.encode(), out=target_location)
+        except Exception as e:
+            store.record_lookup_error("get", e)
+            return None
 
     def batch_get(self, keys: List[str], target_locations: Optional[Any] = None,
                   target_sizes: Optional[Any] = None) -> List[torch.Tensor | None]:
@@ -266,11 +279,21 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         return all(self.set(k, v) for k, v in zip(keys, values))
 
     def exists(self, key: str) -> bool:
-        return self._require_store().contains(key.encode())
+        store = self._require_store()
+        try:
+            return store.contains(key.encode())
+        except Exception as e:
+            store.record_lookup_error("exists", e)
+            return False
 
     def batch_exists(self, keys: List[str], extra_info: Optional[HiCacheStorageExtraInfo] = None) -> int:
         """Number of leading keys present (DRAM, pending write, or a disk file whose header checks out)."""
-        return self._require_store().count_prefix_hits([k.encode() for k in keys])
+        store = self._require_store()
+        try:
+            return store.count_prefix_hits([k.encode() for k in keys])
+        except Exception as e:
+            store.record_lookup_error("batch_exists", e)
+            return 0
 
     def close(self) -> None:
         if self.store is not None:

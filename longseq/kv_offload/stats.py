@@ -38,6 +38,9 @@ class StoreStats:
 
     corrupt_blocks: disk blocks that failed a check (header, fingerprint, key, size, checksum) -> served as misses
     read_errors:    disk reads that failed with an OS error other than "file not found"
+    bad_files:      lookups that met a symlink, FIFO or other non-regular entry in the disk directory -> misses
+                    (never followed or opened blocking; a later write of that block replaces the entry)
+    lookup_errors:  unexpected exceptions on a lookup or load (any cause) -> misses, never raised to the engine
     write_errors:   disk writes that failed (ENOSPC, EACCES, read-only dir, ...); DRAM kept serving
     dropped_writes: disk writes skipped because too many bytes were already queued (the engine is never blocked)
     """
@@ -45,6 +48,8 @@ class StoreStats:
     tiers: dict[str, TierStats] = field(default_factory=lambda: {t: TierStats() for t in TIERS})
     corrupt_blocks: int = 0
     read_errors: int = 0
+    bad_files: int = 0
+    lookup_errors: int = 0
     write_errors: int = 0
     dropped_writes: int = 0
     dram_bytes: int = 0
@@ -73,7 +78,8 @@ class StoreStats:
         pinned = f" (pinned slabs {self.dram_pinned_bytes / 2**20:.1f} MiB)" if self.dram_pinned_bytes else ""
         parts.append(f"dram holds {self.dram_blocks} blocks {self.dram_bytes / 2**20:.1f} MiB{pinned},"
                      f" disk ~{self.disk_bytes / 2**20:.1f} MiB")
-        parts.append(f"corrupt {self.corrupt_blocks}, read errors {self.read_errors},"
+        parts.append(f"corrupt {self.corrupt_blocks}, bad files {self.bad_files}, read errors {self.read_errors},"
+                     f" lookup errors {self.lookup_errors},"
                      f" write errors {self.write_errors}, dropped writes {self.dropped_writes}")
         return "kv store: " + "; ".join(parts)
 

@@ -9,6 +9,10 @@ another model / layout / dtype / block size are never returned.
 Threads: ``put``/``get``/``contains`` are called from the engine thread; disk writes run in one background
 writer thread (``async_disk_writes=True``). One lock guards the DRAM tier and the pending-write map; disk
 reads and writes happen outside it.
+
+Lookups (``contains``, ``count_prefix_hits``, ``fetch_prefix_to_dram``, ``get``, the DRAM batch reads) never raise
+once their arguments are checked: whatever goes wrong below (a hostile file, a failed allocation, an OS error) is a
+counted miss, so a broken cache directory costs recompute, never an exception in the engine.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from typing import Callable
 import torch
 
 from .dram import DramTier, as_bytes, copy_bytes, default_pin_memory
-from .disk import DiskTier
+from .disk import HEADER_SIZE, DiskTier, SizeMismatch
 from .fingerprint import KVFingerprint
+from .settings import cache_dir, check_tier_sizes, size_gib
 from .stats import StatsRecorder, StoreStats, TierStats, ensure_log_visible
 
 __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
@@ -56,18 +61,30 @@ class BlockStore:
     max_pending_write_gib: disk writes queued beyond this are dropped (counted), so a slow disk never
                     blocks the engine or grows memory without bound
     log_interval_s: seconds between one-line stats summaries on the ``longseq.kv_offload`` logger (0: never)
+    block_nbytes:   the byte size of every block, when the caller knows it (the framework adapters do): a disk
+                    file of another size is corrupt, a ``put`` of another size is refused, and a tier that cannot
+                    hold one block is refused here. None: blocks of any size (a disk file is then only bounded
+                    by the disk cap)
     """
 
     def __init__(self, fingerprint: KVFingerprint, *, cpu_gib: float, disk_dir: str | None = None,
                  disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool = True,
-                 fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0) -> None:
+                 fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0,
+                 block_nbytes: int | None = None) -> None:
         if not isinstance(fingerprint, KVFingerprint):
             raise TypeError(f"fingerprint must be a KVFingerprint, got {type(fingerprint).__name__}")
-        if not cpu_gib >= 0:
-            raise ValueError(f"kv store: cpu_gib must be >= 0, got {cpu_gib!r}")
+        cpu_gib = size_gib("kv store", "cpu_gib", cpu_gib)
+        disk_gib = size_gib("kv store", "disk_gib", disk_gib)
+        max_pending_write_gib = size_gib("kv store", "max_pending_write_gib", max_pending_write_gib)
+        disk_dir = cache_dir("kv store", "disk_dir", disk_dir)
         if disk_dir is not None and not disk_gib > 0:
             raise ValueError(f"kv store: disk_gib must be > 0 when disk_dir is set (disk_dir={disk_dir!r}, "
                              f"disk_gib={disk_gib!r})")
+        if block_nbytes is not None and (isinstance(block_nbytes, bool) or not isinstance(block_nbytes, int)
+                                         or block_nbytes <= 0):
+            raise ValueError(f"kv store: block_nbytes must be a positive int, got {block_nbytes!r}")
+        check_tier_sizes("kv store", cpu_gib, disk_dir, disk_gib, block_nbytes or 0, HEADER_SIZE)
+        self.block_nbytes = block_nbytes
         self.fingerprint = fingerprint
         self.pin_memory = default_pin_memory() if pin_memory is None else bool(pin_memory)
         if self.pin_memory and not torch.cuda.is_available():
@@ -80,8 +97,8 @@ class BlockStore:
         self._pending_dram_owned: set[bytes] = set()  # pending keys whose buffer came from the DRAM allocator
         self._max_pending_bytes = int(max_pending_write_gib * GIB)
         self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
-        self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync) \
-            if disk_dir is not None else None
+        self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync,
+                              block_nbytes=block_nbytes) if disk_dir is not None else None
         self._log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._closed = False
@@ -98,16 +115,28 @@ class BlockStore:
                  f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off")
 
     # ---- lookups ----------------------------------------------------------------------------
+    def record_lookup_error(self, where: str, err: BaseException) -> None:
+        """Count an unexpected exception on a lookup or load (here or in a framework adapter) and log it; the
+        caller then answers with a miss."""
+        self._rec.add("lookup_errors")
+        log.warning("kv store: %s failed (%s: %s): treated as a miss", where, type(err).__name__, err,
+                    exc_info=log.isEnabledFor(logging.DEBUG))
+
     def contains(self, key: bytes) -> bool:
         """In DRAM, waiting for the disk writer, or on disk with a valid header. Cheap (no payload read)."""
-        return self.in_dram(key) or (self._disk is not None and self._disk.probe(_check_key(key)))
+        key = _check_key(key)
+        try:
+            return self.in_dram(key) or (self._disk is not None and self._disk.probe(key))
+        except Exception as e:
+            self.record_lookup_error("contains", e)
+            return False
 
     def count_prefix_hits(self, keys: list[bytes]) -> int:
         """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks."""
+        keys = [_check_key(k) for k in keys]
         n = 0
         with self._lock:  # one lock for the DRAM-resident part (per-key locking adds up over a long prefix)
             for key in keys:
-                key = _check_key(key)
                 if not self._resident(key):
                     break
                 n += 1
@@ -119,8 +148,9 @@ class BlockStore:
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
         """``in_dram`` for each key, under one lock."""
+        keys = [_check_key(k) for k in keys]
         with self._lock:
-            return [self._resident(k) for k in map(_check_key, keys)]
+            return [self._resident(k) for k in keys]
 
     def get(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The block's bytes, or None on a miss or on ANY failed check (logged and counted, never data).
@@ -132,9 +162,13 @@ class BlockStore:
         """
         key = _check_key(key)
         out_bytes = as_bytes(out) if out is not None else None
-        got = self._get_dram(key, out_bytes)
-        if got is None and self._disk is not None:
-            got = self._read_disk(key, out_bytes)
+        try:
+            got = self._get_dram(key, out_bytes)
+            if got is None and self._disk is not None:
+                got = self._read_disk(key, out_bytes)
+        except Exception as e:
+            self.record_lookup_error("get", e)
+            got = None
         self._maybe_log()
         if got is None:
             return None
@@ -145,18 +179,34 @@ class BlockStore:
         (checksum) and promoted into DRAM, several at once, since that read is the disk tier's whole cost. The count
         stops at the first miss or failed check (that block is not data, and a prefix cannot skip it)."""
         keys = [_check_key(k) for k in keys]
-        on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
-        if self._disk is None:
-            got = dict.fromkeys(on_disk, False)
-        elif len(on_disk) > 1:
-            with self._lock:
-                if self._read_pool is None:
-                    self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
-            got = dict(zip(on_disk, self._read_pool.map(lambda k: self.get(k) is not None, on_disk)))
-        else:
-            got = {k: self.get(k) is not None for k in on_disk}
+        try:
+            on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
+            if self._disk is None:
+                got = dict.fromkeys(on_disk, False)
+            elif len(on_disk) > 1:
+                with self._lock:
+                    if self._read_pool is None:
+                        self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
+                got = dict(zip(on_disk, self._read_pool.map(lambda k: self.get(k) is not None, on_disk)))
+            else:
+                got = {k: self.get(k) is not None for k in on_disk}
+        except Exception as e:
+            self.record_lookup_error("fetch_prefix_to_dram", e)
+            return 0
         ok = [got.get(k, True) for k in keys]
         return ok.index(False) if False in ok else len(ok)
+
+    def forget(self, keys: list[bytes]) -> None:
+        """Drop ``keys`` from the DRAM tier (blocks that failed to load: counted again only once saved again).
+        A bad disk file was already deleted by the check that failed; a block still queued for the disk writer
+        stays with it. Never raises."""
+        try:
+            with self._lock:
+                for key in map(_check_key, keys):
+                    if key not in self._pending:
+                        self._dram.discard(key)
+        except Exception as e:
+            self.record_lookup_error("forget", e)
 
     def dram_capacity_blocks(self, block_nbytes: int) -> int:
         """How many blocks of ``block_nbytes`` the DRAM tier holds when full."""
@@ -180,18 +230,22 @@ class BlockStore:
         ``read`` must be done with the buffers when it returns (synchronize any async copy from them): once the
         lock is released, eviction may recycle them. Counted as DRAM hits/misses; returns which were found."""
         t0 = time.perf_counter()
-        with self._lock:
-            bufs = []
-            usable = not pinned_only or self._dram.allocator.pin_memory
-            for key in keys:
-                key = _check_key(key)
-                buf = None
-                if usable:
-                    buf = self._dram.lookup(key)
-                    if buf is None and (not pinned_only or key in self._pending_dram_owned):
-                        buf = self._pending.get(key)  # queued for the disk writer (a private copy is pageable)
-                bufs.append(buf if buf is not None and buf.numel() == nbytes else None)
-            read(bufs)
+        keys = [_check_key(k) for k in keys]
+        try:
+            with self._lock:
+                bufs = []
+                usable = not pinned_only or self._dram.allocator.pin_memory
+                for key in keys:
+                    buf = None
+                    if usable:
+                        buf = self._dram.lookup(key)
+                        if buf is None and (not pinned_only or key in self._pending_dram_owned):
+                            buf = self._pending.get(key)  # queued for the disk writer (a private copy is pageable)
+                    bufs.append(buf if buf is not None and buf.numel() == nbytes else None)
+                read(bufs)
+        except Exception as e:  # nothing is reported found: the caller reads each block again (or recomputes)
+            self.record_lookup_error("read_dram_batch", e)
+            bufs = [None] * len(keys)
         found = [b is not None for b in bufs]
         if any(found):
             self._rec.hit("dram", nbytes * sum(found), time.perf_counter() - t0, n=sum(found))
@@ -243,7 +297,7 @@ class BlockStore:
 
         def alloc(nbytes: int) -> torch.Tensor:
             if out_bytes is not None and out_bytes.numel() != nbytes:
-                raise ValueError(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
+                raise SizeMismatch(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
             return out_bytes if direct else torch.empty(nbytes, dtype=torch.uint8)
 
         t0 = time.perf_counter()
@@ -267,6 +321,8 @@ class BlockStore:
         ``write_to_disk=False``: DRAM only (e.g. a replica rank whose peer writes the shared disk copy)."""
         key = _check_key(key)
         src = as_bytes(data)
+        if self.block_nbytes is not None and src.numel() != self.block_nbytes:
+            raise ValueError(f"kv store: put() of {src.numel()} bytes, but blocks here have {self.block_nbytes}")
         write_now = None
         self._reserve_slab(key, src.numel())
         with self._lock:

@@ -39,6 +39,8 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1, KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorRole, SupportsHMA)
 
+from .disk import HEADER_SIZE
+from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
 from .store import BlockStore, KVFingerprint
 from .vllm_hits import KeyIndexHits, RankInfo, StoreHits
 from .vllm_scheduler import BlockTransfer, OffloadScheduler
@@ -54,12 +56,16 @@ EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"cpu_gib": 4.0, "disk_dir": None, "disk
 LOAD_KERNELS = ("auto", "copy")
 
 
-class OffloadConfigError(ValueError):
-    """Invalid ``kv_connector_extra_config`` (raised when the engine starts)."""
+#: Invalid ``kv_connector_extra_config`` (raised when the engine starts); the SGLang backend raises the same class.
+OffloadConfigError = KVConfigError
 
 
 def parse_extra_config(extra: dict | None) -> dict[str, Any]:
-    """Validate ``kv_connector_extra_config``: known keys only, sizes non-negative numbers, paths strings."""
+    """Validate ``kv_connector_extra_config``: known keys only, sizes finite non-negative numbers, paths non-empty
+    strings (``~`` expanded). The rules are ``settings.py``'s, shared with the SGLang backend; every error names
+    the setting. Tier sizes against the block size are checked once the block size is known (``open_store``)."""
+    if extra is not None and not isinstance(extra, dict):
+        raise OffloadConfigError(f"{CONNECTOR_NAME}: kv_connector_extra_config must be a JSON object, got {extra!r}")
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(EXTRA_CONFIG_DEFAULTS))
     if unknown:
@@ -67,16 +73,11 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
                                  f"allowed: {sorted(EXTRA_CONFIG_DEFAULTS)}")
     cfg = {**EXTRA_CONFIG_DEFAULTS, **extra}
     for key in ("cpu_gib", "disk_gib"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-            raise OffloadConfigError(f"{CONNECTOR_NAME}: {key} must be a number >= 0 (GiB), got {v!r}")
-        cfg[key] = float(v)
+        cfg[key] = size_gib(CONNECTOR_NAME, key, cfg[key])
     for key in ("disk_dir", "stats_path"):
-        if cfg[key] is not None and (not isinstance(cfg[key], str) or not cfg[key]):
-            raise OffloadConfigError(f"{CONNECTOR_NAME}: {key} must be a non-empty path string, got {cfg[key]!r}")
-    if not isinstance(cfg["pin_at_start"], bool):
-        raise OffloadConfigError(f"{CONNECTOR_NAME}: pin_at_start must be true or false, got {cfg['pin_at_start']!r}")
-    if cfg["load_kernel"] not in LOAD_KERNELS:
+        cfg[key] = cache_dir(CONNECTOR_NAME, key, cfg[key])
+    cfg["pin_at_start"] = flag(CONNECTOR_NAME, "pin_at_start", cfg["pin_at_start"])
+    if not isinstance(cfg["load_kernel"], str) or cfg["load_kernel"] not in LOAD_KERNELS:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: load_kernel must be one of {list(LOAD_KERNELS)}, "
                                  f"got {cfg['load_kernel']!r}")
     if cfg["disk_dir"] is not None and cfg["disk_gib"] <= 0:
@@ -84,6 +85,16 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
     if cfg["disk_dir"] is None and cfg["cpu_gib"] <= 0:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: cpu_gib is 0 and no disk_dir: nothing to offload to")
     return cfg
+
+
+def open_store(cfg: dict[str, Any], fp: KVFingerprint, block_nbytes: int) -> BlockStore:
+    """The worker's store for a parsed config, once the block size is known: a tier that cannot hold one block
+    is refused here, naming the setting."""
+    disk_gib = cfg["disk_gib"] if cfg["disk_dir"] else 0.0
+    check_tier_sizes(CONNECTOR_NAME, cfg["cpu_gib"], cfg["disk_dir"], disk_gib, block_nbytes, HEADER_SIZE)
+    # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
+    return BlockStore(fp, cpu_gib=cfg["cpu_gib"], disk_dir=cfg["disk_dir"], disk_gib=disk_gib,
+                      max_pending_write_gib=max(1.0, cfg["cpu_gib"]), block_nbytes=block_nbytes)
 
 
 @dataclass
@@ -101,6 +112,7 @@ class LongSeqRankHandshake(KVConnectorHandshakeMetadata):
     rank: int
     fingerprint_json: str
     dram_blocks: int
+    block_nbytes: int = 0
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -136,7 +148,8 @@ class _Engine:
                 **_scheduler_stats(self.scheduler),
                 "store": {"dram_hits": s.dram.hits, "disk_hits": s.disk.hits, "disk_misses": s.disk.misses,
                           "disk_blocks_written": s.disk.blocks_written, "corrupt_blocks": s.corrupt_blocks,
-                          "read_errors": s.read_errors, "write_errors": s.write_errors,
+                          "bad_files": s.bad_files, "lookup_errors": s.lookup_errors, "read_errors": s.read_errors,
+                          "write_errors": s.write_errors,
                           "dropped_writes": s.dropped_writes, "dram_blocks": s.dram_blocks,
                           "disk_read_gbps": s.disk.read_gbps}}
 
@@ -224,10 +237,7 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
             raise OffloadConfigError(f"{CONNECTOR_NAME}: none of the KV cache group's layers has a cache tensor")
         worker = OffloadWorker(caches, self._kv_cache_config.num_blocks)
         fp = fingerprint_for(self._vllm_config, worker, self.block_size)
-        store = BlockStore(fp, cpu_gib=self.cfg["cpu_gib"], disk_dir=self.cfg["disk_dir"],
-                           disk_gib=self.cfg["disk_gib"] if self.cfg["disk_dir"] else 0.0,
-                           # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
-                           max_pending_write_gib=max(1.0, self.cfg["cpu_gib"]))
+        store = open_store(self.cfg, fp, worker.block_bytes)
         worker.attach(store, pin_at_start=self.cfg["pin_at_start"], load_kernel=self.cfg["load_kernel"])
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -243,7 +253,8 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         if e is None:
             return None
         return LongSeqRankHandshake(rank=e.rank, fingerprint_json=e.store.fingerprint.to_json(),
-                                    dram_blocks=e.store.dram_capacity_blocks(e.worker.block_bytes))
+                                    dram_blocks=e.store.dram_capacity_blocks(e.worker.block_bytes),
+                                    block_nbytes=e.worker.block_bytes)
 
     def _meta(self) -> LongSeqOffloadMetadata:
         meta = self._get_connector_metadata()
@@ -293,7 +304,8 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
     # ================= scheduler side =================
     def set_xfer_handshake_metadata(self, metadata: dict) -> None:
         """Each worker's store (vLLM calls this once at start-up, after the workers registered their caches)."""
-        ranks = [RankInfo(m.rank, m.fingerprint_json, m.dram_blocks) for m in metadata.values()
+        ranks = [RankInfo(m.rank, m.fingerprint_json, m.dram_blocks, getattr(m, "block_nbytes", 0))
+                 for m in metadata.values()
                  if isinstance(m, LongSeqRankHandshake)]
         if len(ranks) != self.world_size:
             raise OffloadConfigError(f"{CONNECTOR_NAME}: {len(ranks)} of {self.world_size} tensor-parallel ranks "
@@ -330,7 +342,16 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         if not self.do_load:
             self._scheduler().track(request)  # still tracked, for saving
             return 0, False
-        n = self._scheduler().num_new_matched_tokens(request, num_computed_tokens)
+        sched = self._scheduler()
+        try:
+            n = sched.num_new_matched_tokens(request, num_computed_tokens)
+        except Exception as e:  # the cache must never fail the scheduler: a lookup error is a miss
+            engine = _ENGINES.get(self.engine_id)
+            if engine is not None:
+                engine.store.record_lookup_error("get_num_new_matched_tokens", e)
+            else:
+                log.warning("%s: hit lookup failed (%s: %s): treated as a miss", CONNECTOR_NAME, type(e).__name__, e)
+            n = 0
         self._write_scheduler_stats()  # hits, misses and failed checks are visible right away
         return n, False
 

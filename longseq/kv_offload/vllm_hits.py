@@ -20,6 +20,7 @@ start-up (vLLM's KV connector handshake metadata).
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -27,6 +28,8 @@ from .disk import DiskTier
 from .fingerprint import KVFingerprint
 from .stats import StatsRecorder
 from .store import BlockStore
+
+log = logging.getLogger("longseq.kv_offload")
 
 
 @dataclass
@@ -36,11 +39,13 @@ class RankInfo:
     rank:             tensor-parallel rank
     fingerprint_json: ``KVFingerprint.to_json()`` of the rank's store (its heads, page shape, dtype)
     dram_blocks:      blocks the rank's DRAM tier holds when full
+    block_nbytes:     bytes of one block on that rank (0: unknown); a disk file of another size is not counted
     """
 
     rank: int
     fingerprint_json: str
     dram_blocks: int
+    block_nbytes: int = 0
 
 
 class StoreHits:
@@ -52,8 +57,13 @@ class StoreHits:
         self.store = store
 
     def count(self, keys: list[bytes]) -> int:
-        """Leading ``keys`` usable now: present, and for disk blocks read, checked and pulled into DRAM."""
-        return self.store.fetch_prefix_to_dram(keys[:self.store.count_prefix_hits(keys)])
+        """Leading ``keys`` usable now: present, and for disk blocks read, checked and pulled into DRAM.
+        Never raises (the scheduler thread must not fail over the cache): an error is a counted miss."""
+        try:
+            return self.store.fetch_prefix_to_dram(keys[:self.store.count_prefix_hits(keys)])
+        except Exception as e:
+            self.store.record_lookup_error("scheduler hit count", e)
+            return 0
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
         return self.store.in_dram_batch(keys)
@@ -62,7 +72,8 @@ class StoreHits:
         """Keys sent to the workers for saving or loading (the store itself tracks them here)."""
 
     def forget(self, keys: list[bytes]) -> None:
-        """Keys a worker failed to load (the store already dropped a bad block)."""
+        """Keys a worker failed to load: dropped from the store's DRAM tier (a bad disk file is already deleted)."""
+        self.store.forget(keys)
 
     def close(self) -> None:
         """The store belongs to the worker half."""
@@ -83,7 +94,7 @@ class KeyIndexHits:
         # Probe-only views of each rank's files (same directory and fingerprints as the workers' stores): reads
         # headers, never payloads; a file that fails its header check is handled as the workers would.
         self.disks = [DiskTier(disk_dir, KVFingerprint.from_json(r.fingerprint_json), int(disk_gib * (1 << 30)),
-                               self.rec) for r in self.ranks] if disk_dir else []
+                               self.rec, block_nbytes=r.block_nbytes or None) for r in self.ranks] if disk_dir else []
 
     def count(self, keys: list[bytes]) -> int:
         """Leading ``keys`` that every rank should hold: in the index (DRAM), or a file on disk for every rank."""
@@ -93,11 +104,15 @@ class KeyIndexHits:
                 break
             self._keys.move_to_end(k)  # a hit is loaded: the workers' LRUs touch it too
             n += 1
-        if self.disks:
-            for k in keys[n:]:
-                if not all(d.probe(k) for d in self.disks):
-                    break
-                n += 1
+        try:
+            if self.disks:
+                for k in keys[n:]:
+                    if not all(d.probe(k) for d in self.disks):
+                        break
+                    n += 1
+        except Exception:  # a probe never raises by design; if one does, the rest is a miss, never an engine error
+            self.rec.add("lookup_errors")
+            log.warning("KeyIndexHits: a disk probe failed: treated as a miss", exc_info=True)
         return n
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:

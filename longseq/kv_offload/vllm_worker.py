@@ -155,39 +155,54 @@ class OffloadWorker:
 
     # ---- loads -------------------------------------------------------------------------------
     def load(self, transfers: list[BlockTransfer], block_size: int) -> None:
+        """Load each transfer; any error is a load failure of that transfer's blocks (vLLM recomputes them),
+        never an exception into the engine."""
         for tr in transfers:
-            t0 = time.perf_counter()
-            if not tr.checked:  # the scheduler could not read this rank's store: check (and pull disk blocks) here
-                tr = self._usable_prefix(tr)
-            # The direct kernel takes the whole prefix in one launch (no staging memory to bound, and no GPU idle
-            # time between chunks, which cost bandwidth: docs/benchmarks/kv-offload.md);
-            # blocks it could not take are copied per block, in chunks.
-            done = self._load_direct(tr.block_ids, tr.keys) if self._direct is not None else 0
-            for start in range(done, len(tr.block_ids), self.chunk_blocks):
-                ids, keys = tr.block_ids[start:start + self.chunk_blocks], tr.keys[start:start + self.chunk_blocks]
-                ok = self._load_chunk_staged(ids, keys)
-                done += ok
-                if ok < len(ids):  # this block and all later ones are recomputed by vLLM
-                    self.load_errors.update(tr.block_ids[start + ok:])
-                    self.counters["load_failed_blocks"] += len(tr.block_ids) - start - ok
-                    break
-            dt = time.perf_counter() - t0
-            c = self.counters
-            c["loaded_blocks"] += done
-            c["loaded_tokens"] += done * block_size
-            c["load_seconds"] += dt
-            c["load_bytes"] += done * self.block_bytes
-            log.info("LongSeqOffloadConnector: loaded %d tokens (%d blocks, %.1f MiB) for request %s in %.1f ms"
-                     " (%.2f GB/s)", done * block_size, done, done * self.block_bytes / 2**20, tr.req_id, dt * 1e3,
-                     done * self.block_bytes / max(dt, 1e-9) / 1e9)
+            try:
+                self._load_transfer(tr, block_size)
+            except Exception as e:
+                self.store.record_lookup_error(f"loading request {tr.req_id}", e)
+                self._failed(tr.block_ids, tr.keys, bad=len(tr.keys))  # cause unknown: trust none of them
+
+    def _failed(self, block_ids: list[int], keys: list[bytes], bad: int = 1) -> None:
+        """Blocks that could not be loaded from the first failed one on: vLLM recomputes them all; the store forgets
+        the first ``bad`` (they failed; they are saved again after the recompute). Later ones are only cut off by
+        the gap: their bytes were checked or not read, so they stay for the next request."""
+        self.load_errors.update(block_ids)
+        self.counters["load_failed_blocks"] += len(block_ids)
+        self.store.forget(keys[:bad])
+
+    def _load_transfer(self, tr: BlockTransfer, block_size: int) -> None:
+        t0 = time.perf_counter()
+        if not tr.checked:  # the scheduler could not read this rank's store: check (and pull disk blocks) here
+            tr = self._usable_prefix(tr)
+        # The direct kernel takes the whole prefix in one launch (no staging memory to bound, and no GPU idle
+        # time between chunks, which cost bandwidth: docs/benchmarks/kv-offload.md);
+        # blocks it could not take are copied per block, in chunks.
+        done = self._load_direct(tr.block_ids, tr.keys) if self._direct is not None else 0
+        for start in range(done, len(tr.block_ids), self.chunk_blocks):
+            ids, keys = tr.block_ids[start:start + self.chunk_blocks], tr.keys[start:start + self.chunk_blocks]
+            ok = self._load_chunk_staged(ids, keys)
+            done += ok
+            if ok < len(ids):  # this block and all later ones are recomputed by vLLM
+                self._failed(tr.block_ids[start + ok:], tr.keys[start + ok:])
+                break
+        dt = time.perf_counter() - t0
+        c = self.counters
+        c["loaded_blocks"] += done
+        c["loaded_tokens"] += done * block_size
+        c["load_seconds"] += dt
+        c["load_bytes"] += done * self.block_bytes
+        log.info("LongSeqOffloadConnector: loaded %d tokens (%d blocks, %.1f MiB) for request %s in %.1f ms"
+                 " (%.2f GB/s)", done * block_size, done, done * self.block_bytes / 2**20, tr.req_id, dt * 1e3,
+                 done * self.block_bytes / max(dt, 1e-9) / 1e9)
 
     def _usable_prefix(self, tr: BlockTransfer) -> BlockTransfer:
         """``tr`` cut at its first block this rank cannot load (missing, or failing a check); the cut blocks are
         reported as load errors, so vLLM recomputes them (on every rank: it takes the union of the ranks' errors)."""
         n = self.store.fetch_prefix_to_dram(tr.keys)
         if n < len(tr.keys):
-            self.load_errors.update(tr.block_ids[n:])
-            self.counters["load_failed_blocks"] += len(tr.keys) - n
+            self._failed(tr.block_ids[n:], tr.keys[n:])
             log.info("LongSeqOffloadConnector: %d of %d blocks of request %s are not in this rank's store; vLLM "
                      "recomputes them", len(tr.keys) - n, len(tr.keys), tr.req_id)
         return BlockTransfer(tr.req_id, tr.block_ids[:n], tr.keys[:n], checked=True)

@@ -178,7 +178,8 @@ def test_write_faults_keep_output_correct(fault, smollm2_path, prompts, base, tm
         blocker.write_text("not a directory")
         kv = kv_config(str(blocker / "kv"), stats)  # makedirs fails: ENOTDIR (even as root)
     else:
-        kv = kv_config(str(tmp_path / "kv"), stats, disk_gib=0.001)  # 1 MiB quota < one 2.9 MiB block
+        # room for one 2.9 MiB block file, not two (a quota below one block is a start-up error)
+        kv = kv_config(str(tmp_path / "kv"), stats, disk_gib=0.0045)
     out = run_llm(smollm2_path, [prompts[FRESH], prompts[FRESH]], MAX_TOKENS, {}, logprobs=2,
                   llm_kwargs={"kv_transfer_config": kv})
     assert_like_base(base, out, [FRESH, FRESH])

@@ -141,10 +141,51 @@ def test_unknown_extra_config_key_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown extra_config key\(s\) \['disk_size'\].*cpu_gib, disk_dir, disk_gib"):
         LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_size=3)))
-    with pytest.raises(ValueError, match="cpu_gib=.* must be a float"):
+    with pytest.raises(ValueError, match="cpu_gib must be a number"):
         LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, cpu_gib="8")))
     with pytest.raises(ValueError, match="set cpu_gib > 0 and/or disk_dir"):
         LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, cpu_gib=0, disk_dir=None)))
+
+
+def test_extra_config_follows_the_same_rules_as_the_vllm_connector(tmp_path, monkeypatch):
+    """Infinity/NaN sizes, an empty or unexpandable disk_dir and a tier smaller than one page are refused at
+    start-up with the setting named; ``~`` is expanded (an empty disk_dir used to write into the cwd)."""
+    import json
+
+    from longseq.kv_offload.sglang import LongSeqHiCacheStorage
+    from longseq.kv_offload.settings import KVConfigError
+
+    for name in ("cpu_gib", "disk_gib"):
+        for bad in (float("inf"), float("nan"), json.loads('{"x": Infinity}')["x"]):
+            with pytest.raises(KVConfigError, match=f"extra_config: {name} must be a number >= 0"):
+                LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, **{name: bad})))
+    with pytest.raises(KVConfigError, match="disk_dir must be a non-empty path"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_dir="")))
+    with pytest.raises(KVConfigError, match="disk_dir='~no-such-user-longseq': cannot expand"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_dir="~no-such-user-longseq")))
+    with pytest.raises(KVConfigError, match="disk_gib must be > 0 when disk_dir is set"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_gib=0)))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    backend = _backend(_extra(tmp_path, disk_dir="~/kvhome"), _pool(seed=7))
+    assert backend.store._disk.root == str(tmp_path / "kvhome")
+    backend.close()
+    for name in ("cpu_gib", "disk_gib"):  # one page of the test pool is 768 bytes
+        with pytest.raises(KVConfigError, match=f"extra_config: {name}=1e-07 is smaller than one KV block"):
+            _backend(_extra(tmp_path, **{name: 1e-7}), _pool(seed=7))
+
+
+@pytest.mark.timeout(30)
+def test_fifo_at_a_page_path_is_a_miss_not_a_hang(tmp_path):
+    pool = _pool(seed=8)
+    backend = _backend(_extra(tmp_path, cpu_gib=0), pool)
+    path = backend.store._disk.path_for(b"fifo-page")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mkfifo(path)
+    assert not backend.exists("fifo-page") and backend.batch_exists(["fifo-page"]) == 0
+    assert backend.get("fifo-page", pool.get_dummy_flat_data_page()) is None
+    assert backend.batch_get_v1(["fifo-page"], _indices([0])) == [False]
+    assert backend.store.stats().bad_files >= 4
+    backend.close()
 
 
 def _corrupt_truncate(path):
