@@ -10,6 +10,10 @@ Block file = 48-byte header + key + payload::
     magic "LSQKVBLK" | u16 format version | u16 header size | 16 B fingerprint digest | u32 key length
     | u64 payload bytes | u32 crc32(payload) | u32 crc32(header fields before it + key)
 
+With ``auth_key_file`` (``trust.py``) the format version is 2 and a 32-byte keyed tag (HMAC-SHA256 over the header,
+key and payload) sits between the key and the payload; a store with a key serves only blocks whose tag it verifies,
+a store without one reads both versions by their CRC (it trusts the directory anyway).
+
 Checksum: ``zlib.crc32``. It is several times faster than blake2b on one core, releases the
 GIL on large buffers, and is made for the failure we guard against: accidental corruption (torn or truncated
 files, flipped bits), not an adversary. The header has its own crc, so a flipped header byte is caught
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from .fingerprint import DIGEST_BYTES, KVFingerprint
 from .safe_fs import TMP_SUFFIX, UnsafeEntryError, open_dir, open_regular, unlink_if, write_atomic
 from .stats import StatsRecorder
+from .trust import TAG_SIZE, AuthFailure, Trust, warn_if_others_can_write
 
 if TYPE_CHECKING:  # torch only for annotations: ``longseq kv stats`` imports this module without torch
     import torch
@@ -53,6 +58,7 @@ log = logging.getLogger("longseq.kv_offload")
 
 MAGIC = b"LSQKVBLK"
 FORMAT_VERSION = 1
+TAGGED_VERSION = 2  # a keyed tag follows the key
 HEADER = struct.Struct("<8sHH16sIQII")  # see module docstring
 HEADER_SIZE = HEADER.size  # 48
 BLOCK_SUFFIX = ".kvb"
@@ -74,14 +80,17 @@ class BlockHeader:
     key: bytes
     payload_nbytes: int
     payload_crc: int
+    tag: bytes | None = None  # format version 2 only
+    signed: bytes = b""  # the header and key bytes as read: what the tag covers with the payload
 
     @property
     def file_size(self) -> int:
-        return HEADER_SIZE + len(self.key) + self.payload_nbytes
+        return HEADER_SIZE + len(self.key) + len(self.tag or b"") + self.payload_nbytes
 
 
-def encode_header(digest: bytes, key: bytes, payload_nbytes: int, payload_crc: int) -> bytes:
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, digest, len(key), payload_nbytes, payload_crc, 0)
+def encode_header(digest: bytes, key: bytes, payload_nbytes: int, payload_crc: int,
+                  version: int = FORMAT_VERSION) -> bytes:
+    head = HEADER.pack(MAGIC, version, HEADER_SIZE, digest, len(key), payload_nbytes, payload_crc, 0)
     header_crc = zlib.crc32(key, zlib.crc32(head[:-4]))
     return head[:-4] + struct.pack("<I", header_crc) + key
 
@@ -97,7 +106,7 @@ def read_header(f, file_size: int, payload_nbytes: int | None = None, max_payloa
     magic, version, hsize, digest, key_len, nbytes, payload_crc, header_crc = HEADER.unpack(raw)
     if magic != MAGIC:
         raise BlockCheckError("bad magic")
-    if version != FORMAT_VERSION or hsize != HEADER_SIZE:
+    if version not in (FORMAT_VERSION, TAGGED_VERSION) or hsize != HEADER_SIZE:
         raise BlockCheckError(f"unknown format version {version} / header size {hsize}")
     if key_len > MAX_KEY_BYTES:
         raise BlockCheckError(f"key length {key_len} too large")
@@ -110,7 +119,12 @@ def read_header(f, file_size: int, payload_nbytes: int | None = None, max_payloa
         raise BlockCheckError(f"payload is {nbytes} bytes, a block here has {payload_nbytes}")
     if max_payload is not None and nbytes > max_payload:
         raise BlockCheckError(f"payload of {nbytes} bytes is larger than the whole cache ({max_payload} bytes)")
-    header = BlockHeader(digest, key, nbytes, payload_crc)
+    tag = None
+    if version == TAGGED_VERSION:
+        tag = f.read(TAG_SIZE)
+        if len(tag) != TAG_SIZE:
+            raise BlockCheckError("truncated tag")
+    header = BlockHeader(digest, key, nbytes, payload_crc, tag, raw + key)
     if file_size != header.file_size:
         raise BlockCheckError(f"file is {file_size} bytes, header says {header.file_size}")
     return header
@@ -138,9 +152,9 @@ def _scandir(path: str) -> list[os.DirEntry]:
         return []
 
 
-def write_fingerprint_sidecar(root: str, fp: KVFingerprint) -> None:
+def write_fingerprint_sidecar(root: str, fp: KVFingerprint, trust: Trust = Trust()) -> None:
     name = fp.digest().hex() + ".json"
-    dfd = open_dir(root, ("fingerprints",), create=True)
+    dfd = open_dir(root, ("fingerprints",), create=True, modes=trust.modes)
     try:
         try:
             if stat.S_ISREG(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
@@ -148,7 +162,7 @@ def write_fingerprint_sidecar(root: str, fp: KVFingerprint) -> None:
         except FileNotFoundError:
             pass
         doc = json.loads(fp.to_json()) | {"format_version": FORMAT_VERSION, "created_unix": time.time()}
-        write_atomic(dfd, name, [json.dumps(doc, indent=1).encode()], fsync=False)
+        write_atomic(dfd, name, [json.dumps(doc, indent=1).encode()], fsync=False, modes=trust.modes)
     finally:
         os.close(dfd)
 
@@ -158,10 +172,12 @@ class DiskTier:
     fingerprint and server using the directory; each server evicts oldest-mtime files when it sees the
     directory over the cap). Thread-safe: no shared mutable state except the usage estimate (locked).
     ``block_nbytes``: the payload size every block of this fingerprint has (None: unknown, then only bounded
-    by the cap); a file claiming another size is corrupt."""
+    by the cap); a file claiming another size is corrupt. ``trust``: modes of what is created, and the block tag
+    (``trust.py``)."""
 
     def __init__(self, root: str, fingerprint: KVFingerprint, capacity_bytes: int, recorder: StatsRecorder,
-                 fsync: bool = False, rescan_seconds: float = 60.0, block_nbytes: int | None = None) -> None:
+                 fsync: bool = False, rescan_seconds: float = 60.0, block_nbytes: int | None = None,
+                 trust: Trust = Trust()) -> None:
         self.root = os.path.abspath(root)
         self.digest = fingerprint.digest()
         assert len(self.digest) == DIGEST_BYTES
@@ -177,15 +193,17 @@ class DiskTier:
         self._warned: set = set()
         self._fingerprint = fingerprint
         self._sidecar_written = False
+        self.trust = trust
         try:
-            os.close(open_dir(self.root, ("blocks",), create=True))
+            os.close(open_dir(self.root, ("blocks",), create=True, modes=trust.modes))
             self._write_sidecar()
         except OSError as e:
             self._write_failed("init", e)
+        warn_if_others_can_write(self.root, trust)
 
     def _write_sidecar(self) -> None:
         """The fingerprint's JSON sidecar (for ``longseq kv stats``); retried with each block until written."""
-        write_fingerprint_sidecar(self.root, self._fingerprint)
+        write_fingerprint_sidecar(self.root, self._fingerprint, self.trust)
         self._sidecar_written = True
 
     # ---- paths and checks ------------------------------------------------------------------
@@ -207,6 +225,8 @@ class DiskTier:
     def _header(self, f, st: os.stat_result, key: bytes) -> BlockHeader:
         header = read_header(f, st.st_size, self.block_nbytes, self.capacity_bytes)
         self._check_identity(header, key)
+        if self.trust.auth is not None and header.tag is None:  # refused before its payload is read
+            raise AuthFailure("block has no tag (written without auth_key_file)")
         return header
 
     def _with_block(self, key: bytes, body: Callable):
@@ -224,6 +244,8 @@ class DiskTier:
             return None  # plain miss (never written, or evicted by us or another server)
         except UnsafeEntryError as e:
             self._bad_entry(path, e)
+        except AuthFailure as e:
+            self._corrupt(dfd, fname, st, path, e, counter="auth_failures")
         except BlockCheckError as e:
             self._corrupt(dfd, fname, st, path, e)
         except SizeMismatch as e:
@@ -260,7 +282,9 @@ class DiskTier:
                 if not n:
                     raise BlockCheckError(f"truncated payload ({got} of {header.payload_nbytes} bytes)")
                 got += n
-            if zlib.crc32(view) != header.payload_crc:
+            if self.trust.auth is not None:  # the tag also catches what the CRC would
+                self.trust.auth.check(header.signed, header.tag, view)
+            elif zlib.crc32(view) != header.payload_crc:
                 raise BlockCheckError("payload checksum mismatch")
             try:  # a hit is a use: refresh mtime (of the file we read, by fd) so eviction keeps hot blocks
                 os.utime(fd)
@@ -270,10 +294,11 @@ class DiskTier:
 
         return self._with_block(key, body)
 
-    def _corrupt(self, dfd: int | None, fname: str, st: os.stat_result | None, path: str, err: Exception) -> None:
+    def _corrupt(self, dfd: int | None, fname: str, st: os.stat_result | None, path: str, err: Exception,
+                 counter: str = "corrupt_blocks") -> None:
         """Count and log a failed check; delete the file only if the name still holds the regular file we checked
         (another server may have published a good block there meanwhile)."""
-        self.rec.add("corrupt_blocks")
+        self.rec.add(counter)
         log.warning("kv store: disk block %s failed a check (%s): treated as a miss", path, err)
         if dfd is not None and st is not None:
             unlink_if(dfd, fname, (stat.S_ISREG,), same_as=st)
@@ -306,15 +331,18 @@ class DiskTier:
         """Publish one block (flat uint8 CPU tensor) atomically. False on an OS error (counted, logged once)."""
         parts, fname = self._where(key)
         view = memoryview(buf.numpy()).cast("B")
-        header = encode_header(self.digest, key, len(view), zlib.crc32(view))
+        auth = self.trust.auth
+        header = encode_header(self.digest, key, len(view), zlib.crc32(view),
+                               FORMAT_VERSION if auth is None else TAGGED_VERSION)
+        chunks = [header, view] if auth is None else [header, auth.tag(header, view), view]
         try:
-            dfd = open_dir(self.root, parts, create=True)
+            dfd = open_dir(self.root, parts, create=True, modes=self.trust.modes)
             try:
-                if self._refresh(dfd, fname):  # content-addressed: equal key, equal bytes; just mark it used
+                if self._refresh(dfd, fname, key):  # content-addressed: equal key, equal bytes; just mark it used
                     return True
                 if not self._sidecar_written:
                     self._write_sidecar()
-                write_atomic(dfd, fname, [header, view], self.fsync)
+                write_atomic(dfd, fname, chunks, self.fsync, self.trust.modes)
             finally:
                 os.close(dfd)
         except UnsafeEntryError as e:
@@ -327,21 +355,23 @@ class DiskTier:
             return False
         with self._lock:
             if self._usage is not None:
-                self._usage += len(header) + len(view)
+                self._usage += sum(len(c) for c in chunks)
         self.enforce_cap()
         return True
 
-    @staticmethod
-    def _refresh(dfd: int, fname: str) -> bool:
-        """Touch an existing regular block file (by fd, never through a symlink); False if there is none."""
+    def _refresh(self, dfd: int, fname: str, key: bytes) -> bool:
+        """Touch an existing regular block file whose header passes (by fd, never through a symlink); False if there
+        is none, so the write replaces whatever stands there (e.g. a planted block without our tag)."""
         try:
-            fd, _ = open_regular(fname, dfd)
+            fd, st = open_regular(fname, dfd)
         except (OSError, UnsafeEntryError):
             return False  # missing, or a symlink / FIFO that the write replaces
         try:
+            with open(fd, "rb", buffering=0, closefd=False) as f:
+                self._header(f, st, key)
             os.utime(fd)
             return True
-        except OSError:
+        except (OSError, BlockCheckError, AuthFailure):
             return False
         finally:
             os.close(fd)

@@ -3,6 +3,7 @@
 Every level below the directory's root is opened with ``O_NOFOLLOW`` relative to the one above (``openat``), so a
 symlink planted inside the directory is never followed: nothing is read, written, touched or deleted outside it.
 Files are opened non-blocking and must be regular files, so a FIFO or device at a block's name cannot hang a reader.
+Everything created here gets its mode from ``Modes`` by ``fchmod`` (private 0700/0600 by default), never from the umask.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import errno
 import os
 import stat
 import threading
+from dataclasses import dataclass
 
 TMP_SUFFIX = ".tmp"
 # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
@@ -19,28 +21,71 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LINK_ERRNOS = (errno.ELOOP, errno.ENOTDIR)  # what O_NOFOLLOW / O_DIRECTORY give for a symlink or a non-directory
 
 
+@dataclass(frozen=True)
+class Modes:
+    """Permissions of what the store creates: directories, files, and the group to ``fchown`` them to (None: keep
+    the creator's group)."""
+
+    dir: int = 0o700
+    file: int = 0o600
+    gid: int | None = None
+
+    def apply(self, fd: int, mode: int) -> None:
+        """Set ``fd``'s group (first: a chown may clear the setgid bit) and exact mode."""
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
+        os.fchmod(fd, mode)
+
+
+PRIVATE = Modes()
+
+
 class UnsafeEntryError(Exception):
     """An entry inside the cache directory is a symlink, or not a directory / regular file where one belongs."""
 
 
-def open_dir(root: str, parts: tuple[str, ...] | list[str], create: bool = False) -> int:
+def make_root(root: str, modes: Modes = PRIVATE) -> None:
+    """Create ``root`` and missing parents with ``modes.dir`` (an existing directory is left as it is)."""
+    root = os.path.abspath(root)
+    if os.path.isdir(root):
+        return
+    parent = os.path.dirname(root)
+    if parent != root:
+        make_root(parent, modes)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        return
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        modes.apply(fd, modes.dir)
+    finally:
+        os.close(fd)
+
+
+def open_dir(root: str, parts: tuple[str, ...] | list[str], create: bool = False, modes: Modes = PRIVATE) -> int:
     """An fd of ``root/parts...``, each part opened with O_NOFOLLOW relative to the one above, so no symlink
     below ``root`` is followed (``root`` itself may be one: the operator chose it). ``create``: make missing
     levels, and replace a symlink or file standing where a level belongs (unlinking an entry never touches its
-    target). Raises FileNotFoundError, UnsafeEntryError (without ``create``) or OSError."""
+    target); levels made here get ``modes.dir``. Raises FileNotFoundError, UnsafeEntryError (without ``create``) or
+    OSError."""
     if create:
-        os.makedirs(root, exist_ok=True)
+        make_root(root, modes)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for part in parts:
             for attempt in (0, 1):
+                made = False
                 if create:
                     try:
-                        os.mkdir(part, 0o777, dir_fd=fd)
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                        made = True
                     except FileExistsError:
                         pass
                 try:
                     sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                    if made:
+                        _apply_or_close(sub, modes)
                     break
                 except OSError as e:
                     if e.errno not in _LINK_ERRNOS:
@@ -50,6 +95,14 @@ def open_dir(root: str, parts: tuple[str, ...] | list[str], create: bool = False
             os.close(fd)
             fd = sub
         return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _apply_or_close(fd: int, modes: Modes) -> None:
+    try:
+        modes.apply(fd, modes.dir)
     except BaseException:
         os.close(fd)
         raise
@@ -91,14 +144,15 @@ def open_regular(name: str, dir_fd: int | None = None) -> tuple[int, os.stat_res
         raise
 
 
-def write_atomic(dir_fd: int, name: str, chunks: list, fsync: bool) -> None:
-    """Write ``chunks`` (bytes-like) to a unique temp file in ``dir_fd``, then ``os.replace`` it onto ``name``
-    (a rename replaces a symlink or FIFO standing there; it never writes through it)."""
+def write_atomic(dir_fd: int, name: str, chunks: list, fsync: bool, modes: Modes = PRIVATE) -> None:
+    """Write ``chunks`` (bytes-like) to a unique temp file in ``dir_fd`` with mode ``modes.file``, then
+    ``os.replace`` it onto ``name`` (a rename replaces a symlink or FIFO standing there; it never writes through it)."""
     tmp = f".{name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}{TMP_SUFFIX}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=dir_fd)
         with open(fd, "wb") as f:
+            modes.apply(fd, modes.file)
             for c in chunks:
                 f.write(c)
             if fsync:

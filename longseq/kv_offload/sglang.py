@@ -35,28 +35,33 @@ from .dram import as_bytes, copy_bytes
 from .fingerprint import KVFingerprint
 from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
 from .store import BlockStore
+from .trust import key_file_setting, shared_group_setting
 
 log = logging.getLogger("longseq.kv_offload")
 
 # Keys SGLang itself puts in / reads from extra_config; ours with their types and defaults.
 SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 OUR_KEYS = {"cpu_gib": (size_gib, 0.0), "disk_dir": (cache_dir, None), "disk_gib": (size_gib, 0.0),
-            "fsync": (flag, False)}
+            "fsync": (flag, False), "shared_group": (shared_group_setting, False),
+            "auth_key_file": (key_file_setting, None)}
 PREFIX = "longseq HiCache backend: extra_config"
 # Host pool attributes that may hold the pool's root tensors (zero-copy pointers point into these).
 _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
 
 
 def parse_extra_config(extra: Optional[dict]) -> dict:
-    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` from SGLang's extra_config, validated with the same
-    rules as the vLLM connector's (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded).
+    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` / ``shared_group`` / ``auth_key_file`` from SGLang's
+    extra_config, validated with the same rules as the vLLM connector's (``settings.py``: finite sizes, non-empty
+    ``disk_dir`` with ``~`` expanded; ``trust.py``: the key file is loaded and checked now).
     Raises ``KVConfigError`` (a ValueError) naming the setting, or the allowed keys on an unknown key."""
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(SGLANG_KEYS) - set(OUR_KEYS))
     if unknown:
         raise KVConfigError(f"longseq HiCache backend: unknown extra_config key(s) {unknown}; allowed: "
                             f"{', '.join(OUR_KEYS)} (ours) and {', '.join(SGLANG_KEYS)} (SGLang's)")
-    opts = {name: check(PREFIX, name, extra.get(name, default)) for name, (check, default) in OUR_KEYS.items()}
+    opts = {name: check(PREFIX, name, extra.get(name, default)) for name, (check, default) in OUR_KEYS.items()
+            if name != "auth_key_file"}
+    opts["auth_key_file"] = key_file_setting(PREFIX, "auth_key_file", extra.get("auth_key_file"), opts["shared_group"])
     if opts["cpu_gib"] <= 0 and not opts["disk_dir"]:
         raise KVConfigError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) in extra_config")
     if opts["disk_dir"] and opts["disk_gib"] <= 0:
@@ -70,7 +75,8 @@ def open_store(opts: dict, fp: KVFingerprint, page_nbytes: int) -> BlockStore:
     to CPU, so pinning would buy nothing and its cudaHostAlloc calls would stall the GPU engine while serving."""
     check_tier_sizes(PREFIX, opts["cpu_gib"], opts["disk_dir"], opts["disk_gib"], page_nbytes, HEADER_SIZE)
     return BlockStore(fp, cpu_gib=opts["cpu_gib"], disk_dir=opts["disk_dir"], disk_gib=opts["disk_gib"],
-                      fsync=opts["fsync"], pin_memory=False, block_nbytes=page_nbytes or None)
+                      fsync=opts["fsync"], pin_memory=False, block_nbytes=page_nbytes or None,
+                      shared_group=opts["shared_group"], auth_key_file=opts["auth_key_file"])
 
 
 def _shard(cfg: HiCacheStorageConfig) -> str:

@@ -40,6 +40,7 @@ class StoreStats:
     read_errors:    disk reads that failed with an OS error other than "file not found"
     bad_files:      lookups that met a symlink, FIFO or other non-regular entry in the disk directory -> misses
                     (never followed or opened blocking; a later write of that block replaces the entry)
+    auth_failures:  disk blocks without a valid keyed tag (with ``auth_key_file``) -> misses, deleted like corrupt ones
     lookup_errors:  unexpected exceptions on a lookup or load (any cause) -> misses, never raised to the engine
     write_errors:   disk writes that failed (ENOSPC, EACCES, read-only dir, ...); DRAM kept serving
     dropped_writes: disk writes skipped because too many bytes were already queued (the engine is never blocked)
@@ -49,6 +50,7 @@ class StoreStats:
     corrupt_blocks: int = 0
     read_errors: int = 0
     bad_files: int = 0
+    auth_failures: int = 0
     lookup_errors: int = 0
     write_errors: int = 0
     dropped_writes: int = 0
@@ -78,7 +80,8 @@ class StoreStats:
         pinned = f" (pinned slabs {self.dram_pinned_bytes / 2**20:.1f} MiB)" if self.dram_pinned_bytes else ""
         parts.append(f"dram holds {self.dram_blocks} blocks {self.dram_bytes / 2**20:.1f} MiB{pinned},"
                      f" disk ~{self.disk_bytes / 2**20:.1f} MiB")
-        parts.append(f"corrupt {self.corrupt_blocks}, bad files {self.bad_files}, read errors {self.read_errors},"
+        parts.append(f"corrupt {self.corrupt_blocks}, bad files {self.bad_files}, auth failures {self.auth_failures},"
+                     f" read errors {self.read_errors},"
                      f" lookup errors {self.lookup_errors},"
                      f" write errors {self.write_errors}, dropped writes {self.dropped_writes}")
         return "kv store: " + "; ".join(parts)

@@ -31,6 +31,7 @@ from .disk import HEADER_SIZE, DiskTier, SizeMismatch
 from .fingerprint import KVFingerprint
 from .settings import cache_dir, check_tier_sizes, size_gib
 from .stats import StatsRecorder, StoreStats, TierStats, ensure_log_visible
+from .trust import trust_policy
 
 __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
@@ -65,12 +66,17 @@ class BlockStore:
                     file of another size is corrupt, a ``put`` of another size is refused, and a tier that cannot
                     hold one block is refused here. None: blocks of any size (a disk file is then only bounded
                     by the disk cap)
+    shared_group:   False: what the store creates is private (dirs 0700, files 0600, whatever the umask); True:
+                    group-shared (02770 / 0660); a group name: also chown-ed to that group (``trust.py``)
+    auth_key_file:  a file holding a secret key (0600, ours): blocks are written with a keyed tag and only blocks
+                    with a valid tag are served (others are misses, counted as ``auth_failures`` and deleted)
     """
 
     def __init__(self, fingerprint: KVFingerprint, *, cpu_gib: float, disk_dir: str | None = None,
                  disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool = True,
                  fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0,
-                 block_nbytes: int | None = None) -> None:
+                 block_nbytes: int | None = None, shared_group: bool | str = False,
+                 auth_key_file: str | None = None) -> None:
         if not isinstance(fingerprint, KVFingerprint):
             raise TypeError(f"fingerprint must be a KVFingerprint, got {type(fingerprint).__name__}")
         cpu_gib = size_gib("kv store", "cpu_gib", cpu_gib)
@@ -84,6 +90,7 @@ class BlockStore:
                                          or block_nbytes <= 0):
             raise ValueError(f"kv store: block_nbytes must be a positive int, got {block_nbytes!r}")
         check_tier_sizes("kv store", cpu_gib, disk_dir, disk_gib, block_nbytes or 0, HEADER_SIZE)
+        trust = trust_policy("kv store", shared_group, auth_key_file)
         self.block_nbytes = block_nbytes
         self.fingerprint = fingerprint
         self.pin_memory = default_pin_memory() if pin_memory is None else bool(pin_memory)
@@ -98,7 +105,7 @@ class BlockStore:
         self._max_pending_bytes = int(max_pending_write_gib * GIB)
         self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
         self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync,
-                              block_nbytes=block_nbytes) if disk_dir is not None else None
+                              block_nbytes=block_nbytes, trust=trust) if disk_dir is not None else None
         self._log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._closed = False
@@ -110,9 +117,10 @@ class BlockStore:
             self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-disk-writer", daemon=True)
             self._writer.start()
         ensure_log_visible(log)
-        log.info("kv store: %s, dram %.3g GiB (%s), disk %s", fingerprint.model, cpu_gib,
+        log.info("kv store: %s, dram %.3g GiB (%s), disk %s%s", fingerprint.model, cpu_gib,
                  "pinned" if self.pin_memory else "pageable",
-                 f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off")
+                 f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off",
+                 ", blocks tagged with auth_key_file" if trust.auth and disk_dir else "")
 
     # ---- lookups ----------------------------------------------------------------------------
     def record_lookup_error(self, where: str, err: BaseException) -> None:

@@ -10,6 +10,8 @@ Usage::
         "kv_connector_extra_config":{"cpu_gib":4, "disk_dir":"/mnt/kv", "disk_gib":64}}'
 
 (the module path can be left out when the longseq vLLM plugin is installed: it registers the short name).
+A shared or group-writable ``disk_dir`` takes ``"shared_group": true`` (or a group name) and ``"auth_key_file"``
+(blocks carry a keyed tag; untagged ones are misses): see ``trust.py``.
 ``kv_role``: ``kv_both`` saves and loads, ``kv_producer`` only saves, ``kv_consumer`` only loads.
 
 Design (see ``vllm_scheduler.py``, ``vllm_hits.py`` and ``vllm_worker.py``): keys are our own token-hash chain,
@@ -42,6 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from .disk import HEADER_SIZE
 from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
 from .store import BlockStore, KVFingerprint
+from .trust import key_file_setting, shared_group_setting, trust_policy
 from .vllm_hits import KeyIndexHits, RankInfo, StoreHits
 from .vllm_scheduler import BlockTransfer, OffloadScheduler
 from .vllm_worker import OffloadWorker
@@ -51,7 +54,8 @@ log = logging.getLogger("longseq.kv_offload")
 CONNECTOR_NAME = "LongSeqOffloadConnector"
 #: ``kv_connector_extra_config`` keys and their defaults.
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"cpu_gib": 4.0, "disk_dir": None, "disk_gib": 16.0, "stats_path": None,
-                                         "pin_at_start": True, "load_kernel": "auto"}
+                                         "pin_at_start": True, "load_kernel": "auto", "shared_group": False,
+                                         "auth_key_file": None}
 #: ``load_kernel`` values: ``auto`` = the direct-read kernel on CUDA where it applies, ``copy`` = per-block copies.
 LOAD_KERNELS = ("auto", "copy")
 
@@ -77,6 +81,8 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
     for key in ("disk_dir", "stats_path"):
         cfg[key] = cache_dir(CONNECTOR_NAME, key, cfg[key])
     cfg["pin_at_start"] = flag(CONNECTOR_NAME, "pin_at_start", cfg["pin_at_start"])
+    cfg["shared_group"] = shared_group_setting(CONNECTOR_NAME, "shared_group", cfg["shared_group"])
+    cfg["auth_key_file"] = key_file_setting(CONNECTOR_NAME, "auth_key_file", cfg["auth_key_file"], cfg["shared_group"])
     if not isinstance(cfg["load_kernel"], str) or cfg["load_kernel"] not in LOAD_KERNELS:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: load_kernel must be one of {list(LOAD_KERNELS)}, "
                                  f"got {cfg['load_kernel']!r}")
@@ -94,7 +100,8 @@ def open_store(cfg: dict[str, Any], fp: KVFingerprint, block_nbytes: int) -> Blo
     check_tier_sizes(CONNECTOR_NAME, cfg["cpu_gib"], cfg["disk_dir"], disk_gib, block_nbytes, HEADER_SIZE)
     # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
     return BlockStore(fp, cpu_gib=cfg["cpu_gib"], disk_dir=cfg["disk_dir"], disk_gib=disk_gib,
-                      max_pending_write_gib=max(1.0, cfg["cpu_gib"]), block_nbytes=block_nbytes)
+                      max_pending_write_gib=max(1.0, cfg["cpu_gib"]), block_nbytes=block_nbytes,
+                      shared_group=cfg["shared_group"], auth_key_file=cfg["auth_key_file"])
 
 
 @dataclass
@@ -148,7 +155,8 @@ class _Engine:
                 **_scheduler_stats(self.scheduler),
                 "store": {"dram_hits": s.dram.hits, "disk_hits": s.disk.hits, "disk_misses": s.disk.misses,
                           "disk_blocks_written": s.disk.blocks_written, "corrupt_blocks": s.corrupt_blocks,
-                          "bad_files": s.bad_files, "lookup_errors": s.lookup_errors, "read_errors": s.read_errors,
+                          "bad_files": s.bad_files, "auth_failures": s.auth_failures,
+                          "lookup_errors": s.lookup_errors, "read_errors": s.read_errors,
                           "write_errors": s.write_errors,
                           "dropped_writes": s.dropped_writes, "dram_blocks": s.dram_blocks,
                           "disk_read_gbps": s.disk.read_gbps}}
@@ -318,7 +326,8 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
             if engine is not None and self.world_size == 1:
                 hits = StoreHits(engine.store)  # the worker lives in this process: ask its store
             elif self._ranks:
-                hits = KeyIndexHits(self._ranks, self.cfg["disk_dir"], self.cfg["disk_gib"])
+                hits = KeyIndexHits(self._ranks, self.cfg["disk_dir"], self.cfg["disk_gib"],
+                                    trust_policy(CONNECTOR_NAME, self.cfg["shared_group"], self.cfg["auth_key_file"]))
             else:
                 raise RuntimeError(f"{CONNECTOR_NAME}: no worker reported its store to the scheduler (engine "
                                    f"{self.engine_id}); vLLM did not pass the KV connector handshake metadata")

@@ -28,6 +28,7 @@ from .disk import DiskTier
 from .fingerprint import KVFingerprint
 from .stats import StatsRecorder
 from .store import BlockStore
+from .trust import Trust
 
 log = logging.getLogger("longseq.kv_offload")
 
@@ -84,7 +85,8 @@ class KeyIndexHits:
 
     mode = "index"
 
-    def __init__(self, ranks: list[RankInfo], disk_dir: str | None = None, disk_gib: float = 0.0) -> None:
+    def __init__(self, ranks: list[RankInfo], disk_dir: str | None = None, disk_gib: float = 0.0,
+                 trust: Trust = Trust()) -> None:
         if not ranks:
             raise ValueError("KeyIndexHits: no rank reported its store")
         self.ranks = sorted(ranks, key=lambda r: r.rank)
@@ -92,9 +94,11 @@ class KeyIndexHits:
         self._keys: OrderedDict[bytes, None] = OrderedDict()
         self.rec = StatsRecorder()
         # Probe-only views of each rank's files (same directory and fingerprints as the workers' stores): reads
-        # headers, never payloads; a file that fails its header check is handled as the workers would.
+        # headers, never payloads; a file that fails its header check (or, with a key, has no tag) is handled as
+        # the workers would.
         self.disks = [DiskTier(disk_dir, KVFingerprint.from_json(r.fingerprint_json), int(disk_gib * (1 << 30)),
-                               self.rec, block_nbytes=r.block_nbytes or None) for r in self.ranks] if disk_dir else []
+                               self.rec, block_nbytes=r.block_nbytes or None, trust=trust)
+                      for r in self.ranks] if disk_dir else []
 
     def count(self, keys: list[bytes]) -> int:
         """Leading ``keys`` that every rank should hold: in the index (DRAM), or a file on disk for every rank."""

@@ -174,6 +174,52 @@ def test_extra_config_follows_the_same_rules_as_the_vllm_connector(tmp_path, mon
             _backend(_extra(tmp_path, **{name: 1e-7}), _pool(seed=7))
 
 
+def test_trust_settings_in_extra_config(tmp_path):
+    """``shared_group`` and ``auth_key_file`` (issue 17) are validated like the vLLM connector's, naming the setting;
+    with a key, pages are tagged on disk and a new backend with the same key reads them back, one without a tag
+    (planted by a keyless store) is a miss."""
+    import grp
+    import stat
+
+    from kv_fixtures import key_file
+    from longseq.kv_offload import disk
+    from longseq.kv_offload.sglang import LongSeqHiCacheStorage, parse_extra_config
+    from longseq.kv_offload.settings import KVConfigError
+
+    with pytest.raises(KVConfigError, match="extra_config: shared_group must be true, false or a group name"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, shared_group=0)))
+    with pytest.raises(KVConfigError, match="extra_config: auth_key_file=.* does not exist"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, auth_key_file=str(tmp_path / "missing"))))
+    with pytest.raises(KVConfigError, match="extra_config: auth_key_file=.* is empty"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, auth_key_file=key_file(tmp_path / "empty", b""))))
+    with pytest.raises(ValueError, match=r"unknown extra_config key\(s\) \['auth_key'\].*shared_group, auth_key_file"):
+        LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, auth_key="x")))
+    group = grp.getgrgid(os.getegid()).gr_name
+    assert parse_extra_config(_extra(tmp_path, shared_group=group))["shared_group"] == group
+    keyed = _extra(tmp_path, cpu_gib=0, auth_key_file=key_file(tmp_path / "key"), shared_group=True)
+    pool = _pool(seed=11)
+    backend = _backend(keyed, pool)
+    keys = [f"trust-{i}" for i in range(3)]
+    assert all(backend.batch_set_v1(keys, _indices([0, 1, 2])))
+    backend.store.flush()
+    files = glob.glob(str(tmp_path / "kv" / "blocks" / "*" / "*" / "*.kvb"))
+    assert len(files) == 3 and {stat.S_IMODE(os.stat(f).st_mode) for f in files} == {0o660}
+    for f in files:
+        with open(f, "rb") as fh:
+            assert disk.HEADER.unpack(fh.read(disk.HEADER_SIZE))[1] == disk.TAGGED_VERSION
+    backend.close()
+    dst = _pool(seed=13)
+    reader = _backend(keyed, dst)
+    assert reader.batch_exists(keys) == 3
+    assert all(reader.batch_get_v1(keys, _indices([5, 6, 7])))
+    assert all(torch.equal(_page(dst, b), _page(pool, a)) for a, b in ((0, 5), (1, 6), (2, 7)))
+    planted = _backend(_extra(tmp_path, cpu_gib=0), _pool(seed=12))  # no key: writes today's format
+    assert all(planted.batch_set_v1(["planted"], _indices([0])))
+    planted.close()
+    assert reader.batch_exists(["planted"]) == 0 and reader.store.stats(log_summary=False).auth_failures == 1
+    reader.close()
+
+
 @pytest.mark.timeout(30)
 def test_fifo_at_a_page_path_is_a_miss_not_a_hang(tmp_path):
     pool = _pool(seed=8)

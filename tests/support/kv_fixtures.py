@@ -48,6 +48,14 @@ def flip_payload_byte(path: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+def key_file(path, key: bytes | None = None, mode: int = 0o600) -> str:
+    """A secret key file for ``auth_key_file`` (random 32 bytes, hex, unless ``key`` is given) with ``mode``."""
+    with open(path, "wb") as f:
+        f.write(key if key is not None else os.urandom(32).hex().encode() + b"\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
 def unit_store(tmp_path=None):
     from longseq.kv_offload.store import BlockStore, KVFingerprint
 

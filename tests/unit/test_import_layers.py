@@ -19,7 +19,7 @@ KERNELS = ("longseq.kernels",)
 CORES = ("longseq.attention_backends.core", "longseq.kv_offload.store", "longseq.kv_offload.dram",
          "longseq.kv_offload.disk", "longseq.kv_offload.disk_stats", "longseq.kv_offload.fingerprint",
          "longseq.kv_offload.stats", "longseq.kv_offload.direct_load", "longseq.kv_offload.safe_fs",
-         "longseq.kv_offload.settings")
+         "longseq.kv_offload.settings", "longseq.kv_offload.trust")
 ADAPTERS = ("longseq.attention_backends.vllm", "longseq.attention_backends.sglang", "longseq.kv_offload.vllm",
             "longseq.kv_offload.sglang")
 

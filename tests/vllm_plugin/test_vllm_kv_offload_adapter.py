@@ -189,6 +189,46 @@ def test_the_retired_cuda_opt_in_key_is_now_an_unknown_key():
         parse_extra_config({"cpu_gib": 1, "allow_unvalidated_cuda": True})
 
 
+def test_trust_settings_are_validated_and_reach_the_store(tmp_path):
+    """``shared_group`` and ``auth_key_file`` (issue 17): checked when the config is parsed, each error naming the
+    setting; a store opened from the config writes tagged blocks with group-shared modes."""
+    import grp
+    import os
+    import stat
+
+    import torch
+
+    from kv_fixtures import key_file
+    from longseq.kv_offload import disk
+    from longseq.kv_offload.store import KVFingerprint
+    from longseq.kv_offload.vllm import OffloadConfigError, open_store, parse_extra_config
+
+    assert parse_extra_config({})["shared_group"] is False and parse_extra_config({})["auth_key_file"] is None
+    group = grp.getgrgid(os.getegid()).gr_name
+    assert parse_extra_config({"shared_group": group})["shared_group"] == group
+    for bad in ("no-such-group-longseq", 1, ""):
+        with pytest.raises(OffloadConfigError, match="LongSeqOffloadConnector: shared_group"):
+            parse_extra_config({"shared_group": bad})
+    with pytest.raises(OffloadConfigError, match="auth_key_file=.* does not exist"):
+        parse_extra_config({"auth_key_file": str(tmp_path / "missing")})
+    loose = key_file(tmp_path / "loose", mode=0o644)
+    with pytest.raises(OffloadConfigError, match="LongSeqOffloadConnector: auth_key_file=.*accessible by group"):
+        parse_extra_config({"auth_key_file": loose})
+    with pytest.raises(OffloadConfigError, match="auth_key_file must be a non-empty path"):
+        parse_extra_config({"auth_key_file": 7})
+    with pytest.raises(OffloadConfigError, match=r"unknown kv_connector_extra_config key\(s\) \['auth_key'\]"):
+        parse_extra_config({"auth_key": "secret"})
+    cfg = parse_extra_config({"cpu_gib": 0.01, "disk_dir": str(tmp_path / "kv"), "disk_gib": 0.01,
+                              "shared_group": True, "auth_key_file": key_file(tmp_path / "key")})
+    store = open_store(cfg, KVFingerprint("m", "l", "bfloat16", 16), 64)
+    store.put(b"k", torch.arange(64, dtype=torch.uint8))
+    store.close()
+    path = store._disk.path_for(b"k")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    with open(path, "rb") as f:
+        assert disk.HEADER.unpack(f.read(disk.HEADER_SIZE))[1] == disk.TAGGED_VERSION
+
+
 def test_scheduler_counts_verified_prefix_hits_and_saves_each_full_block_once(tmp_path):
     import torch
 
