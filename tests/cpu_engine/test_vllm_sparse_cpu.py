@@ -51,12 +51,9 @@ def test_sparse_ran_in_engine(study, budget):
     assert t["technique"] == "sparse" and t["num_layers"] == 30 and t["sparse_decode_calls"] > 0
 
 
-# Issue 3's targets: agreement >= 0.99, mean KL <= 0.01. With the defaults (page 8, group max) this CPU run
-# measured at budget 2048 agreement 0.984 (1 flip in each 64-step prompt, at near-ties: no step's KL above 0.021)
-# and KL 0.0023 (page 16 with the summed bound: 0.992 / 0.0046); the GPU run at 4K-8K meets both (0.996 / 0.0075).
-# The bounds hold each budget to its measured level (KL to the target) so a regression fails; docs/benchmarks/sparse.md
-# reports the shortfalls.
-FIDELITY_BOUNDS = {1024: (0.975, 0.025), 2048: (0.98, 0.01)}
+# The bounds hold each budget near its measured level with the defaults (selection reuse included) so a regression
+# fails; the measured numbers and the shortfalls against issue 3's targets: docs/benchmarks/sparse.md, "Fidelity vs N".
+FIDELITY_BOUNDS = {1024: (0.965, 0.035), 2048: (0.98, 0.01)}
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
