@@ -217,7 +217,7 @@ class SelectionReuse:
             return
         args = (block_table, seq_lens, self.sel_len, self.sel_tag, self._refresh, self._extra, self.every,
                 self.page_size, self.block_size)
-        if (kernel or ("triton" if block_table.is_cuda else "torch")) == "triton":
+        if _triton(kernel, block_table):
             from longseq.kernels.sparse_decode.reuse import plan_selection_reuse
 
             plan_selection_reuse(*args)
@@ -225,6 +225,11 @@ class SelectionReuse:
             from longseq.kernels.sparse_decode.naive import plan_selection_reuse_ref
 
             plan_selection_reuse_ref(*args)
+
+
+def _triton(kernel: str | None, tensor: torch.Tensor) -> bool:
+    """``kernel`` (``triton`` / ``torch``) or, when None, the Triton kernels on CUDA tensors."""
+    return (kernel or ("triton" if tensor.is_cuda else "torch")) == "triton"
 
 
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
@@ -254,7 +259,7 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         refresh, extra = reuse.refresh, reuse.extra
     args = (q, index.page_min, index.page_max, block_table, seq_lens, settings.page_size, block_size,
             settings.num_select, settings.sink_pages, settings.recent_pages)
-    if (kernel or ("triton" if q.is_cuda else "torch")) == "triton":
+    if _triton(kernel, q):
         from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
 
         page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows,
@@ -264,9 +269,14 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         return out
     from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
 
-    page_ids, _ = select_topk_pages_torch(*args, group_max=settings.group_max)
-    if kept is not None:
-        page_ids = kept.copy_(torch.where(refresh.bool()[:, None, None], page_ids, kept))
+    if kept is None:
+        page_ids, _ = select_topk_pages_torch(*args, group_max=settings.group_max)
+    else:  # only the rows that select this step are scored and ranked (the others keep their pages)
+        rows = refresh.bool()
+        if bool(rows.any()):
+            kept[rows] = select_topk_pages_torch(q[rows], *args[1:3], block_table[rows], seq_lens[rows], *args[5:],
+                                                 group_max=settings.group_max)[0]
+        page_ids = kept
     out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
                                         settings.page_size, scale, extra_pages=extra))
     return out
