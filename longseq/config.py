@@ -77,7 +77,8 @@ class LongSeqConfig:
             (requests x KV heads) than this splits each row's top-k over several programs; unset: the kernel's
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
         sparse_reuse_steps: a decode row selects its pages every N steps and in between attends to the pages it
-            kept plus every page written since (``LONGSEQ_SPARSE_REUSE_STEPS``; 1: select every step).
+            kept plus every page written since (``LONGSEQ_SPARSE_REUSE_STEPS``; 1, the default: select every step;
+            larger N trades fidelity for speed: docs/benchmarks/sparse.md#selection-reuse-longseq_sparse_reuse_steps).
         duo_pattern: duo mode: the DuoAttention head pattern (``LONGSEQ_DUO_PATTERN``): a folder in the
             authors' format (``full_attention_heads.tsv`` + ``config.json``) or a built-in name such as
             ``smollm2-135m-instruct``, or ``random`` / ``random:<seed>`` (random gates for the model's shape, built at
@@ -115,7 +116,7 @@ class LongSeqConfig:
     sparse_summary: str = "auto"
     sparse_topk_split_rows: int | None = None
     sparse_group_score: str = "max"
-    sparse_reuse_steps: int = 4
+    sparse_reuse_steps: int = 1
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None

@@ -75,8 +75,8 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     assert not SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_GROUP_SCORE": "SUM"})).group_max
     defaults = LongSeqConfig.from_env({})
     assert (defaults.sparse_page_size, defaults.sparse_recent_pages, defaults.sparse_group_score) == (8, 8, "max")
-    assert defaults.sparse_reuse_steps == 4 and SparseSettings.from_config(defaults).reuse_steps == 4
-    assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_REUSE_STEPS": "1"})).reuse_steps == 1
+    assert defaults.sparse_reuse_steps == 1 and SparseSettings.from_config(defaults).reuse_steps == 1
+    assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_REUSE_STEPS": "4"})).reuse_steps == 4
 
 
 @pytest.mark.parametrize("env, match", [
