@@ -7,8 +7,10 @@ runs, as with RoPE'd keys). FlashInfer and torch see the same rows flattened to 
 Every library's selection is checked to be a top-k of the row (its smallest selected score equals the k-th
 largest) before it is timed. Timing: ``--inner`` calls in one CUDA graph replayed ``--reps`` times (CUDA events,
 median per call); a call that cannot be captured is timed eagerly with ``triton.testing.do_bench`` and marked so.
-Ours also returns the pages sorted ascending (the sparse decode kernel reads them in order); the library calls
-return them unsorted, so the comparison favours the libraries by that sort.
+Ours also returns the pages sorted ascending; the library calls return them unsorted, so the comparison favours
+the libraries by that sort. ``ours_flashinfer_wrapper`` is ``topk_pages(..., impl="flashinfer")``
+(``kernels/sparse_decode/library_topk.py``): FlashInfer's ``top_k`` plus our contract around it (pages past the
+live ones to ``-1``, ``num_valid``, int32 pages in any order), the call the engine would make.
 
     python -m benchmarks.bench_topk_library --batches 1,8,32 --live 1024,4096,8192,16128
 Writes benchmarks/results/<name>.json (default ``topk_library``).
@@ -60,6 +62,16 @@ def is_topk(scores, idx, k: int) -> bool:
     return bool(torch.equal(got.min(-1).values, kth)) and bool((idx.long().sort(-1).values.diff(dim=-1) > 0).all())
 
 
+def is_topk_pages(scores, page_ids, k: int, live: int) -> bool:
+    """``page_ids`` ``[rows, k]`` (``topk_pages``: ``-1`` for unused slots, any order), with the ``-1`` dropped,
+    holds a top-``min(k, live)`` of each ``scores`` row (every row has ``live`` live pages)."""
+    n = min(k, live)
+    ok = page_ids >= 0
+    if not bool((ok.sum(-1) == n).all()):
+        return False
+    return is_topk(scores, page_ids[ok].view(-1, n), n)
+
+
 def time_us(fn, inner: int, reps: int) -> tuple[float, str]:
     import torch
     import triton
@@ -71,6 +83,9 @@ def time_us(fn, inner: int, reps: int) -> tuple[float, str]:
     except Exception:  # noqa: BLE001 - not capturable: time it eagerly instead
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=25, rep=200) * 1e3, "eager_do_bench"
+
+
+LIBS = ("flashinfer_top_k", "ours_flashinfer_wrapper", "torch_topk")  # each timed call reported against ours
 
 
 def main(argv=None) -> int:
@@ -101,24 +116,29 @@ def main(argv=None) -> int:
                          "torch_topk": lambda: torch.topk(flat, k, dim=-1)}
                 if fi_top_k is not None:
                     calls["flashinfer_top_k"] = lambda: fi_top_k(flat, k)
+                    calls["ours_flashinfer_wrapper"] = lambda: topk_pages(scores, seq_lens, page_size, k,
+                                                                          impl="flashinfer")
                 row = {"live_pages": live, "batch": bsz, "pattern": pattern}
                 for name, fn in calls.items():
                     try:
                         out = fn()
-                        idx = out[0].view(bsz * args.hkv, k) if name == "ours" else out[1]
-                        if not is_topk(flat, idx, k):
+                        if name.startswith("ours"):  # page_ids [B, Hkv, k] int32, -1 for unused slots
+                            good = is_topk_pages(flat, out[0].view(bsz * args.hkv, k), k, live)
+                        else:
+                            good = is_topk(flat, out[1], k)
+                        if not good:
                             failures.append(f"{name} is not a top-k ({pattern}, b={bsz}, live={live})")
                         row[f"{name}_us"], row[f"{name}_timing"] = time_us(fn, args.inner, args.reps)
                     except Exception as e:  # noqa: BLE001 - record and go on with the other calls
                         failures.append(f"{name} failed ({pattern}, b={bsz}, live={live}): {e!r}"[:300])
-                for lib in ("flashinfer_top_k", "torch_topk"):
+                for lib in LIBS:
                     if f"{lib}_us" in row and "ours_us" in row:
                         row[f"{lib}_over_ours"] = row[f"{lib}_us"] / row["ours_us"]
                 rows.append(row)
                 print(f"live={live:5d} b={bsz:2d} {pattern:6s}: " + " ".join(
                     f"{n} {row[f'{n}_us']:.1f} us" for n in calls if f"{n}_us" in row)
                       + "".join(f" | {lib}/ours {row[f'{lib}_over_ours']:.2f}x"
-                                for lib in ("flashinfer_top_k", "torch_topk") if f"{lib}_over_ours" in row),
+                                for lib in LIBS if f"{lib}_over_ours" in row),
                       flush=True)
     payload = {"benchmark": "topk_library", "command": command_line(), "env": {**environment(),
                "flashinfer": fi_version}, "inputs": {**vars(args), "page_size": page_size}, "rows": rows,

@@ -30,10 +30,12 @@ KDA_PREFILL_KERNELS = ("framework",)
 #: Page-summary dtypes of sparse mode.
 SPARSE_SUMMARIES = ("auto", "fp8", "cache")
 SPARSE_GROUP_SCORES = ("sum", "max")
+#: Page top-k of sparse mode on the GPU: ours (Triton) or FlashInfer's radix top-k (docs/benchmarks/sparse.md).
+SPARSE_TOPK_IMPLS = ("auto", "flashinfer")
 
 #: Fields that take one of a fixed set of values, with that set (checked at start-up).
 _CHOICES = {"cpu_kernel": CPU_KERNELS, "kda_prefill": KDA_PREFILL_KERNELS, "sparse_summary": SPARSE_SUMMARIES,
-            "sparse_group_score": SPARSE_GROUP_SCORES, "debug_fault": DEBUG_FAULTS}
+            "sparse_group_score": SPARSE_GROUP_SCORES, "sparse_topk": SPARSE_TOPK_IMPLS, "debug_fault": DEBUG_FAULTS}
 
 #: Head sizes our kernels handle (vLLM's own GPU kernels cover at least these).
 SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 256)
@@ -76,6 +78,8 @@ class LongSeqConfig:
         sparse_topk_split_rows: GPU tuning (``LONGSEQ_SPARSE_TOPK_SPLIT_ROWS``): a decode launch with fewer rows
             (requests x KV heads) than this splits each row's top-k over several programs; unset: the kernel's
             default (``kernels/sparse_decode/topk_split.SPLIT_MAX_ROWS``); 0: never split. Same pages either way.
+        sparse_topk: the GPU page top-k (``LONGSEQ_SPARSE_TOPK``): ``auto`` (ours, Triton) or ``flashinfer``
+            (FlashInfer's radix top-k; needs FlashInfer, checked at start-up; same pages up to ties).
         sparse_reuse_steps: a decode row selects its pages every N steps and in between attends to the pages it
             kept plus every page written since (``LONGSEQ_SPARSE_REUSE_STEPS``; 1, the default: select every step;
             larger N trades fidelity for speed: docs/benchmarks/sparse.md#selection-reuse-longseq_sparse_reuse_steps).
@@ -117,6 +121,7 @@ class LongSeqConfig:
     sparse_topk_split_rows: int | None = None
     sparse_group_score: str = "max"
     sparse_reuse_steps: int = 1
+    sparse_topk: str = "auto"
     duo_pattern: str | None = None
     duo_sparsity: float | None = None
     duo_threshold: float | None = None
@@ -202,6 +207,7 @@ class LongSeqConfig:
         "sparse_topk_split_rows": "LONGSEQ_SPARSE_TOPK_SPLIT_ROWS",
         "sparse_group_score": "LONGSEQ_SPARSE_GROUP_SCORE",
         "sparse_reuse_steps": "LONGSEQ_SPARSE_REUSE_STEPS",
+        "sparse_topk": "LONGSEQ_SPARSE_TOPK",
         "duo_pattern": "LONGSEQ_DUO_PATTERN",
         "duo_sparsity": "LONGSEQ_DUO_SPARSITY",
         "duo_threshold": "LONGSEQ_DUO_THRESHOLD",
@@ -300,8 +306,9 @@ def _coerce(name: str, raw: Any, type_name: Any, where: str) -> Any:
     if t.startswith("str | None"):
         return None if raw in (None, "") else str(raw)
     if t == "str":
-        return str(raw).strip().lower() if name in ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel",
-                                                     "sparse_summary", "sparse_group_score") else str(raw)
+        lowered = ("attention", "debug_fault", "sglang_dense_backend", "cpu_kernel", "sparse_summary",
+                   "sparse_group_score", "sparse_topk")
+        return str(raw).strip().lower() if name in lowered else str(raw)
     raise AssertionError(f"no coercion for {name}: {t}")  # a new field must add its coercion
 
 

@@ -77,6 +77,9 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     assert (defaults.sparse_page_size, defaults.sparse_recent_pages, defaults.sparse_group_score) == (8, 8, "max")
     assert defaults.sparse_reuse_steps == 1 and SparseSettings.from_config(defaults).reuse_steps == 1
     assert SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_REUSE_STEPS": "4"})).reuse_steps == 4
+    assert defaults.sparse_topk == "auto"
+    fi = LongSeqConfig.from_env({"LONGSEQ_SPARSE_TOPK": "FlashInfer"})
+    assert SparseSettings.from_config(fi).topk_impl == "flashinfer"
 
 
 @pytest.mark.parametrize("env, match", [
@@ -91,10 +94,24 @@ def test_sparse_knobs_parse_from_env_and_json(tmp_path):
     ({"LONGSEQ_SPARSE_GROUP_SCORE": "mean"}, "LONGSEQ_SPARSE_GROUP_SCORE='mean' is not allowed; allowed values: sum, max"),
     ({"LONGSEQ_SPARSE_REUSE_STEPS": "0"}, "LONGSEQ_SPARSE_REUSE_STEPS=0 must be a positive integer"),
     ({"LONGSEQ_SPARSE_REUSE_STEPS": "often"}, "LONGSEQ_SPARSE_REUSE_STEPS.*'often' must be an integer"),
+    ({"LONGSEQ_SPARSE_TOPK": "torch"}, "LONGSEQ_SPARSE_TOPK='torch' is not allowed; allowed values: auto, flashinfer"),
 ])
 def test_bad_sparse_knobs_are_named(env, match):
     with pytest.raises(LongSeqConfigError, match=match):
         LongSeqConfig.from_env(env)
+
+
+def test_flashinfer_topk_without_flashinfer_is_a_startup_error(monkeypatch):
+    """LONGSEQ_SPARSE_TOPK=flashinfer where FlashInfer's top-k cannot run (this CPU machine) stops the layer's
+    start-up check with the knob's name, not the first decode step."""
+    from longseq.attention_backends.core.sparse import SparseSettings
+    from longseq.kernels.sparse_decode import library_topk
+
+    monkeypatch.setattr(library_topk, "flashinfer_topk_available", lambda: False)
+    settings = SparseSettings.from_config(LongSeqConfig.from_env({"LONGSEQ_SPARSE_TOPK": "flashinfer"}))
+    with pytest.raises(LongSeqConfigError, match="LONGSEQ_SPARSE_TOPK=flashinfer needs a CUDA GPU"):
+        settings.validate_layer(block_size=16, head_size=64, backend="longseq sparse")
+    SparseSettings.from_config(LongSeqConfig.from_env({})).validate_layer(block_size=16, head_size=64, backend="x")
 
 
 def test_duo_is_a_technique_and_its_knobs_default_to_unset():

@@ -37,6 +37,7 @@ class SparseSettings:
         topk_split_rows: GPU top-k split threshold in rows (None: the kernel's default; 0: never).
         group_max: score pages by the largest query head's Quest bound, not the group's sum.
         reuse_steps: a decode row selects every this many steps (:class:`SelectionReuse`; 1: every step).
+        topk_impl: the GPU page top-k, ``"auto"`` (ours) or ``"flashinfer"`` (``select_topk_pages``'s ``topk_impl``).
     """
 
     budget_tokens: int
@@ -48,12 +49,14 @@ class SparseSettings:
     topk_split_rows: int | None = None
     group_max: bool = False
     reuse_steps: int = 1
+    topk_impl: str = "auto"
 
     @classmethod
     def from_config(cls, config: LongSeqConfig) -> "SparseSettings":
         return cls(config.sparse_budget, config.sparse_page_size, config.sparse_dense_layers,
                    config.sparse_sink_pages, config.sparse_recent_pages, config.sparse_summary,
-                   config.sparse_topk_split_rows, config.sparse_group_score == "max", config.sparse_reuse_steps)
+                   config.sparse_topk_split_rows, config.sparse_group_score == "max", config.sparse_reuse_steps,
+                   config.sparse_topk)
 
     def summary_dtype(self, cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """The page summaries' dtype for a cache of ``cache_dtype`` on ``device``."""
@@ -81,6 +84,13 @@ class SparseSettings:
                 f"{block_size}; use a page size that divides it (e.g. {block_size}) or change --block-size")
         if head_size > 256:
             raise LongSeqConfigError(f"{backend}: sparse mode supports head sizes up to 256, not {head_size}")
+        if self.topk_impl == "flashinfer":
+            from longseq.kernels.sparse_decode.library_topk import flashinfer_topk_available
+
+            if not flashinfer_topk_available():
+                raise LongSeqConfigError(f"{backend}: LONGSEQ_SPARSE_TOPK=flashinfer needs a CUDA GPU and "
+                                         "FlashInfer's top-k (flashinfer.topk, shipped with vLLM's CUDA wheels); "
+                                         "unset it to use ours")
 
     def is_sparse_layer(self, layer_name: str) -> bool:
         """Layers are numbered by their ``layers.<i>.`` path component; unnumbered layers stay dense."""
@@ -263,7 +273,8 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         from longseq.kernels.sparse_decode import select_topk_pages, sparse_paged_decode
 
         page_ids, _ = select_topk_pages(*args, split_max_rows=settings.topk_split_rows,
-                                        group_max=settings.group_max, refresh=refresh, page_ids=kept)
+                                        group_max=settings.group_max, refresh=refresh, page_ids=kept,
+                                        topk_impl=settings.topk_impl)
         sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
                             out=out, extra_pages=extra)
         return out

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.kernels.sparse_decode.library_topk import topk_pages_flashinfer
 from longseq.kernels.sparse_decode.radix_topk import topk_config, topk_row
 from longseq.kernels.sparse_decode.workspace import counters
 
@@ -283,7 +284,7 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
 def _resolve_impl(impl: str, max_pages: int) -> str:
     if impl == "auto":
         return "triton" if max_pages <= _MAX_TRITON_TOPK else "torch"
-    assert impl in ("triton", "torch"), impl
+    assert impl in ("triton", "torch", "flashinfer"), impl
     return impl
 
 
@@ -295,8 +296,10 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded.
 
     ``impl``: ``"triton"`` (radix select, rows up to ``_MAX_TRITON_TOPK`` pages), ``"torch"``
-    (``torch.topk`` + sort), or ``"auto"`` (triton when it fits). Equal scores go to the lower page in
-    the triton path; the torch path breaks ties arbitrarily. ``candidate_cap``: candidate slots of the
+    (``torch.topk`` + sort), ``"flashinfer"`` (FlashInfer's radix ``top_k``, ``library_topk.py``: the pages of a
+    row in ANY order, ``-1`` anywhere; pages past the live ones must score ``-inf``, as for ``"torch"``), or
+    ``"auto"`` (triton when it fits, else torch). Equal scores go to the lower page in the triton path; the
+    torch and flashinfer paths break ties arbitrarily. ``candidate_cap``: candidate slots of the
     group-max filter (default ``CANDIDATE_CAP``; ``0``: select over whole rows). ``num_warps``: tuning.
     ``narrow_levels``: half-width variants chosen per row by its live length (default ``NARROW_LEVELS``).
     ``segment_pages``: rows longer than two segments are split over several programs per row
@@ -309,6 +312,8 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     bsz, hkv, max_pages = scores.shape
     dev = scores.device
     impl = _resolve_impl(impl, max_pages)
+    if impl == "flashinfer":
+        return topk_pages_flashinfer(scores, seq_lens, page_size, num_select, refresh=refresh, page_ids=page_ids)
     if impl == "triton" and bsz > 0:
         from longseq.kernels.sparse_decode.topk_split import split_applies, topk_pages_split
 
@@ -351,13 +356,15 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
         ``num_sink_pages + num_recent_pages`` so that every forced page fits. ``fused``: score and select in
         one launch (default ``FUSED_DEFAULT``; triton top-k only). ``candidate_cap``, ``score_block_n``,
         ``topk_num_warps``, ``segment_pages``, ``split_max_rows``: tuning (``topk_pages``, ``score_pages``).
-        ``group_max``: score by the largest query head's bound (``score_pages``).
+        ``group_max``: score by the largest query head's bound (``score_pages``). ``topk_impl``: ``topk_pages``'s
+        ``impl`` (``"flashinfer"``: the pages of a row in any order, ``-1`` anywhere in it).
         ``refresh``, ``page_ids``: select only the rows where ``refresh`` (``[B]`` int32) is nonzero, into
         ``page_ids``; the other rows keep theirs (selection reuse, ``reuse.py``; not with ``fused``).
 
     Returns:
         page_ids: ``[B, Hkv, num_select]`` int32 logical pages, ascending, ``-1`` padded past
-            ``num_valid``; every valid page when the request has at most ``num_select`` pages.
+            ``num_valid`` (any order with ``topk_impl="flashinfer"``); every valid page when the request has at
+            most ``num_select`` pages.
         num_valid: ``[B]`` int32 ``min(num_select, ceil(seq_len / page_size))``.
     """
     assert num_select >= 1 and num_sink_pages + num_recent_pages <= num_select, \
