@@ -146,6 +146,10 @@ class OffloadScheduler:
         keys = self._keys(st, max_blocks)
         self.lookups += 1
         hits = first + self.hits.count(keys[first:])
+        # The store does not hold the blocks past the hits (evicted, or a damaged file deleted): once recomputed they
+        # must be saved again, also when another request sent them recently, or a hot prefix stays a miss for good.
+        for k in keys[hits:]:
+            self._recent_saves.pop(k, None)
         st.local_computed, st.hit_blocks = num_computed_tokens, hits
         new_tokens = max(0, hits * self.block_size - num_computed_tokens)
         self.hit_tokens += new_tokens

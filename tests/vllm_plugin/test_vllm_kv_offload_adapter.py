@@ -282,6 +282,39 @@ def test_scheduler_stops_counting_at_a_corrupt_disk_block(tmp_path):
         assert s.corrupt_blocks == 1 and s.disk.hits >= 3
 
 
+def test_a_block_lost_from_the_store_is_saved_again_by_the_next_request(tmp_path):
+    """A hot prefix whose block file was deleted (or damaged, then deleted by a failed check) after its save: the next
+    request's lookup misses it, recomputes it and must save it again, although another request sent the same key
+    for saving a moment ago (found by the soak, docs/benchmarks/kv-offload.md)."""
+    import os
+
+    import torch
+
+    from longseq.kv_offload.store import BlockStore
+    from longseq.kv_offload.vllm_scheduler import OffloadScheduler, chain_keys, request_seed
+
+    tokens = list(range(700, 700 + 40))  # 2 full blocks
+    keys = chain_keys(tokens, 16, 2, request_seed(FakeRequest("x", [])))
+    fp = unit_store().fingerprint
+    with BlockStore(fp, cpu_gib=0, disk_dir=str(tmp_path), disk_gib=0.01) as store:  # disk only: a deleted file is gone
+        sch = OffloadScheduler(store, block_size=16)
+        first = FakeRequest("a", tokens)
+        assert sch.num_new_matched_tokens(first, 0) == 0
+        _, saves = sch.build_step(fake_step(new=[("a", [1, 2, 3], 0)], sched={"a": 40}))
+        assert [t.keys for t in saves] == [keys]
+        for k in keys:  # the worker's saves
+            store.put(k, torch.randint(0, 255, (4096,), dtype=torch.uint8))
+        store.flush()
+        sch.finished(first)
+        os.unlink(block_path(str(tmp_path), store.fingerprint, keys[1]))  # a hostile user deletes block 1
+        again = FakeRequest("b", tokens)
+        assert sch.num_new_matched_tokens(again, 0) == 16  # block 0 still there, block 1 lost
+        sch.after_alloc(again, [4, 5, 6], 16)
+        loads, saves = sch.build_step(fake_step(new=[("b", [4, 5, 6], 16)], sched={"b": 24}))
+        assert [t.keys for t in loads] == [keys[:1]]
+        assert [(t.block_ids, t.keys) for t in saves] == [([5], keys[1:])]  # saved again, not skipped as "recent"
+
+
 def test_save_check_asks_dram_only_and_re_saves_disk_only_blocks(tmp_path, monkeypatch):
     """Deciding which blocks of a step to save opens no file (it ran on the engine thread once per new block:
     ~16 ms for a 32K prompt on the H200). A block found only on disk is saved again: it lands in DRAM, and the disk
