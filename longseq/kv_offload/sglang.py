@@ -31,7 +31,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
 from .disk import HEADER_SIZE
-from .dram import as_bytes, copy_bytes
+from .dram import as_bytes, copy_bytes, host_bytes
 from .fingerprint import KVFingerprint
 from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
 from .store import BlockStore
@@ -185,7 +185,7 @@ class LongSeqHiCacheStorage(HiCacheStorage):
     def _staging_buffer(self, nbytes: int) -> torch.Tensor:
         buf = getattr(self._staging, "buf", None)
         if buf is None or buf.numel() != nbytes:
-            buf = self._staging.buf = torch.empty(nbytes, dtype=torch.uint8)
+            buf = self._staging.buf = host_bytes(nbytes)
         return buf
 
     def _get_into(self, key: bytes, chunks: list[torch.Tensor]) -> bool:

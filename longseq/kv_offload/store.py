@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .dram import DramTier, as_bytes, copy_bytes, default_pin_memory
+from .dram import DramTier, as_bytes, copy_bytes, default_pin_memory, host_bytes
 from .disk import HEADER_SIZE, DiskTier, SizeMismatch
 from .fingerprint import KVFingerprint
 from .settings import cache_dir, check_tier_sizes, size_gib
@@ -295,7 +295,7 @@ class BlockStore:
                                 out_bytes.numel(), buf.numel())
                 self._rec.miss("dram")
                 return None
-            dst = out_bytes if out_bytes is not None else torch.empty(buf.numel(), dtype=torch.uint8)
+            dst = out_bytes if out_bytes is not None else host_bytes(buf.numel())
             result = copy_bytes(dst, buf)
         self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
         return result
@@ -306,7 +306,7 @@ class BlockStore:
         def alloc(nbytes: int) -> torch.Tensor:
             if out_bytes is not None and out_bytes.numel() != nbytes:
                 raise SizeMismatch(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
-            return out_bytes if direct else torch.empty(nbytes, dtype=torch.uint8)
+            return out_bytes if direct else host_bytes(nbytes)
 
         t0 = time.perf_counter()
         buf = self._disk.read(key, alloc)
@@ -341,7 +341,7 @@ class BlockStore:
             buf = self._insert_dram(key, src)
             if self._disk is not None and write_to_disk:
                 if buf is None:  # too big for / no DRAM tier: keep a private copy for the writer
-                    buf = src.to("cpu", copy=True)
+                    buf = copy_bytes(host_bytes(src.numel()), src)
                 else:
                     self._pending_dram_owned.add(key)
                 if self._pending_bytes + buf.numel() > self._max_pending_bytes:

@@ -31,7 +31,7 @@ import time
 import torch
 
 from .direct_load import DirectLoad, direct_load_setup
-from .dram import as_bytes
+from .dram import as_bytes, host_bytes
 from .store import BlockStore
 from .vllm_scheduler import BlockTransfer
 
@@ -218,7 +218,8 @@ class OffloadWorker:
 
     def _load_chunk_staged(self, block_ids: list[int], keys: list[bytes]) -> int:
         """Per-block copies into a staging tensor on the cache device, then one ``index_copy_`` per layer."""
-        stage = torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device)
+        stage = (torch.empty((len(keys), *self.block_shape), dtype=self.dtype, device=self.device) if self.cuda
+                 else self._host_blocks(len(keys)))
         store = self.store
         # The store copies under its lock and syncs before releasing it: nobody can evict (and recycle) a DRAM
         # buffer while an async copy reads it.
@@ -227,7 +228,7 @@ class OffloadWorker:
         missing = [i for i, ok in enumerate(found) if not ok]
         n = len(keys)
         for i in missing:  # evicted since the scheduler's check: read again (disk), verified by the store
-            host = torch.empty(self.block_bytes, dtype=torch.uint8)
+            host = host_bytes(self.block_bytes)
             if store.get(keys[i], out=host) is None:
                 n = i
                 break
@@ -278,6 +279,10 @@ class OffloadWorker:
             torch.cuda.current_stream(self.device).wait_event(gathered)
         self.counters["save_call_seconds"] += time.perf_counter() - t0  # the engine thread's share of saving
 
+    def _host_blocks(self, n: int) -> torch.Tensor:
+        """A pageable host tensor ``[n, *block_shape]`` of the cache dtype, from ``host_bytes``."""
+        return host_bytes(n * self.block_bytes).view(self.dtype).view(n, *self.block_shape)
+
     def _gather(self, block_ids: list[int], staging: torch.Tensor | None):
         """Pages ``block_ids`` of every layer -> host ``[n, num_layers, *page_shape]`` (logical order, so the
         bytes do not depend on the cache's physical stride order). CUDA: async on the save stream into
@@ -285,7 +290,11 @@ class OffloadWorker:
         themselves are no longer read); CPU: (host tensor, None, None)."""
         if not self.cuda:
             ids = torch.tensor(block_ids, dtype=torch.long)
-            return torch.stack([v.index_select(0, ids) for v in self.views], dim=1), None, None
+            # Straight into one mapped buffer: no per-layer temporaries through malloc (``host_bytes``).
+            host = self._host_blocks(len(block_ids))
+            for layer, view in enumerate(self.views):
+                torch.index_select(view, 0, ids, out=host[:, layer])
+            return host, None, None
         main = torch.cuda.current_stream(self.device)
         self.save_stream.wait_stream(main)  # the forward that wrote these pages comes first
         host = staging[:len(block_ids)]
