@@ -1,6 +1,9 @@
-"""Tiny random-weight Llama checkpoints for shape tests (built offline, cached).
+"""Tiny random-weight checkpoints for shape tests (built offline, cached).
 
-Each preset is a 2-layer Llama with hidden = q_heads * head_dim, a 512-token byte-level BPE tokenizer
+Llama presets are 2-layer Llamas with hidden = q_heads * head_dim. Hybrid presets follow the layouts of models
+people serve with windowed layers: ``gemma3-hybrid`` (Gemma-3 text: 5 of 6 layers sliding-window, MQA, head_dim
+256) and ``gemma2-softcap`` (Gemma-2: windowed and global layers alternating, attention logits soft-capped at 50).
+Windows are 64 tokens so that short test prompts already cross them. Every preset has a 512-token byte-level BPE tokenizer
 trained here on a few lines of text (ids 0/1/2 = ``<|endoftext|>``/``<|im_start|>``/``<|im_end|>`` as in
 SmolLM2, the rest of the 512 filled with ``<|reserved_N|>`` so every logit id decodes), and weights drawn from
 N(0, 0.08) with a fixed seed (norm weights are 1). The large std makes logits spread by several units, so
@@ -18,14 +21,24 @@ import sys
 
 from longseq.models import cached_build
 
-#: Attention shapes covered: head_dim 64 and 128; GQA ratio (q heads / kv heads) 1, 3, 4, 8.
+#: Attention shapes covered: head_dim 64, 128 and 256; GQA ratio (q heads / kv heads) 1, 2, 3, 4, 8; sliding
+#: windows mixed with global layers; logit soft-capping. ``family`` picks the architecture (default llama).
 TINY_PRESETS: dict[str, dict] = {
     "mha-d64": {"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 64},
     "mha-d128": {"num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 128},
     "gqa3-d64": {"num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64},
     "gqa4-d128": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128},
     "gqa8-d128": {"num_attention_heads": 8, "num_key_value_heads": 1, "head_dim": 128},
+    "gemma3-hybrid": {"family": "gemma3", "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256,
+                      "num_hidden_layers": 6, "sliding_window": 64},
+    "gemma2-softcap": {"family": "gemma2", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                       "num_hidden_layers": 4, "sliding_window": 64, "attn_logit_softcapping": 50.0,
+                       "tie_word_embeddings": True},  # vLLM's Gemma-2 requires tied embeddings
 }
+
+#: family -> (architecture, model_type); the hybrids' remaining fields are transformers' defaults for them.
+FAMILIES = {"llama": ("LlamaForCausalLM", "llama"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+            "gemma2": ("Gemma2ForCausalLM", "gemma2")}
 
 VOCAB_SIZE = 512
 NUM_LAYERS = 2
@@ -52,25 +65,26 @@ _TRAINING_TEXT = [
 
 
 def model_config(preset: str) -> dict:
-    """The Llama config fields of ``preset`` (plain dict, also the cache key's input)."""
-    p = TINY_PRESETS[preset]
+    """The config fields of ``preset`` (plain dict, also the cache key's input)."""
+    p = dict(TINY_PRESETS[preset])
+    arch, model_type = FAMILIES[p.pop("family", "llama")]
     hidden = p["num_attention_heads"] * p["head_dim"]
+    llama_only = {"rope_theta": 10000.0, "hidden_act": "silu"} if model_type == "llama" else {}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "vocab_size": VOCAB_SIZE,
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
         "num_hidden_layers": NUM_LAYERS,
-        **p,
         "max_position_embeddings": MAX_POSITIONS,
-        "rope_theta": 10000.0,
+        **llama_only,
         "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
         "tie_word_embeddings": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 2,
+        **p,  # the preset's own fields win
     }
 
 
@@ -109,14 +123,17 @@ def build_tiny(preset: str, out_dir: str, seed: int = SEED) -> None:
     """Write config.json, tokenizer files and bf16 model.safetensors of ``preset`` into ``out_dir``."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg_fields = model_config(preset)
-    config = LlamaConfig(**{k: v for k, v in cfg_fields.items() if k not in ("architectures", "model_type")})
-    config.architectures = ["LlamaForCausalLM"]
+    config = AutoConfig.for_model(cfg_fields["model_type"],
+                                  **{k: v for k, v in cfg_fields.items() if k not in ("architectures", "model_type")})
+    config.architectures = cfg_fields["architectures"]
     config.dtype = torch.bfloat16
     with torch.device("meta"):  # only the names and shapes; the values are drawn below
-        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    if cfg_fields["tie_word_embeddings"]:
+        shapes.pop("lm_head.weight", None)  # the embedding is the head
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name in sorted(shapes):  # fixed order, so the same seed gives the same weights everywhere

@@ -1,6 +1,7 @@
 """The ``longseq`` command.
 
     longseq info                 versions, plugin entry points, registered backends, effective config
+    longseq info --model PATH    also what runs on each kind of attention layer of that model (config.json)
     longseq demo [--mode dense]  SmolLM2-135M-Instruct through vLLM on this machine (CPU or GPU):
                                  prints the generation and timings; --compare also runs vLLM's own backend
     longseq duo calibrate --out DIR  DuoAttention gate calibration (longseq.tools.duo_calibrate): writes
@@ -32,7 +33,25 @@ def _cuda() -> str:
     return f"torch {torch.__version__}, no CUDA device (CPU)"
 
 
-def info(as_json: bool = False) -> int:
+def model_plan(path: str, technique: str, dense_layers: int) -> list[dict]:
+    """``layer_plan`` of the model folder (or config file) ``path``; ValueError with a readable message."""
+    import os
+
+    from longseq.attention_backends.core.layers import layer_plan
+
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(cfg_path, "rb") as f:
+            raw = f.read(1 << 22)  # configs are a few KiB; a larger file is not one
+        cfg = json.loads(raw.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: not a readable model config ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
+    return layer_plan(cfg, technique, dense_layers)
+
+
+def info(as_json: bool = False, model: str | None = None) -> int:
     from longseq import config as cfg_mod
     from longseq.plugin.sglang import DENSE_BACKEND, SPARSE_BACKEND, check_sglang_version
     from longseq.versions import LongSeqVersionError, check_vllm_version, installed_version
@@ -59,6 +78,14 @@ def info(as_json: bool = False) -> int:
         report["config_error"] = str(e)
         rc = 2
     report["techniques"] = list(cfg_mod.ATTENTION_TECHNIQUES)
+    if model:
+        technique = report.get("config", {}).get("attention", "dense")  # a config error: the plan for dense
+        try:
+            report[f"layers ({technique})"] = {f"{e['kind']} x{len(e['layers'])}": f"{e['runs']}: {e['why']}" for e in
+                                model_plan(model, technique, report.get("config", {}).get("sparse_dense_layers", 0))}
+        except ValueError as e:
+            report[f"layers ({technique})"] = {"error": str(e)}
+            rc = 2
     if as_json:
         print(json.dumps(report, indent=1))
         return rc
@@ -121,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, entry points, registered backends, effective config")
     p_info.add_argument("--json", action="store_true")
+    p_info.add_argument("--model", help="model folder or config.json: say what runs on each kind of layer")
     p_demo = sub.add_parser("demo", help="run SmolLM2 through vLLM with a longseq technique")
     p_demo.add_argument("--mode", default="dense", help="technique (LONGSEQ_ATTENTION value)")
     p_demo.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct, built offline)")
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
-        return info(args.json)
+        return info(args.json, args.model)
     if args.command == "duo":
         return duo_calibrate.run(args, command="longseq " + shlex.join(argv))
     if args.command == "kv":

@@ -367,3 +367,14 @@ def test_duo_attention_triton_path_choice(max_query_len, num_reqs, dense, hybrid
         assert not dense_calls and launches == [(*layer_args, 1, [0, 1, 2, 3], 10 * num_reqs + 2)]
     else:
         assert not dense_calls and launches == [(*layer_args, max_query_len, [0, 1, 2, 3], 1)]
+
+
+def test_global_layer_rows_skip_windowed_layers():
+    from longseq.attention_backends.core.layers import global_layer_rows
+
+    gemma3 = ["sliding_attention"] * 5 + ["full_attention"]
+    assert global_layer_rows(gemma3 * 2, 12) == [None] * 5 + [0] + [None] * 5 + [1]
+    assert global_layer_rows(["full_attention", "sliding_attention", "chunked_attention"], 3) == [0, None, 1]
+    assert global_layer_rows(None, 3) == [0, 1, 2]  # no layer_types: every layer is global
+    with pytest.raises(ValueError, match="2 entries for 3 layers"):
+        global_layer_rows(["full_attention"] * 2, 3)

@@ -25,7 +25,7 @@ def test_cpu_backend_keeps_cpu_attn_contract():
     ({"head_size": 48}, "head size 48 is not supported"),
     ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype='fp8' is not supported"),
     ({"attn_type": "encoder_only"}, "attention type 'encoder_only' is not supported"),
-    ({"sliding_window": 128}, "sliding_window"),
+    ({"alibi_slopes": [0.5] * 8}, "alibi_slopes"),
     ({"num_heads": 10, "num_kv_heads": 4}, "not a multiple"),
 ])
 def test_cpu_impl_rejects_unsupported_layers(kwargs, match):
@@ -34,6 +34,80 @@ def test_cpu_impl_rejects_unsupported_layers(kwargs, match):
     args = {"num_heads": 8, "head_size": 64, "scale": 0.125, "num_kv_heads": 2, **kwargs}
     with pytest.raises(LongSeqConfigError, match=match):
         LongSeqCPUImpl(**args)
+
+
+@pytest.fixture
+def cpu_impl_factory(monkeypatch):
+    """Build a ``LongSeqCPUImpl`` under a LONGSEQ_* environment, as the engine would while building layers."""
+    import types
+
+    import vllm.v1.attention.backends.cpu_attn as cpu_attn
+
+    from longseq.attention_backends.vllm import techniques
+    from longseq.attention_backends.vllm.cpu import LongSeqCPUImpl
+    from longseq.config import get_config
+
+    fake = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(dtype=torch.float32, get_total_num_kv_heads=lambda: 2),
+        parallel_config=types.SimpleNamespace(tensor_parallel_size=1))
+    monkeypatch.setattr(cpu_attn, "get_current_vllm_config", lambda: fake)
+    monkeypatch.setattr(techniques, "_current_vllm_config", lambda vllm_config=None: fake)
+    # a Gemma-3-style model: layers 0-4 windowed, 5 global, 2 KV heads
+    monkeypatch.setattr(techniques, "model_global_layer_rows", lambda vllm_config=None: [None] * 5 + [0])
+
+    def build(env: dict[str, str], **layer):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        get_config(refresh=True)
+        try:
+            return LongSeqCPUImpl(**{"num_heads": 8, "head_size": 64, "scale": 0.125, "num_kv_heads": 2, **layer})
+        finally:
+            for k in env:
+                monkeypatch.delenv(k)
+            get_config(refresh=True)
+
+    return build
+
+
+@pytest.mark.parametrize("env", [{"LONGSEQ_ATTENTION": "sparse"}, {"LONGSEQ_CPU_KERNEL": "torch"},
+                                 {"LONGSEQ_ATTENTION": "dense"}])
+def test_cpu_windowed_layer_keeps_vllm_kernel_and_no_technique(cpu_impl_factory, env):
+    """Windowed layers run vLLM's CPU kernel with their window in every mode; no technique applies to them."""
+    impl = cpu_impl_factory(env, sliding_window=64)
+    assert impl.windowed and impl.sliding_window == 64  # the stock kernel's window
+    assert not impl.use_torch and impl.sparse is None and impl.duo is None
+    impl = cpu_impl_factory(env)  # the same mode on a global layer
+    assert not impl.windowed and impl.use_torch == (env != {"LONGSEQ_ATTENTION": "dense"})
+    assert (impl.sparse is not None) == (env == {"LONGSEQ_ATTENTION": "sparse"})
+
+
+def test_cpu_duo_windowed_layer_runs_dense_global_layer_gets_a_pattern_row(cpu_impl_factory):
+    """The duo pattern has one row per global layer: layer 5 (the only global one) reads row 0."""
+    import types
+
+    duo = {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "random:0"}
+    windowed = cpu_impl_factory(duo, sliding_window=64)
+    assert windowed.duo is None and not windowed.use_torch
+    glob = cpu_impl_factory(duo)
+    assert glob.use_torch and glob.duo.num_layers == 1 and glob.duo.num_kv_heads == 2
+    layer = glob._duo_for(types.SimpleNamespace(layer_name="model.layers.5.self_attn.attn"), torch.device("cpu"))
+    assert torch.equal(layer.is_streaming.bool(), glob.duo.for_layer(0))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "duo"])
+@pytest.mark.parametrize("feature", [{"logits_soft_cap": 50.0}, {"sinks": "tensor"}])
+def test_cpu_technique_on_global_layer_with_unsupported_feature_is_a_startup_error(cpu_impl_factory, mode, feature):
+    if feature.get("sinks") == "tensor":
+        feature = {"sinks": torch.randn(8)}
+    env = {"LONGSEQ_ATTENTION": mode, "LONGSEQ_DUO_PATTERN": "random:0"}
+    with pytest.raises(LongSeqConfigError, match=f"not supported on global layers yet: \\['{next(iter(feature))}'\\]"):
+        cpu_impl_factory(env, **feature)
+    impl = cpu_impl_factory(env, sliding_window=64, **feature)  # a windowed layer with it runs dense: fine
+    assert not impl.use_torch
+    impl = cpu_impl_factory({"LONGSEQ_ATTENTION": "dense"}, **feature)  # dense: vLLM's kernel runs it
+    assert not impl.use_torch
+    with pytest.raises(LongSeqConfigError, match="LONGSEQ_CPU_KERNEL=torch does not implement"):
+        cpu_impl_factory({"LONGSEQ_CPU_KERNEL": "torch"}, **feature)
 
 
 def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch):

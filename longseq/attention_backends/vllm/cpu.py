@@ -87,15 +87,25 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
             num_kv_heads=num_kv_heads, kv_cache_dtype=kv_cache_dtype,
             model_dtype=current_model_dtype(), attn_type=str(getattr(attn_type, "value", attn_type)),
         )
-        unsupported = {"alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
-                       "logits_soft_cap": logits_soft_cap, **{k: v for k, v in extra_impl_args.items() if v is not None}}
+        sinks = extra_impl_args.pop("sinks", None)
+        unsupported = {"alibi_slopes": alibi_slopes, **{k: v for k, v in extra_impl_args.items() if v is not None}}
         unsupported = {k: v for k, v in unsupported.items() if v not in (None, 0, 0.0)}
         if unsupported:
             raise LongSeqConfigError(f"longseq CPU backend: layer features not supported yet: {sorted(unsupported)}")
-        super().__init__(num_heads, head_size, scale, num_kv_heads, None, None, kv_cache_dtype, None, attn_type,
-                         kv_sharing_target_layer_name)
-        self._init_techniques("cpu")
-        self.use_torch = self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None
+        # Window, soft-cap and sinks are vLLM's CPU kernel's own: layers with them run it (older vLLMs have no
+        # ``sinks`` argument, so it is passed only when set).
+        super().__init__(num_heads, head_size, scale, num_kv_heads, None, sliding_window, kv_cache_dtype,
+                         logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+                         **({"sinks": sinks} if sinks is not None else {}))
+        extras = {"logits_soft_cap": logits_soft_cap or None, "sinks": sinks}
+        self._init_techniques("cpu", sliding_window, extras)
+        # The PyTorch path (sparse, duo, LONGSEQ_CPU_KERNEL=torch) has no window, soft-cap or sinks: windowed layers
+        # keep vLLM's kernel in every mode (no technique applies to them); the others are refused at start-up.
+        self.use_torch = not self.windowed and (
+            self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None)
+        if self.use_torch and any(v is not None for v in extras.values()):
+            raise LongSeqConfigError("longseq CPU backend: LONGSEQ_CPU_KERNEL=torch does not implement layer features "
+                                     f"{sorted(k for k, v in extras.items() if v is not None)}; use the vllm kernel")
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -179,7 +189,7 @@ class LongSeqCPUBackend(CPUAttentionBackend):
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
-        return False
+        return True  # windowed layers run vLLM's CPU kernel (LongSeqCPUImpl)
 
     @classmethod
     def supports_non_causal(cls) -> bool:

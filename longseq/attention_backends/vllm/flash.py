@@ -77,7 +77,7 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
             layers = vllm_config.compilation_config.static_forward_context
             for name in layer_names:
                 impl = getattr(layers.get(name), "impl", None)
-                if isinstance(impl, LongSeqFlashImpl):
+                if isinstance(impl, LongSeqFlashImpl) and impl.duo is not None:
                     impl._duo_for(layers[name], device)
         if config.attention == "sparse":
             # Decodes first: their queries are then the leading rows, a fixed slice under CUDA graphs.
@@ -109,7 +109,9 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
             attn_type=str(getattr(self.attn_type, "value", self.attn_type)),
         )
         self.kv_write_hooks: list[KVWriteHook] = []
-        self._init_techniques("cuda")
+        # FlashAttention runs window, soft-cap and sinks itself; techniques skip windowed layers (``techniques.py``).
+        extras = {"logits_soft_cap": getattr(self, "logits_soft_cap", None) or None, "sinks": getattr(self, "sinks", None)}
+        self._init_techniques("cuda", sliding_window, extras)
 
     def _key_value_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks, block_size, Hkv, D]`` key and value views of the layer's ``[B, Hkv, N, 2*D]`` cache

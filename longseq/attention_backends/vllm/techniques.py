@@ -10,26 +10,49 @@ from __future__ import annotations
 import torch
 
 from longseq.attention_backends.core.duo import DuoLayer, StreamingHeadMask, rank_streaming_mask
+from longseq.attention_backends.core.layers import global_layer_rows, layer_index
 from longseq.attention_backends.core.sparse import QuestPageIndex, SelectionReuse, SparseSettings
 from longseq.attention_backends.vllm.common import BackendTrace
-from longseq.config import LongSeqConfig
+from longseq.config import LongSeqConfig, LongSeqConfigError
+
+#: Layer features the techniques' own kernels do not implement; layers with them run dense in dense mode only.
+TECHNIQUE_UNSUPPORTED_FEATURES = ("logits_soft_cap", "sinks")
+
+
+def _current_vllm_config(vllm_config=None):
+    from vllm.config import get_current_vllm_config_or_none
+
+    return vllm_config or get_current_vllm_config_or_none()
+
+
+def model_global_layer_rows(vllm_config=None) -> list[int | None]:
+    """Per layer of the model being built: its row among the global (not sliding-window) layers, None for a
+    windowed layer (``global_layer_rows`` over the HF config's ``layer_types``)."""
+    model = _current_vllm_config(vllm_config).model_config
+    hf = getattr(model, "hf_text_config", model.hf_config)
+    try:
+        return global_layer_rows(getattr(hf, "layer_types", None), hf.num_hidden_layers)
+    except ValueError as e:
+        raise LongSeqConfigError(f"longseq: cannot tell windowed from global layers: {e}") from None
 
 
 def duo_mask_for_this_rank(config: LongSeqConfig, vllm_config=None) -> StreamingHeadMask:
     """DuoAttention's streaming-head mask for this worker's tensor-parallel rank, validated against the model
-    being built (``vllm_config``: the current one when omitted). Raises ``LongSeqConfigError`` at start-up."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    cfg = vllm_config or get_current_vllm_config_or_none()
+    being built (``vllm_config``: the current one when omitted): one row per global layer (a hybrid model's
+    sliding-window layers are not in the pattern). Raises ``LongSeqConfigError`` at start-up."""
+    cfg = _current_vllm_config(vllm_config)
     model = cfg.model_config
+    num_global = sum(r is not None for r in model_global_layer_rows(cfg))
+    if num_global == 0:
+        raise LongSeqConfigError("longseq duo: every attention layer of this model is sliding-window; duo applies "
+                                 "to global layers only")
     tp_size = cfg.parallel_config.tensor_parallel_size
     tp_rank = 0
     if tp_size > 1:
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
         tp_rank = get_tensor_model_parallel_rank()
-    return rank_streaming_mask(config, model.hf_config.num_hidden_layers, model.get_total_num_kv_heads(),
-                               tp_rank, tp_size)
+    return rank_streaming_mask(config, num_global, model.get_total_num_kv_heads(), tp_rank, tp_size)
 
 
 def check_technique(config: LongSeqConfig, kv_cache_spec, vllm_config) -> None:
@@ -64,13 +87,26 @@ class LayerTechniques:
 
     config: LongSeqConfig
 
-    def _init_techniques(self, backend: str) -> None:
-        """``backend``: the trace's name (``cuda`` or ``cpu``)."""
+    def _init_techniques(self, backend: str, sliding_window: int | None = None,
+                         features: dict[str, object] | None = None) -> None:
+        """``backend``: the trace's name (``cuda`` or ``cpu``). ``sliding_window``: the layer's window (None or
+        <= 0: global layer); a windowed layer keeps its window and runs dense whatever the technique.
+        ``features``: the layer's extras by name (``logits_soft_cap``, ``sinks``); a global layer with one the
+        technique's kernels lack is a start-up error."""
         self.trace = BackendTrace.for_backend(backend, self.config)
-        self.sparse = SparseSettings.from_config(self.config) if self.config.attention == "sparse" else None
+        technique = self.config.attention
+        self.windowed = sliding_window is not None and sliding_window > 0
+        extras = sorted(k for k, v in (features or {}).items() if v is not None and k in TECHNIQUE_UNSUPPORTED_FEATURES
+                        and not (isinstance(v, float) and v == 0.0))
+        if technique in ("sparse", "duo") and not self.windowed and extras:
+            raise LongSeqConfigError(f"longseq {technique}: layer features not supported on global layers yet: "
+                                     f"{extras} (dense mode serves them)")
+        applies = not self.windowed
+        self.sparse = SparseSettings.from_config(self.config) if technique == "sparse" and applies else None
         self.page_index: QuestPageIndex | None = None
         self._is_sparse_layer: bool | None = None  # known once the layer's name is seen
-        self.duo = duo_mask_for_this_rank(self.config) if self.config.attention == "duo" else None
+        self.duo = duo_mask_for_this_rank(self.config) if technique == "duo" and applies else None
+        self._duo_pattern_rows = model_global_layer_rows() if self.duo is not None else None
         self._duo_layer: DuoLayer | None = None
 
     def _sparse_layer(self, layer) -> bool:
@@ -88,7 +124,11 @@ class LayerTechniques:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("longseq duo: layer tensors must be built before CUDA-graph capture (the "
                                    "metadata builder does it for the layers it is given)")
-            self._duo_layer = DuoLayer.build(self.duo, getattr(layer, "layer_name", ""), device)
+            name = getattr(layer, "layer_name", "")
+            i = layer_index(name)
+            if i is None or i >= len(self._duo_pattern_rows):
+                raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {name!r}")
+            self._duo_layer = DuoLayer.build(self.duo, self._duo_pattern_rows[i], device)
         return self._duo_layer
 
     def _record_forward(self, layer, num_tokens: int) -> None:
