@@ -10,7 +10,7 @@ import pytest
 
 from longseq.models import STAMP, cached_build
 from longseq.models.shapes import SHAPES, write_shape_model
-from longseq.models.tiny import MAX_POSITIONS, TINY_PRESETS, VOCAB_SIZE, tiny_model_path
+from longseq.models.tiny import FAMILIES, MAX_POSITIONS, TINY_PRESETS, VOCAB_SIZE, tiny_model_path
 
 TEXT = "The pass key is 71432. Remember it. The grass is green; Ünïcode ✓ too."
 
@@ -78,9 +78,9 @@ def test_cached_build_race_builds_once(tmp_path):
 # --- tiny models ------------------------------------------------------------------------------------
 
 def test_presets_cover_head_dims_and_gqa_ratios():
-    assert {p["head_dim"] for p in TINY_PRESETS.values()} == {64, 128}
+    assert {p["head_dim"] for p in TINY_PRESETS.values()} == {64, 128, 256}
     ratios = {p["num_attention_heads"] // p["num_key_value_heads"] for p in TINY_PRESETS.values()}
-    assert {1, 3, 4, 8} <= ratios
+    assert {1, 2, 3, 4, 8} <= ratios
 
 
 @pytest.mark.parametrize("preset", sorted(TINY_PRESETS))
@@ -94,10 +94,16 @@ def test_tiny_model_config_and_forward(preset, tiny_cache):
         assert os.path.isfile(os.path.join(path, name)), name
     cfg = AutoConfig.from_pretrained(path)
     spec = TINY_PRESETS[preset]
-    assert cfg.model_type == "llama" and cfg.architectures == ["LlamaForCausalLM"]
-    assert cfg.num_hidden_layers == 2 and cfg.max_position_embeddings == MAX_POSITIONS == 4096
-    assert cfg.head_dim == spec["head_dim"] == int(preset.split("-d")[1])
-    assert cfg.num_attention_heads // cfg.num_key_value_heads == _ratio(preset)
+    family = spec.get("family", "llama")
+    assert [cfg.architectures[0], cfg.model_type] == list(FAMILIES[family])
+    assert cfg.num_hidden_layers == spec.get("num_hidden_layers", 2) and cfg.max_position_embeddings == MAX_POSITIONS
+    assert cfg.head_dim == spec["head_dim"]
+    if family == "llama":
+        assert cfg.head_dim == int(preset.split("-d")[1])
+        assert cfg.num_attention_heads // cfg.num_key_value_heads == _ratio(preset)
+    else:  # hybrids: windowed and global layers, the window short enough for test prompts to cross
+        assert cfg.sliding_window == 64 and "full_attention" in cfg.layer_types and "sliding_attention" in cfg.layer_types
+        assert cfg.attn_logit_softcapping == spec.get("attn_logit_softcapping")
     assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
     assert cfg.hidden_size == cfg.num_attention_heads * cfg.head_dim
     assert cfg.vocab_size == VOCAB_SIZE
@@ -112,6 +118,8 @@ def test_tiny_model_config_and_forward(preset, tiny_cache):
     w = model.model.layers[0].self_attn.q_proj.weight.float()
     assert w.dtype == torch.float32 and abs(w.std().item() - 0.08) < 0.005 and abs(w.mean().item()) < 0.005
     assert torch.equal(model.model.norm.weight.float(), torch.ones(cfg.hidden_size))
+    if cfg.tie_word_embeddings:
+        assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits.float()
     assert logits.shape == (1, len(ids), cfg.vocab_size) and torch.isfinite(logits).all()
