@@ -2,7 +2,8 @@
 
 Llama presets are 2-layer Llamas with hidden = q_heads * head_dim. Hybrid presets follow the layouts of models
 people serve with windowed layers: ``gemma3-hybrid`` (Gemma-3 text: 5 of 6 layers sliding-window, MQA, head_dim
-256) and ``gemma2-softcap`` (Gemma-2: windowed and global layers alternating, attention logits soft-capped at 50).
+256), ``gemma2-softcap`` (Gemma-2: windowed and global layers alternating, attention logits soft-capped at 50) and
+``gptoss-sinks`` (gpt-oss: learned attention-sink logits on every layer, windowed/global alternating, 4 experts).
 Windows are 64 tokens so that short test prompts already cross them. Every preset has a 512-token byte-level BPE tokenizer
 trained here on a few lines of text (ids 0/1/2 = ``<|endoftext|>``/``<|im_start|>``/``<|im_end|>`` as in
 SmolLM2, the rest of the 512 filled with ``<|reserved_N|>`` so every logit id decodes), and weights drawn from
@@ -34,11 +35,13 @@ TINY_PRESETS: dict[str, dict] = {
     "gemma2-softcap": {"family": "gemma2", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
                        "num_hidden_layers": 4, "sliding_window": 64, "attn_logit_softcapping": 50.0,
                        "tie_word_embeddings": True},  # vLLM's Gemma-2 requires tied embeddings
+    "gptoss-sinks": {"family": "gpt_oss", "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                     "num_hidden_layers": 2, "sliding_window": 64, "num_local_experts": 4, "num_experts_per_tok": 2},
 }
 
 #: family -> (architecture, model_type); the hybrids' remaining fields are transformers' defaults for them.
 FAMILIES = {"llama": ("LlamaForCausalLM", "llama"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
-            "gemma2": ("Gemma2ForCausalLM", "gemma2")}
+            "gemma2": ("Gemma2ForCausalLM", "gemma2"), "gpt_oss": ("GptOssForCausalLM", "gpt_oss")}
 
 VOCAB_SIZE = 512
 NUM_LAYERS = 2

@@ -2,7 +2,7 @@
 
 ``tiny-gemma3-hybrid`` (``longseq.models.tiny``): the Gemma-3 layout, 5 of 6 layers windowed (64 tokens), MQA,
 head_dim 256, random weights; ``tiny-gemma2-softcap``: windowed and global layers alternating, attention logits
-soft-capped. Windowed layers keep their window and vLLM's kernel in every mode; sparse and duo apply to the global
+soft-capped; ``tiny-gptoss-sinks``: the gpt-oss layout (learned sinks on every layer, MoE). Windowed layers keep their window and vLLM's kernel in every mode; sparse and duo apply to the global
 layers only. Prompts are longer than the window so that it matters.
 """
 
@@ -86,3 +86,17 @@ def test_gemma2_softcap_dense_identical_and_sparse_refused_at_startup(tmp_path):
     assert cmp["identical"] == len(LENGTHS), cmp
     with pytest.raises(EngineRunError, match=r"not supported on global layers yet: \['logits_soft_cap'\]"):
         run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", **SPARSE_ENV})
+
+
+def test_gptoss_sinks_dense_identical_and_duo_refused_at_startup(tmp_path):
+    """gpt-oss layout: learned sink logits on every layer, windowed and global layers alternating."""
+    from longseq.models.tiny import tiny_model_path
+
+    model = tiny_model_path("gptoss-sinks")
+    builtin = run_llm(model, _prompts(), MAX_TOKENS, {}, logprobs=2)
+    out, _ = _ours(model, {"LONGSEQ_ATTENTION": "dense"}, tmp_path)
+    cmp = compare_greedy(builtin, out, tie_nats=0.0)
+    assert cmp["identical"] == len(LENGTHS), cmp
+    with pytest.raises(EngineRunError, match=r"not supported on global layers yet: \['sinks'\]"):
+        run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", "LONGSEQ_ATTENTION": "duo",
+                                                "LONGSEQ_DUO_PATTERN": "random:0"})
