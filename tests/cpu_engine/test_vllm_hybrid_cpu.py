@@ -76,27 +76,19 @@ def test_gemma3_hybrid_duo_pattern_covers_the_global_layers(gemma3, gemma3_built
     assert cmp["identical"] + len(cmp["near_tie_splits"]) == len(LENGTHS), cmp
 
 
-def test_gemma2_softcap_dense_identical_and_sparse_refused_at_startup(tmp_path):
+@pytest.mark.parametrize("preset,technique,feature", [
+    ("gemma2-softcap", SPARSE_ENV, "logits_soft_cap"),  # soft-capped global layers
+    ("gptoss-sinks", {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "random:0"}, "sinks"),  # gpt-oss: sinks
+])
+def test_layer_feature_dense_identical_and_technique_refused_at_startup(preset, technique, feature, tmp_path):
+    """Dense mode serves the feature (vLLM's kernel runs it) with the built-in tokens; a technique whose kernels lack
+    it stops the engine at start-up naming it."""
     from longseq.models.tiny import tiny_model_path
 
-    model = tiny_model_path("gemma2-softcap")
+    model = tiny_model_path(preset)
     builtin = run_llm(model, _prompts(), MAX_TOKENS, {}, logprobs=2)
     out, _ = _ours(model, {"LONGSEQ_ATTENTION": "dense"}, tmp_path)
     cmp = compare_greedy(builtin, out, tie_nats=0.0)
     assert cmp["identical"] == len(LENGTHS), cmp
-    with pytest.raises(EngineRunError, match=r"not supported on global layers yet: \['logits_soft_cap'\]"):
-        run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", **SPARSE_ENV})
-
-
-def test_gptoss_sinks_dense_identical_and_duo_refused_at_startup(tmp_path):
-    """gpt-oss layout: learned sink logits on every layer, windowed and global layers alternating."""
-    from longseq.models.tiny import tiny_model_path
-
-    model = tiny_model_path("gptoss-sinks")
-    builtin = run_llm(model, _prompts(), MAX_TOKENS, {}, logprobs=2)
-    out, _ = _ours(model, {"LONGSEQ_ATTENTION": "dense"}, tmp_path)
-    cmp = compare_greedy(builtin, out, tie_nats=0.0)
-    assert cmp["identical"] == len(LENGTHS), cmp
-    with pytest.raises(EngineRunError, match=r"not supported on global layers yet: \['sinks'\]"):
-        run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", "LONGSEQ_ATTENTION": "duo",
-                                                "LONGSEQ_DUO_PATTERN": "random:0"})
+    with pytest.raises(EngineRunError, match=rf"not supported on global layers yet: \['{feature}'\]"):
+        run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", **technique})
