@@ -23,18 +23,12 @@ import triton
 import triton.language as tl
 
 from longseq.kernels.sparse_decode.naive_hierarchical import coarse_forced_blocks
-from longseq.kernels.sparse_decode.page_summary import FP8, _fp8e4m3_directed_bits
+from longseq.kernels.sparse_decode.page_summary import FP8, _fp8e4m3_directed_bits, load_summary_f32
 from longseq.kernels.sparse_decode.radix_topk import INT_MIN, float_key, take_top
 from longseq.kernels.sparse_decode.select import score_pages, topk_pages
 
 
 # --------------------------------------------------------------------------------------------- block summaries
-@triton.jit
-def _fp8_bits_to_f32(x):
-    """uint8 e4m3fn bits -> fp32, NaN for 0x7F/0xFF (the interpreter's fp8 cast reads them as +-480)."""
-    return tl.where((x & 0x7F) == 0x7F, float("nan"), x.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-
-
 @triton.jit(do_not_specialize=["T"])  # T changes every step: one compiled variant for all
 def _update_block_summary_kernel(
     page_min, page_max, block_min, block_max, slot_mapping, T,
@@ -58,12 +52,8 @@ def _update_block_summary_kernel(
     r = tl.arange(0, BLOCK_PPB)
     m = (r < n_pages)[:, None] & hd_mask[None, :]
     offs = (blk * PPB + r)[:, None] * s_pp + (h * s_ph + d * s_pd)[None, :]
-    if FP8_IO:  # uint8 views of the fp8 tensors
-        mn = _fp8_bits_to_f32(tl.load(page_min + offs, mask=m, other=0))
-        mx = _fp8_bits_to_f32(tl.load(page_max + offs, mask=m, other=0))
-    else:
-        mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
-        mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
+    mn = load_summary_f32(page_min, offs, m, FP8_IO)  # FP8_IO: uint8 views of the fp8 tensors
+    mx = load_summary_f32(page_max, offs, m, FP8_IO)
     # A NaN page summary (fp8 out of range) must make the block's NaN too: min/max reductions may drop NaNs.
     nan_mn = tl.max((m & (mn != mn)).to(tl.int32), axis=0) > 0
     nan_mx = tl.max((m & (mx != mx)).to(tl.int32), axis=0) > 0
@@ -185,12 +175,8 @@ def _select_fine_kernel(
             gp = phys * PPB + i % PPB
             offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
             m = live[:, None] & d_mask[None, :]
-            if FP8_BITS:  # interpreter: uint8 views
-                mn = _fp8_bits_to_f32(tl.load(page_min + offs, mask=m, other=0))
-                mx = _fp8_bits_to_f32(tl.load(page_max + offs, mask=m, other=0))
-            else:
-                mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
-                mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
+            mn = load_summary_f32(page_min, offs, m, FP8_BITS)  # FP8_BITS: interpreter, uint8 views
+            mx = load_summary_f32(page_max, offs, m, FP8_BITS)
             s = tl.sum(mx * q_pos[None, :] + mn * q_neg[None, :], axis=1)
             s = tl.where(s != s, float("inf"), s)  # an fp8 summary out of range: no finite bound
             s = tl.where((j < num_sink) | (j >= n_pages - num_recent), float("inf"), s)

@@ -21,6 +21,24 @@ FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
+def fp8e4m3_bits_to_f32(x):
+    """uint8 e4m3fn bits -> fp32, NaN for 0x7F/0xFF (the interpreter's fp8 cast reads them as +-480, the GPU's
+    as NaN)."""
+    return tl.where((x & 0x7F) == 0x7F, float("nan"), x.to(tl.float8e4nv, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def load_summary_f32(ptr, offs, mask, FP8_BITS: tl.constexpr):
+    """Page or block summary values at ``ptr + offs`` as fp32 (0 where masked). ``FP8_BITS``: ``ptr`` is a uint8
+    view of e4m3fn summaries (the interpreter has no fp8 loads)."""
+    if FP8_BITS:
+        v = fp8e4m3_bits_to_f32(tl.load(ptr + offs, mask=mask, other=0))
+    else:
+        v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
 def _fp8e4m3_directed_bits(x, UP: tl.constexpr):
     """int32 bit pattern of the e4m3fn value next to fp32 ``x`` in one direction (``UP``: the smallest value
     ``>= x``, else the largest ``<= x``); 0x7F/0xFF (NaN) where that value would be past +-448.

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from longseq.kernels.sparse_decode.library_topk import topk_pages_flashinfer
+from longseq.kernels.sparse_decode.page_summary import load_summary_f32
 from longseq.kernels.sparse_decode.radix_topk import topk_config, topk_row
 from longseq.kernels.sparse_decode.workspace import counters
 
@@ -80,14 +81,8 @@ def _score_pages_kernel(
             gp = blk * PAGES_PER_BLOCK + j % PAGES_PER_BLOCK
             offs = gp[:, None] * s_pp + h * s_ph + d[None, :] * s_pd
             m = valid[:, None] & d_mask[None, :]
-            if FP8_BITS:  # interpreter: uint8 views; its fp8 cast reads NaN (0x7F/0xFF) as +-480, the GPU's as NaN
-                mn_b = tl.load(page_min + offs, mask=m, other=0)
-                mx_b = tl.load(page_max + offs, mask=m, other=0)
-                mn = tl.where((mn_b & 0x7F) == 0x7F, float("nan"), mn_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-                mx = tl.where((mx_b & 0x7F) == 0x7F, float("nan"), mx_b.to(tl.float8e4nv, bitcast=True).to(tl.float32))
-            else:
-                mn = tl.load(page_min + offs, mask=m, other=0.0).to(tl.float32)
-                mx = tl.load(page_max + offs, mask=m, other=0.0).to(tl.float32)
+            mn = load_summary_f32(page_min, offs, m, FP8_BITS)
+            mx = load_summary_f32(page_max, offs, m, FP8_BITS)
             if GROUP_MAX:  # the largest query head's bound: a page one head of the group needs is kept
                 s = tl.full([BLOCK_N], float("-inf"), tl.float32)
                 for gi in tl.static_range(GROUP):
