@@ -44,8 +44,8 @@ def host_bytes(nbytes: int) -> torch.Tensor:
 
     Block-sized buffers are allocated and freed all the time from several threads (save, disk writer, readers).
     Through malloc, glibc raises its mmap threshold after the first large free, so later blocks come from
-    per-thread arenas that keep the freed pages: a vLLM CPU server's RSS grew by ~45% over the KV soak. A
-    mapping is returned to the OS when the tensor dies (M_MMAP_THRESHOLD in ``man mallopt``).
+    per-thread arenas that keep the freed pages (docs/benchmarks/kv-offload.md, the soak). A mapping is returned
+    to the OS when the tensor dies (M_MMAP_THRESHOLD in ``man mallopt``).
     """
     if nbytes < MMAP_MIN_BYTES:
         return torch.empty(nbytes, dtype=torch.uint8)

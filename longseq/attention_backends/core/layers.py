@@ -31,8 +31,9 @@ def global_layer_rows(layer_types: list[str] | None, num_layers: int) -> list[in
         raise ValueError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
     rows, n = [], 0
     for kind in layer_types:
-        rows.append(None if is_windowed_layer_type(kind) else n)
-        n += not is_windowed_layer_type(kind)
+        windowed = is_windowed_layer_type(kind)
+        rows.append(None if windowed else n)
+        n += not windowed
     return rows
 
 
@@ -60,7 +61,7 @@ def layer_plan(model_config: dict, technique: str, dense_layers: int = 0) -> lis
     if cfg.get("model_type", model_config.get("model_type")) in SINK_MODEL_TYPES:
         features.append("sinks")
     rows = global_layer_rows(types, n)
-    plan: dict[tuple, dict] = {}
+    plan: dict[str, dict] = {}  # by what runs: each outcome has one reason
     for i, row in enumerate(rows):
         windowed = row is None
         if windowed:
@@ -73,11 +74,10 @@ def layer_plan(model_config: dict, technique: str, dense_layers: int = 0) -> lis
         elif technique == "sparse":
             runs, why = "sparse", "top-k pages per decode query"
         elif technique == "duo":
-            runs, why = "duo", f"duo pattern row {row} (patterns have one row per global layer)"
+            runs, why = "duo", "its row of the duo pattern (patterns have one row per global layer)"
         else:
             runs, why = "dense", "longseq's dense path, token-identical to the framework's"
-        key = (windowed, runs, why.split(" row ")[0])
-        entry = plan.setdefault(key, {"kind": types[i] if types else "global", "layers": [],
+        entry = plan.setdefault(runs, {"kind": types[i] if types else "global", "layers": [],
                                       "window": window if windowed else None, "features": features,
                                       "runs": runs, "why": why})
         entry["layers"].append(i)

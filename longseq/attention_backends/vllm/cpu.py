@@ -97,15 +97,14 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          **({"sinks": sinks} if sinks is not None else {}))
-        extras = {"logits_soft_cap": logits_soft_cap or None, "sinks": sinks}
-        self._init_techniques("cpu", sliding_window, extras)
+        self._init_techniques("cpu", sliding_window, {"logits_soft_cap": logits_soft_cap, "sinks": sinks})
         # The PyTorch path (sparse, duo, LONGSEQ_CPU_KERNEL=torch) has no window, soft-cap or sinks: windowed layers
         # keep vLLM's kernel in every mode (no technique applies to them); the others are refused at start-up.
         self.use_torch = not self.windowed and (
             self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None)
-        if self.use_torch and any(v is not None for v in extras.values()):
+        if self.use_torch and self.layer_features:
             raise LongSeqConfigError("longseq CPU backend: LONGSEQ_CPU_KERNEL=torch does not implement layer features "
-                                     f"{sorted(k for k, v in extras.items() if v is not None)}; use the vllm kernel")
+                                     f"{self.layer_features}; use the vllm kernel")
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

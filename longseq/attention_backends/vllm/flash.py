@@ -110,8 +110,8 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
         )
         self.kv_write_hooks: list[KVWriteHook] = []
         # FlashAttention runs window, soft-cap and sinks itself; techniques skip windowed layers (``techniques.py``).
-        extras = {"logits_soft_cap": getattr(self, "logits_soft_cap", None) or None, "sinks": getattr(self, "sinks", None)}
-        self._init_techniques("cuda", sliding_window, extras)
+        self._init_techniques("cuda", sliding_window, {"logits_soft_cap": getattr(self, "logits_soft_cap", None),
+                                                       "sinks": getattr(self, "sinks", None)})
 
     def _key_value_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks, block_size, Hkv, D]`` key and value views of the layer's ``[B, Hkv, N, 2*D]`` cache

@@ -19,6 +19,11 @@ from longseq.config import LongSeqConfig, LongSeqConfigError
 TECHNIQUE_UNSUPPORTED_FEATURES = ("logits_soft_cap", "sinks")
 
 
+def _is_zero(value: object) -> bool:
+    """A soft-cap of 0 means none (vLLM's impls store 0 for an unset one); a tensor (sinks) is never zero here."""
+    return isinstance(value, (int, float)) and value == 0
+
+
 def _current_vllm_config(vllm_config=None):
     from vllm.config import get_current_vllm_config_or_none
 
@@ -91,16 +96,16 @@ class LayerTechniques:
                          features: dict[str, object] | None = None) -> None:
         """``backend``: the trace's name (``cuda`` or ``cpu``). ``sliding_window``: the layer's window (None or
         <= 0: global layer); a windowed layer keeps its window and runs dense whatever the technique.
-        ``features``: the layer's extras by name (``logits_soft_cap``, ``sinks``); a global layer with one the
-        technique's kernels lack is a start-up error."""
+        ``features``: the layer's extras by name (``logits_soft_cap``, ``sinks``; None or 0 = absent); a global
+        layer with one the technique's kernels lack is a start-up error. Those present: ``self.layer_features``."""
         self.trace = BackendTrace.for_backend(backend, self.config)
         technique = self.config.attention
         self.windowed = sliding_window is not None and sliding_window > 0
-        extras = sorted(k for k, v in (features or {}).items() if v is not None and k in TECHNIQUE_UNSUPPORTED_FEATURES
-                        and not (isinstance(v, float) and v == 0.0))
-        if technique in ("sparse", "duo") and not self.windowed and extras:
+        self.layer_features = sorted(k for k, v in (features or {}).items()
+                                     if k in TECHNIQUE_UNSUPPORTED_FEATURES and v is not None and not _is_zero(v))
+        if technique in ("sparse", "duo") and not self.windowed and self.layer_features:
             raise LongSeqConfigError(f"longseq {technique}: layer features not supported on global layers yet: "
-                                     f"{extras} (dense mode serves them)")
+                                     f"{self.layer_features} (dense mode serves them)")
         applies = not self.windowed
         self.sparse = SparseSettings.from_config(self.config) if technique == "sparse" and applies else None
         self.page_index: QuestPageIndex | None = None
