@@ -89,6 +89,7 @@ class Step:
         impl.vllm_flash_attn_version = _fa_version()
         impl.duo = StreamingHeadMask(torch.stack([~is_streaming.cpu(), is_streaming.cpu()]), sink, recent)
         impl._duo_layer = None
+        impl._duo_pattern_rows = [0, 1]  # the two-layer pattern, no sliding-window layers
         impl.config = LongSeqConfig(duo_hybrid_decode_batch=hybrid_decode_batch)
         impl.trace = BackendTrace("test", impl.config)
         impl._duo_for(LAYER, torch.device(DEV))

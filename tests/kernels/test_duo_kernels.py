@@ -221,6 +221,7 @@ def test_vllm_flash_backend_duo_forward(name, monkeypatch):
     impl.num_heads, impl.head_size, impl.scale, impl.vllm_flash_attn_version = hq, d, b.scale, 3
     impl.duo = StreamingHeadMask(torch.stack([~b.is_streaming.cpu(), b.is_streaming.cpu()]), 20, 24)
     impl._duo_layer = None
+    impl._duo_pattern_rows = [0, 1]  # the two-layer pattern, no sliding-window layers
     impl.config = LongSeqConfig()
     impl.trace = BackendTrace("test", impl.config)
     layer = types.SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
