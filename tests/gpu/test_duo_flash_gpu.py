@@ -23,6 +23,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from paged_tables import scattered_block_table  # noqa: E402
 from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 
 import_kernels("longseq.kernels.duo_attention.unified")
@@ -46,12 +47,7 @@ class Step:
         seq_lens = [c + n for c, n in reqs]
         nblk = [-(-s // block_size) for s in seq_lens]
         num_blocks = sum(nblk) + 3
-        perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
-        table = torch.randint(0, num_blocks, (len(reqs), max(nblk) + 2), generator=g, dtype=torch.int32)
-        used = 0
-        for i, n in enumerate(nblk):
-            table[i, :n] = perm[used : used + n]
-            used += n
+        table = scattered_block_table(nblk, num_blocks, max(nblk) + 2, g)
         q_lens = [n for _, n in reqs]
         t = sum(q_lens)
         self.hq, self.hkv, self.d, self.dtype = hq, hkv, d, dtype

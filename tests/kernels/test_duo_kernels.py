@@ -12,6 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from paged_tables import scattered_block_table  # noqa: E402
 from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -35,12 +36,7 @@ class Batch:
         nblk = [triton.cdiv(s, block_size) for s in seq_lens]
         num_blocks = sum(nblk) + 2
         kv = torch.randn(2, num_blocks, block_size, hkv, d, generator=g)
-        perm = torch.randperm(num_blocks, generator=g).to(torch.int32)
-        table = torch.randint(0, num_blocks, (len(reqs), max(nblk) + 1), generator=g, dtype=torch.int32)
-        used = 0
-        for i, n in enumerate(nblk):
-            table[i, :n] = perm[used : used + n]
-            used += n
+        table = scattered_block_table(nblk, num_blocks, max(nblk) + 1, g)
         q_lens = [n for _, n in reqs]
         self.query = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype).to(dev)
         self.key_cache, self.value_cache = kv[0].to(dtype).to(dev), kv[1].to(dtype).to(dev)

@@ -15,6 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from paged_tables import scattered_block_table  # noqa: E402
 from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -46,13 +47,7 @@ class Cache:
             kv = torch.randn(self.num_blocks, hkv, 2 * block_size, d, generator=g).to(dtype)
             k, v = kv.chunk(2, dim=2)
             self.key_cache, self.value_cache = k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
-        perm = torch.randperm(self.num_blocks, generator=g)
-        self.block_table = torch.randint(0, self.num_blocks, (len(seq_lens), max_blocks), generator=g,
-                                         dtype=torch.int32)
-        used = 0
-        for i, n in enumerate(nblk):
-            self.block_table[i, :n] = perm[used : used + n].to(torch.int32)
-            used += n
+        self.block_table = scattered_block_table(nblk, self.num_blocks, max_blocks, g)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
         # Fresh keys/values per request, written over the stale cache contents.
         self.keys = [torch.randn(s, hkv, d, generator=g).to(dtype) for s in seq_lens]

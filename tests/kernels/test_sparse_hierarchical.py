@@ -16,6 +16,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from paged_tables import scattered_block_table  # noqa: E402
 from triton_interp import CUDA, import_kernels, interpreter_env  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -45,13 +46,7 @@ class Cache:
         nblk = [math.ceil(s / block_size) for s in seq_lens]
         self.num_blocks = sum(nblk) + 2
         self.key_cache = torch.randn(self.num_blocks, block_size, hkv, d, generator=g).to(dtype)
-        perm = torch.randperm(self.num_blocks, generator=g)
-        self.block_table = torch.randint(0, self.num_blocks, (len(seq_lens), max(nblk) + 1), generator=g,
-                                         dtype=torch.int32)
-        used = 0
-        for i, n in enumerate(nblk):
-            self.block_table[i, :n] = perm[used : used + n].to(torch.int32)
-            used += n
+        self.block_table = scattered_block_table(nblk, self.num_blocks, max(nblk) + 1, g)
         self.seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
         self.keys = [torch.randn(s, hkv, d, generator=g).to(dtype) for s in seq_lens]
 
