@@ -16,9 +16,9 @@ trap 'rm -rf "$out"' EXIT  # the junit files are only read below
 # Run from a neutral directory: a folder named like the package in the cwd could shadow the install.
 cd "$out"
 "$venv/bin/python" -m pytest "$repo/tests" -m "not gpu and not sglang" -p no:cacheprovider \
-  --timeout 1800 --junitxml "$out/vllm.xml" "$@"
+  --timeout 1800 --durations 40 --junitxml "$out/vllm.xml" "$@"
 rc1=$?
-"$sgl_venv/bin/python" -m pytest "$repo/tests/sglang" -m sglang -p no:cacheprovider --timeout 900 \
+"$sgl_venv/bin/python" -m pytest "$repo/tests/sglang" -m sglang -p no:cacheprovider --timeout 900 --durations 10 \
   --junitxml "$out/sglang.xml"
 rc2=$?
 "$venv/bin/python" - "$out/vllm.xml" "$out/sglang.xml" <<'PY'

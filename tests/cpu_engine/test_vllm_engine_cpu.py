@@ -128,9 +128,11 @@ def test_multiprocess_engine_runs_plugin_in_worker(smollm2_path, prompts, builti
 def test_api_server_completions_match_builtin(smollm2_path, prompts, builtin_run, tmp_path):
     """The OpenAI server (``vllm serve``'s app) answers /v1/completions through our backend, batch > 1.
 
-    The server schedules the batch its own way (other chunk sizes and batch shapes than the offline run), and
-    vLLM's CPU GEMMs round differently per shape: on an AVX-512/AMX CPU that flipped a near-tie of one prompt
-    (2026-11-30). So: the same tokens up to, at most, a split where the built-in run's top-2 nearly tie."""
+    The server batches the prompts as they reach its engine loop, so its batch shapes (and with them the CPU
+    GEMMs' rounding) differ from the offline run's and from one server run to the next: the same code, built-in
+    or ours, gives bit-identical answers under one schedule and parts at a near-tie under another. So: the same
+    tokens up to, at most, a split where both runs' top-2 nearly tie (docs/benchmarks/dense.md, "Correctness on
+    CPU")."""
     import requests
 
     trace = str(tmp_path / "trace")
@@ -141,7 +143,7 @@ def test_api_server_completions_match_builtin(smollm2_path, prompts, builtin_run
         server.wait_ready()
         r = requests.post(server.url + "/v1/completions", timeout=600, json={
             "model": smollm2_path, "prompt": prompts, "max_tokens": MAX_TOKENS, "temperature": 0.0,
-            "ignore_eos": True, "return_token_ids": True, "logprobs": 1})
+            "ignore_eos": True, "return_token_ids": True, "logprobs": 2})
         assert r.status_code == 200, r.text
         choices = sorted(r.json()["choices"], key=lambda c: c["index"])
     finally:
@@ -149,13 +151,19 @@ def test_api_server_completions_match_builtin(smollm2_path, prompts, builtin_run
     assert_our_backend_ran(trace)
     served = {"tokens": [c["token_ids"] for c in choices],
               "logprobs": [[{str(t): lp} for t, lp in zip(c["token_ids"], c["logprobs"]["token_logprobs"])]
-                           for c in choices]}
-    # bf16 logits of this size step by 0.125-0.25, so a one-ulp near-tie shows as a gap of up to 0.25 nats
-    report = compare_greedy(builtin_run[0], served, tie_nats=0.3)
+                           for c in choices],
+              "top2_gaps": [[_top2_gap(top) for top in c["logprobs"]["top_logprobs"]] for c in choices]}
+    # A schedule's rounding moves a bf16 logit gap by a few 0.125-0.25 steps, hence 0.6 nats, on both sides
+    report = compare_greedy(builtin_run[0], served, tie_nats=0.6)
     assert report["max_logprob_diff"] < 0.2, report  # the same distribution up to any split
     for c, want, tokens in zip(choices, builtin_run[0]["texts"], builtin_run[0]["tokens"]):
         if c["token_ids"] == tokens:
             assert c["text"] == want  # the server detokenizes what it generated
+
+
+def _top2_gap(top: dict[str, float]) -> float:
+    first, second = sorted(top.values(), reverse=True)[:2]
+    return first - second
 
 
 def test_bad_technique_stops_engine_at_startup_with_clear_error(smollm2_path, prompts):

@@ -59,8 +59,9 @@ def compare_greedy(base: dict, ours: dict, tie_nats: float = TIE_NATS) -> dict:
     """Per prompt: tokens equal up to the first difference, which must sit at a near-tie of the baseline.
 
     ``base`` needs ``logprobs`` (top-2 at least) and ``tokens``; ``ours`` needs ``tokens`` (and ``logprobs`` for
-    ``max_logprob_diff``). Kernels that compute the same math in another order (fp32 SDPA vs einsum, GEMMs of
-    another batch shape, another CPU ISA) flip greedy near-ties of the synthetic prompts; that is not an error.
+    ``max_logprob_diff``; with ``top2_gaps[p][i]``, its own top-2 gap at each step, the split must be a near-tie
+    of both runs). Kernels that compute the same math in another order (fp32 SDPA vs einsum, GEMMs of another
+    batch shape, another CPU ISA) flip greedy near-ties of the synthetic prompts; that is not an error.
     """
     report = {"identical": 0, "near_tie_splits": [], "max_logprob_diff": 0.0}
     for p, (tb, to) in enumerate(zip(base["tokens"], ours["tokens"])):
@@ -76,6 +77,9 @@ def compare_greedy(base: dict, ours: dict, tie_nats: float = TIE_NATS) -> dict:
         top = sorted(base["logprobs"][p][split].values(), reverse=True)
         gap = top[0] - top[1]
         assert gap < tie_nats, f"prompt {p} parts at step {split} where the baseline's top-2 gap is {gap:.3f} nats"
+        if ours.get("top2_gaps"):
+            own = ours["top2_gaps"][p][split]
+            assert own < tie_nats, f"prompt {p} parts at step {split} where its own top-2 gap is {own:.3f} nats"
         report["near_tie_splits"].append({"prompt": p, "step": split, "gap": gap})
     return report
 
