@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from transformers import AutoTokenizer
 
-    from benchmarks.common import command_line, environment, write_result
+    from benchmarks.common import command_line, environment, report_variants, write_result
     from longseq.eval.study import duo_variants, engine_setup, variant_study
     from longseq.models.smollm2 import smollm2_path
 
@@ -56,13 +56,8 @@ def main(argv=None) -> None:
                             kw, dense_env)
     dense_pk = res["dense"]["passkey_correct"]
     result = {"name": args.name, "command": command_line(), "env": environment(), "inputs": vars(args),
-              "dense": {"passkey_correct": dense_pk}, "patterns": {}}
-    for label, m in res["variants"].items():
-        m.pop("trace", None)
-        result["patterns"][label] = m
-        print(f"{label}: agreement {m['agreement']:.4f} mean KL {m['mean_kl']:.4f} free-running "
-              f"{m['free_running_match']:.3f} passkey {sum(m['passkey_correct'])}/{len(dense_pk)} "
-              f"(dense {sum(dense_pk)})", flush=True)
+              "dense": {"passkey_correct": dense_pk}}
+    result["patterns"] = report_variants(res["variants"], dense_pk)
     print(write_result(args.name, result, args.out_dir))
 
 

@@ -69,6 +69,18 @@ def command_line() -> str:
     return " ".join(head + sys.argv[1:])
 
 
+def report_variants(variants: dict, dense_passkeys: list[bool]) -> dict:
+    """``variant_study``'s per-variant metrics without their engine traces, each printed as one line."""
+    out = {}
+    for label, m in variants.items():
+        m = {k: v for k, v in m.items() if k != "trace"}
+        out[label] = m
+        print(f"{label}: agreement {m['agreement']:.4f} mean KL {m['mean_kl']:.4f} free-running "
+              f"{m['free_running_match']:.3f} passkey {sum(m['passkey_correct'])}/{len(dense_passkeys)} "
+              f"(dense {sum(dense_passkeys)})", flush=True)
+    return out
+
+
 def longseq_kv_transfer_config(cpu_gib: float, with_disk: bool,
                                disk_parent: str | None = None) -> tuple[dict, str | None]:
     """``kv_transfer_config`` for our connector: a DRAM tier of ``cpu_gib``, plus (``with_disk``) a fresh temp disk

@@ -102,6 +102,34 @@ def smollm2_path(cache_dir: str | None = None) -> str:
     return cached_build(NAME, BUILD_KEY, lambda tmp: convert(gguf_path(), tmp), cache_dir)
 
 
+def hybrid_layer_types(num_layers: int, global_every: int) -> list[str]:
+    """Gemma-3's layout: every ``global_every``-th layer global (``full_attention``), the others windowed."""
+    return ["full_attention" if (i + 1) % global_every == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def smollm2_hybrid_path(window: int = 1024, global_every: int = 6, cache_dir: str | None = None) -> str:
+    """SmolLM2-135M-Instruct's real weights declared as a sliding-window hybrid (``layer_types``: layers 5, 11, ...
+    global, the others see the last ``window`` tokens): a hybrid with trained weights for fidelity studies.
+
+    Not the model SmolLM2 was trained as (its layers saw the whole context), but every technique is measured
+    against dense on the same hybrid. Weights and tokenizer are copied from :func:`smollm2_path`'s folder.
+    """
+    import json
+    import shutil
+
+    base = smollm2_path(cache_dir)
+
+    def build(tmp: str) -> None:
+        for name in os.listdir(base):
+            if name != "config.json" and os.path.isfile(os.path.join(base, name)):
+                shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
+        cfg = json.load(open(os.path.join(base, "config.json")))
+        cfg.update(sliding_window=window, layer_types=hybrid_layer_types(cfg["num_hidden_layers"], global_every))
+        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+
+    return cached_build(f"{NAME}-hybrid-w{window}-g{global_every}", f"{BUILD_KEY}-hybrid", build, cache_dir)
+
+
 def main() -> None:
     print(smollm2_path())
 

@@ -2,8 +2,9 @@
 
 ``tiny-gemma3-hybrid`` (``longseq.models.tiny``): the Gemma-3 layout, 5 of 6 layers windowed (64 tokens), MQA,
 head_dim 256, random weights; ``tiny-gemma2-softcap``: windowed and global layers alternating, attention logits
-soft-capped; ``tiny-gptoss-sinks``: the gpt-oss layout (learned sinks on every layer, MoE). Windowed layers keep their window and vLLM's kernel in every mode; sparse and duo apply to the global
-layers only. Prompts are longer than the window so that it matters.
+soft-capped; ``tiny-gptoss-sinks``: the gpt-oss layout (learned sinks on every layer, MoE). Windowed layers keep
+their window and vLLM's kernel in every mode; sparse and duo apply to the global layers only, with the layer's
+soft-cap and sinks. Prompts are longer than the window so that it matters.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import random
 
 import pytest
 
-from engine_utils import EngineRunError, compare_greedy, read_traces, run_llm
+from engine_utils import compare_greedy, read_traces, run_llm
 
 pytestmark = pytest.mark.engine
 
@@ -76,19 +77,26 @@ def test_gemma3_hybrid_duo_pattern_covers_the_global_layers(gemma3, gemma3_built
     assert cmp["identical"] + len(cmp["near_tie_splits"]) == len(LENGTHS), cmp
 
 
-@pytest.mark.parametrize("preset,technique,feature", [
-    ("gemma2-softcap", SPARSE_ENV, "logits_soft_cap"),  # soft-capped global layers
-    ("gptoss-sinks", {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "random:0"}, "sinks"),  # gpt-oss: sinks
+@pytest.mark.parametrize("preset,technique,counter", [
+    # soft-capped global layers; the 512-token budget covers every prompt, so sparse must give dense's tokens
+    ("gemma2-softcap", {**SPARSE_ENV, "LONGSEQ_SPARSE_BUDGET": "512"}, "sparse_decode_calls"),
+    # gpt-oss: sinks on every layer; sink + recent cover every prompt, so duo must give dense's tokens
+    ("gptoss-sinks", {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "random:0", "LONGSEQ_DUO_SPARSITY": "1.0",
+                      "LONGSEQ_DUO_SINK": "16", "LONGSEQ_DUO_RECENT": "512"}, "duo_calls"),
 ])
-def test_layer_feature_dense_identical_and_technique_refused_at_startup(preset, technique, feature, tmp_path):
-    """Dense mode serves the feature (vLLM's kernel runs it) with the built-in tokens; a technique whose kernels lack
-    it stops the engine at start-up naming it."""
+def test_soft_cap_and_sinks_in_every_mode(preset, technique, counter, tmp_path):
+    """Dense mode serves the feature with vLLM's kernel (the built-in tokens); our PyTorch path applies it too
+    (``LONGSEQ_CPU_KERNEL=torch``, then the technique on the global layers): the built-in tokens up to near-ties."""
     from longseq.models.tiny import tiny_model_path
 
     model = tiny_model_path(preset)
     builtin = run_llm(model, _prompts(), MAX_TOKENS, {}, logprobs=2)
-    out, _ = _ours(model, {"LONGSEQ_ATTENTION": "dense"}, tmp_path)
+    out, _ = _ours(model, {"LONGSEQ_ATTENTION": "dense"}, tmp_path / "dense")
     cmp = compare_greedy(builtin, out, tie_nats=0.0)
     assert cmp["identical"] == len(LENGTHS), cmp
-    with pytest.raises(EngineRunError, match=rf"not supported on global layers yet: \['{feature}'\]"):
-        run_llm(model, _prompts(), MAX_TOKENS, {"LONGSEQ_CPU": "1", **technique})
+    for name, env in [("torch", {"LONGSEQ_CPU_KERNEL": "torch"}), ("technique", technique)]:
+        out, trace = _ours(model, env, tmp_path / name)
+        cmp = compare_greedy(builtin, out)
+        assert cmp["identical"] + len(cmp["near_tie_splits"]) == len(LENGTHS), (name, cmp)
+        assert cmp["identical"] >= len(LENGTHS) - 1, (name, cmp)
+    assert trace[counter] > 0

@@ -5,7 +5,6 @@ Run on the GPU machine: ``source /tmp/lsq-bundle/env.sh && python -m pytest test
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

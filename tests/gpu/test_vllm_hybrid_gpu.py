@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from engine_utils import EngineRunError, compare_greedy, read_traces, run_llm
+from engine_utils import compare_greedy, read_traces, run_llm
 
 pytestmark = pytest.mark.gpu
 
@@ -65,12 +65,22 @@ def test_gemma3_hybrid_sparse_and_duo_on_the_global_layer(gemma3, gemma3_flash, 
     assert cmp["identical"] + len(cmp["near_tie_splits"]) == len(LENGTHS), cmp
 
 
-def test_gemma2_softcap_dense_matches_flash_attn_and_sparse_is_refused():
+@pytest.mark.parametrize("preset", ["gemma2-softcap", "gptoss-sinks"])
+def test_soft_cap_and_sinks_dense_matches_flash_attn_and_techniques_apply_them(preset, tmp_path):
+    """Soft-capped (Gemma 2) and sink (gpt-oss) global layers: dense gives FLASH_ATTN's tokens; sparse with a budget
+    covering every prompt and duo with sink + recent covering it give them up to near-ties (our Triton kernels
+    apply the soft-cap and sinks, FlashAttention the prefill and duo's retrieval heads)."""
     from longseq.models.tiny import tiny_model_path
 
-    model = tiny_model_path("gemma2-softcap")
-    flash = _run(model, "FLASH_ATTN", {})[0]
+    model = tiny_model_path(preset)
+    flash = _run(model, "FLASH_ATTN", {}, logprobs=2)[0]
     ours = _run(model, "CUSTOM", {"LONGSEQ_ATTENTION": "dense"})[0]
     assert ours["tokens"] == flash["tokens"]
-    with pytest.raises(EngineRunError, match=r"not supported on global layers yet: \['logits_soft_cap'\]"):
-        _run(model, "CUSTOM", SPARSE_ENV)
+    for name, env, counter in [("sparse", {**SPARSE_ENV, "LONGSEQ_SPARSE_BUDGET": "512"}, "sparse_decode_calls"),
+                               # one retrieval, one streaming KV head: FlashAttention (softcap, s_aux) on the first
+                               ("duo", {**DUO_ENV, "LONGSEQ_DUO_SPARSITY": "0.5"}, "duo_calls")]:
+        out, trace = _run(model, "CUSTOM", env, tmp_path / name)
+        assert trace[counter] > 0, (name, trace)
+        cmp = compare_greedy(flash, out)
+        assert cmp["identical"] + len(cmp["near_tie_splits"]) == len(LENGTHS), (name, cmp)
+        assert cmp["identical"] >= len(LENGTHS) - 1, (name, cmp)

@@ -22,6 +22,7 @@ DEV = "cuda" if CUDA else "cpu"
 _interpreter_env = pytest.fixture(autouse=True, scope="module")(interpreter_env)
 
 from longseq.kernels.duo_attention import duo_paged_attention_ref  # noqa: E402
+from longseq.kernels.score_mods import NO_MODS, ScoreMods  # noqa: E402
 
 TOL = {torch.float32: 2e-4, torch.bfloat16: 2.5e-2, torch.float16: 4e-3}
 
@@ -50,9 +51,9 @@ class Batch:
         self.is_streaming = mask.to(dev)
         self.scale = d ** -0.5
 
-    def ref(self, sink, recent):
+    def ref(self, sink, recent, mods=NO_MODS):
         return duo_paged_attention_ref(self.query, self.key_cache, self.value_cache, self.block_table, self.qsl_cpu,
-                                       self.seq_lens, self.is_streaming, sink, recent, self.scale)
+                                       self.seq_lens, self.is_streaming, sink, recent, self.scale, mods=mods)
 
     def run(self, sink, recent, **kw):
         return uni.duo_paged_attention(self.query, self.key_cache, self.value_cache, self.block_table, self.qsl,
@@ -105,6 +106,29 @@ def test_decode_without_tensor_core_dots(hq, hkv, dtype):
     p = Batch(CASES["mixed"], 8, 2, 64, seed=10)
     with pytest.raises(ValueError, match="decode layout"):
         p.run(20, 24, use_dot=False)
+
+
+def _mods(kind: str, hq: int, seed: int) -> ScoreMods:
+    """Soft-cap low enough to bend these scores (|q.k| * scale reaches ~4), sinks on both sides of them."""
+    sinks = 2.0 * torch.randn(hq, generator=torch.Generator().manual_seed(seed))
+    return ScoreMods(softcap=2.5 if "cap" in kind else None, sinks=sinks.to(DEV) if "sinks" in kind else None)
+
+
+@pytest.mark.parametrize("kind", ["cap", "sinks", "cap+sinks"])
+@pytest.mark.parametrize("name,num_splits", [("mixed", 1), ("decode", 1), ("decode", 3)])
+def test_score_mods_match_reference(kind, name, num_splits):
+    """Soft-cap and learned sinks (``score_mods.py``) in every write path: one program, split-K merge."""
+    b = Batch(CASES[name], 12, 4, 64, seed=11)
+    mods = _mods(kind, 12, seed=len(kind))
+    ref = b.ref(20, 24, mods)
+    check(b.run(20, 24, num_splits=num_splits, mods=mods), ref, torch.float32)
+    assert (ref - b.ref(20, 24)).abs().max() > 1e-2  # the modifiers change the answer
+
+
+def test_score_mods_bf16_decode_without_dots():
+    b = Batch(CASES["decode"], 8, 2, 64, dtype=torch.bfloat16, seed=12)
+    mods = _mods("cap+sinks", 8, seed=3)
+    check(b.run(20, 24, use_dot=False, num_splits=2, mods=mods), b.ref(20, 24, mods), torch.bfloat16)
 
 
 def test_short_sequences_see_every_key():
@@ -209,7 +233,7 @@ def test_vllm_flash_backend_duo_forward(name, monkeypatch):
     from longseq.attention_backends.vllm.common import BackendTrace
     from longseq.config import LongSeqConfig
 
-    hq, hkv, d, bs = 8, 4, 64, 16
+    hq, hkv, d, _bs = 8, 4, 64, 16
     b = Batch(CASES[name], hq, hkv, d, seed=9)
     b.is_streaming = torch.tensor([True, False, True, False], device=DEV)  # two retrieval runs
     kv_cache = torch.cat([b.key_cache, b.value_cache], dim=-1).transpose(1, 2).contiguous()

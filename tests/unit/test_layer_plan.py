@@ -25,14 +25,16 @@ def test_windowed_layers_stay_dense_and_the_technique_runs_on_global_layers(tech
     assert windowed["window"] == 512 and "512-token window" in windowed["why"]
 
 
-def test_soft_cap_and_sinks_are_startup_errors_for_techniques_only():
+def test_soft_cap_and_sinks_run_with_every_technique_and_say_so():
     gemma2 = {"model_type": "gemma2", "num_hidden_layers": 4, "sliding_window": 64, "attn_logit_softcapping": 50.0,
               "layer_types": ["sliding_attention", "full_attention"] * 2}
-    assert _by_runs(layer_plan(gemma2, "sparse")) == {"dense, windowed": [0, 2], "start-up error": [1, 3]}
+    assert _by_runs(layer_plan(gemma2, "sparse")) == {"dense, windowed": [0, 2], "sparse": [1, 3]}
     assert _by_runs(layer_plan(gemma2, "dense")) == {"dense, windowed": [0, 2], "dense": [1, 3]}
+    sparse = next(e for e in layer_plan(gemma2, "sparse") if e["runs"] == "sparse")
+    assert sparse["features"] == ["logits_soft_cap"] and "logits_soft_cap" in sparse["why"]
     gpt_oss = {"model_type": "gpt_oss", "num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}
-    err = next(e for e in layer_plan(gpt_oss, "duo") if e["runs"] == "start-up error")
-    assert err["layers"] == [1] and "sinks" in err["why"]
+    duo = next(e for e in layer_plan(gpt_oss, "duo") if e["runs"] == "duo")
+    assert duo["layers"] == [1] and "sinks" in duo["why"]
 
 
 def test_duo_rows_and_sparse_dense_layers_and_multimodal_text_config():
@@ -51,7 +53,10 @@ def test_bad_configs_are_value_errors(bad):
 
 
 def test_cli_info_model_prints_the_plan_and_rejects_unreadable_files(tmp_path, capsys, monkeypatch):
+    from longseq.config import get_config
+
     monkeypatch.setenv("LONGSEQ_ATTENTION", "sparse")
+    get_config(refresh=True)  # an earlier test's cached config must not leak into this CLI call
     (tmp_path / "config.json").write_text(json.dumps(GEMMA3))
     assert main(["info", "--model", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -94,20 +94,20 @@ def test_cpu_duo_windowed_layer_runs_dense_global_layer_gets_a_pattern_row(cpu_i
     assert torch.equal(layer.is_streaming.bool(), glob.duo.for_layer(0))
 
 
-@pytest.mark.parametrize("mode", ["sparse", "duo"])
-@pytest.mark.parametrize("feature", [{"logits_soft_cap": 50.0}, {"sinks": "tensor"}])
-def test_cpu_technique_on_global_layer_with_unsupported_feature_is_a_startup_error(cpu_impl_factory, mode, feature):
-    if feature.get("sinks") == "tensor":
-        feature = {"sinks": torch.randn(8)}
-    env = {"LONGSEQ_ATTENTION": mode, "LONGSEQ_DUO_PATTERN": "random:0"}
-    with pytest.raises(LongSeqConfigError, match=f"not supported on global layers yet: \\['{next(iter(feature))}'\\]"):
-        cpu_impl_factory(env, **feature)
-    impl = cpu_impl_factory(env, sliding_window=64, **feature)  # a windowed layer with it runs dense: fine
-    assert not impl.use_torch
-    impl = cpu_impl_factory({"LONGSEQ_ATTENTION": "dense"}, **feature)  # dense: vLLM's kernel runs it
-    assert not impl.use_torch
-    with pytest.raises(LongSeqConfigError, match="LONGSEQ_CPU_KERNEL=torch does not implement"):
-        cpu_impl_factory({"LONGSEQ_CPU_KERNEL": "torch"}, **feature)
+@pytest.mark.parametrize("mode", ["sparse", "duo", "torch"])
+@pytest.mark.parametrize("feature", ["logits_soft_cap", "sinks"])
+def test_cpu_global_layer_with_soft_cap_or_sinks_runs_our_path_with_them(cpu_impl_factory, mode, feature):
+    """Sparse, duo and the torch kernel apply a global layer's soft-cap and sinks (``score_mods``); a windowed layer
+    with them, and dense mode, keep vLLM's kernel."""
+    value = 50.0 if feature == "logits_soft_cap" else torch.randn(8)
+    env = {"LONGSEQ_CPU_KERNEL": "torch"} if mode == "torch" else {"LONGSEQ_ATTENTION": mode,
+                                                                   "LONGSEQ_DUO_PATTERN": "random:0"}
+    impl = cpu_impl_factory(env, **{feature: value})
+    assert impl.use_torch
+    assert impl.score_mods.softcap == (50.0 if feature == "logits_soft_cap" else None)
+    assert (impl.score_mods.sinks is value) if feature == "sinks" else impl.score_mods.sinks is None
+    assert not cpu_impl_factory(env, sliding_window=64, **{feature: value}).use_torch
+    assert not cpu_impl_factory({"LONGSEQ_ATTENTION": "dense"}, **{feature: value}).use_torch
 
 
 def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch):

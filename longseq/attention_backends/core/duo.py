@@ -36,6 +36,7 @@ from longseq.attention_backends.core.duo_pattern import (
 )
 from longseq.attention_backends.core.layers import layer_index
 from longseq.config import LongSeqConfig, LongSeqConfigError
+from longseq.kernels.score_mods import NO_MODS, ScoreMods
 from longseq.kernels.duo_attention.naive import retrieval_head_runs
 
 #: Sparsity used when neither ``duo_sparsity`` nor ``duo_threshold`` is configured.
@@ -270,7 +271,8 @@ DuoPath = Literal["one_launch", "hybrid", "reference"]
 def duo_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                   query_start_loc: torch.Tensor, seq_lens: torch.Tensor, layer: DuoLayer, scale: float,
                   out: torch.Tensor, *, max_query_len: int, dense_retrieval: RetrievalAttention | None = None,
-                  hybrid_decode_batch: int = 0, kernel: Literal["auto", "triton", "reference"] = "auto") -> DuoPath:
+                  hybrid_decode_batch: int = 0, kernel: Literal["auto", "triton", "reference"] = "auto",
+                  mods: ScoreMods = NO_MODS) -> DuoPath:
     """DuoAttention for every query row of one layer's step (prefill chunks and decodes, any mix).
 
     Args:
@@ -292,6 +294,8 @@ def duo_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         kernel: ``triton`` (longseq's Triton kernel; on CPU tensors only under the Triton interpreter),
             ``reference`` (PyTorch, fp32 math, one request at a time: the CPU path) or ``auto`` (Triton on CUDA
             tensors, else the reference).
+        mods: the layer's soft-cap and sinks (``longseq/kernels/score_mods.py``); ``dense_retrieval`` must apply
+            the same ones.
 
     Returns:
         The path taken: :data:`ONE_LAUNCH` (decode-only steps: split-K sized from shapes only, so a captured
@@ -303,7 +307,7 @@ def duo_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         from longseq.kernels.duo_attention import duo_paged_attention_ref
 
         duo_paged_attention_ref(q, key_cache, value_cache, block_table, query_start_loc, seq_lens, layer.is_streaming,
-                                layer.sink_size, layer.recent_size, scale, output=out)
+                                layer.sink_size, layer.recent_size, scale, output=out, mods=mods)
         return REFERENCE
     if kernel != "triton":
         raise ValueError(f"duo_attention: kernel={kernel!r} is not one of auto, triton, reference")
@@ -315,13 +319,14 @@ def duo_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
     if dense_retrieval is None or (max_query_len <= 1 and not hybrid_decode(num_reqs, hybrid_decode_batch)):
         if max_query_len <= 1:  # split-K over the retrieval heads, the only ones reading the whole context
             splits = default_num_splits(num_reqs, layer.num_retrieval, q.device) if layer.num_retrieval else 1
-            duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=layer.all_heads, num_splits=splits)
+            duo_paged_attention(q, *args, max_query_len=1, out=out, kv_heads=layer.all_heads, num_splits=splits,
+                                mods=mods)
         else:
             duo_paged_attention(q, *args, max_query_len=max_query_len, out=out, kv_heads=layer.all_heads,
-                                num_splits=1)
+                                num_splits=1, mods=mods)
         return ONE_LAUNCH
     dense_retrieval(q, key_cache, value_cache, out, layer.retrieval_runs)
     if layer.num_streaming:  # streaming heads visit only their sink and window tiles
         duo_paged_attention(q, *args, max_query_len=max_query_len, out=out, kv_heads=layer.streaming_heads,
-                            num_splits=1)
+                            num_splits=1, mods=mods)
     return HYBRID

@@ -41,6 +41,10 @@ def global_layer_rows(layer_types: list[str] | None, num_layers: int) -> list[in
 SINK_MODEL_TYPES = ("gpt_oss",)
 
 
+def _with(features: list[str]) -> str:
+    return f"; the kernels apply {features} as the framework's do" if features else ""
+
+
 def layer_plan(model_config: dict, technique: str, dense_layers: int = 0) -> list[dict]:
     """What runs on each kind of attention layer of a model (``longseq info --model``), from its HF ``config.json``.
 
@@ -67,14 +71,12 @@ def layer_plan(model_config: dict, technique: str, dense_layers: int = 0) -> lis
         if windowed:
             runs, why = "dense, windowed", (f"keeps its {window}-token window on the framework's kernel; techniques "
                                             "apply to global layers only")
-        elif technique in ("sparse", "duo") and features:
-            runs, why = "start-up error", f"{technique} kernels do not implement {features} yet (dense mode does)"
         elif technique == "sparse" and i < dense_layers:
             runs, why = "dense", f"LONGSEQ_SPARSE_DENSE_LAYERS={dense_layers} keeps the first layers dense"
         elif technique == "sparse":
-            runs, why = "sparse", "top-k pages per decode query"
+            runs, why = "sparse", "top-k pages per decode query" + _with(features)
         elif technique == "duo":
-            runs, why = "duo", "its row of the duo pattern (patterns have one row per global layer)"
+            runs, why = "duo", "its row of the duo pattern (patterns have one row per global layer)" + _with(features)
         else:
             runs, why = "dense", "longseq's dense path, token-identical to the framework's"
         entry = plan.setdefault(runs, {"kind": types[i] if types else "global", "layers": [],

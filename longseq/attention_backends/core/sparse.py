@@ -21,6 +21,7 @@ import torch
 
 from longseq.attention_backends.core.layers import layer_index
 from longseq.config import LongSeqConfig, LongSeqConfigError
+from longseq.kernels.score_mods import NO_MODS, ScoreMods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +245,8 @@ def _triton(kernel: str | None, tensor: torch.Tensor) -> bool:
 
 def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_table: torch.Tensor,
                   seq_lens: torch.Tensor, index: QuestPageIndex, settings: SparseSettings, scale: float,
-                  out: torch.Tensor, reuse: SelectionReuse | None = None, kernel: str | None = None) -> torch.Tensor:
+                  out: torch.Tensor, reuse: SelectionReuse | None = None, kernel: str | None = None,
+                  mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """One decode query per request attends to its top pages only.
 
     Args:
@@ -255,6 +257,8 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
         reuse: the step's :class:`SelectionReuse` (planned for these ``B`` rows), or None (select every row).
         kernel: ``triton`` (the GPU kernels) or ``torch`` (their batched PyTorch versions); default: triton on
             CUDA tensors. Both select the same pages (up to float rounding of equal bounds).
+        mods: the layer's soft-cap and sinks, applied by the attention over the kept pages (the Quest bound ranks
+            pages by the raw score, which soft-capping does not reorder).
 
     A request with at most ``settings.num_select`` pages attends to all of them (dense-equivalent; between two
     selections also to the up to ``E`` pages written since, which come on top of the budget). Shapes depend only
@@ -276,7 +280,7 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                                         group_max=settings.group_max, refresh=refresh, page_ids=kept,
                                         topk_impl=settings.topk_impl)
         sparse_paged_decode(q, key_cache, value_cache, block_table, seq_lens, page_ids, settings.page_size, scale,
-                            out=out, extra_pages=extra)
+                            out=out, extra_pages=extra, mods=mods)
         return out
     from longseq.kernels.sparse_decode.torch_ops import select_topk_pages_torch, sparse_paged_decode_torch
 
@@ -289,5 +293,5 @@ def sparse_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.T
                                                  group_max=settings.group_max)[0]
         page_ids = kept
     out.copy_(sparse_paged_decode_torch(q, key_cache, value_cache, block_table, seq_lens, page_ids,
-                                        settings.page_size, scale, extra_pages=extra))
+                                        settings.page_size, scale, extra_pages=extra, mods=mods))
     return out

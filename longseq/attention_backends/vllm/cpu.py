@@ -97,14 +97,11 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, None, sliding_window, kv_cache_dtype,
                          logits_soft_cap, attn_type, kv_sharing_target_layer_name,
                          **({"sinks": sinks} if sinks is not None else {}))
-        self._init_techniques("cpu", sliding_window, {"logits_soft_cap": logits_soft_cap, "sinks": sinks})
-        # The PyTorch path (sparse, duo, LONGSEQ_CPU_KERNEL=torch) has no window, soft-cap or sinks: windowed layers
-        # keep vLLM's kernel in every mode (no technique applies to them); the others are refused at start-up.
+        self._init_techniques("cpu", sliding_window, logits_soft_cap, sinks)
+        # The PyTorch path (sparse, duo, LONGSEQ_CPU_KERNEL=torch) applies soft-cap and sinks but has no window:
+        # windowed layers keep vLLM's kernel in every mode (no technique applies to them).
         self.use_torch = not self.windowed and (
             self.config.cpu_kernel == "torch" or self.sparse is not None or self.duo is not None)
-        if self.use_torch and self.layer_features:
-            raise LongSeqConfigError("longseq CPU backend: LONGSEQ_CPU_KERNEL=torch does not implement layer features "
-                                     f"{self.layer_features}; use the vllm kernel")
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -138,7 +135,7 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
             paged_attention_naive(
                 query[: step.num_actual_tokens], key_cache, value_cache, step.block_table[: step.num_reqs],
                 step.query_start_loc_cpu[: step.num_reqs + 1], step.seq_lens[: step.num_reqs], self.scale,
-                output=out,
+                output=out, mods=self.score_mods,
             )
             if step.num_decode_reqs and self._sparse_layer(layer):
                 self._sparse_decode_rows(query, key_cache, value_cache, step, out)
@@ -153,7 +150,7 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
         duo_attention(query[:t].view(-1, self.num_heads, self.head_size), key_cache.transpose(1, 2),
                       value_cache.transpose(1, 2), step.block_table[:nr], step.query_start_loc_cpu[: nr + 1],
                       step.seq_lens[:nr], self._duo_for(layer, query.device), self.scale, out[:t],
-                      max_query_len=step.max_query_len)
+                      max_query_len=step.max_query_len, mods=self.score_mods)
         self.trace.counts["duo_calls"] += 1
 
     def _sparse_decode_rows(self, query, key_cache, value_cache, step, out) -> None:
@@ -164,7 +161,7 @@ class LongSeqCPUImpl(LayerTechniques, CPUAttentionBackendImpl):
         res = torch.empty(len(rows), self.num_heads, self.head_size, dtype=query.dtype)
         sparse_decode(query[rows], key_cache.transpose(1, 2), value_cache.transpose(1, 2),
                       step.block_table[reqs], step.seq_lens[reqs], self.page_index, self.sparse, self.scale, res,
-                      reuse=step.sparse_reuse)
+                      reuse=step.sparse_reuse, mods=self.score_mods)
         out[rows] = res.to(out.dtype)
         self.trace.counts["sparse_decode_calls"] += 1
 

@@ -43,6 +43,7 @@ from longseq.attention_backends.vllm.common import (
 )
 from longseq.attention_backends.vllm.techniques import LayerTechniques, check_technique, sparse_reuse_for
 from longseq.config import SUPPORTED_HEAD_SIZES, get_config
+from longseq.kernels.score_mods import NO_MODS, ScoreMods
 
 
 @dataclasses.dataclass
@@ -109,9 +110,10 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
             attn_type=str(getattr(self.attn_type, "value", self.attn_type)),
         )
         self.kv_write_hooks: list[KVWriteHook] = []
-        # FlashAttention runs window, soft-cap and sinks itself; techniques skip windowed layers (``techniques.py``).
-        self._init_techniques("cuda", sliding_window, {"logits_soft_cap": getattr(self, "logits_soft_cap", None),
-                                                       "sinks": getattr(self, "sinks", None)})
+        # FlashAttention runs window, soft-cap and sinks itself; techniques skip windowed layers (``techniques.py``)
+        # and pass soft-cap and sinks to our kernels.
+        self._init_techniques("cuda", sliding_window, getattr(self, "logits_soft_cap", None),
+                              getattr(self, "sinks", None))
 
     def _key_value_caches(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``[num_blocks, block_size, Hkv, D]`` key and value views of the layer's ``[B, Hkv, N, 2*D]`` cache
@@ -153,7 +155,7 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
             out = output[:nd].view(nd, self.num_heads, self.head_size)
             sparse_decode(query[:nd].view(nd, self.num_heads, self.head_size), key_cache, value_cache,
                           step.block_table[:nd], step.seq_lens[:nd], self.page_index, self.sparse, self.scale, out,
-                          reuse=step.sparse_reuse)
+                          reuse=step.sparse_reuse, mods=self.score_mods)
             self.trace.counts["sparse_decode_calls"] += 1
         self._record_forward(layer, step.num_actual_tokens)
         return output
@@ -165,14 +167,15 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
         key_cache, value_cache = self._key_value_caches(kv_cache)
 
         def flash_on_retrieval_heads(q, k, v, out, runs) -> None:
-            flash_retrieval_heads(q, k, v, out, runs, attn_metadata, self.scale, self.vllm_flash_attn_version)
+            flash_retrieval_heads(q, k, v, out, runs, attn_metadata, self.scale, self.vllm_flash_attn_version,
+                                  self.score_mods)
 
         path = duo_attention(
             query[:t].view(t, self.num_heads, self.head_size), key_cache, value_cache, step.block_table[:nr],
             step.query_start_loc[: nr + 1], step.seq_lens[:nr], self._duo_layer, self.scale,
             output[:t].view(t, self.num_heads, self.head_size), max_query_len=step.max_query_len,
             dense_retrieval=flash_on_retrieval_heads, hybrid_decode_batch=self.config.duo_hybrid_decode_batch,
-            kernel="triton")  # the Triton interpreter runs it on CPU tensors in tests
+            kernel="triton", mods=self.score_mods)  # the Triton interpreter runs it on CPU tensors in tests
         if path == HYBRID and step.max_query_len <= 1:  # counted at capture under CUDA graphs: they hold this path
             self.trace.counts["duo_hybrid_decode_calls"] += 1
         self.trace.counts["duo_calls"] += 1
@@ -180,21 +183,27 @@ class LongSeqFlashImpl(LayerTechniques, FlashAttentionImpl):
 
 
 def flash_retrieval_heads(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, out: torch.Tensor,
-                          runs: list[tuple[int, int]], meta, scale: float, fa_version: int | None) -> None:
+                          runs: list[tuple[int, int]], meta, scale: float, fa_version: int | None,
+                          mods: ScoreMods = NO_MODS) -> None:
     """Causal FlashAttention over the whole context for the KV heads of ``runs`` (one call per run, on strided
     head views of ``q``/caches/``out``: ``[T, Hq, D]``, ``[num_blocks, block_size, Hkv, D]``). ``meta`` gives
     ``query_start_loc``, ``max_query_len``, ``seq_lens``, ``max_seq_len``, ``block_table`` and
     ``max_num_splits`` (FlashAttention's metadata fields). vLLM's ahead-of-time schedule is for all heads, so
-    it is not passed (FlashAttention schedules each call itself)."""
+    it is not passed (FlashAttention schedules each call itself). ``mods``: the layer's soft-cap and sinks (the
+    sinks of each run's query heads go to FlashAttention's ``s_aux``)."""
     from vllm.vllm_flash_attn import flash_attn_varlen_func
 
     group = q.shape[1] // key_cache.shape[2]
+    extra = {"softcap": mods.softcap} if mods.softcap is not None else {}
     for lo, hi in runs:
+        if mods.sinks is not None:  # only when set: older FlashAttention wrappers have no s_aux
+            extra["s_aux"] = mods.sinks[lo * group : hi * group]
         flash_attn_varlen_func(
             q=q[:, lo * group : hi * group], k=key_cache[:, :, lo:hi], v=value_cache[:, :, lo:hi],
             out=out[:, lo * group : hi * group], cu_seqlens_q=meta.query_start_loc, max_seqlen_q=meta.max_query_len,
             seqused_k=meta.seq_lens, max_seqlen_k=meta.max_seq_len, softmax_scale=scale, causal=True,
-            block_table=meta.block_table, fa_version=fa_version, num_splits=getattr(meta, "max_num_splits", 0))
+            block_table=meta.block_table, fa_version=fa_version, num_splits=getattr(meta, "max_num_splits", 0),
+            **extra)
 
 
 class LongSeqFlashBackend(FlashAttentionBackend):

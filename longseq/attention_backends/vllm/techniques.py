@@ -14,14 +14,7 @@ from longseq.attention_backends.core.layers import global_layer_rows, layer_inde
 from longseq.attention_backends.core.sparse import QuestPageIndex, SelectionReuse, SparseSettings
 from longseq.attention_backends.vllm.common import BackendTrace
 from longseq.config import LongSeqConfig, LongSeqConfigError
-
-#: Layer features the techniques' own kernels do not implement; layers with them run dense in dense mode only.
-TECHNIQUE_UNSUPPORTED_FEATURES = ("logits_soft_cap", "sinks")
-
-
-def _is_zero(value: object) -> bool:
-    """A soft-cap of 0 means none (vLLM's impls store 0 for an unset one); a tensor (sinks) is never zero here."""
-    return isinstance(value, (int, float)) and value == 0
+from longseq.kernels.score_mods import ScoreMods
 
 
 def _current_vllm_config(vllm_config=None):
@@ -88,24 +81,22 @@ class LayerTechniques:
             :class:`QuestPageIndex` once the layer is known to be sparse (its name is seen at the first write).
         duo: this rank's :class:`StreamingHeadMask` in duo mode, else None; ``_duo_layer``: the layer's
             :class:`DuoLayer` once built (it needs the layer's name and device).
+        windowed: the layer has a sliding window (it runs the framework's kernel in every mode).
+        score_mods: the layer's soft-cap and sinks (:class:`ScoreMods`), for our kernels.
     """
 
     config: LongSeqConfig
 
     def _init_techniques(self, backend: str, sliding_window: int | None = None,
-                         features: dict[str, object] | None = None) -> None:
+                         logits_soft_cap: float | None = None, sinks: torch.Tensor | None = None) -> None:
         """``backend``: the trace's name (``cuda`` or ``cpu``). ``sliding_window``: the layer's window (None or
         <= 0: global layer); a windowed layer keeps its window and runs dense whatever the technique.
-        ``features``: the layer's extras by name (``logits_soft_cap``, ``sinks``; None or 0 = absent); a global
-        layer with one the technique's kernels lack is a start-up error. Those present: ``self.layer_features``."""
+        ``logits_soft_cap`` (None or 0: none), ``sinks`` (``[Hq]`` parameter, read at each step since weights load
+        after this): the layer's score modifiers, ``self.score_mods``; every kernel of ours applies them."""
         self.trace = BackendTrace.for_backend(backend, self.config)
         technique = self.config.attention
         self.windowed = sliding_window is not None and sliding_window > 0
-        self.layer_features = sorted(k for k, v in (features or {}).items()
-                                     if k in TECHNIQUE_UNSUPPORTED_FEATURES and v is not None and not _is_zero(v))
-        if technique in ("sparse", "duo") and not self.windowed and self.layer_features:
-            raise LongSeqConfigError(f"longseq {technique}: layer features not supported on global layers yet: "
-                                     f"{self.layer_features} (dense mode serves them)")
+        self.score_mods = ScoreMods.of(logits_soft_cap, sinks)
         applies = not self.windowed
         self.sparse = SparseSettings.from_config(self.config) if technique == "sparse" and applies else None
         self.page_index: QuestPageIndex | None = None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, soft_cap, softmax_with_sinks
+
 
 def duo_token_mask(q_pos: torch.Tensor, num_keys: int, is_streaming: torch.Tensor, sink_size: int,
                    recent_size: int) -> torch.Tensor:
@@ -38,11 +40,13 @@ def duo_token_mask(q_pos: torch.Tensor, num_keys: int, is_streaming: torch.Tenso
     return causal[None] & (window[None] | ~streaming)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
+            mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """Masked softmax attention in fp32.
 
     Args:
         q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]``; allowed: ``[Hkv, Tq, Tk]`` bool (every row has a True).
+        mods: soft-cap and ``[Hq]`` sinks (``score_mods.py``).
 
     Returns:
         ``[Tq, Hq, D]`` fp32.
@@ -53,9 +57,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
     qf = q.float().reshape(tq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, Tq, D]
     kf = k.float().permute(1, 0, 2)  # [Hkv, Tk, D]
     vf = v.float().permute(1, 0, 2)
-    s = torch.einsum("hgqd,hkd->hgqk", qf, kf) * scale  # [Hkv, G, Tq, Tk]
+    s = soft_cap(torch.einsum("hgqd,hkd->hgqk", qf, kf) * scale, mods.softcap)  # [Hkv, G, Tq, Tk]
     s = s.masked_fill(~allowed[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1)
+    sinks = mods.sinks_on(q.device, hq)
+    p = softmax_with_sinks(s, None if sinks is None else sinks.view(hkv, g, 1))
     o = torch.einsum("hgqk,hkd->hgqd", p, vf)  # [Hkv, G, Tq, D]
     return o.permute(2, 0, 1, 3).reshape(tq, hq, d)
 
@@ -68,7 +73,7 @@ def _check_gqa(hq: int, hkv: int, is_streaming: torch.Tensor) -> None:
 
 
 def duo_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_streaming: torch.Tensor, sink_size: int,
-                    recent_size: int, scale: float, q_start: int = 0) -> torch.Tensor:
+                    recent_size: int, scale: float, q_start: int = 0, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """Causal DuoAttention of one request's (chunk of) prefill.
 
     Args:
@@ -78,6 +83,7 @@ def duo_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_stream
         is_streaming: ``[Hkv]`` bool.
         sink_size, recent_size: streaming sizes; scale: softmax scale (usually ``D ** -0.5``).
         q_start: position of the first query.
+        mods: the layer's soft-cap and sinks (``score_mods.py``).
 
     Returns:
         ``[Tq, Hq, D]`` in ``q.dtype``.
@@ -89,12 +95,12 @@ def duo_prefill_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_stream
     _check_gqa(hq, hkv, is_streaming)
     q_pos = torch.arange(q_start, q_start + tq, device=q.device)
     allowed = duo_token_mask(q_pos, tk, is_streaming, sink_size, recent_size)
-    return _attend(q, k, v, allowed, scale).to(q.dtype)
+    return _attend(q, k, v, allowed, scale, mods).to(q.dtype)
 
 
 def duo_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                          block_table: torch.Tensor, seq_lens: torch.Tensor, is_streaming: torch.Tensor,
-                         sink_size: int, recent_size: int, scale: float) -> torch.Tensor:
+                         sink_size: int, recent_size: int, scale: float, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """One decode query per request over a paged KV cache.
 
     Args:
@@ -102,7 +108,7 @@ def duo_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` (any strides), already holding the
             query's own key/value.
         block_table: ``[B, max_blocks]`` int32 physical block ids; seq_lens: ``[B]`` int (query token included).
-        is_streaming: ``[Hkv]`` bool; sink_size, recent_size, scale as in :func:`duo_prefill_ref`.
+        is_streaming: ``[Hkv]`` bool; sink_size, recent_size, scale, mods as in :func:`duo_prefill_ref`.
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (zeros for a request with ``seq_len == 0``, i.e. padding).
@@ -121,14 +127,14 @@ def duo_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: 
         k = key_cache[blk, off]  # [n, Hkv, D]
         v = value_cache[blk, off]
         allowed = duo_token_mask(pos[-1:], n, is_streaming, sink_size, recent_size)  # [Hkv, 1, n]
-        out[b] = _attend(q[b : b + 1], k, v, allowed, scale)[0].to(q.dtype)
+        out[b] = _attend(q[b : b + 1], k, v, allowed, scale, mods)[0].to(q.dtype)
     return out
 
 
 def duo_paged_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_table: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                             is_streaming: torch.Tensor, sink_size: int, recent_size: int, scale: float,
-                            output: torch.Tensor | None = None) -> torch.Tensor:
+                            output: torch.Tensor | None = None, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """A mixed batch (prefill chunks and decodes) over a paged KV cache, one request at a time.
 
     Args:
@@ -136,7 +142,7 @@ def duo_paged_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_
             at the last positions of its ``seq_lens[b]`` tokens (chunked prefill and decode alike).
         key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]`` (any strides), holding this step's keys.
         block_table: ``[B, max_blocks]``; query_start_loc: ``[B+1]`` (CPU); seq_lens: ``[B]``.
-        is_streaming, sink_size, recent_size, scale: as in :func:`duo_prefill_ref`.
+        is_streaming, sink_size, recent_size, scale, mods: as in :func:`duo_prefill_ref`.
         output: optional ``[T, Hq, D]`` to write into.
 
     Returns:
@@ -152,7 +158,7 @@ def duo_paged_attention_ref(query: torch.Tensor, key_cache: torch.Tensor, value_
         blk = block_table[b].long()[pos // block_size]
         k, v = key_cache[blk, pos % block_size], value_cache[blk, pos % block_size]
         out[q0:q1] = duo_prefill_ref(query[q0:q1], k, v, is_streaming, sink_size, recent_size, scale,
-                                     q_start=n - (q1 - q0)).to(out.dtype)
+                                     q_start=n - (q1 - q0), mods=mods).to(out.dtype)
     return out
 
 

@@ -25,9 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.kernels.score_mods import LOG2E, NO_MODS, ScoreMods, kernel_scale
+from longseq.kernels.triton_score_mods import capped_scores, sink_factor
+
 from .naive import retrieval_head_runs  # noqa: F401 - re-exported: host-side helper of this kernel's callers
 
-_LOG2E = 1.4426950408889634
 #: Programs per SM that :func:`default_num_splits` aims at for the heads that do long work.
 SPLIT_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 128  # batch 1 at 126K with 4 long heads on 132 SMs wants 132 (64 left SMs half full)
@@ -80,17 +82,18 @@ def _load_tile(key_cache, value_cache, bt_row, v, v_hi, n_a, b_lo, n_keys, h, n,
 
 
 @triton.jit
-def _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2, sink_size, recent_size,
-                 DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr):
+def _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, qk_scale, cap_log2, sink_size, recent_size,
+                 DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online-softmax step of ``[BLOCK_M]`` query rows at positions ``pos`` over one key tile: ``(m_i, l_i, acc)``
     updated (running max and sum in log2 units, unnormalized output)."""
     p_dtype = vt.dtype
     if DOT_FP32:
         k, vt = k.to(tl.float32), vt.to(tl.float32)
     if USE_DOT:
-        s = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [M, N], log2 units
+        qk = tl.dot(qt, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N]
     else:  # decode with BLOCK_M = G rows: multiply-and-sum in registers, K never staged in shared memory
-        s = tl.sum(qt.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale_log2
+        qk = tl.sum(qt.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    s = capped_scores(qk, qk_scale, cap_log2, SOFTCAP)  # log2 units
     jj = j[None, :]
     visible = key_ok[None, :] & (jj <= pos[:, None]) & (
         retrieval | (jj < sink_size) | (jj > pos[:, None] - recent_size))
@@ -111,13 +114,13 @@ def _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2
 @triton.jit
 def _duo_attention_kernel(
     q, key_cache, value_cache, block_table, seq_lens, query_start_loc, kv_heads, is_streaming,
-    out, part_o, part_lse,
-    scale_log2, sink_size, recent_size, num_seqs, num_splits,
+    out, part_o, part_lse, sinks,
+    qk_scale, cap_log2, sink_size, recent_size, num_seqs, num_splits,
     s_qt, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btb, s_btn, s_ot, s_oh, s_od,
     HQ: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, USE_DOT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     qb = tl.program_id(0)
     h = tl.load(kv_heads + tl.program_id(1))
@@ -167,16 +170,16 @@ def _duo_attention_kernel(
             j2, key_ok2, k2, vt2 = _load_tile(key_cache, value_cache, bt_row, v + 1, v_hi, n_a, b_lo, n_keys, h, n,
                                               d, d_mask, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn,
                                               BLOCK_SIZE, TILE_N)
-            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2,
-                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT)
+            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, qk_scale, cap_log2,
+                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT, SOFTCAP)
             j, key_ok, k, vt = j2, key_ok2, k2, vt2
     else:
         for v in range(v_lo, v_hi):
             j, key_ok, k, vt = _load_tile(key_cache, value_cache, bt_row, v, v_hi, n_a, b_lo, n_keys, h, n, d,
                                           d_mask, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd, s_btn,
                                           BLOCK_SIZE, TILE_N)
-            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, scale_log2,
-                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT)
+            m_i, l_i, acc = _attend_tile(qt, j, key_ok, k, vt, pos, retrieval, m_i, l_i, acc, qk_scale, cap_log2,
+                                         sink_size, recent_size, DOT_PRECISION, DOT_FP32, USE_DOT, SOFTCAP)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     rows = q_start + tok
     mask = row_mask[:, None] & d_mask[None, :]
@@ -186,13 +189,17 @@ def _duo_attention_kernel(
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse + part, lse, mask=row_mask)
     else:
+        if HAS_SINKS:
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            o = o * sink_factor(lse, tl.load(sinks + heads))[:, None]
         tl.store(out + rows[:, None] * s_ot + heads[:, None] * s_oh + d[None, :] * s_od,
                  o.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _merge_splits_kernel(part_o, part_lse, out, query_start_loc, num_seqs, num_splits, s_ot, s_oh, s_od,
-                         HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_splits_kernel(part_o, part_lse, out, sinks, query_start_loc, num_seqs, num_splits, s_ot, s_oh, s_od,
+                         HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
     """``out[t, hq] = sum_s w_s * part_o[t, hq, s]`` with ``w`` the softmax of the splits' log2-sum-exps (empty
     splits weigh 0). Rows past the batch's last query (CUDA-graph padding, never written by the split
     kernel) get zeros, not whatever the uninitialized partials held."""
@@ -215,6 +222,9 @@ def _merge_splits_kernel(part_o, part_lse, out, query_start_loc, num_seqs, num_s
                 other=0.0)
     w_sum = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+    if HAS_SINKS:
+        lse_all = tl.where(w_sum > 0, m + tl.log2(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf"))
+        res = res * sink_factor(lse_all, tl.load(sinks + hq))
     tl.store(dst, res.to(out.dtype.element_ty), mask=d_mask)
 
 
@@ -253,7 +263,8 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
                         max_query_len: int, out: torch.Tensor | None = None, kv_heads: torch.Tensor | None = None,
                         num_splits: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, tile_n: int | None = None,
-                        use_dot: bool | None = None, prefetch: bool | None = None) -> torch.Tensor:
+                        use_dot: bool | None = None, prefetch: bool | None = None,
+                        mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """DuoAttention for a batch of requests (prefill chunks and decodes, any mix) over a paged KV cache.
 
     Args:
@@ -275,6 +286,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
             ``False`` = register multiply-and-sum instead of tensor-core dots), prefetch (request the next key
             tile before the current one's math): tuning, defaults from
             :data:`DECODE_TUNING` for decode.
+        mods: the layer's soft-cap and sinks (``longseq/kernels/score_mods.py``).
 
     Returns:
         ``out`` (allocated like ``query`` when not given).
@@ -318,22 +330,26 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
     extra = {} if num_stages is None else {"num_stages": num_stages}
     grid = (t // block_q + num_seqs, kv_heads.shape[0], num_splits)
+    qk_scale, cap_log2 = kernel_scale(scale, mods)
+    sinks = mods.sinks_on(query.device, hq)
+    sinks = out if sinks is None else sinks * LOG2E  # log2 units; unused without sinks
     _duo_attention_kernel[grid](
         query, key_cache, value_cache, block_table, seq_lens, query_start_loc, kv_heads,
         is_streaming.to(torch.int8) if is_streaming.dtype == torch.bool else is_streaming,
-        out, part_o, part_lse,
-        scale * _LOG2E, int(sink_size), int(recent_size), num_seqs, num_splits,
+        out, part_o, part_lse, sinks,
+        qk_scale, cap_log2, int(sink_size), int(recent_size), num_seqs, num_splits,
         *query.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(), *out.stride(),
         HQ=hq, GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_SIZE=block_size,
         BLOCK_Q=block_q, BLOCK_M=block_m, TILE_N=tile_n, SPLIT=split, USE_DOT=use_dot is not False,
-        PREFETCH=bool(prefetch),
+        PREFETCH=bool(prefetch), SOFTCAP=mods.softcap is not None, HAS_SINKS=mods.sinks is not None,
         DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
         DOT_FP32=interp_bf16, num_warps=num_warps or 4, **extra,
     )
     if split:
         _merge_splits_kernel[(t * hq,)](
-            part_o, part_lse, out, query_start_loc, num_seqs, num_splits, *out.stride(),
+            part_o, part_lse, out, sinks, query_start_loc, num_seqs, num_splits, *out.stride(),
             HQ=hq, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=8 if num_splits > 32 else 4,
+            BLOCK_D=triton.next_power_of_2(d), HAS_SINKS=mods.sinks is not None,
+            num_warps=8 if num_splits > 32 else 4,
         )
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, soft_cap, softmax_with_sinks
+
 
 def write_paged_kv(
     key: torch.Tensor,
@@ -62,6 +64,7 @@ def paged_attention_naive(
     scale: float,
     output: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    mods: ScoreMods = NO_MODS,
 ) -> torch.Tensor:
     """Causal attention of each request's new queries over its whole paged context.
 
@@ -77,6 +80,7 @@ def paged_attention_naive(
         scale: softmax scale.
         output: optional ``[>= T, Hq, D]`` tensor written in place (rows past ``T`` untouched).
         compute_dtype: dtype of the math (fp32 by default: a reference should not round).
+        mods: the layer's soft-cap and ``[Hq]`` sinks (``longseq/kernels/score_mods.py``).
 
     Returns:
         ``[T, Hq, D]`` attention output in ``query.dtype`` (a view of ``output`` when given).
@@ -87,6 +91,7 @@ def paged_attention_naive(
     out = output if output is not None else torch.empty_like(query)
     hq, hkv = query.shape[1], key_cache.shape[1]
     group = hq // hkv
+    sinks = mods.sinks_on(query.device, hq)
     for i, ctx in enumerate(lens):
         q0, q1 = qsl[i], qsl[i + 1]
         qlen = q1 - q0
@@ -103,6 +108,12 @@ def paged_attention_naive(
             # Query j sits at absolute position ctx - qlen + j and may see keys 0..that position.
             qpos = torch.arange(ctx - qlen, ctx, device=query.device).unsqueeze(1)
             mask = torch.arange(ctx, device=query.device).unsqueeze(0) <= qpos
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if mods.any:  # SDPA has neither: the scores in full
+            s = soft_cap(torch.einsum("hqd,hkd->hqk", q, k) * scale, mods.softcap)
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            o = softmax_with_sinks(s, None if sinks is None else sinks[:, None].to(compute_dtype)) @ v
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         out[q0:q1] = o.transpose(0, 1).to(out.dtype)
     return out[:num_tokens]

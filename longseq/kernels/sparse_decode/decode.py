@@ -19,18 +19,19 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.kernels.score_mods import LOG2E, NO_MODS, ScoreMods, kernel_scale
+from longseq.kernels.triton_score_mods import capped_scores, sink_factor
 from longseq.kernels.sparse_decode.workspace import counters
 
-_LOG2E = 1.4426950408889634
 FUSE_MERGE_DEFAULT = True
 
 
 @triton.jit
 def _attend_list(
-    src_row, t_lo, t_hi, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, scale_log2,
+    src_row, t_lo, t_hi, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, qk_scale, cap_log2,
     s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
     BLOCK_SIZE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     """Online softmax of one GQA group over token slots ``[t_lo, t_hi)`` of a page list (``src_row``: logical
     pages); returns the updated ``(m_i, l_i, acc)``."""
@@ -53,7 +54,8 @@ def _attend_list(
         p_dtype = v.dtype
         if DOT_FP32:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(qg, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [G, N], log2 units
+        s = capped_scores(tl.dot(qg, tl.trans(k), input_precision=DOT_PRECISION), qk_scale, cap_log2,
+                          SOFTCAP)  # [G, N], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a range with no token yet: no NaNs
@@ -69,13 +71,14 @@ def _attend_list(
 @triton.jit
 def _sparse_decode_kernel(
     q, key_cache, value_cache, block_table, seq_lens, page_ids, extra_pages, out, part_o, part_lse, row_counters,
-    scale_log2, list_tokens, tokens_per_split, num_splits, extra_tokens,
+    sinks, qk_scale, cap_log2, list_tokens, tokens_per_split, num_splits, extra_tokens,
     s_qb, s_qh, s_qd, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
     s_btb, s_btn, s_pb, s_ph, s_eb, s_ob, s_oh, s_od,
     HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     FUSE_MERGE: tl.constexpr, BLOCK_S: tl.constexpr, MERGE_G: tl.constexpr, EXTRA: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -99,17 +102,17 @@ def _sparse_decode_kernel(
     t_start = split * tokens_per_split
     t_end = tl.minimum(t_start + tokens_per_split, list_tokens)
     m_i, l_i, acc = _attend_list(
-        pid_row, t_start, t_end, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, scale_log2,
+        pid_row, t_start, t_end, qg, m_i, l_i, acc, seq_len, bt_row, key_cache, value_cache, h, qk_scale, cap_log2,
         s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
-        BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32)
+        BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32, SOFTCAP)
     if EXTRA:
         # The pages written since a reused selection (reuse.py): one more short range for the last split, so the
         # split count (and the merge) stays that of the selected list.
         if split == num_splits - 1:
             m_i, l_i, acc = _attend_list(
                 extra_pages + b * s_eb, 0, extra_tokens, qg, m_i, l_i, acc, seq_len, bt_row, key_cache,
-                value_cache, h, scale_log2, s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
-                BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32)
+                value_cache, h, qk_scale, cap_log2, s_btn, s_kb, s_ko, s_kh, s_kd, s_vb, s_vo, s_vh, s_vd,
+                BLOCK_SIZE, PAGE_SIZE, BLOCK_N, BLOCK_D, HEAD_DIM, DOT_PRECISION, DOT_FP32, SOFTCAP)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a head that saw no token outputs zeros
     if SPLIT:
         row = (b * (HKV * GROUP) + heads) * num_splits + split  # part_o is [B, Hq, num_splits, D]
@@ -124,17 +127,20 @@ def _sparse_decode_kernel(
             if done == num_splits - 1:
                 tl.store(row_counters + bh, 0)  # ready for the next launch
                 for g0 in range(0, GROUP, MERGE_G):
-                    _merge_group(part_o, part_lse, out, b, h * GROUP + g0, GROUP - g0, num_splits,
-                                 s_ob, s_oh, s_od, HKV * GROUP, HEAD_DIM, BLOCK_S, BLOCK_D, MERGE_G)
+                    _merge_group(part_o, part_lse, out, sinks, b, h * GROUP + g0, GROUP - g0, num_splits,
+                                 s_ob, s_oh, s_od, HKV * GROUP, HEAD_DIM, BLOCK_S, BLOCK_D, MERGE_G, HAS_SINKS)
     else:
+        if HAS_SINKS:
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            o = o * sink_factor(lse, tl.load(sinks + heads, mask=g_mask, other=0.0))[:, None]
         tl.store(out + b * s_ob + heads[:, None] * s_oh + d[None, :] * s_od, o.to(out.dtype.element_ty),
                  mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _merge_group(part_o, part_lse, out, b, hq0, n_heads, num_splits, s_ob, s_oh, s_od,
+def _merge_group(part_o, part_lse, out, sinks, b, hq0, n_heads, num_splits, s_ob, s_oh, s_od,
                  HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                 MERGE_G: tl.constexpr):
+                 MERGE_G: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Merge the splits of query heads ``hq0 .. hq0 + min(n_heads, MERGE_G) - 1`` of request ``b`` (.cg loads:
     other programs wrote the partials)."""
     g = tl.arange(0, MERGE_G)
@@ -150,14 +156,17 @@ def _merge_group(part_o, part_lse, out, b, hq0, n_heads, num_splits, s_ob, s_oh,
                 mask=sm[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0, cache_modifier=".cg")
     w_sum = tl.sum(w, axis=1)
     res = tl.sum(w[:, :, None] * o, axis=1) / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+    if HAS_SINKS:
+        lse_all = tl.where(w_sum > 0, m + tl.log2(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf"))
+        res = res * sink_factor(lse_all, tl.load(sinks + hq0 + g, mask=gm, other=0.0))[:, None]
     tl.store(out + b * s_ob + (hq0 + g)[:, None] * s_oh + d[None, :] * s_od, res.to(out.dtype.element_ty),
              mask=gm[:, None] & (d < HEAD_DIM)[None, :])
 
 
 @triton.jit
 def _merge_splits_kernel(
-    part_o, part_lse, out, num_splits, s_ob, s_oh, s_od,
-    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_o, part_lse, out, sinks, num_splits, s_ob, s_oh, s_od,
+    HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     row = tl.program_id(0)  # b * Hq + query head
     b = row // HQ
@@ -172,6 +181,9 @@ def _merge_splits_kernel(
                 mask=s_mask[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
     w_sum = tl.sum(w, axis=0)
     res = tl.sum(w[:, None] * o, axis=0) / tl.where(w_sum > 0, w_sum, 1.0)
+    if HAS_SINKS:
+        lse_all = tl.where(w_sum > 0, m + tl.log2(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf"))
+        res = res * sink_factor(lse_all, tl.load(sinks + hq))
     tl.store(out + b * s_ob + hq * s_oh + d * s_od, res.to(out.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -218,7 +230,7 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
                         page_size: int, scale: float, out: torch.Tensor | None = None,
                         num_splits: int | None = None, fuse_merge: bool | None = None,
                         num_warps: int | None = None, num_stages: int | None = None,
-                        extra_pages: torch.Tensor | None = None) -> torch.Tensor:
+                        extra_pages: torch.Tensor | None = None, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """Decode attention over the selected pages only.
 
     Args:
@@ -235,6 +247,7 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             launch. num_warps, num_stages: tuning.
         extra_pages: optional ``[B, E]`` int32 logical pages attended by every KV head after ``page_ids``
             (``-1`` skipped): the pages written since a reused selection (``reuse.py``).
+        mods: the layer's soft-cap and sinks (``score_mods.py``).
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (or ``out``'s); zeros for a request that sees no token.
@@ -270,21 +283,25 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     merge_g = min(triton.next_power_of_2(group), max(1, 8192 // (block_s * block_d)))
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
     extra = {} if num_stages is None else {"num_stages": num_stages}
+    qk_scale, cap_log2 = kernel_scale(scale, mods)
+    sinks = mods.sinks_on(q.device, hq)
+    sinks = out if sinks is None else sinks * LOG2E  # the kernels take log2 units; unused without sinks
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
         q, key_cache, value_cache, block_table, seq_lens, page_ids, page_ids if extra_pages is None else extra_pages,
-        out, part_o, part_lse, ctr, scale * _LOG2E, list_tokens, tokens_per_split, num_splits, num_extra * page_size,
+        out, part_o, part_lse, ctr, sinks, qk_scale, cap_log2, list_tokens, tokens_per_split, num_splits,
+        num_extra * page_size,
         *q.stride(), *key_cache.stride(), *value_cache.stride(), *block_table.stride(),
         page_ids.stride(0), page_ids.stride(1), 0 if extra_pages is None else extra_pages.stride(0), *out.stride(),
         HKV=hkv, GROUP=group, HEAD_DIM=d, BLOCK_SIZE=block_size, PAGE_SIZE=page_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_N=block_n, SPLIT=split, DOT_PRECISION="ieee" if key_cache.dtype == torch.float32 or interp_bf16 else None,
         DOT_FP32=interp_bf16, FUSE_MERGE=fuse, BLOCK_S=block_s, MERGE_G=merge_g, EXTRA=num_extra > 0,
-        num_warps=num_warps or 4, **extra,
+        SOFTCAP=mods.softcap is not None, HAS_SINKS=mods.sinks is not None, num_warps=num_warps or 4, **extra,
     )
     if split and not fuse:
         _merge_splits_kernel[(bsz * hq,)](
-            part_o, part_lse, out, num_splits, *out.stride(),
+            part_o, part_lse, out, sinks, num_splits, *out.stride(),
             HQ=hq, HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4,
+            BLOCK_D=triton.next_power_of_2(d), HAS_SINKS=mods.sinks is not None, num_warps=4,
         )
     return out

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, soft_cap, softmax_with_sinks
+
 
 def logical_to_global_pages(block_table_row: torch.Tensor, num_pages: int, page_size: int,
                             block_size: int) -> torch.Tensor:
@@ -153,13 +155,14 @@ def select_topk_pages_ref(q: torch.Tensor, page_min: torch.Tensor, page_max: tor
 
 def sparse_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
-                            page_size: int, scale: float) -> torch.Tensor:
+                            page_size: int, scale: float, mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """Decode attention of each query head over the selected pages of its kv head (fp32 softmax).
 
     Args:
         q: ``[B, Hq, D]``; key_cache, value_cache: ``[num_blocks, block_size, Hkv, D]``.
         page_ids: ``[B, Hkv, S]`` int logical pages (any order; ``-1`` skipped); tokens at positions
             ``>= seq_len`` are masked.
+        mods: the layer's soft-cap and ``[Hq]`` sinks (``longseq/kernels/score_mods.py``).
 
     Returns:
         ``[B, Hq, D]`` in ``q.dtype`` (zeros for a head that sees no token).
@@ -168,6 +171,7 @@ def sparse_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
     g = hq // hkv
     out = torch.zeros_like(q)
+    sinks = mods.sinks_on(q.device, hq)
     for b in range(b_):
         seq_len = int(seq_lens[b])
         for h in range(hkv):
@@ -184,7 +188,8 @@ def sparse_paged_decode_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cach
             k = key_cache[blk, off, h].float()  # [n, D]
             v = value_cache[blk, off, h].float()
             qh = q[b, h * g : (h + 1) * g].float()  # [G, D]
-            p = torch.softmax((qh @ k.t()) * scale, dim=-1)
+            s = soft_cap((qh @ k.t()) * scale, mods.softcap)
+            p = softmax_with_sinks(s, None if sinks is None else sinks[h * g : (h + 1) * g])
             out[b, h * g : (h + 1) * g] = (p @ v).to(q.dtype)
     return out
 

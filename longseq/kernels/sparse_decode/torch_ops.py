@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, soft_cap, softmax_with_sinks
+
 
 def _page_geometry(block_table: torch.Tensor, page_size: int, block_size: int) -> tuple[torch.Tensor, int]:
     """``[B, max_pages]`` int64 global page id of every logical page slot of the block table, and max_pages."""
@@ -75,12 +77,13 @@ def select_topk_pages_torch(q: torch.Tensor, page_min: torch.Tensor, page_max: t
 
 def sparse_paged_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                               block_table: torch.Tensor, seq_lens: torch.Tensor, page_ids: torch.Tensor,
-                              page_size: int, scale: float, extra_pages: torch.Tensor | None = None) -> torch.Tensor:
+                              page_size: int, scale: float, extra_pages: torch.Tensor | None = None,
+                              mods: ScoreMods = NO_MODS) -> torch.Tensor:
     """``sparse_paged_decode_ref``'s result (``[B, Hq, D]`` in ``q.dtype``, fp32 softmax), batched.
 
     Args: as ``sparse_paged_decode_ref``: caches ``[num_blocks, block_size, Hkv, D]`` (any strides),
     ``page_ids`` ``[B, Hkv, S]`` logical pages, ``-1`` skipped, tokens at positions ``>= seq_len`` masked;
-    ``extra_pages`` ``[B, E]``: more pages for every KV head (``sparse_paged_decode``).
+    ``extra_pages`` ``[B, E]``: more pages for every KV head (``sparse_paged_decode``); ``mods``: soft-cap, sinks.
     """
     b_, hq, d = q.shape
     block_size, hkv = key_cache.shape[1], key_cache.shape[2]
@@ -94,7 +97,8 @@ def sparse_paged_decode_torch(q: torch.Tensor, key_cache: torch.Tensor, value_ca
     k = key_cache[blk, pos % block_size, head].float()  # [B, Hkv, N, D]
     v = value_cache[blk, pos % block_size, head].float()
     qg = q.float().view(b_, hkv, hq // hkv, d)
-    s = torch.einsum("bhgd,bhnd->bhgn", qg, k) * scale
+    s = soft_cap(torch.einsum("bhgd,bhnd->bhgn", qg, k) * scale, mods.softcap)
     s = s.masked_fill(~ok[:, :, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a head that sees no token: zeros
+    sinks = mods.sinks_on(q.device, hq)
+    p = softmax_with_sinks(s, None if sinks is None else sinks.view(1, hkv, hq // hkv))  # no token: zeros
     return torch.einsum("bhgn,bhnd->bhgd", p, v).reshape(b_, hq, d).to(q.dtype)
