@@ -161,3 +161,20 @@ def test_cpu_impl_forward_matches_reference_through_vllm_cache_view(monkeypatch)
         q.transpose(0, 1), k.repeat_interleave(3, 1).transpose(0, 1), v.repeat_interleave(3, 1).transpose(0, 1),
         is_causal=True).transpose(0, 1)
     torch.testing.assert_close(out.view(t, hq, d), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_windowed_group_with_prefix_caching_warns():
+    """Only a sliding-window KV group (the hybrid KV cache manager on) with prefix caching gets the warning."""
+    import types
+
+    from longseq.attention_backends.vllm.cpu import windowed_prefix_cache_warning
+
+    cfg = lambda on: types.SimpleNamespace(cache_config=types.SimpleNamespace(enable_prefix_caching=on))  # noqa: E731
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    shape = {"block_size": 16, "num_kv_heads": 1, "head_size": 64, "dtype": torch.bfloat16}
+    windowed = SlidingWindowSpec(**shape, sliding_window=1024)
+    full = FullAttentionSpec(**shape, sliding_window=1024)  # the hybrid manager off: windowed layers look like this
+    assert "--disable-hybrid-kv-cache-manager" in windowed_prefix_cache_warning(windowed, cfg(True))
+    assert windowed_prefix_cache_warning(windowed, cfg(False)) is None
+    assert windowed_prefix_cache_warning(full, cfg(True)) is None

@@ -20,6 +20,7 @@ only sink + recent tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import ClassVar
 
 import torch
@@ -47,11 +48,31 @@ class LongSeqCPUMetadata(CPUAttentionMetadata):
     step: LongSeqStepInfo | None = None
 
 
+def windowed_prefix_cache_warning(kv_cache_spec, vllm_config) -> str | None:
+    """The warning for a sliding-window KV group (the hybrid KV cache manager on) with prefix caching, else None.
+
+    vLLM's CPU engine answers a repeated prompt of a windowed hybrid differently once it hits the prefix cache,
+    with its own backend too; ``--disable-hybrid-kv-cache-manager`` avoids it (docs/benchmarks/hybrid.md).
+    """
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec  # FullAttentionSpec also has a sliding_window field
+
+    if not isinstance(kv_cache_spec, SlidingWindowSpec):
+        return None
+    if not getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        return None
+    return ("longseq CPU backend: vLLM's CPU engine with sliding-window layers, prefix caching and the hybrid KV "
+            "cache manager returns other tokens for a prompt that hits the prefix cache (its own backend too); "
+            "pass --disable-hybrid-kv-cache-manager (or --no-enable-prefix-caching). See docs/benchmarks/hybrid.md")
+
+
 class LongSeqCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         config = get_config()
         check_technique(config, kv_cache_spec, vllm_config)  # fail at start-up
+        warning = windowed_prefix_cache_warning(kv_cache_spec, vllm_config)
+        if warning:
+            logging.getLogger("longseq").warning(warning)
         self.sparse_reuse = sparse_reuse_for(config, kv_cache_spec, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
