@@ -21,7 +21,14 @@ import logging
 
 from longseq.attention_backends.sglang import BACKEND_CLASSES
 from longseq.config import LongSeqConfigError, get_config
-from longseq.versions import SGLANG_SUPPORTED, LongSeqVersionError, installed_version
+from longseq.plugin.sglang_compat import (
+    SGLANG_MAX,
+    SGLANG_MIN,
+    add_attention_backend_choice,
+    mamba_extra_buffer_enabled,
+    sglang_version_supported,
+)
+from longseq.versions import LongSeqVersionError, installed_version
 
 logger = logging.getLogger("longseq")
 
@@ -34,9 +41,9 @@ _checked = False  # the version/config problems are logged once per process
 def check_sglang_version(version: str | None = None) -> str:
     """Return the installed SGLang version, or raise :class:`LongSeqVersionError` if it is not supported."""
     version = version or installed_version("sglang")
-    if version not in SGLANG_SUPPORTED:
+    if version is None or not sglang_version_supported(version):
         raise LongSeqVersionError(
-            f"longseq supports SGLang {' / '.join(SGLANG_SUPPORTED)} only; installed: "
+            f"longseq supports SGLang {SGLANG_MIN} to {SGLANG_MAX}; installed: "
             f"{'sglang ' + version if version else 'no sglang'} (pip install 'longseq[sglang]')"
         )
     return version
@@ -105,9 +112,7 @@ def _install_kda_kernels_after_init(result, backend, model_runner, *args, **kwar
 
 def _mamba_state_tracking() -> bool:
     """Whether SGLang's hybrid radix cache snapshots KDA states during extends (resolved server arguments)."""
-    from sglang.srt.runtime_context import get_exec
-
-    return bool(get_exec().mamba.enable_mamba_extra_buffer)
+    return mamba_extra_buffer_enabled()
 
 
 def _register_kda_hook() -> None:
@@ -139,11 +144,9 @@ def register() -> None:
         except (LongSeqVersionError, LongSeqConfigError) as e:  # still register: the factory raises it again
             logger.error("longseq: %s; --attention-backend %s will fail (and so will %s)", e, DENSE_BACKEND,
                          ", ".join(name for name in FACTORIES if name != DENSE_BACKEND))
-    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
 
     for name, factory in FACTORIES.items():
         register_attention_backend(name)(factory)
-        if name not in ATTENTION_BACKEND_CHOICES:  # argparse holds this very list object
-            add_attention_backend_choices([name])
+        add_attention_backend_choice(name)
     _register_kda_hook()

@@ -73,22 +73,23 @@ def test_register_is_idempotent():
     assert ATTENTION_BACKENDS[NAME] is create_dense_backend and ATTENTION_BACKEND_CHOICES.count(NAME) == 1
 
 
-def test_supported_version_passes():
+def test_supported_versions_pass():
     from longseq.plugin.sglang import check_sglang_version
-    from longseq.versions import SGLANG_SUPPORTED
 
     assert check_sglang_version() == importlib.metadata.version("sglang") == "0.5.23"
-    assert "0.5.23" in SGLANG_SUPPORTED
+    in_range = ("0.5.15", "0.5.19", "0.5.23.post1")
+    assert [check_sglang_version(v) for v in in_range] == list(in_range)
 
 
-@pytest.mark.parametrize("installed", ["0.5.22", "0.6.0", None])
+@pytest.mark.parametrize("installed", ["0.5.14", "0.5.24", "0.6.0", None])
 def test_wrong_version_is_reported_by_register_and_factory(installed, monkeypatch, caplog):
     import longseq.plugin.sglang as plugin
     from longseq.versions import LongSeqVersionError
 
     monkeypatch.setattr(plugin, "installed_version", lambda dist: installed)
     monkeypatch.setattr(plugin, "_checked", False)
-    expected = f"longseq supports SGLang 0.5.23 only; installed: {'sglang ' + installed if installed else 'no sglang'}"
+    expected = (f"longseq supports SGLang 0.5.15 to 0.5.23; installed: "
+                f"{'sglang ' + installed if installed else 'no sglang'}")
     with pytest.raises(LongSeqVersionError) as err:
         plugin.check_sglang_version()
     assert expected in str(err.value)

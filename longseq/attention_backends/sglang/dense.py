@@ -22,10 +22,10 @@ import threading
 
 from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from longseq.attention_backends.sglang import BACKEND_CLASSES
 from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
+from longseq.plugin.sglang_compat import kv_cache_dtype_name, kv_write_loc
 
 BACKEND_NAME = "longseq_dense"
 DEFAULT_INNER = {"cpu": "torch_native"}  # any other device: "triton"
@@ -187,7 +187,7 @@ def check_runner_kv_pool(model_runner, where: str) -> None:
     head, v_head = model_config.head_dim, getattr(model_config, "v_head_dim", model_config.head_dim)
     if head != v_head:
         raise LongSeqConfigError(f"{where}: key head size {head} != value head size {v_head} is not supported")
-    kv_dtype = getattr(model_runner, "kv_cache_dtype_str", "auto")
+    kv_dtype = kv_cache_dtype_name(model_runner)
     if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise LongSeqConfigError(f"{where}: --kv-cache-dtype {kv_dtype} is not supported; allowed values: "
                                  f"{', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
@@ -230,4 +230,4 @@ class LongSeqTechniqueBackend(LongSeqDenseBackend):
     def _write_kv(self, k, v, layer, forward_batch, save_kv_cache: bool) -> None:
         """Write this step's ``[T, Hkv, D]`` keys and values to the pool (what the inner backend would do)."""
         if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, KVWriteLoc.for_layer(forward_batch, layer), k, v)
+            self.pool.set_kv_buffer(layer, kv_write_loc(forward_batch, layer), k, v)
