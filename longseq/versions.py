@@ -1,6 +1,5 @@
-"""Supported framework versions and the feature probes that paper over their differences.
-
-Version differences live here only: adapters ask these helpers instead of comparing versions.
+"""Supported vLLM versions and the feature probes that paper over their differences (SGLang's are in
+``longseq/plugin/sglang_compat.py``): adapters ask these helpers instead of comparing versions.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import inspect
 from packaging.version import Version
 
 VLLM_MIN, VLLM_MAX_EXCLUSIVE = Version("0.26"), Version("0.34")
-SGLANG_SUPPORTED = ("0.5.23",)
 
 
 class LongSeqVersionError(RuntimeError):
