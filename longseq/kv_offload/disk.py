@@ -5,19 +5,8 @@ Layout::
     DIR/blocks/ab/cd/<32 hex>.kvb        one file per block; name = blake2b(fingerprint digest + key)
     DIR/fingerprints/<32 hex>.json       what each fingerprint digest means (model, layout, dtype, block size)
 
-Block file = 48-byte header + key + payload::
-
-    magic "LSQKVBLK" | u16 format version | u16 header size | 16 B fingerprint digest | u32 key length
-    | u64 payload bytes | u32 crc32(payload) | u32 crc32(header fields before it + key)
-
-With ``auth_key_file`` (``trust.py``) the format version is 2 and a 32-byte keyed tag (HMAC-SHA256 over the header,
-key and payload) sits between the key and the payload; a store with a key serves only blocks whose tag it verifies,
-a store without one reads both versions by their CRC (it trusts the directory anyway).
-
-Checksum: ``zlib.crc32``. It is several times faster than blake2b on one core, releases the
-GIL on large buffers, and is made for the failure we guard against: accidental corruption (torn or truncated
-files, flipped bits), not an adversary. The header has its own crc, so a flipped header byte is caught
-before the payload is read.
+Block file = one record of ``block_format.py`` (48-byte header + key + [keyed tag] + payload, CRC32 or, with
+``auth_key_file``, an HMAC-SHA256 tag; the remote tier stores the same records).
 
 Writes go to a unique temp file in the block's own directory and are published with ``os.replace``,
 which is atomic on POSIX: a reader (this process or another server) sees the whole old file, the whole
@@ -39,95 +28,30 @@ import json
 import logging
 import os
 import stat
-import struct
 import threading
 import time
-import zlib
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
+# The format names stay importable from here (``disk_stats``, tests, older callers).
+from .block_format import (FORMAT_VERSION, HEADER, HEADER_SIZE, MAGIC, MAX_KEY_BYTES, TAGGED_VERSION,  # noqa: F401
+                           BlockCheckError, BlockHeader, check_identity, check_payload, encode_header, encode_record,
+                           read_header)
 from .fingerprint import DIGEST_BYTES, KVFingerprint
 from .safe_fs import TMP_SUFFIX, UnsafeEntryError, open_dir, open_regular, unlink_if, write_atomic
 from .stats import StatsRecorder
-from .trust import TAG_SIZE, AuthFailure, Trust, warn_if_others_can_write
+from .trust import AuthFailure, Trust, warn_if_others_can_write
 
 if TYPE_CHECKING:  # torch only for annotations: ``longseq kv stats`` imports this module without torch
     import torch
 
 log = logging.getLogger("longseq.kv_offload")
 
-MAGIC = b"LSQKVBLK"
-FORMAT_VERSION = 1
-TAGGED_VERSION = 2  # a keyed tag follows the key
-HEADER = struct.Struct("<8sHH16sIQII")  # see module docstring
-HEADER_SIZE = HEADER.size  # 48
 BLOCK_SUFFIX = ".kvb"
-MAX_KEY_BYTES = 1 << 16
 STALE_TMP_SECONDS = 600.0  # temp files older than this are a crashed writer's leftovers
-
-
-class BlockCheckError(Exception):
-    """A block file failed a check; the message names which one."""
 
 
 class SizeMismatch(Exception):
     """The caller's output buffer does not fit the block: a miss, but not the file's fault."""
-
-
-@dataclass(frozen=True)
-class BlockHeader:
-    digest: bytes
-    key: bytes
-    payload_nbytes: int
-    payload_crc: int
-    tag: bytes | None = None  # format version 2 only
-    signed: bytes = b""  # the header and key bytes as read: what the tag covers with the payload
-
-    @property
-    def file_size(self) -> int:
-        return HEADER_SIZE + len(self.key) + len(self.tag or b"") + self.payload_nbytes
-
-
-def encode_header(digest: bytes, key: bytes, payload_nbytes: int, payload_crc: int,
-                  version: int = FORMAT_VERSION) -> bytes:
-    head = HEADER.pack(MAGIC, version, HEADER_SIZE, digest, len(key), payload_nbytes, payload_crc, 0)
-    header_crc = zlib.crc32(key, zlib.crc32(head[:-4]))
-    return head[:-4] + struct.pack("<I", header_crc) + key
-
-
-def read_header(f, file_size: int, payload_nbytes: int | None = None, max_payload: int | None = None) -> BlockHeader:
-    """Read and check the header + key from an open binary file at offset 0. Raises BlockCheckError.
-
-    payload_nbytes: the exact payload size a block must have here; max_payload: an upper bound when that is unknown.
-    Both are checked before the caller allocates anything for the payload."""
-    raw = f.read(HEADER_SIZE)
-    if len(raw) != HEADER_SIZE:
-        raise BlockCheckError(f"truncated header ({len(raw)} of {HEADER_SIZE} bytes)")
-    magic, version, hsize, digest, key_len, nbytes, payload_crc, header_crc = HEADER.unpack(raw)
-    if magic != MAGIC:
-        raise BlockCheckError("bad magic")
-    if version not in (FORMAT_VERSION, TAGGED_VERSION) or hsize != HEADER_SIZE:
-        raise BlockCheckError(f"unknown format version {version} / header size {hsize}")
-    if key_len > MAX_KEY_BYTES:
-        raise BlockCheckError(f"key length {key_len} too large")
-    key = f.read(key_len)
-    if len(key) != key_len:
-        raise BlockCheckError("truncated key")
-    if zlib.crc32(key, zlib.crc32(raw[:-4])) != header_crc:
-        raise BlockCheckError("header checksum mismatch")
-    if payload_nbytes is not None and nbytes != payload_nbytes:
-        raise BlockCheckError(f"payload is {nbytes} bytes, a block here has {payload_nbytes}")
-    if max_payload is not None and nbytes > max_payload:
-        raise BlockCheckError(f"payload of {nbytes} bytes is larger than the whole cache ({max_payload} bytes)")
-    tag = None
-    if version == TAGGED_VERSION:
-        tag = f.read(TAG_SIZE)
-        if len(tag) != TAG_SIZE:
-            raise BlockCheckError("truncated tag")
-    header = BlockHeader(digest, key, nbytes, payload_crc, tag, raw + key)
-    if file_size != header.file_size:
-        raise BlockCheckError(f"file is {file_size} bytes, header says {header.file_size}")
-    return header
 
 
 def block_name(digest: bytes, key: bytes) -> str:
@@ -216,17 +140,9 @@ class DiskTier:
         parts, fname = self._where(key)
         return os.path.join(self.root, *parts, fname)
 
-    def _check_identity(self, header: BlockHeader, key: bytes) -> None:
-        if header.digest != self.digest:
-            raise BlockCheckError(f"written for another fingerprint ({header.digest.hex()}, ours {self.digest.hex()})")
-        if header.key != key:
-            raise BlockCheckError("key mismatch")
-
     def _header(self, f, st: os.stat_result, key: bytes) -> BlockHeader:
         header = read_header(f, st.st_size, self.block_nbytes, self.capacity_bytes)
-        self._check_identity(header, key)
-        if self.trust.auth is not None and header.tag is None:  # refused before its payload is read
-            raise AuthFailure("block has no tag (written without auth_key_file)")
+        check_identity(header, self.digest, key, self.trust.auth)
         return header
 
     def _with_block(self, key: bytes, body: Callable):
@@ -282,10 +198,7 @@ class DiskTier:
                 if not n:
                     raise BlockCheckError(f"truncated payload ({got} of {header.payload_nbytes} bytes)")
                 got += n
-            if self.trust.auth is not None:  # the tag also catches what the CRC would
-                self.trust.auth.check(header.signed, header.tag, view)
-            elif zlib.crc32(view) != header.payload_crc:
-                raise BlockCheckError("payload checksum mismatch")
+            check_payload(header, view, self.trust.auth)
             try:  # a hit is a use: refresh mtime (of the file we read, by fd) so eviction keeps hot blocks
                 os.utime(fd)
             except OSError:
@@ -330,11 +243,7 @@ class DiskTier:
     def write(self, key: bytes, buf: torch.Tensor) -> bool:
         """Publish one block (flat uint8 CPU tensor) atomically. False on an OS error (counted, logged once)."""
         parts, fname = self._where(key)
-        view = memoryview(buf.numpy()).cast("B")
-        auth = self.trust.auth
-        header = encode_header(self.digest, key, len(view), zlib.crc32(view),
-                               FORMAT_VERSION if auth is None else TAGGED_VERSION)
-        chunks = [header, view] if auth is None else [header, auth.tag(header, view), view]
+        chunks = encode_record(self.digest, key, memoryview(buf.numpy()).cast("B"), self.trust.auth)
         try:
             dfd = open_dir(self.root, parts, create=True, modes=self.trust.modes)
             try:

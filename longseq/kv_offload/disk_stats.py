@@ -79,9 +79,11 @@ def scan(root: str, verify: bool = False) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="disk cache directory (the disk_dir given to the store)")
+    parser.add_argument("dir", nargs="?", help="disk cache directory (the disk_dir given to the store)")
     parser.add_argument("--verify", action="store_true", help="also read every payload and check its checksum")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--server", metavar="FILE", help="also (or only) a running server's counters per tier, the "
+                        "remote tier's included, from the stats file it writes (the vLLM connector's stats_path)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,11 +1,14 @@
 """SGLang HiCache storage backend (L3) over the longseq block store.
 
-Load it with (SGLang 0.5.23)::
+Load it with (SGLang 0.5.15 to 0.5.23)::
 
     --enable-hierarchical-cache --hicache-storage-backend dynamic
     --hicache-storage-backend-extra-config '{"backend_name": "longseq",
         "module_path": "longseq.kv_offload.sglang", "class_name": "LongSeqHiCacheStorage",
         "interface_v1": 1, "cpu_gib": 8, "disk_dir": "/mnt/nvme/kv", "disk_gib": 200}'
+
+A remote tier shared across machines (``remote.py``): ``"remote": {"kind": "mooncake", "master": "HOST:PORT"}``,
+and ``"remote_optional": true`` to serve without it when its master cannot be reached at start-up.
 
 ``interface_v1: 1`` makes SGLang call the zero-copy ``batch_get_v1`` / ``batch_set_v1`` (host indices):
 pages are read from disk straight into the host KV pool and stored from it, with no per-page tensor
@@ -15,7 +18,7 @@ One block = one page of ``page_size`` tokens for every layer this rank holds, in
 layout. The fingerprint carries the model, the pool class and layout, the geometry, the dtype, the page
 size and the shard (TP rank and size; PP, attention CP and DCP parts when used), so each TP rank keeps
 its own heads and a change of any of these never serves stale bytes. MLA KV is replicated over TP ranks,
-so MLA ranks share one fingerprint and only ``storage_config.is_storage_writer`` ranks write. SGLang backs
+so MLA ranks share one fingerprint and only storage-writer ranks (``is_storage_writer``) write. SGLang backs
 pages up on the writer rank only and takes the minimum hit count over ranks, so MLA with TP > 1 needs
 ``disk_dir`` (one directory every rank sees); a DRAM-only setup is refused at startup there.
 """
@@ -30,10 +33,12 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
+from longseq.plugin.sglang_compat import hicache_dcp, hicache_is_storage_writer
+
 from .disk import HEADER_SIZE
 from .dram import as_bytes, copy_bytes, host_bytes
 from .fingerprint import KVFingerprint
-from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
+from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib
 from .store import BlockStore
 from .trust import key_file_setting, shared_group_setting
 
@@ -43,16 +48,18 @@ log = logging.getLogger("longseq.kv_offload")
 SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 OUR_KEYS = {"cpu_gib": (size_gib, 0.0), "disk_dir": (cache_dir, None), "disk_gib": (size_gib, 0.0),
             "fsync": (flag, False), "shared_group": (shared_group_setting, False),
-            "auth_key_file": (key_file_setting, None)}
+            "auth_key_file": (key_file_setting, None), "remote": (remote_setting, None),
+            "remote_optional": (flag, False)}
 PREFIX = "longseq HiCache backend: extra_config"
 # Host pool attributes that may hold the pool's root tensors (zero-copy pointers point into these).
 _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
 
 
 def parse_extra_config(extra: Optional[dict]) -> dict:
-    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` / ``shared_group`` / ``auth_key_file`` from SGLang's
-    extra_config, validated with the same rules as the vLLM connector's (``settings.py``: finite sizes, non-empty
-    ``disk_dir`` with ``~`` expanded; ``trust.py``: the key file is loaded and checked now).
+    """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` / ``shared_group`` / ``auth_key_file`` / ``remote`` /
+    ``remote_optional`` from SGLang's extra_config, validated with the same rules as the vLLM connector's
+    (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded, the ``remote`` object's keys;
+    ``trust.py``: the key file is loaded and checked now).
     Raises ``KVConfigError`` (a ValueError) naming the setting, or the allowed keys on an unknown key."""
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(SGLANG_KEYS) - set(OUR_KEYS))
@@ -62,8 +69,9 @@ def parse_extra_config(extra: Optional[dict]) -> dict:
     opts = {name: check(PREFIX, name, extra.get(name, default)) for name, (check, default) in OUR_KEYS.items()
             if name != "auth_key_file"}
     opts["auth_key_file"] = key_file_setting(PREFIX, "auth_key_file", extra.get("auth_key_file"), opts["shared_group"])
-    if opts["cpu_gib"] <= 0 and not opts["disk_dir"]:
-        raise KVConfigError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) in extra_config")
+    if opts["cpu_gib"] <= 0 and not opts["disk_dir"] and opts["remote"] is None:
+        raise KVConfigError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) or remote in "
+                            "extra_config")
     if opts["disk_dir"] and opts["disk_gib"] <= 0:
         raise KVConfigError("longseq HiCache backend: extra_config disk_gib must be > 0 when disk_dir is set")
     return opts
@@ -76,7 +84,8 @@ def open_store(opts: dict, fp: KVFingerprint, page_nbytes: int) -> BlockStore:
     check_tier_sizes(PREFIX, opts["cpu_gib"], opts["disk_dir"], opts["disk_gib"], page_nbytes, HEADER_SIZE)
     return BlockStore(fp, cpu_gib=opts["cpu_gib"], disk_dir=opts["disk_dir"], disk_gib=opts["disk_gib"],
                       fsync=opts["fsync"], pin_memory=False, block_nbytes=page_nbytes or None,
-                      shared_group=opts["shared_group"], auth_key_file=opts["auth_key_file"])
+                      shared_group=opts["shared_group"], auth_key_file=opts["auth_key_file"], remote=opts["remote"],
+                      remote_optional=opts["remote_optional"])
 
 
 def _shard(cfg: HiCacheStorageConfig) -> str:
@@ -86,8 +95,9 @@ def _shard(cfg: HiCacheStorageConfig) -> str:
         parts.append(f"pp{cfg.pp_rank}of{cfg.pp_size}")
     if cfg.attn_cp_size > 1:
         parts.append(f"cp{cfg.attn_cp_rank}of{cfg.attn_cp_size}")
-    if cfg.dcp_size > 1:
-        parts.append(f"dcp{cfg.dcp_rank}of{cfg.dcp_size}:lpage{cfg.logical_page_size}")
+    dcp_size, dcp_rank, logical_page_size = hicache_dcp(cfg)
+    if dcp_size > 1:
+        parts.append(f"dcp{dcp_rank}of{dcp_size}:lpage{logical_page_size}")
     return "/".join(parts)
 
 
@@ -122,11 +132,13 @@ class LongSeqHiCacheStorage(HiCacheStorage):
 
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: Optional[dict] = None) -> None:
         self.storage_config = storage_config
+        self.is_storage_writer = hicache_is_storage_writer(storage_config)
         self.options = parse_extra_config(storage_config.extra_config)
-        if storage_config.is_mla_model and storage_config.tp_size > 1 and not self.options["disk_dir"]:
+        if storage_config.is_mla_model and storage_config.tp_size > 1 and not self.options["disk_dir"] \
+                and self.options["remote"] is None:
             raise ValueError("longseq HiCache backend: an MLA model with TP > 1 needs disk_dir (a directory all "
-                             "ranks share): SGLang stores each page from one rank only, so a DRAM-only tier "
-                             "would never give the other ranks a hit")
+                             "ranks share) or remote: SGLang stores each page from one rank only, so a DRAM-only "
+                             "tier would never give the other ranks a hit")
         self.store: BlockStore | None = None
         self.fingerprint: KVFingerprint | None = None
         self._roots: list[tuple[int, int, torch.Tensor]] = []
@@ -148,11 +160,13 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         self.store = open_store(self.options, self.fingerprint, self.page_nbytes)
         log.info("longseq HiCache backend: %s", self.fingerprint)
 
-    def on_host_pools_registered(self) -> None:
-        """Refuse hybrid models at attach time (raising here fails the attach with this message): their side
-        pools (Mamba/SWA state, indexer, ...) go through ``batch_*_v2``, which this backend does not
-        implement yet, and SGLang would otherwise fail later, mid-serving."""
-        extra = sorted(str(name) for name in getattr(self, "registered_pools", {}) if str(name) != "kv")
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name) -> None:
+        """Refuse hybrid models when SGLang registers their side pools (Mamba/SWA state, indexer, ...) right
+        after attaching the backend, so raising fails the attach with this message: those pools go through
+        ``batch_*_v2``, which this backend does not implement yet, and SGLang would otherwise fail later,
+        mid-serving. Refused here rather than in 0.5.23's ``on_host_pools_registered``, which 0.5.15 lacks."""
+        super().register_mem_host_pool_v2(host_pool, host_pool_name)
+        extra = sorted(str(name) for name in self.registered_pools if str(name) != "kv")
         if extra:
             raise ValueError(f"longseq HiCache backend stores the KV pool only; this model also has host pools "
                              f"{extra} (hybrid model), which need the v2 interface it does not implement yet. "
@@ -205,7 +219,7 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         """Only storage writers write the disk copy (MLA: one per replicated page). SGLang already skips
         backups on non-writer ranks (``HiCacheController.backup_skip``); if one is called anyway it stays in
         that rank's DRAM."""
-        self._require_store().put(key, data, write_to_disk=self.storage_config.is_storage_writer)
+        self._require_store().put(key, data, write_to_disk=self.is_storage_writer)
 
     def _put_from(self, key: bytes, chunks: list[torch.Tensor]) -> None:
         if len(chunks) == 1:

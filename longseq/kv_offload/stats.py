@@ -44,6 +44,13 @@ class StoreStats:
     lookup_errors:  unexpected exceptions on a lookup or load (any cause) -> misses, never raised to the engine
     write_errors:   disk writes that failed (ENOSPC, EACCES, read-only dir, ...); DRAM kept serving
     dropped_writes: disk writes skipped because too many bytes were already queued (the engine is never blocked)
+
+    With a remote tier (``remote.py``) ``tiers["remote"]`` counts its reads (hits, misses) and writes (blocks put), and:
+    remote_up:            whether the tier is up now (None: no remote tier); down = skipped until its next retry
+    remote_lookups:       keys asked of the remote store (probes and reads, skipped ones included)
+    remote_put_dropped:   blocks not written through: the write queue was full, or the tier down or closing
+    remote_failed_checks: remote records that failed a check (size, header, fingerprint, key, CRC, tag) -> misses
+    remote_errors:        remote calls that failed, timed out or raised -> misses (the tier goes down for a while)
     """
 
     tiers: dict[str, TierStats] = field(default_factory=lambda: {t: TierStats() for t in TIERS})
@@ -58,6 +65,11 @@ class StoreStats:
     dram_blocks: int = 0
     dram_pinned_bytes: int = 0  # pinned slabs held (>= dram_bytes: includes recycled, not yet used pieces)
     disk_bytes: int = 0
+    remote_up: bool | None = None
+    remote_lookups: int = 0
+    remote_put_dropped: int = 0
+    remote_failed_checks: int = 0
+    remote_errors: int = 0
 
     @property
     def dram(self) -> TierStats:
@@ -66,6 +78,20 @@ class StoreStats:
     @property
     def disk(self) -> TierStats:
         return self.tiers["disk"]
+
+    @property
+    def remote(self) -> TierStats | None:
+        return self.tiers.get("remote")
+
+    def remote_counters(self) -> dict:
+        """The remote tier's counters for a stats file (``longseq kv stats --server``); {} without one."""
+        r = self.remote
+        if r is None:
+            return {}
+        return {"up": bool(self.remote_up), "puts": r.blocks_written, "put_dropped": self.remote_put_dropped,
+                "lookups": self.remote_lookups, "hits": r.hits, "misses": r.misses,
+                "failed_checks": self.remote_failed_checks, "errors": self.remote_errors,
+                "read_gbps": r.read_gbps}
 
     def copy(self) -> "StoreStats":
         return replace(self, tiers={k: replace(v) for k, v in self.tiers.items()})
@@ -84,6 +110,10 @@ class StoreStats:
                      f" read errors {self.read_errors},"
                      f" lookup errors {self.lookup_errors},"
                      f" write errors {self.write_errors}, dropped writes {self.dropped_writes}")
+        if self.remote is not None:
+            parts.append(f"remote {'up' if self.remote_up else 'DOWN'}: {self.remote_lookups} lookups,"
+                         f" {self.remote_put_dropped} puts dropped, {self.remote_failed_checks} failed checks,"
+                         f" {self.remote_errors} errors")
         return "kv store: " + "; ".join(parts)
 
 
@@ -118,7 +148,14 @@ class StatsRecorder:
             obj = self._stats.tiers[tier] if tier else self._stats
             setattr(obj, name, getattr(obj, name) + n)
 
-    def snapshot(self, **gauges: int) -> StoreStats:
+    def add_remote_tier(self) -> None:
+        """Count a remote tier from now on (its ``TierStats`` and ``remote_*`` counters appear in snapshots)."""
+        with self._lock:
+            self._stats.tiers.setdefault("remote", TierStats())
+            if self._stats.remote_up is None:
+                self._stats.remote_up = True
+
+    def snapshot(self, **gauges) -> StoreStats:
         with self._lock:
             snap = self._stats.copy()
         for k, v in gauges.items():

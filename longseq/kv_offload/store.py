@@ -1,4 +1,5 @@
-"""Two-tier content-addressed KV block store: CPU DRAM (LRU) in front of a shared disk directory.
+"""Content-addressed KV block store: CPU DRAM (LRU) in front of a shared disk directory and, optionally, a remote
+store shared by servers on several machines (``remote.py``, a Mooncake Store).
 
 Framework-free: the vLLM connector (``kv_offload/vllm.py``) and the SGLang HiCache backend
 (``kv_offload/sglang.py``) both sit on this. A block is a flat run of bytes (one page of KV for every
@@ -7,12 +8,14 @@ element for that block, and the store namespaces it with the ``KVFingerprint`` d
 another model / layout / dtype / block size are never returned.
 
 Threads: ``put``/``get``/``contains`` are called from the engine thread; disk writes run in one background
-writer thread (``async_disk_writes=True``). One lock guards the DRAM tier and the pending-write map; disk
-reads and writes happen outside it.
+writer thread (``async_disk_writes=True``), remote writes in another. One lock guards the DRAM tier and the
+pending-write map; disk and remote reads and writes happen outside it. Lookups fall back DRAM -> disk -> remote, and
+a disk or remote hit is promoted into DRAM.
 
 Lookups (``contains``, ``count_prefix_hits``, ``fetch_prefix_to_dram``, ``get``, the DRAM batch reads) never raise
-once their arguments are checked: whatever goes wrong below (a hostile file, a failed allocation, an OS error) is a
-counted miss, so a broken cache directory costs recompute, never an exception in the engine.
+once their arguments are checked: whatever goes wrong below (a hostile file or remote record, a failed allocation, an
+OS error, a remote store that is down) is a counted miss, so a broken cache costs recompute, never an exception in
+the engine.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from typing import Callable
 
 import torch
 
+from .block_format import record_size
 from .dram import DramTier, as_bytes, copy_bytes, default_pin_memory, host_bytes
 from .disk import HEADER_SIZE, DiskTier, SizeMismatch
 from .fingerprint import KVFingerprint
-from .settings import cache_dir, check_tier_sizes, size_gib
+from .remote import open_remote_tier
+from .settings import RemoteSettings, cache_dir, check_remote_sizes, check_tier_sizes, flag, remote_setting, size_gib
 from .stats import StatsRecorder, StoreStats, TierStats, ensure_log_visible
 from .trust import trust_policy
 
@@ -37,8 +42,11 @@ __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
 log = logging.getLogger("longseq.kv_offload")
 GIB = 1 << 30
-#: Threads ``fetch_prefix_to_dram`` reads disk blocks with (file reads and crc32 release the GIL).
+#: Threads ``fetch_prefix_to_dram`` reads disk and remote blocks with (file reads, crc32 and the remote client's
+#: waits release the GIL).
 READ_THREADS = 8
+#: A key length the remote transfer buffer must leave room for beside one block (keys here are 16-64 bytes).
+ROOMY_KEY = b"k" * 256
 
 
 def _check_key(key: bytes) -> bytes:
@@ -50,7 +58,7 @@ def _check_key(key: bytes) -> bytes:
 
 
 class BlockStore:
-    """Two-tier content-addressed KV block store. Keys are bytes (caller's prefix-hash chain element);
+    """Content-addressed KV block store: DRAM, disk, remote. Keys are bytes (caller's prefix-hash chain element);
     the store namespaces them with the fingerprint digest, so other models' blocks are never returned.
 
     cpu_gib:        DRAM tier size (GiB); 0 disables it (then blocks wait in DRAM only until written to disk)
@@ -69,14 +77,20 @@ class BlockStore:
     shared_group:   False: what the store creates is private (dirs 0700, files 0600, whatever the umask); True:
                     group-shared (02770 / 0660); a group name: also chown-ed to that group (``trust.py``)
     auth_key_file:  a file holding a secret key (0600, ours): blocks are written with a keyed tag and only blocks
-                    with a valid tag are served (others are misses, counted as ``auth_failures`` and deleted)
+                    with a valid tag are served (others are misses, counted as ``auth_failures`` and deleted; remote
+                    ones as ``remote_failed_checks``)
+    remote:         the ``remote`` config object (``settings.remote_setting``: ``{"kind": "mooncake", "master":
+                    "HOST:PORT", ...}``) or parsed ``RemoteSettings``; None: no remote tier. Joined here: a master
+                    that cannot be reached is a KVConfigError naming ``remote.master``
+    remote_optional: a remote tier that cannot start is a logged warning and no remote tier, not an error
     """
 
     def __init__(self, fingerprint: KVFingerprint, *, cpu_gib: float, disk_dir: str | None = None,
                  disk_gib: float = 0.0, pin_memory: bool | None = None, async_disk_writes: bool = True,
                  fsync: bool = False, max_pending_write_gib: float = 1.0, log_interval_s: float = 60.0,
                  block_nbytes: int | None = None, shared_group: bool | str = False,
-                 auth_key_file: str | None = None) -> None:
+                 auth_key_file: str | None = None, remote: dict | RemoteSettings | None = None,
+                 remote_optional: bool = False) -> None:
         if not isinstance(fingerprint, KVFingerprint):
             raise TypeError(f"fingerprint must be a KVFingerprint, got {type(fingerprint).__name__}")
         cpu_gib = size_gib("kv store", "cpu_gib", cpu_gib)
@@ -90,6 +104,10 @@ class BlockStore:
                                          or block_nbytes <= 0):
             raise ValueError(f"kv store: block_nbytes must be a positive int, got {block_nbytes!r}")
         check_tier_sizes("kv store", cpu_gib, disk_dir, disk_gib, block_nbytes or 0, HEADER_SIZE)
+        if not isinstance(remote, RemoteSettings):
+            remote = remote_setting("kv store", "remote", remote)
+        remote_optional = flag("kv store", "remote_optional", remote_optional)
+        check_remote_sizes("kv store", remote, record_size(ROOMY_KEY, block_nbytes, True) if block_nbytes else 0)
         trust = trust_policy("kv store", shared_group, auth_key_file)
         self.block_nbytes = block_nbytes
         self.fingerprint = fingerprint
@@ -106,6 +124,7 @@ class BlockStore:
         self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
         self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync,
                               block_nbytes=block_nbytes, trust=trust) if disk_dir is not None else None
+        self._remote = open_remote_tier(remote, remote_optional, fingerprint, self._rec, block_nbytes, trust.auth)
         self._log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._closed = False
@@ -117,10 +136,11 @@ class BlockStore:
             self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-disk-writer", daemon=True)
             self._writer.start()
         ensure_log_visible(log)
-        log.info("kv store: %s, dram %.3g GiB (%s), disk %s%s", fingerprint.model, cpu_gib,
+        log.info("kv store: %s, dram %.3g GiB (%s), disk %s, remote %s%s", fingerprint.model, cpu_gib,
                  "pinned" if self.pin_memory else "pageable",
                  f"{disk_dir} cap {disk_gib:.3g} GiB" if disk_dir else "off",
-                 ", blocks tagged with auth_key_file" if trust.auth and disk_dir else "")
+                 self._remote.where if self._remote is not None else "off",
+                 ", blocks tagged with auth_key_file" if trust.auth and (disk_dir or self._remote) else "")
 
     # ---- lookups ----------------------------------------------------------------------------
     def record_lookup_error(self, where: str, err: BaseException) -> None:
@@ -131,16 +151,21 @@ class BlockStore:
                     exc_info=log.isEnabledFor(logging.DEBUG))
 
     def contains(self, key: bytes) -> bool:
-        """In DRAM, waiting for the disk writer, or on disk with a valid header. Cheap (no payload read)."""
+        """In DRAM, waiting for the disk writer, on disk with a valid header, or in the remote store. Cheap (no
+        payload read; a remote record is checked when it is read)."""
         key = _check_key(key)
         try:
-            return self.in_dram(key) or (self._disk is not None and self._disk.probe(key))
+            return self._local_contains(key) or (self._remote is not None and self._remote.contains_batch([key])[0])
         except Exception as e:
             self.record_lookup_error("contains", e)
             return False
 
+    def _local_contains(self, key: bytes) -> bool:
+        return self.in_dram(key) or (self._disk is not None and self._disk.probe(key))
+
     def count_prefix_hits(self, keys: list[bytes]) -> int:
-        """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks."""
+        """Number of leading ``keys`` present (stops at the first miss): the reusable prefix length in blocks.
+        The remote store is asked once, for every key from the first one DRAM and disk miss."""
         keys = [_check_key(k) for k in keys]
         n = 0
         with self._lock:  # one lock for the DRAM-resident part (per-key locking adds up over a long prefix)
@@ -148,10 +173,19 @@ class BlockStore:
                 if not self._resident(key):
                     break
                 n += 1
-        for key in keys[n:]:
-            if not self.contains(key):
-                break
-            n += 1
+        try:
+            remote_from, in_remote = n, None
+            for i in range(n, len(keys)):
+                if not self._local_contains(keys[i]):
+                    if self._remote is None:
+                        break
+                    if in_remote is None:
+                        remote_from, in_remote = i, self._remote.contains_batch(keys[i:])
+                    if not in_remote[i - remote_from]:
+                        break
+                n += 1
+        except Exception as e:
+            self.record_lookup_error("count_prefix_hits", e)
         return n
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
@@ -166,14 +200,14 @@ class BlockStore:
         out: optional contiguous tensor of exactly the block's byte size (any dtype/shape); filled and
              returned. Without it a new flat uint8 CPU tensor (a copy, safe to keep) is returned.
              On a miss ``out`` may have been partly written (disk reads land in it directly): ignore it.
-        A disk hit is promoted into the DRAM tier.
+        A disk or remote hit is promoted into the DRAM tier.
         """
         key = _check_key(key)
         out_bytes = as_bytes(out) if out is not None else None
         try:
             got = self._get_dram(key, out_bytes)
-            if got is None and self._disk is not None:
-                got = self._read_disk(key, out_bytes)
+            if got is None and (self._disk is not None or self._remote is not None):
+                got = self._read_below_dram(key, out_bytes)
         except Exception as e:
             self.record_lookup_error("get", e)
             got = None
@@ -183,13 +217,13 @@ class BlockStore:
         return out if out is not None else got
 
     def fetch_prefix_to_dram(self, keys: list[bytes]) -> int:
-        """How many leading ``keys`` are usable now without a disk read: DRAM blocks are; disk blocks are read
-        (checksum) and promoted into DRAM, several at once, since that read is the disk tier's whole cost. The count
-        stops at the first miss or failed check (that block is not data, and a prefix cannot skip it)."""
+        """How many leading ``keys`` are usable now without a disk or remote read: DRAM blocks are; disk and remote
+        blocks are read (checked) and promoted into DRAM, several at once, since that read is their tier's whole cost.
+        The count stops at the first miss or failed check (that block is not data, and a prefix cannot skip it)."""
         keys = [_check_key(k) for k in keys]
         try:
             on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
-            if self._disk is None:
+            if self._disk is None and self._remote is None:
                 got = dict.fromkeys(on_disk, False)
             elif len(on_disk) > 1:
                 with self._lock:
@@ -300,7 +334,8 @@ class BlockStore:
         self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
         return result
 
-    def _read_disk(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
+    def _read_below_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
+        """Disk, then remote (each counts its own hit or miss); a hit is promoted into DRAM."""
         direct = out_bytes is not None and out_bytes.device.type == "cpu"
 
         def alloc(nbytes: int) -> torch.Tensor:
@@ -308,12 +343,18 @@ class BlockStore:
                 raise SizeMismatch(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
             return out_bytes if direct else host_bytes(nbytes)
 
-        t0 = time.perf_counter()
-        buf = self._disk.read(key, alloc)
+        buf = None
+        if self._disk is not None:
+            t0 = time.perf_counter()
+            buf = self._disk.read(key, alloc)
+            if buf is None:
+                self._rec.miss("disk")
+            else:
+                self._rec.hit("disk", buf.numel(), time.perf_counter() - t0)
+        if buf is None and self._remote is not None:
+            buf = self._remote.read(key, alloc)
         if buf is None:
-            self._rec.miss("disk")
             return None
-        self._rec.hit("disk", buf.numel(), time.perf_counter() - t0)
         if out_bytes is not None and not direct:
             copy_bytes(out_bytes, buf)
         self._reserve_slab(key, buf.numel())
@@ -325,8 +366,9 @@ class BlockStore:
     def put(self, key: bytes, data: torch.Tensor, *, write_to_disk: bool = True) -> None:
         """Store a block: ``data`` is a contiguous tensor of any dtype/shape (CPU; a CUDA tensor is copied
         synchronously). The bytes are copied into the DRAM tier now and written through to disk in the
-        background. Re-putting a key already held only refreshes it (equal keys mean equal bytes).
-        ``write_to_disk=False``: DRAM only (e.g. a replica rank whose peer writes the shared disk copy)."""
+        background (and to the remote tier, from a copy queued for its writer). Re-putting a key already held only
+        refreshes it (equal keys mean equal bytes). ``write_to_disk=False``: DRAM only, none of the shared tiers (disk,
+        remote; e.g. a replica rank whose peer writes the shared copy)."""
         key = _check_key(key)
         src = as_bytes(data)
         if self.block_nbytes is not None and src.numel() != self.block_nbytes:
@@ -355,6 +397,8 @@ class BlockStore:
                         write_now = buf
         if write_now is not None:
             self._write_disk(key, write_now)
+        if self._remote is not None and write_to_disk:
+            self._remote.put(key, src)
         self._maybe_log()
 
     def drop_dram_blocks(self) -> None:
@@ -423,9 +467,12 @@ class BlockStore:
 
     # ---- lifecycle and observability --------------------------------------------------------
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued disk write is done (or ``timeout`` seconds passed)."""
+        """Wait until every queued disk and remote write is done (or ``timeout`` seconds passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             self._idle.wait_for(lambda: not self._pending, timeout=timeout)
+        if self._remote is not None:
+            self._remote.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def stats(self, log_summary: bool = True) -> StoreStats:
         """Snapshot of the counters; also logs the one-line summary (INFO) unless ``log_summary=False``."""
@@ -433,6 +480,8 @@ class BlockStore:
             gauges = dict(dram_bytes=self._dram.used_bytes, dram_blocks=len(self._dram),
                           dram_pinned_bytes=self._dram.allocator.pinned_bytes if self.pin_memory else 0)
         gauges["disk_bytes"] = self._disk.usage_bytes if self._disk is not None else 0
+        if self._remote is not None:
+            gauges["remote_up"] = self._remote.up
         snap = self._rec.snapshot(**gauges)
         if log_summary:
             log.info(snap.summary())
@@ -444,7 +493,8 @@ class BlockStore:
             self.stats()
 
     def close(self) -> None:
-        """Finish queued disk writes, stop the writer, drop the DRAM tier. Idempotent."""
+        """Finish queued disk writes (and remote ones, for a bounded time), stop the writers, leave the remote pool,
+        drop the DRAM tier. Idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -454,6 +504,8 @@ class BlockStore:
             self._writer.join()
         if self._read_pool is not None:
             self._read_pool.shutdown(wait=True)
+        if self._remote is not None:
+            self._remote.close()
         self.flush(timeout=0)  # synchronous mode leaves nothing pending; this just wakes waiters
         self.stats()
         with self._lock:

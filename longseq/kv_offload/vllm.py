@@ -11,7 +11,9 @@ Usage::
 
 (the module path can be left out when the longseq vLLM plugin is installed: it registers the short name).
 A shared or group-writable ``disk_dir`` takes ``"shared_group": true`` (or a group name) and ``"auth_key_file"``
-(blocks carry a keyed tag; untagged ones are misses): see ``trust.py``.
+(blocks carry a keyed tag; untagged ones are misses): see ``trust.py``. A remote tier shared across machines:
+``"remote": {"kind": "mooncake", "master": "HOST:PORT"}`` (``remote.py``; ``"remote_optional": true`` serves without
+it when its master cannot be reached at start-up).
 ``kv_role``: ``kv_both`` saves and loads, ``kv_producer`` only saves, ``kv_consumer`` only loads.
 
 Design (see ``vllm_scheduler.py``, ``vllm_hits.py`` and ``vllm_worker.py``): keys are our own token-hash chain,
@@ -42,7 +44,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1, KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorRole, SupportsHMA)
 
 from .disk import HEADER_SIZE
-from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, size_gib
+from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib
 from .store import BlockStore, KVFingerprint
 from .trust import key_file_setting, shared_group_setting, trust_policy
 from .vllm_hits import KeyIndexHits, RankInfo, StoreHits
@@ -55,7 +57,7 @@ CONNECTOR_NAME = "LongSeqOffloadConnector"
 #: ``kv_connector_extra_config`` keys and their defaults.
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"cpu_gib": 4.0, "disk_dir": None, "disk_gib": 16.0, "stats_path": None,
                                          "pin_at_start": True, "load_kernel": "auto", "shared_group": False,
-                                         "auth_key_file": None}
+                                         "auth_key_file": None, "remote": None, "remote_optional": False}
 #: ``load_kernel`` values: ``auto`` = the direct-read kernel on CUDA where it applies, ``copy`` = per-block copies.
 LOAD_KERNELS = ("auto", "copy")
 
@@ -83,13 +85,15 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
     cfg["pin_at_start"] = flag(CONNECTOR_NAME, "pin_at_start", cfg["pin_at_start"])
     cfg["shared_group"] = shared_group_setting(CONNECTOR_NAME, "shared_group", cfg["shared_group"])
     cfg["auth_key_file"] = key_file_setting(CONNECTOR_NAME, "auth_key_file", cfg["auth_key_file"], cfg["shared_group"])
+    cfg["remote"] = remote_setting(CONNECTOR_NAME, "remote", cfg["remote"])
+    cfg["remote_optional"] = flag(CONNECTOR_NAME, "remote_optional", cfg["remote_optional"])
     if not isinstance(cfg["load_kernel"], str) or cfg["load_kernel"] not in LOAD_KERNELS:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: load_kernel must be one of {list(LOAD_KERNELS)}, "
                                  f"got {cfg['load_kernel']!r}")
     if cfg["disk_dir"] is not None and cfg["disk_gib"] <= 0:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: disk_gib must be > 0 when disk_dir is set")
-    if cfg["disk_dir"] is None and cfg["cpu_gib"] <= 0:
-        raise OffloadConfigError(f"{CONNECTOR_NAME}: cpu_gib is 0 and no disk_dir: nothing to offload to")
+    if cfg["disk_dir"] is None and cfg["cpu_gib"] <= 0 and cfg["remote"] is None:
+        raise OffloadConfigError(f"{CONNECTOR_NAME}: cpu_gib is 0 and no disk_dir or remote: nothing to offload to")
     return cfg
 
 
@@ -101,7 +105,8 @@ def open_store(cfg: dict[str, Any], fp: KVFingerprint, block_nbytes: int) -> Blo
     # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
     return BlockStore(fp, cpu_gib=cfg["cpu_gib"], disk_dir=cfg["disk_dir"], disk_gib=disk_gib,
                       max_pending_write_gib=max(1.0, cfg["cpu_gib"]), block_nbytes=block_nbytes,
-                      shared_group=cfg["shared_group"], auth_key_file=cfg["auth_key_file"])
+                      shared_group=cfg["shared_group"], auth_key_file=cfg["auth_key_file"], remote=cfg["remote"],
+                      remote_optional=cfg["remote_optional"])
 
 
 @dataclass
@@ -159,7 +164,7 @@ class _Engine:
                           "lookup_errors": s.lookup_errors, "read_errors": s.read_errors,
                           "write_errors": s.write_errors,
                           "dropped_writes": s.dropped_writes, "dram_blocks": s.dram_blocks,
-                          "disk_read_gbps": s.disk.read_gbps}}
+                          "disk_read_gbps": s.disk.read_gbps, **({"remote": s.remote_counters()} if s.remote else {})}}
 
     def write_stats(self) -> None:
         if self.stats_path:

@@ -7,6 +7,8 @@
     longseq duo calibrate --out DIR  DuoAttention gate calibration (longseq.tools.duo_calibrate): writes
                                  full_attention_heads.tsv + config.json
     longseq kv stats DIR [--verify]  a disk KV cache directory: size, blocks, models seen, corrupt files
+    longseq kv stats --server FILE   a running server's KV store counters per tier (DRAM, disk, remote) from its
+                                 stats file
 """
 
 from __future__ import annotations
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p_kv = sub.add_parser("kv", help="KV offload cache tools")
     kv_sub = p_kv.add_subparsers(dest="kv_command", required=True)
     disk_stats.add_arguments(kv_sub.add_parser(
-        "stats", help="size, blocks, models seen and corrupt files of a disk KV cache"))
+        "stats", help="size, blocks, models seen and corrupt files of a disk KV cache; --server: a running "
+                      "server's counters per tier (the remote tier's included)"))
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "info":
@@ -175,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "duo":
         return duo_calibrate.run(args, command="longseq " + shlex.join(argv))
     if args.command == "kv":
-        return disk_stats.run(args)
+        from longseq.kv_offload import server_stats  # standard library only
+
+        if args.dir is None and args.server is None:
+            parser.error("longseq kv stats needs DIR, --server FILE, or both")
+        status = server_stats.run(args.server, args.json) if args.server else 0
+        return max(status, disk_stats.run(args)) if args.dir is not None else status
     return demo(args)
 
 

@@ -306,11 +306,9 @@ def test_unwritable_dir_serves_from_dram(tmp_path, monkeypatch, how):
 def test_hybrid_side_pools_are_refused_at_attach(tmp_path):
     pool = _pool(seed=9)
     backend = _backend(_extra(tmp_path), pool)
-    backend.register_mem_host_pool_v2(pool, "kv")
-    backend.on_host_pools_registered()  # the KV pool alone is fine
-    backend.register_mem_host_pool_v2(pool, "mamba")
+    backend.register_mem_host_pool_v2(pool, "kv")  # the KV pool alone is fine
     with pytest.raises(ValueError, match=r"KV pool only.*\['mamba'\].*v2 interface"):
-        backend.on_host_pools_registered()
+        backend.register_mem_host_pool_v2(pool, "mamba")
     backend.close()
 
 
@@ -344,7 +342,7 @@ def test_mla_tp_ranks_share_the_writer_disk_copy(tmp_path):
     writer = _backend(_extra(tmp_path), pool, mla=True, tp_rank=0, tp_size=2)
     replica = _backend(_extra(tmp_path), _pool("mla", seed=13), mla=True, tp_rank=1, tp_size=2)
     assert writer.fingerprint == replica.fingerprint  # MLA KV is replicated: one shared copy on disk
-    assert not replica.storage_config.is_storage_writer
+    assert writer.is_storage_writer and not replica.is_storage_writer
     writer.batch_set_v1(["m1"], _indices([0]))
     writer.store.flush()
     assert replica.batch_exists(["m1"]) == 1 and replica.batch_get_v1(["m1"], _indices([1])) == [True]

@@ -1,0 +1,290 @@
+"""Tier 3: KV blocks in a remote store that servers on several machines share (a Mooncake Store).
+
+Behind DRAM and disk. ``put`` writes through asynchronously: a copy of the block goes into a bounded queue that one
+writer thread empties; when the queue is full, or the tier is down, the block is dropped and counted
+(``remote_put_dropped``), never waited for. Lookups and reads that DRAM and disk miss ask the remote store; the block
+store promotes a remote hit into DRAM, like a disk hit.
+
+Records: exactly the disk tier's bytes (``block_format.py``: header, key, CRC, and the keyed tag with
+``auth_key_file``) under the name ``longseq-kv/<fingerprint digest>/<blake2b(key)>``, so another model's or layout's
+blocks never match. Whoever can reach the master can write any object, so every record read is hostile input: its
+size is checked before it is fetched, then the header, fingerprint, key and CRC or tag. A failed check is a miss
+(``remote_failed_checks``) and the object is removed, so that the next put replaces it.
+
+Failures never reach the engine: every call waits at most ``timeout_s`` (``remote_guard.TimedCalls``) and is wrapped;
+an exception, a timeout or a status that says the store is unusable is a counted miss (``remote_errors``) and trips
+the circuit breaker (down for 1 s, doubling up to 30 s), during which lookups and puts skip the tier at once. After
+the backoff one call retries; the Mooncake client reconnects to a restarted master by itself. DRAM and disk keep every
+block whatever happens here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .block_format import BlockCheckError, encode_record, parse_record, record_size
+from .dram import copy_bytes, host_bytes
+from .fingerprint import KVFingerprint
+from .mooncake_client import CallRejected, MooncakeClient
+from .remote_guard import CircuitBreaker, TimedCalls
+from .settings import GIB, KVConfigError, RemoteSettings
+from .stats import StatsRecorder
+from .trust import AuthFailure, BlockAuth
+
+log = logging.getLogger("longseq.kv_offload")
+
+#: Threads that run remote calls: the store's reader threads (8) and the writer, plus one spare.
+CALL_THREADS = 10
+#: A write may take this many times ``timeout_s`` (it moves a whole block, and only the writer thread waits for it).
+WRITE_TIMEOUT_FACTOR = 5
+#: Seconds ``close`` waits for queued writes, then for the client to leave the pool.
+CLOSE_TIMEOUT_S = 10.0
+_FAILED = object()
+
+
+def remote_name(digest: bytes, key: bytes) -> str:
+    """The object name of block ``key`` under fingerprint ``digest``."""
+    return f"longseq-kv/{digest.hex()}/{hashlib.blake2b(key, digest_size=16).hexdigest()}"
+
+
+def open_remote_tier(settings: RemoteSettings | None, optional: bool, fingerprint: KVFingerprint,
+                     recorder: StatsRecorder, block_nbytes: int | None, auth: BlockAuth | None,
+                     prefix: str = "kv store") -> "RemoteTier | None":
+    """The remote tier for ``settings`` (None: no tier). A tier that cannot start (client package missing, master
+    unreachable, set-up failed) raises the KVConfigError naming the setting, or with ``optional`` logs it as a
+    warning and returns None: the server then runs with its local tiers only."""
+    if settings is None:
+        return None
+    calls = TimedCalls(CALL_THREADS, "longseq-kv-remote")
+    try:
+        client = MooncakeClient.open(settings, prefix, calls.run)
+    except KVConfigError as e:
+        calls.stop(CALL_THREADS)
+        if not optional:
+            raise
+        log.warning("%s; remote_optional is true: serving without the remote tier", e)
+        return None
+    return RemoteTier(client, calls, settings, fingerprint, recorder, block_nbytes, auth)
+
+
+class RemoteTier:
+    """Blocks of one fingerprint in a remote store (see the module docstring). Thread-safe; no method raises for
+    anything the remote store does or holds."""
+
+    def __init__(self, client: MooncakeClient, calls: TimedCalls, settings: RemoteSettings,
+                 fingerprint: KVFingerprint, recorder: StatsRecorder, block_nbytes: int | None,
+                 auth: BlockAuth | None, min_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+        self.client, self._calls, self.rec = client, calls, recorder
+        self.digest = fingerprint.digest()
+        self.block_nbytes, self.auth = block_nbytes, auth
+        self.timeout_s = settings.timeout_s
+        self.max_record = int(settings.buffer_gib * GIB)  # nothing larger passes the client's transfer buffer
+        self.where = f"Mooncake Store at {settings.master}"
+        self.breaker = CircuitBreaker(min_backoff_s, max_backoff_s, trial_s=settings.timeout_s)
+        self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_blocks)
+        self._idle = threading.Condition()
+        self._unfinished = 0  # queued or being written
+        self._closed = False
+        self._warned: set = set()
+        recorder.add_remote_tier()
+        self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-remote-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def up(self) -> bool:
+        return self.breaker.up
+
+    # ---- lookups and reads --------------------------------------------------------------------
+    def contains_batch(self, keys: list[bytes]) -> list[bool]:
+        """Whether each block is in the remote store (one request; the record is checked when read)."""
+        self.rec.add("remote_lookups", len(keys))
+        if not keys or not self.breaker.allow():
+            return [False] * len(keys)
+        names = [remote_name(self.digest, k) for k in keys]
+        found = self._call("lookup", lambda: self.client.exists(names))
+        return [False] * len(keys) if found is _FAILED else found
+
+    def read(self, key: bytes, alloc: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+        """The block's payload in ``alloc(nbytes)`` (a flat uint8 CPU tensor), or None on a miss, a failed check, an
+        error or a skipped (down) tier, each counted. ``alloc`` may raise (e.g. the caller's buffer has another
+        size): a miss. Nothing is allocated before the record's size is known to fit."""
+        self.rec.add("remote_lookups")
+        t0 = time.perf_counter()
+        got = self._read(key, alloc) if self.breaker.allow() else None
+        if got is None:
+            self.rec.miss("remote")
+        else:
+            self.rec.hit("remote", got.numel(), time.perf_counter() - t0)
+        return got
+
+    def _read(self, key: bytes, alloc: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+        name = remote_name(self.digest, key)
+        size = self._call("size", lambda: self.client.size(name))
+        if size is _FAILED or size is None:
+            return None
+        fits = self._record_sizes(key)
+        if not (size in fits if fits else 0 < size <= self.max_record):
+            expected = " or ".join(map(str, sorted(fits))) if fits else f"at most {self.max_record}"
+            return self._failed_check(name, f"object is {size} bytes, a block record here is {expected}")
+        data = self._call("read", lambda: self.client.get(name))
+        if data is _FAILED:
+            return None
+        if len(data) != size:
+            if not data:  # gone since get_size (evicted, removed) or a failed read: the binding does not say which
+                self._count_error("read", CallRejected(f"get of {size} bytes returned nothing"))
+                return None
+            return self._failed_check(name, f"object is {len(data)} bytes, get_size said {size}")
+        try:
+            payload = parse_record(data, self.digest, key, self.auth, self.block_nbytes, self.max_record)
+        except (BlockCheckError, AuthFailure) as e:
+            return self._failed_check(name, e)
+        try:
+            buf = alloc(len(payload))
+        except Exception as e:
+            log.warning("kv store: remote block %s not usable here (%s: %s): miss", name, type(e).__name__, e)
+            return None
+        np.copyto(buf.numpy(), np.frombuffer(payload, dtype=np.uint8))
+        return buf
+
+    def _record_sizes(self, key: bytes) -> set[int]:
+        """Sizes a good record of ``key`` can have (empty: any, blocks of unknown size). Without a key both the plain
+        and the tagged format are read (as on disk); with one only tagged records are."""
+        if self.block_nbytes is None:
+            return set()
+        tagged = record_size(key, self.block_nbytes, True)
+        return {tagged} if self.auth is not None else {tagged, record_size(key, self.block_nbytes, False)}
+
+    def _failed_check(self, name: str, err) -> None:
+        """Count and log a record that failed a check, and queue its removal (the next put then stores a good
+        one: an existing object is never overwritten)."""
+        self.rec.add("remote_failed_checks")
+        self._log_once(("check", type(err).__name__), "kv store: remote block %s failed a check (%s): treated as "
+                       "a miss and removed (later ones of this kind are only counted)", name, err)
+        self._enqueue(("remove", name, None))
+        return None
+
+    # ---- writes -------------------------------------------------------------------------------
+    def put(self, key: bytes, src: torch.Tensor) -> None:
+        """Queue a copy of block ``src`` (flat uint8) for the writer; dropped and counted when the queue is full,
+        the tier is down or closed. Never blocks on the remote store."""
+        if self._closed or self.breaker.skipping() or self._queue.full():
+            self.rec.add("remote_put_dropped")
+            return
+        if not self._enqueue(("put", key, copy_bytes(host_bytes(src.numel()), src))):
+            self.rec.add("remote_put_dropped")
+
+    def _enqueue(self, item: tuple) -> bool:
+        with self._idle:
+            if self._closed:
+                return False
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                return False
+            self._unfinished += 1
+            return True
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, what, buf = item
+            try:
+                if kind == "put":
+                    self._write(what, buf)
+                elif self.breaker.allow():
+                    self._call("remove", lambda: self.client.remove(what))
+            except Exception:  # never let one block kill the writer
+                self._count_error(kind, RuntimeError("unexpected error in the remote writer"))
+                log.exception("kv store: unexpected error in the remote writer")
+            finally:
+                with self._idle:
+                    self._unfinished -= 1
+                    self._idle.notify_all()
+
+    def _write(self, key: bytes, buf: torch.Tensor) -> None:
+        if not self.breaker.allow():
+            self.rec.add("remote_put_dropped")
+            return
+        t0 = time.perf_counter()
+        chunks = encode_record(self.digest, key, memoryview(buf.numpy()).cast("B"), self.auth)
+        name = remote_name(self.digest, key)
+        if self._call("write", lambda: self.client.put(name, chunks),
+                      self.timeout_s * WRITE_TIMEOUT_FACTOR) is not _FAILED:
+            self.rec.wrote("remote", buf.numel(), time.perf_counter() - t0)
+
+    # ---- every remote call --------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable, timeout: float | None = None):
+        """``fn()``'s result, or ``_FAILED`` (counted; the breaker trips unless the store refused this call only)."""
+        try:
+            result = self._calls.run(fn, self.timeout_s if timeout is None else timeout)
+        except Exception as e:
+            self._count_error(what, e)
+            return _FAILED
+        if self.breaker.succeeded():
+            log.info("kv store: remote tier (%s) is back", self.where)
+        return result
+
+    def _count_error(self, what: str, err: Exception) -> None:
+        self.rec.add("remote_errors")
+        if isinstance(err, CallRejected):
+            self._log_once(("rejected", what), "kv store: remote %s refused (%s): a miss, the tier stays up (later "
+                           "ones of this kind are only counted)", what, err)
+            return
+        took_down, wait = self.breaker.failed()
+        if took_down:
+            log.warning("kv store: remote tier (%s) failed on %s (%s: %s): treated as misses, skipped for %.3g s, "
+                        "then retried; DRAM and disk keep serving", self.where, what, type(err).__name__, err, wait)
+        else:
+            log.debug("kv store: remote %s failed (%s: %s)", what, type(err).__name__, err)
+
+    def _log_once(self, kind, msg: str, *args) -> None:
+        with self._idle:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        (log.warning if first else log.debug)(msg, *args)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queued writes are done (or ``timeout`` seconds passed); True if they are."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout=timeout)
+
+    def close(self) -> None:
+        """Write what is queued (at most ``CLOSE_TIMEOUT_S``), drop the rest (counted), stop the writer and leave
+        the pool (at most ``CLOSE_TIMEOUT_S``). Idempotent. The client is left open while the tier is down (leaving
+        a dead master's pool blocks for seconds, and the master drops a silent client by itself) or a call is still
+        blocked in it (closing it under a running call is not safe)."""
+        with self._idle:
+            if self._closed:
+                return
+            self._closed = True
+        self.flush(CLOSE_TIMEOUT_S)
+        dropped = 0
+        while True:  # left by a writer that is stuck in a call
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            dropped += item[0] == "put"
+            with self._idle:
+                self._unfinished -= 1
+        if dropped:
+            self.rec.add("remote_put_dropped", dropped)
+        self._queue.put_nowait(None)
+        self._writer.join(timeout=1.0)
+        if self.breaker.up and not self._writer.is_alive() and self._calls.running == 0:
+            try:
+                self._calls.run(self.client.close, CLOSE_TIMEOUT_S)
+            except Exception as e:
+                log.debug("kv store: closing the remote client failed (%s: %s)", type(e).__name__, e)
+        self._calls.stop(CALL_THREADS)
