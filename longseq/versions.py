@@ -1,5 +1,5 @@
 """Supported vLLM versions and the feature probes that paper over their differences (SGLang's are in
-``longseq/plugin/sglang_compat.py``): adapters ask these helpers instead of comparing versions.
+``longseq/sglang_versions.py``): adapters ask these helpers instead of comparing versions.
 """
 
 from __future__ import annotations

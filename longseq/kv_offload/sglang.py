@@ -33,7 +33,7 @@ import torch
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
-from longseq.plugin.sglang_compat import hicache_dcp, hicache_is_storage_writer
+from longseq.sglang_versions import hicache_dcp, hicache_is_storage_writer
 
 from .disk import HEADER_SIZE
 from .dram import as_bytes, copy_bytes, host_bytes

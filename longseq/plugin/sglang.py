@@ -21,7 +21,7 @@ import logging
 
 from longseq.attention_backends.sglang import BACKEND_CLASSES
 from longseq.config import LongSeqConfigError, get_config
-from longseq.plugin.sglang_compat import (
+from longseq.sglang_versions import (
     SGLANG_MAX,
     SGLANG_MIN,
     add_attention_backend_choice,

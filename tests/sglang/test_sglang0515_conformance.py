@@ -4,7 +4,7 @@ torch 2.11, the GPU machine's torch; CPU CI runs 0.5.23, and one venv holds one 
 The 0.5.15 wheel is downloaded once (``wheel_api.download_wheel``) and read as a zip with ``ast``; nothing is
 installed or imported. What we subclass, override, call, read and probe is derived from our own sources by
 ``ast`` (``api_uses``), so new uses are checked without editing this file; version probes in
-``longseq/plugin/sglang_compat.py`` are evaluated per version, so each branch is checked against the version
+``longseq/sglang_versions.py`` are evaluated per version, so each branch is checked against the version
 it serves. Every test also runs against the installed SGLang (0.5.23 in CI, which the runtime tests in
 tests/sglang exercise), to show the checker passes on a known-good version. A failed download fails the
 0.5.15 tests (no skip).
@@ -32,7 +32,7 @@ WHEEL_PLATFORM, WHEEL_PYTHON = "manylinux_2_34_x86_64", "3.11"  # SGLang wheels 
 ADAPTER_MODULES = sorted(f"longseq.attention_backends.sglang.{os.path.basename(p)[:-3]}"
                          for p in glob.glob(os.path.join(REPO, "attention_backends", "sglang", "*.py"))
                          if not p.endswith("__init__.py")) + ["longseq.kv_offload.sglang"]  # + HiCache storage
-PLUGIN_MOD, COMPAT_MOD = "longseq.plugin.sglang", "longseq.plugin.sglang_compat"
+PLUGIN_MOD, COMPAT_MOD = "longseq.plugin.sglang", "longseq.sglang_versions"
 ALL_MODULES = ADAPTER_MODULES + [PLUGIN_MOD, COMPAT_MOD]
 
 REGISTRY_MOD = "sglang.srt.layers.attention.attention_registry"
@@ -297,7 +297,7 @@ def test_version_probes_split_the_versions(wheel_index, installed_index):
     """Every version probe lives in ``longseq/plugin/`` (the adapters have none), and each probe there takes
     one branch on 0.5.15 and the other on the installed SGLang: no shim branch is dead on both."""
     assert not [p for m in ADAPTER_MODULES for p in uses(installed_index, m).probes], \
-        "version probes belong in longseq/plugin/sglang_compat.py, not in the adapters"
+        "version probes belong in longseq/sglang_versions.py, not in the adapters"
     old, new = uses(wheel_index, COMPAT_MOD).probes, uses(installed_index, COMPAT_MOD).probes
     assert len(old) >= 5, f"AST walk found too few probes: {old}"
     table = {p.where: (p.text, p.taken) for p in old}
@@ -309,7 +309,7 @@ def test_version_probes_split_the_versions(wheel_index, installed_index):
 
 def test_checked_versions_are_the_supported_range(installed_index):
     """This file checks both ends of the range the plugin accepts and ``pyproject.toml`` declares."""
-    from longseq.plugin.sglang_compat import SGLANG_MAX, SGLANG_MIN
+    from longseq.sglang_versions import SGLANG_MAX, SGLANG_MIN
 
     with open(os.path.join(os.path.dirname(REPO), "pyproject.toml"), "rb") as f:
         extra = tomllib.load(f)["project"]["optional-dependencies"]["sglang"]

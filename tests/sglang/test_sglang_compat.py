@@ -1,4 +1,4 @@
-"""The SGLang 0.5.15 branches of ``longseq/plugin/sglang_compat.py``, run on the installed 0.5.23 with the
+"""The SGLang 0.5.15 branches of ``longseq/sglang_versions.py``, run on the installed 0.5.23 with the
 probed 0.5.23 API taken away (``test_sglang0515_conformance.py`` checks statically that 0.5.15 has what these
 branches call; this file checks what they compute). The 0.5.23 branches run in every other SGLang test."""
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from longseq.plugin import sglang_compat
+from longseq import sglang_versions as sglang_compat
 
 pytestmark = pytest.mark.sglang
 

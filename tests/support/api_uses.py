@@ -26,7 +26,7 @@ from wheel_api import ApiIndex, ClassInfo, Param, call_problems, params_of
 
 @dataclasses.dataclass
 class Probe:
-    where: str  # "longseq/plugin/sglang_compat.py:40"
+    where: str  # "longseq/sglang_versions.py:40"
     text: str  # 'hasattr(KVWriteLoc, "for_layer")', or the imports a ``try:`` attempts
     taken: bool  # the ``if`` body / the ``try`` body runs in the indexed version
 

@@ -25,7 +25,7 @@ from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from longseq.attention_backends.sglang import BACKEND_CLASSES
 from longseq.config import SUPPORTED_KV_CACHE_DTYPES, LongSeqConfig, LongSeqConfigError
-from longseq.plugin.sglang_compat import kv_cache_dtype_name, kv_write_loc
+from longseq.sglang_versions import kv_cache_dtype_name, kv_write_loc
 
 BACKEND_NAME = "longseq_dense"
 DEFAULT_INNER = {"cpu": "torch_native"}  # any other device: "triton"
