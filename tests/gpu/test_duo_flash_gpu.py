@@ -21,6 +21,8 @@ import types
 import pytest
 import torch
 
+from longseq.kernels.score_mods import ScoreMods
+
 pytest.importorskip("triton")
 
 from paged_tables import scattered_block_table  # noqa: E402
@@ -86,6 +88,7 @@ class Step:
         impl.duo = StreamingHeadMask(torch.stack([~is_streaming.cpu(), is_streaming.cpu()]), sink, recent)
         impl._duo_layer = None
         impl._duo_pattern_rows = [0, 1]  # the two-layer pattern, no sliding-window layers
+        impl.score_mods = ScoreMods()  # no soft-cap, no sinks (``_init_techniques`` sets it)
         impl.config = LongSeqConfig(duo_hybrid_decode_batch=hybrid_decode_batch)
         impl.trace = BackendTrace("test", impl.config)
         impl._duo_for(LAYER, torch.device(DEV))

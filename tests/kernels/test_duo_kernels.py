@@ -242,16 +242,17 @@ def test_vllm_flash_backend_duo_forward(name, monkeypatch):
     impl.duo = StreamingHeadMask(torch.stack([~b.is_streaming.cpu(), b.is_streaming.cpu()]), 20, 24)
     impl._duo_layer = None
     impl._duo_pattern_rows = [0, 1]  # the two-layer pattern, no sliding-window layers
+    impl.score_mods = ScoreMods()  # no soft-cap, no sinks (``_init_techniques`` sets it)
     impl.config = LongSeqConfig()
     impl.trace = BackendTrace("test", impl.config)
     layer = types.SimpleNamespace(layer_name="model.layers.1.self_attn.attn")
     impl._duo_for(layer, torch.device(DEV))
     calls = []
 
-    def fa_reference(q, key_cache, value_cache, out, runs, meta, scale, version):
+    def fa_reference(q, key_cache, value_cache, out, runs, meta, scale, version, mods):
         calls.append(runs)
         dense = duo_paged_attention_ref(q, key_cache, value_cache, meta.block_table, b.qsl_cpu, meta.seq_lens,
-                                        torch.zeros(hkv, dtype=torch.bool), 1, 1, scale)
+                                        torch.zeros(hkv, dtype=torch.bool), 1, 1, scale, mods=mods)
         for lo, hi in runs:
             out[:, lo * 2 : hi * 2] = dense[:, lo * 2 : hi * 2]
 
