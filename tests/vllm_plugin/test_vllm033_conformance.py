@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from wheel_api import still_abstract, super_call_problems
 from vllm_wheel_api import (
     REPO, ApiIndex, ClassInfo, call_problems, dir_reader, download_wheel, find_calls, function_node,
     installed_vllm_dir, override_problems, params_of, wheel_reader,
@@ -78,12 +79,6 @@ def _self_reads(node: ast.AST, name: str = "self") -> set[str]:
             and getattr(n.value, "id", None) == name}
 
 
-def _super_calls(node: ast.AST) -> list[ast.Call]:
-    """``super().name(...)`` calls in ``node``."""
-    return [n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-            and isinstance(n.func.value, ast.Call) and getattr(n.func.value.func, "id", "") == "super"]
-
-
 def _at(cls: ClassInfo, node: ast.AST) -> str:
     """``path:line`` of ``node`` inside ``cls``'s file."""
     return f"{cls.where.rsplit(':', 1)[0]}:{node.lineno}"
@@ -130,13 +125,7 @@ def test_overrides_accept_what_vllm_passes(api):
                     problems.append(f"framework call site {mod}:{func} -> {callee}(...) not found")
                 problems += [f"{cls.name}.{name} called from {mod}:{func} line {c.lineno}: {p}"
                              for c in calls for p in call_problems(m.params, c)]
-            for call in _super_calls(m.node):
-                target = api.lookup(cls, call.func.attr, skip_self=True)
-                if target is None:
-                    problems.append(f"{cls.name}.{name} calls super().{call.func.attr}(), which no base defines")
-                else:
-                    problems += [f"{cls.name}.{name}: super().{call.func.attr}(...) line {call.lineno}: {p}"
-                                 for p in call_problems(target[1].params, call, forwarding=True)]
+            problems += super_call_problems(api, cls, m)
     _fail_if(problems, api)
 
 
@@ -144,12 +133,7 @@ def test_abstract_methods_are_implemented(api):
     """No abstract method of a vLLM base stays abstract in our classes (ABCs would refuse to instantiate)."""
     problems = []
     for cls in our_classes(api):
-        mro = api.mro(cls)
-        for name in sorted({n for c in mro for n, m in c.methods.items() if m.abstract}):
-            owner = next(c for c in mro if name in c.methods or name in c.class_attrs)
-            if name in owner.methods and owner.methods[name].abstract:
-                problems.append(f"{cls.name}: {owner.name}.{name} ({_at(owner, owner.methods[name].node)}) is abstract "
-                                "and not implemented")
+        problems += still_abstract(api, cls)
     _fail_if(problems, api)
 
 
