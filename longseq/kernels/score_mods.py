@@ -68,10 +68,16 @@ def softmax_with_sinks(s: torch.Tensor, sinks: torch.Tensor | None) -> torch.Ten
     return torch.softmax(s, dim=-1).nan_to_num(0.0)
 
 
-def kernel_scale(scale: float, mods: ScoreMods) -> tuple[float, float]:
-    """The two score constants the Triton kernels take: ``(qk_scale, cap_log2)``. Without soft-cap the kernels
-    compute ``s = q.k * qk_scale`` in log2 units (``qk_scale = scale * log2 e``); with it
-    ``s = cap_log2 * tanh(q.k * qk_scale)`` (``qk_scale = scale / cap``, ``cap_log2 = cap * log2 e``)."""
+def kernel_args(scale: float, mods: ScoreMods, device: torch.device, num_heads: int,
+                placeholder: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """What the Triton kernels take for the score modifiers: ``(qk_scale, cap_log2, sinks_log2)``.
+
+    Without soft-cap the kernels compute ``s = q.k * qk_scale`` in log2 units (``qk_scale = scale * log2 e``); with
+    it ``s = cap_log2 * tanh(q.k * qk_scale)`` (``qk_scale = scale / cap``, ``cap_log2 = cap * log2 e``).
+    ``sinks_log2``: ``[num_heads]`` fp32 sinks in log2 units, or ``placeholder`` (never read) without sinks."""
     if mods.softcap is None:
-        return scale * LOG2E, 0.0
-    return scale / mods.softcap, mods.softcap * LOG2E
+        qk_scale, cap_log2 = scale * LOG2E, 0.0
+    else:
+        qk_scale, cap_log2 = scale / mods.softcap, mods.softcap * LOG2E
+    sinks = mods.sinks_on(device, num_heads)
+    return qk_scale, cap_log2, placeholder if sinks is None else sinks * LOG2E

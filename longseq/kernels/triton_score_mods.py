@@ -6,7 +6,7 @@ import triton.language as tl
 
 @triton.jit
 def capped_scores(qk, qk_scale, cap_log2, SOFTCAP: tl.constexpr):
-    """Raw ``q.k`` products -> scores in log2 units (see ``score_mods.kernel_scale``)."""
+    """Raw ``q.k`` products -> scores in log2 units (see ``score_mods.kernel_args``)."""
     if SOFTCAP:
         x = qk * qk_scale
         # tanh(x) = 1 - 2 / (e^(2x) + 1): right at both tails (e^(2x) = inf gives 1, 0 gives -1), no libdevice

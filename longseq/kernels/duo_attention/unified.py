@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longseq.kernels.score_mods import LOG2E, NO_MODS, ScoreMods, kernel_scale
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, kernel_args
 from longseq.kernels.triton_score_mods import capped_scores, sink_factor
 
 from .naive import retrieval_head_runs  # noqa: F401 - re-exported: host-side helper of this kernel's callers
@@ -330,9 +330,7 @@ def duo_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cach
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
     extra = {} if num_stages is None else {"num_stages": num_stages}
     grid = (t // block_q + num_seqs, kv_heads.shape[0], num_splits)
-    qk_scale, cap_log2 = kernel_scale(scale, mods)
-    sinks = mods.sinks_on(query.device, hq)
-    sinks = out if sinks is None else sinks * LOG2E  # log2 units; unused without sinks
+    qk_scale, cap_log2, sinks = kernel_args(scale, mods, query.device, hq, out)  # sinks: log2 units
     _duo_attention_kernel[grid](
         query, key_cache, value_cache, block_table, seq_lens, query_start_loc, kv_heads,
         is_streaming.to(torch.int8) if is_streaming.dtype == torch.bool else is_streaming,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longseq.kernels.score_mods import LOG2E, NO_MODS, ScoreMods, kernel_scale
+from longseq.kernels.score_mods import NO_MODS, ScoreMods, kernel_args
 from longseq.kernels.triton_score_mods import capped_scores, sink_factor
 from longseq.kernels.sparse_decode.workspace import counters
 
@@ -283,9 +283,7 @@ def sparse_paged_decode(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
     merge_g = min(triton.next_power_of_2(group), max(1, 8192 // (block_s * block_d)))
     interp_bf16 = key_cache.dtype == torch.bfloat16 and not key_cache.is_cuda  # CPU tensors: interpreter
     extra = {} if num_stages is None else {"num_stages": num_stages}
-    qk_scale, cap_log2 = kernel_scale(scale, mods)
-    sinks = mods.sinks_on(q.device, hq)
-    sinks = out if sinks is None else sinks * LOG2E  # the kernels take log2 units; unused without sinks
+    qk_scale, cap_log2, sinks = kernel_args(scale, mods, q.device, hq, out)  # sinks: log2 units
     _sparse_decode_kernel[(bsz * hkv, num_splits)](
         q, key_cache, value_cache, block_table, seq_lens, page_ids, page_ids if extra_pages is None else extra_pages,
         out, part_o, part_lse, ctr, sinks, qk_scale, cap_log2, list_tokens, tokens_per_split, num_splits,
