@@ -32,8 +32,8 @@ LIGHT=(
   aiohttp apache-tvm-ffi==0.1.11 dill einops fastapi gguf IPython msgspec openai==2.8.0 orjson
   partial_json_parser pillow psutil pybase64 pydantic "pyzmq>=25.1.2" requests sentencepiece==0.2.1
   tokenizers==0.23.2 tqdm transformers==5.19.0 "uvicorn>=0.51" loguru packaging
-  # tests
-  "pytest>=8" pytest-timeout
+  # tests; the Mooncake Store client for the remote KV tier's tests (longseq[remote])
+  "pytest>=8" pytest-timeout "mooncake-transfer-engine-non-cuda==0.3.13.post1"
 )
 IMPORTS="import torch, sglang.srt.plugins, sglang.srt.server_args, sglang.srt.layers.attention.attention_registry, \
 sglang.test.kits.attention_unittest.attention_methods.dense_attention, longseq.plugin.sglang, pytest"

@@ -185,6 +185,10 @@ class DramTier:
         own CUDA calls: reserving up front keeps them off the cold-prompt TTFT (docs/benchmarks/kv-offload.md)."""
         return self.allocator.reserve(nbytes, (self.capacity_bytes - self.used_bytes) // nbytes)
 
+    def peek(self, key: bytes) -> torch.Tensor | None:
+        """The stored buffer, without marking it recently used."""
+        return self._blocks.get(key)
+
     def lookup(self, key: bytes) -> torch.Tensor | None:
         buf = self._blocks.get(key)
         if buf is not None:

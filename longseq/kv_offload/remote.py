@@ -48,6 +48,8 @@ WRITE_TIMEOUT_FACTOR = 5
 #: Seconds ``close`` waits for queued writes, then for the client to leave the pool.
 CLOSE_TIMEOUT_S = 10.0
 _FAILED = object()
+#: ``source(key, out)``: copy block ``key``'s bytes from a local tier into ``out`` (flat uint8); False if gone.
+LocalSource = Callable[[bytes, torch.Tensor], bool]
 
 
 def remote_name(digest: bytes, key: bytes) -> str:
@@ -57,32 +59,48 @@ def remote_name(digest: bytes, key: bytes) -> str:
 
 def open_remote_tier(settings: RemoteSettings | None, optional: bool, fingerprint: KVFingerprint,
                      recorder: StatsRecorder, block_nbytes: int | None, auth: BlockAuth | None,
-                     prefix: str = "kv store") -> "RemoteTier | None":
+                     prefix: str = "kv store", source: LocalSource | None = None) -> "RemoteTier | None":
     """The remote tier for ``settings`` (None: no tier). A tier that cannot start (client package missing, master
     unreachable, set-up failed) raises the KVConfigError naming the setting, or with ``optional`` logs it as a
-    warning and returns None: the server then runs with its local tiers only."""
+    warning and returns None: the server then runs with its local tiers only. ``source``: see ``RemoteTier``."""
+    opened = open_client(settings, optional, prefix, CALL_THREADS, "longseq-kv-remote",
+                         "serving without the remote tier")
+    return None if opened is None else RemoteTier(*opened, settings, fingerprint, recorder, block_nbytes, auth,
+                                                  source=source)
+
+
+def open_client(settings: RemoteSettings | None, optional: bool, prefix: str, threads: int, thread_name: str,
+                without: str) -> "tuple[MooncakeClient, TimedCalls] | None":
+    """A connected client and the ``threads`` call threads that bound its calls; None without ``settings``, or when
+    it cannot connect and ``optional`` is set (then the KVConfigError is logged as a warning ending in ``without``)."""
     if settings is None:
         return None
-    calls = TimedCalls(CALL_THREADS, "longseq-kv-remote")
+    calls = TimedCalls(threads, thread_name)
     try:
-        client = MooncakeClient.open(settings, prefix, calls.run)
+        return MooncakeClient.open(settings, prefix, calls.run), calls
     except KVConfigError as e:
-        calls.stop(CALL_THREADS)
+        calls.stop(threads)
         if not optional:
             raise
-        log.warning("%s; remote_optional is true: serving without the remote tier", e)
+        log.warning("%s; remote_optional is true: %s", e, without)
         return None
-    return RemoteTier(client, calls, settings, fingerprint, recorder, block_nbytes, auth)
 
 
 class RemoteTier:
     """Blocks of one fingerprint in a remote store (see the module docstring). Thread-safe; no method raises for
-    anything the remote store does or holds."""
+    anything the remote store does or holds.
+
+    ``source``: where the writer copies a queued block from when it writes it (the block store's DRAM and disk).
+    With it the queue holds keys only, so a long prompt's blocks all fit in it; a block no local tier holds by
+    then is dropped (counted). Without it each queued block is a private copy."""
 
     def __init__(self, client: MooncakeClient, calls: TimedCalls, settings: RemoteSettings,
                  fingerprint: KVFingerprint, recorder: StatsRecorder, block_nbytes: int | None,
-                 auth: BlockAuth | None, min_backoff_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+                 auth: BlockAuth | None, min_backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 source: LocalSource | None = None) -> None:
         self.client, self._calls, self.rec = client, calls, recorder
+        self._source = source
+        self._staging: dict[int, torch.Tensor] = {}  # the writer's one buffer per block size (source mode)
         self.digest = fingerprint.digest()
         self.block_nbytes, self.auth = block_nbytes, auth
         self.timeout_s = settings.timeout_s
@@ -178,7 +196,9 @@ class RemoteTier:
         if self._closed or self.breaker.skipping() or self._queue.full():
             self.rec.add("remote_put_dropped")
             return
-        if not self._enqueue(("put", key, copy_bytes(host_bytes(src.numel()), src))):
+        item = (("put_key", key, src.numel()) if self._source is not None
+                else ("put", key, copy_bytes(host_bytes(src.numel()), src)))
+        if not self._enqueue(item):
             self.rec.add("remote_put_dropped")
 
     def _enqueue(self, item: tuple) -> bool:
@@ -201,6 +221,8 @@ class RemoteTier:
             try:
                 if kind == "put":
                     self._write(what, buf)
+                elif kind == "put_key":
+                    self._write_from_source(what, buf)
                 elif self.breaker.allow():
                     self._call("remove", lambda: self.client.remove(what))
             except Exception:  # never let one block kill the writer
@@ -211,16 +233,34 @@ class RemoteTier:
                     self._unfinished -= 1
                     self._idle.notify_all()
 
-    def _write(self, key: bytes, buf: torch.Tensor) -> None:
-        if not self.breaker.allow():
+    def _write_from_source(self, key: bytes, nbytes: int) -> None:
+        if self.breaker.skipping():  # no side effect: _write's allow() takes the trial call when one is due
             self.rec.add("remote_put_dropped")
             return
+        buf = self._staging.get(nbytes)
+        if buf is None:
+            buf = self._staging[nbytes] = host_bytes(nbytes)
+        if not self._source(key, buf):  # evicted from DRAM and not on disk before its turn came
+            self.rec.add("remote_put_dropped")
+            return
+        if not self._write(key, buf):
+            # a timed-out put may still be reading the buffer in its call thread: never refill it under it
+            self._staging.pop(nbytes, None)
+
+    def _write(self, key: bytes, buf: torch.Tensor) -> bool:
+        """Write block ``key`` from ``buf`` (or drop it, counted, while the tier is down); False if the call failed
+        or timed out (counted): a timed-out call may still be reading ``buf``."""
+        if not self.breaker.allow():
+            self.rec.add("remote_put_dropped")
+            return True
         t0 = time.perf_counter()
         chunks = encode_record(self.digest, key, memoryview(buf.numpy()).cast("B"), self.auth)
         name = remote_name(self.digest, key)
         if self._call("write", lambda: self.client.put(name, chunks),
-                      self.timeout_s * WRITE_TIMEOUT_FACTOR) is not _FAILED:
-            self.rec.wrote("remote", buf.numel(), time.perf_counter() - t0)
+                      self.timeout_s * WRITE_TIMEOUT_FACTOR) is _FAILED:
+            return False
+        self.rec.wrote("remote", buf.numel(), time.perf_counter() - t0)
+        return True
 
     # ---- every remote call --------------------------------------------------------------------
     def _call(self, what: str, fn: Callable, timeout: float | None = None):
@@ -275,7 +315,7 @@ class RemoteTier:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            dropped += item[0] == "put"
+            dropped += item[0] in ("put", "put_key")
             with self._idle:
                 self._unfinished -= 1
         if dropped:

@@ -79,8 +79,9 @@ class RemoteSettings:
     segment_gib:    memory this server adds to the shared pool (0: it only uses others'); its blocks there vanish
                     when it stops
     buffer_gib:     the client's local transfer buffer: must hold every block in flight at once
-    queue_blocks:   blocks waiting for the remote writer at most (each a private copy: this bounds their memory); a
-                    put beyond that is dropped (counted)
+    queue_blocks:   blocks waiting for the remote writer at most; a put beyond that is dropped (counted). While a
+                    local tier (DRAM or disk) holds a block only its key waits, and the writer copies it out when
+                    it writes it; a store without local tiers keeps a private copy per waiting block
     timeout_s:      the longest a lookup or read waits for the remote store before it is a miss (and the tier is
                     marked down)
     """
@@ -93,7 +94,7 @@ class RemoteSettings:
     rdma_devices: str = ""
     segment_gib: float = 4.0
     buffer_gib: float = 0.5
-    queue_blocks: int = 64
+    queue_blocks: int = 4096
     timeout_s: float = 1.0
 
     @property

@@ -124,7 +124,11 @@ class BlockStore:
         self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
         self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync,
                               block_nbytes=block_nbytes, trust=trust) if disk_dir is not None else None
-        self._remote = open_remote_tier(remote, remote_optional, fingerprint, self._rec, block_nbytes, trust.auth)
+        # With a local tier the remote writer's queue holds keys and copies each block out when it writes it;
+        # with none it needs a private copy per queued block.
+        source = self._copy_local if cpu_gib > 0 or disk_dir else None
+        self._remote = open_remote_tier(remote, remote_optional, fingerprint, self._rec, block_nbytes, trust.auth,
+                                        source=source)
         self._log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._closed = False
@@ -361,6 +365,26 @@ class BlockStore:
         with self._lock:
             self._insert_dram(key, buf)
         return buf
+
+    def _copy_local(self, key: bytes, out: torch.Tensor) -> bool:
+        """For the remote writer: block ``key``'s bytes from DRAM (or the disk writer's queue), else from disk, into
+        ``out`` (flat uint8). False when no local tier holds it any more. Not a lookup: no hit or LRU touch."""
+        with self._lock:
+            buf = self._dram.peek(key)
+            if buf is None:
+                buf = self._pending.get(key)
+            if buf is not None and buf.numel() == out.numel():
+                copy_bytes(out, buf)
+                return True
+        if self._disk is None:
+            return False
+
+        def alloc(nbytes: int) -> torch.Tensor:
+            if nbytes != out.numel():
+                raise SizeMismatch(f"disk block has {nbytes} bytes, the remote write expected {out.numel()}")
+            return out
+
+        return self._disk.read(key, alloc) is not None
 
     # ---- inserts ----------------------------------------------------------------------------
     def put(self, key: bytes, data: torch.Tensor, *, write_to_disk: bool = True) -> None:

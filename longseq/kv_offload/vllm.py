@@ -47,6 +47,7 @@ from .disk import HEADER_SIZE
 from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib
 from .store import BlockStore, KVFingerprint
 from .trust import key_file_setting, shared_group_setting, trust_policy
+from .remote_probe import RemoteProbe
 from .vllm_hits import KeyIndexHits, RankInfo, StoreHits
 from .vllm_scheduler import BlockTransfer, OffloadScheduler
 from .vllm_worker import OffloadWorker
@@ -138,10 +139,12 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def _scheduler_stats(sched: OffloadScheduler | None) -> dict:
+    probe = getattr(sched.hits, "remote", None) if sched else None
     return {"lookups": sched.lookups if sched else 0, "hit_tokens": sched.hit_tokens if sched else 0,
             "miss_tokens": sched.miss_tokens if sched else 0,
             "lookup_seconds": sched.lookup_seconds if sched else 0.0,
-            "step_seconds": sched.step_seconds if sched else 0.0}
+            "step_seconds": sched.step_seconds if sched else 0.0,
+            **({"remote_probe": probe.counters()} if probe is not None else {})}
 
 
 class _Engine:
@@ -228,6 +231,7 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
         self._engine: _Engine | None = None
         self._sched: OffloadScheduler | None = None
         self._ranks: list[RankInfo] = []  # scheduler: each worker's store, from the handshake metadata
+        self._remote_probe: RemoteProbe | None = None  # scheduler, workers in other processes: remote presence
 
     @staticmethod
     def _check_kv_cache_config(kv_cache_config) -> int:
@@ -312,7 +316,9 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
             self._engine.close()
         if self._sched is not None and self._sched.hits.mode == "index":
             self._write_scheduler_stats()
-            self._sched.hits.close()
+            self._sched.hits.close()  # closes the remote probe too
+        elif self._remote_probe is not None:
+            self._remote_probe.close()
 
     # ================= scheduler side =================
     def set_xfer_handshake_metadata(self, metadata: dict) -> None:
@@ -324,6 +330,9 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
             raise OffloadConfigError(f"{CONNECTOR_NAME}: {len(ranks)} of {self.world_size} tensor-parallel ranks "
                                      f"reported their store at start-up")
         self._ranks = ranks
+        in_process = _ENGINES.get(self.engine_id) is not None and self.world_size == 1
+        if not in_process and self._remote_probe is None:  # open at start-up: a bad master stops it there
+            self._remote_probe = RemoteProbe.open(self.cfg["remote"], self.cfg["remote_optional"], CONNECTOR_NAME)
 
     def _scheduler(self) -> OffloadScheduler:
         if self._sched is None:
@@ -332,7 +341,8 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
                 hits = StoreHits(engine.store)  # the worker lives in this process: ask its store
             elif self._ranks:
                 hits = KeyIndexHits(self._ranks, self.cfg["disk_dir"], self.cfg["disk_gib"],
-                                    trust_policy(CONNECTOR_NAME, self.cfg["shared_group"], self.cfg["auth_key_file"]))
+                                    trust_policy(CONNECTOR_NAME, self.cfg["shared_group"], self.cfg["auth_key_file"]),
+                                    remote=self._remote_probe)
             else:
                 raise RuntimeError(f"{CONNECTOR_NAME}: no worker reported its store to the scheduler (engine "
                                    f"{self.engine_id}); vLLM did not pass the KV connector handshake metadata")
@@ -341,7 +351,8 @@ class LongSeqOffloadConnector(KVConnectorBase_V1, SupportsHMA):
                 engine.scheduler = self._sched
             log.info("%s: scheduler counts hits from %s", CONNECTOR_NAME,
                      "the worker's store" if hits.mode == "store" else
-                     f"an index of {hits.capacity} blocks and {len(hits.disks)} ranks' disk files")
+                     f"an index of {hits.capacity} blocks, {len(hits.disks)} ranks' disk files"
+                     + (" and the remote store" if hits.remote is not None else ""))
         return self._sched
 
     def _write_scheduler_stats(self) -> None:

@@ -8,7 +8,8 @@ so a counted block cannot fail to load.
 cannot see the workers' stores, so it keeps
 - an LRU of the keys it sent for saving or loading, as large as the smallest rank's DRAM tier (every rank gets the
   same saves and loads in the same order, so their LRUs evict the same blocks as this index), and
-- header probes of every rank's block files in the disk directory (each rank's fingerprint differs: its own heads).
+- header probes of every rank's block files in the disk directory (each rank's fingerprint differs: its own heads),
+- with a remote tier, one presence request to the remote store for every rank's records (``remote_probe.py``).
 Each worker reads and checks its blocks when it loads them (``BlockStore.fetch_prefix_to_dram``); a block missing or bad
 on any rank is reported through ``get_block_ids_with_load_errors`` and vLLM recomputes it (vLLM takes the union
 over ranks). The index and the workers can drift (a dropped save, a failed write): drift costs recompute, never
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 from .disk import DiskTier
 from .fingerprint import KVFingerprint
+from .remote_probe import RemoteProbe
 from .stats import StatsRecorder
 from .store import BlockStore
 from .trust import Trust
@@ -81,27 +83,32 @@ class StoreHits:
 
 
 class KeyIndexHits:
-    """Hits from an index of what was sent to the workers, plus probes of every rank's disk files."""
+    """Hits from an index of what was sent to the workers, plus probes of every rank's disk files and, with
+    ``remote``, of every rank's records in the remote store."""
 
     mode = "index"
 
     def __init__(self, ranks: list[RankInfo], disk_dir: str | None = None, disk_gib: float = 0.0,
-                 trust: Trust = Trust()) -> None:
+                 trust: Trust = Trust(), remote: RemoteProbe | None = None) -> None:
         if not ranks:
             raise ValueError("KeyIndexHits: no rank reported its store")
         self.ranks = sorted(ranks, key=lambda r: r.rank)
         self.capacity = min(r.dram_blocks for r in self.ranks)
+        self.remote = remote
+        self.fingerprints = ([KVFingerprint.from_json(r.fingerprint_json) for r in self.ranks]
+                             if disk_dir or remote is not None else [])
         self._keys: OrderedDict[bytes, None] = OrderedDict()
         self.rec = StatsRecorder()
         # Probe-only views of each rank's files (same directory and fingerprints as the workers' stores): reads
         # headers, never payloads; a file that fails its header check (or, with a key, has no tag) is handled as
         # the workers would.
-        self.disks = [DiskTier(disk_dir, KVFingerprint.from_json(r.fingerprint_json), int(disk_gib * (1 << 30)),
-                               self.rec, block_nbytes=r.block_nbytes or None, trust=trust)
-                      for r in self.ranks] if disk_dir else []
+        self.disks = [DiskTier(disk_dir, fp, int(disk_gib * (1 << 30)), self.rec, block_nbytes=r.block_nbytes or None,
+                               trust=trust)
+                      for r, fp in zip(self.ranks, self.fingerprints)] if disk_dir else []
 
     def count(self, keys: list[bytes]) -> int:
-        """Leading ``keys`` that every rank should hold: in the index (DRAM), or a file on disk for every rank."""
+        """Leading ``keys`` that every rank should hold: in the index (DRAM), or for every rank a file on disk or a
+        record in the remote store (a rank may have one block on disk and the next one only remotely)."""
         n = 0
         for k in keys:
             if k not in self._keys:
@@ -114,9 +121,16 @@ class KeyIndexHits:
                     if not all(d.probe(k) for d in self.disks):
                         break
                     n += 1
-        except Exception:  # a probe never raises by design; if one does, the rest is a miss, never an engine error
+            if self.remote is not None and n < len(keys):
+                rest = keys[n:]
+                remote = self.remote.present(self.fingerprints, rest)
+                for i, k in enumerate(rest):
+                    if not all(remote[r][i] or (self.disks and self.disks[r].probe(k)) for r in range(len(remote))):
+                        break
+                    n += 1
+        except Exception:  # probes never raise by design; if one does, the rest is a miss, never an engine error
             self.rec.add("lookup_errors")
-            log.warning("KeyIndexHits: a disk probe failed: treated as a miss", exc_info=True)
+            log.warning("KeyIndexHits: a disk or remote probe failed: treated as a miss", exc_info=True)
         return n
 
     def in_dram_batch(self, keys: list[bytes]) -> list[bool]:
@@ -140,3 +154,5 @@ class KeyIndexHits:
 
     def close(self) -> None:
         self._keys.clear()
+        if self.remote is not None:
+            self.remote.close()

@@ -24,7 +24,6 @@ import os
 import threading
 
 import pytest
-import requests
 
 from engine_utils import ApiServer, compare_greedy, run_llm
 from kv_fixtures import BLOCK, block_keys, block_path, flip_payload_byte, kv_config, our_fingerprint
@@ -58,22 +57,11 @@ def serve_and_ask(model: str, prompts: list[list[int]], kv: dict | None, log_pat
     it; return ``{"texts", "tokens", "logprobs"}``, logprobs as ``[prompt][step] = {token id: logprob}`` (top-2)."""
     kv_args = ["--kv-transfer-config", json.dumps(kv)] if kv is not None else []
     server = ApiServer(model, {}, [*SERVER_ARGS, *kv_args], log_path)
-    out: dict = {"texts": [], "tokens": [], "logprobs": []}
     try:
         server.wait_ready()
-        for p in prompts:
-            r = requests.post(server.url + "/v1/completions", timeout=600, json={
-                "model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True})
-            assert r.status_code == 200, r.text
-            choice = r.json()["choices"][0]
-            out["texts"].append(choice["text"])
-            out["tokens"].append(choice["token_ids"])
-            out["logprobs"].append([{k.removeprefix("token_id:"): lp for k, lp in step.items()}
-                                    for step in choice["logprobs"]["top_logprobs"]])
+        return server.ask_greedy(model, prompts, MAX_TOKENS)
     finally:
         server.stop(timeout=90)  # above --shutdown-timeout 60: a slow drain is not cut short by SIGKILL
-    return out
 
 
 def assert_like_base(base: dict, out: dict, which: list[int]) -> None:

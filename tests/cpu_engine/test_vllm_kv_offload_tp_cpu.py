@@ -129,6 +129,47 @@ def test_a_block_damaged_on_one_rank_is_recomputed_on_every_rank(tiny_model, pro
         assert s["loaded_blocks"] == hit_blocks and s["load_failed_blocks"] == 0, s
 
 
+@pytest.fixture(scope="module")
+def remote_pool(tmp_path_factory):
+    """A Mooncake master and a memory node (``mooncake_client``) that holds the pool: the engines lend none, so
+    their blocks outlive them."""
+    from longseq.kv_offload.mooncake_local import LocalMaster, LocalPoolNode
+
+    tmp = tmp_path_factory.mktemp("kv-tp-remote")
+    master = LocalMaster(tmp)
+    master.start()
+    pool = None
+    try:
+        pool = LocalPoolNode(master, 128 << 20, tmp)
+        yield master, tmp
+    finally:
+        if pool is not None:
+            pool.stop()
+        master.stop()
+
+
+@pytest.mark.engine
+def test_tp2_engines_share_every_ranks_blocks_through_the_remote_store(tiny_model, prompts, base, remote_pool):
+    """Engine A (TP=2) saves; engine B (TP=2, its own empty disk dir) loads every rank's blocks from the remote
+    store: its scheduler asks the master whether each rank's record exists (``RemoteProbe``)."""
+    master, tmp = remote_pool
+    remote = {"kind": "mooncake", "master": master.address, "segment_gib": 0, "buffer_gib": 1 / 64,
+              "timeout_s": 1.0}
+    a_stats, b_stats = str(tmp / "a.json"), str(tmp / "b.json")
+    assert run(tiny_model, prompts, kv_config(str(tmp / "a-kv"), a_stats, remote=remote)) == base
+    full_blocks = sum(len(p) // BLOCK for p in prompts)
+    for s in rank_stats(a_stats):
+        assert s["store"]["remote"]["puts"] == full_blocks, s["store"]["remote"]
+    assert run(tiny_model, prompts, kv_config(str(tmp / "b-kv"), b_stats, remote=remote)) == base
+    hit_blocks = sum((len(p) - 1) // BLOCK for p in prompts)
+    sched = json.load(open(b_stats))
+    assert sched["hit_tokens"] == hit_blocks * BLOCK, sched
+    assert sched["remote_probe"]["lookups"] > 0 and sched["remote_probe"]["errors"] == 0, sched
+    for s in rank_stats(b_stats):
+        assert s["loaded_blocks"] == hit_blocks and s["load_failed_blocks"] == 0, s
+        assert s["store"]["disk_hits"] == 0 and s["store"]["remote"]["hits"] == hit_blocks, s["store"]
+
+
 # ---- without an engine: the scheduler's index and a rank's load-time checks ------------------------------------
 
 def _rank_store(tmp_path, rank: int):

@@ -354,3 +354,38 @@ def test_mla_tp_ranks_share_the_writer_disk_copy(tmp_path):
         b.close()
     with pytest.raises(ValueError, match="MLA model with TP > 1 needs disk_dir"):
         LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, disk_dir=None), mla=True, tp_size=2))
+
+
+def test_two_backends_share_pages_through_the_remote_store(tmp_path):
+    """Two HiCache backends with separate empty DRAM and disk tiers (two SGLang servers) share pages through one
+    Mooncake master on loopback: B reads A's pages exactly; a remote config error names its key."""
+    from longseq.kv_offload.mooncake_local import LocalMaster
+    from longseq.kv_offload.settings import KVConfigError
+
+    with pytest.raises(KVConfigError, match=r"extra_config: remote\.kind must be one of \['mooncake'\]"):
+        _backend(_extra(tmp_path, remote={"kind": "redis", "master": "127.0.0.1:1"}), _pool(seed=1))
+    master = LocalMaster(tmp_path)
+    master.start()
+    backends = []
+    try:
+        remote = {"kind": "mooncake", "master": master.address, "segment_gib": 1 / 64, "buffer_gib": 1 / 64,
+                  "timeout_s": 1.0}
+        src = _pool(seed=1)
+        a = _backend(_extra(tmp_path, disk_dir=str(tmp_path / "a"), remote=remote), src)
+        backends.append(a)
+        keys = [f"{i:064x}" for i in range(1, 5)]
+        assert a.batch_set_v1(keys, _indices([0, 1, 2, 3])) == [True] * 4
+        a.store.flush(10)
+        dst = _pool(seed=2)
+        b = _backend(_extra(tmp_path, disk_dir=str(tmp_path / "b"), remote=remote), dst)
+        backends.append(b)
+        assert b.batch_exists(keys + ["ff" * 32]) == 4
+        assert b.batch_get_v1(keys, _indices([4, 5, 6, 7])) == [True] * 4
+        for i in range(4):
+            assert torch.equal(_page(dst, 4 + i), _page(src, i))
+        s = b.store.stats()
+        assert s.remote.hits == 4 and s.disk.hits == 0 and s.remote_failed_checks == 0
+    finally:
+        for backend in backends:
+            backend.close()
+        master.stop()

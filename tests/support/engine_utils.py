@@ -129,6 +129,24 @@ class ApiServer:
             time.sleep(1)
         raise TimeoutError(f"server not ready in {timeout}s:\n{open(self.log.name).read()[-3000:]}")
 
+    def ask_greedy(self, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+        """Send ``prompts`` one by one (greedy, ``ignore_eos``, top-2 log-probs); return ``{"texts", "tokens",
+        "logprobs"}``, logprobs as ``[prompt][step] = {token id: logprob}`` (the shape ``compare_greedy`` reads)."""
+        import requests
+
+        out: dict = {"texts": [], "tokens": [], "logprobs": []}
+        for p in prompts:
+            r = requests.post(self.url + "/v1/completions", timeout=600, json={
+                "model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True, "logprobs": 2, "return_tokens_as_token_ids": True})
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            out["texts"].append(choice["text"])
+            out["tokens"].append(choice["token_ids"])
+            out["logprobs"].append([{k.removeprefix("token_id:"): lp for k, lp in step.items()}
+                                    for step in choice["logprobs"]["top_logprobs"]])
+        return out
+
     def stop(self, timeout: float = 30) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` s (keep it above the server's ``--shutdown-timeout``)."""
         self.proc.terminate()

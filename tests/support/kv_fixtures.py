@@ -56,6 +56,16 @@ def key_file(path, key: bytes | None = None, mode: int = 0o600) -> str:
     return str(path)
 
 
+def raw_mooncake_client(master):
+    """A plain Mooncake client on ``master`` (a ``LocalMaster``): what anyone who can reach the master can write. It
+    adds no memory to the pool (what it puts lands in the other clients' segments). Close it with ``.close()``."""
+    from mooncake.store import MooncakeDistributedStore
+
+    client = MooncakeDistributedStore()
+    assert client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", master.address) == 0
+    return client
+
+
 def unit_store(tmp_path=None):
     from longseq.kv_offload.store import BlockStore, KVFingerprint
 

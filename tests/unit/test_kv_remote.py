@@ -11,19 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from kv_fixtures import key_file, raw_mooncake_client
 
-from kv_fixtures import key_file
 from longseq.config import LongSeqConfigError
 from longseq.kv_offload.block_format import encode_header, encode_record
+from longseq.kv_offload.mooncake_local import LocalMaster as Master
+from longseq.kv_offload.mooncake_local import free_port as _free_port
 from longseq.kv_offload.remote import remote_name
 from longseq.kv_offload.remote_guard import CircuitBreaker
 from longseq.kv_offload.server_stats import describe
@@ -32,51 +31,8 @@ from longseq.kv_offload.store import BlockStore, KVFingerprint
 
 FP = KVFingerprint("test-org/tiny", "test:layers=2:shape=[2,16,2,32]", "bfloat16", 16)
 BLOCK_BYTES = 8192
-MASTER_BIN = Path(sys.executable).with_name("mooncake_master")
 MIB = 1 / 1024  # in GiB units
 TIMEOUT_S = 0.5  # remote.timeout_s of the stores here
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Master:
-    """A ``mooncake_master`` process on 127.0.0.1 (``start`` waits until its port accepts, at most 15 s)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        assert MASTER_BIN.exists(), f"{MASTER_BIN} is missing: install longseq[remote] (bash scripts/setup.sh)"
-        self.port, self.log_dir, self.proc, self.starts = _free_port(), log_dir, None, 0
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.log_dir / f"master{self.starts}.log", "wb")
-        self.proc = subprocess.Popen([str(MASTER_BIN), f"--port={self.port}", "--rpc_address=127.0.0.1"],
-                                     stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"mooncake_master exited: {self._log_tail()}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"mooncake_master did not listen on {self.address} within 15 s: {self._log_tail()}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def _log_tail(self) -> str:
-        return (self.log_dir / f"master{self.starts}.log").read_bytes()[-2000:].decode(errors="replace")
 
 
 @pytest.fixture
@@ -91,10 +47,7 @@ def master(tmp_path):
 def raw_client(master):
     """A plain Mooncake client on the same master: what anyone who can reach the master can write. It adds no
     memory to the pool (what it puts lands in the stores' segments)."""
-    from mooncake.store import MooncakeDistributedStore
-
-    client = MooncakeDistributedStore()
-    assert client.setup("127.0.0.1", "P2PHANDSHAKE", 0, 16 << 20, "tcp", "", master.address) == 0
+    client = raw_mooncake_client(master)
     yield client
     client.close()
 
@@ -344,3 +297,103 @@ def test_the_circuit_breaker_backs_off_doubling_and_retries_once_at_a_time():
     now[0] += 30.0
     assert breaker.allow() and breaker.succeeded() and breaker.up and breaker.allow()
     assert breaker.failed() == (True, 1.0)  # back to the shortest backoff
+
+
+def test_a_scheduler_without_the_stores_counts_blocks_every_rank_holds_on_disk_or_remotely(tmp_path, master,
+                                                                                          raw_client):
+    """Tensor parallelism: the scheduler (another process) asks the master whether each rank's record exists
+    (``RemoteProbe``), and a rank may hold one block on disk and the next only remotely. A dead master leaves the
+    disk hits, within the time bound."""
+    import dataclasses
+
+    from kv_fixtures import block_path
+    from longseq.kv_offload.remote_probe import RemoteProbe
+    from longseq.kv_offload.settings import remote_setting
+    from longseq.kv_offload.vllm_hits import KeyIndexHits, RankInfo
+
+    fps = [dataclasses.replace(FP, layout=f"{FP.layout}:tp={r}/2") for r in range(2)]
+    disk = tmp_path / "tp"  # one directory, one fingerprint per rank, as the ranks' stores share it
+    keys = [_key(i) for i in range(6)]
+    with _closing(*(BlockStore(fp, cpu_gib=1 * MIB, disk_dir=str(disk), disk_gib=0.01, block_nbytes=BLOCK_BYTES,
+                               remote=_remote(master)) for fp in fps)) as ranks:
+        for store in ranks:
+            for i, k in enumerate(keys[:5]):
+                store.put(k, _block(i))
+            store.flush(10)
+        gone = [(0, 2, "disk"), (1, 3, "remote"), (0, 4, "disk"), (0, 4, "remote")]
+        for rank, i, where in gone:
+            if where == "disk":
+                os.unlink(block_path(str(disk), fps[rank], keys[i]))
+            else:
+                assert raw_client.remove(remote_name(fps[rank].digest(), keys[i]), True) == 0
+        # the records live in the ranks' segments: the stores stay open while the scheduler asks
+        infos = [RankInfo(r, fps[r].to_json(), 0, BLOCK_BYTES) for r in range(2)]
+        probe = RemoteProbe.open(remote_setting("test", "remote", _remote(master)), False, "test")
+        assert KeyIndexHits(infos, remote=probe).count(keys) == 3  # remote only: rank 1 lacks block 3
+        hits = KeyIndexHits(infos, str(disk), 0.01, remote=probe)
+        # blocks 0-1 on both disks; 2: rank 0 remote, rank 1 disk; 3: rank 0 both, rank 1 disk; 4: rank 0 none
+        assert hits.count(keys) == 4
+        assert probe.counters() == {"up": True, "lookups": 2 * 6 + 2 * 4, "errors": 0}
+        master.stop()
+        t0 = time.monotonic()
+        assert [hits.count(keys) for _ in range(10)] == [2] * 10  # the disk hits remain
+        assert time.monotonic() - t0 < 3 * TIMEOUT_S + 2
+        assert probe.counters()["up"] is False and probe.counters()["errors"] >= 1
+        hits.close()
+
+
+def test_the_scheduler_probe_refuses_a_dead_master_at_start_up_unless_the_tier_is_optional():
+    from longseq.kv_offload.remote_probe import RemoteProbe
+    from longseq.kv_offload.settings import remote_setting
+
+    settings = remote_setting("LongSeqOffloadConnector", "remote",
+                              {"kind": "mooncake", "master": f"127.0.0.1:{_free_port()}"})
+    with pytest.raises(KVConfigError, match=r"LongSeqOffloadConnector: remote\.master='127\.0\.0\.1:\d+' is not"):
+        RemoteProbe.open(settings, False, "LongSeqOffloadConnector")
+    assert RemoteProbe.open(settings, True, "LongSeqOffloadConnector") is None
+    assert RemoteProbe.open(None, False, "LongSeqOffloadConnector") is None
+
+
+def test_a_long_prompts_blocks_all_reach_the_remote_store_through_a_queue_of_keys(tmp_path, master):
+    """500 blocks put at once (a long prompt's save) through a DRAM tier of 128: only keys wait, and the writer
+    copies each block from DRAM, or from disk once DRAM evicted it; every block arrives exactly."""
+    with _closing(_store(tmp_path, "a", master), _store(tmp_path, "b", master)) as (a, b):
+        for i in range(500):
+            a.put(_key(i), _block(i))
+        a.flush(60)
+        s = a.stats()
+        assert (s.remote.blocks_written, s.remote_put_dropped) == (500, 0), s.summary()
+        assert all(torch.equal(b.get(_key(i)), _block(i)) for i in range(0, 500, 7))
+
+
+def test_a_block_no_local_tier_holds_any_more_is_dropped_never_garbage(tmp_path, master):
+    """DRAM only, 4 blocks, a writer slowed to 0.1 s a block: most blocks are evicted before their turn and are
+    dropped (counted); every block that was written holds its own bytes."""
+    four_blocks = 4 * BLOCK_BYTES / (1 << 30)
+    with BlockStore(FP, cpu_gib=four_blocks, block_nbytes=BLOCK_BYTES, remote=_remote(master, timeout_s=1.0)) as a:
+        put = a._remote.client.put
+
+        def put_slowly(*args, **kwargs):
+            time.sleep(0.1)
+            return put(*args, **kwargs)
+
+        a._remote.client.put = put_slowly
+        for i in range(40):
+            a.put(_key(i), _block(i))
+        a.flush(30)
+        s = a.stats()
+        assert s.remote.blocks_written + s.remote_put_dropped == 40 and s.remote_put_dropped > 0, s.summary()
+        with _store(tmp_path, "b", master) as b:
+            written = [i for i in range(40) if b.contains(_key(i))]
+            assert len(written) == s.remote.blocks_written
+            assert all(torch.equal(b.get(_key(i)), _block(i)) for i in written)
+
+
+def test_a_store_without_local_tiers_writes_private_copies(tmp_path, master):
+    with _closing(BlockStore(FP, cpu_gib=0, block_nbytes=BLOCK_BYTES, remote=_remote(master)),
+                  _store(tmp_path, "b", master)) as (a, b):
+        for i in range(5):
+            a.put(_key(i), _block(i))
+        a.flush(10)
+        assert a.stats().remote.blocks_written == 5
+        assert all(torch.equal(b.get(_key(i)), _block(i)) for i in range(5))
