@@ -465,7 +465,8 @@ def main(argv=None) -> None:
                                             "no_connector")}
     inputs.update(model=os.path.basename(args.model.rstrip("/")), prompt_tokens=[len(x) for x in prompts],
                   server_args=SERVER_ARGS, server_env=SERVER_ENV, damage_every_s=list(args.damage_every), damage_kinds=DAMAGE,
-                  tie_nats=TIE_NATS, logprob_tol=LOGPROB_TOL)
+                  tie_nats=TIE_NATS, logprob_tol=LOGPROB_TOL,
+                  allocator_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"})
     path = write_result(args.name, {"benchmark": "kv_soak", "command": command_line(), "env": env,
                                     "inputs": inputs, **res})
     s = res["stats_final"]
