@@ -22,15 +22,14 @@ duo checks is ``longseq_dense``'s own run (its tokens and top-20 log-probs), as 
   context is dense up to the noise of another dense kernel measured in the same run (SGLang's ``fa3``
   teacher-forced against dense: agreement >= min(0.99, noise - 0.02), KL <= max(1e-3, 3 x noise)); 50% streaming
   with the default sink 64 / recent 256: agreement >= 0.85, KL <= 0.05, and its negative control (random
-  pattern, every head streaming, sink 1, recent 1: KL > 10x, other tokens). ``longseq_duo`` refuses CUDA in this
-  release (``runner_streaming_mask`` in longseq/attention_backends/sglang/duo.py): these two fail until it has a
-  CUDA path.
+  pattern, every head streaming, sink 1, recent 1: KL > 10x, other tokens). ``longseq_duo`` runs longseq's
+  Triton duo kernel on CUDA (tested on CPU under Triton's interpreter only, before this file first runs).
 
 Teacher forcing runs through a custom logit processor (tests/support/sglang_gpu.py: ``ForceAndRecord``) that
 records the raw top-20 log-probs before it masks; those engines add ``enable_custom_logit_processor`` and
 ``disable_overlap_schedule`` (numerics unchanged: the same kernels, no overlap of CPU scheduling).
 
-Run on the GPU machine (7 engine starts while ``longseq_duo`` refuses CUDA, 10 once it runs; not yet timed: the
+Run on the GPU machine (10 engine starts; not yet timed: the
 first start also JIT-compiles SGLang's and our Triton kernels):
 ``source /tmp/lsq-bundle/env.sh && source scripts/gpu/sglang_env.sh && python -m pytest tests/gpu/test_sglang_gpu.py -m gpu -x -q``
 """
@@ -177,8 +176,7 @@ def test_hicache_storage_reloads_prefix_after_flush_with_identical_tokens(smollm
 
 
 def _duo_session(smollm2_path, prompts, base, env):
-    """``_forced_session`` for ``longseq_duo``. Until the backend has a CUDA path it refuses to start on the GPU,
-    and these tests fail with that refusal (issue 22 asks for duo on the GPU: the failure is the gap)."""
+    """``_forced_session`` for ``longseq_duo``."""
     return _forced_session(smollm2_path, prompts, base, DUO_TOKENS, {**DUO_ENV, **env}, "longseq_duo")
 
 

@@ -93,9 +93,12 @@ def reference(runner, q, prefix_lens, new_lens, is_streaming):
     return torch.cat(outs)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
 @pytest.mark.parametrize("sglang_page_size", [1, 16])
-def test_duo_matches_reference_prefill_with_prefix_and_decode(sglang_page_size, longseq_env, model_shape,
+def test_duo_matches_reference_prefill_with_prefix_and_decode(sglang_page_size, kernel, longseq_env, model_shape,
                                                               tmp_path, monkeypatch):
+    """``reference``: the CPU path. ``triton``: the CUDA path (paged view of P-slot pages, block table gathered
+    per step, one launch per step), here on CPU tensors under Triton's interpreter."""
     import torch
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -110,6 +113,14 @@ def test_duo_matches_reference_prefill_with_prefix_and_decode(sglang_page_size, 
     register()
     runner, layer = make_runner(sglang_page_size), make_layer(0)
     backend = ATTENTION_BACKENDS[NAME](runner)
+    assert backend.kernel == "reference"  # CPU tensors
+    tol = 1e-5
+    if kernel == "triton":
+        from triton_interp import import_kernels
+
+        import_kernels("longseq.kernels.duo_attention.unified")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        backend.kernel, tol = "triton", 1e-4  # the kernel's online softmax sums in another order
     is_streaming = torch.tensor([True, False])
     assert torch.equal(backend.mask.for_layer(0), is_streaming)
 
@@ -125,13 +136,55 @@ def test_duo_matches_reference_prefill_with_prefix_and_decode(sglang_page_size, 
     for mode, prefix, new in plan:
         q, out = run_rows(backend, layer, make_batch(runner, mode, prefix, new, loc_fn), gen)
         expected = reference(runner, q, prefix, new, is_streaming)
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
         dense = reference(runner, q, prefix, new, torch.tensor([False, False]))
         g = HQ // HKV  # query heads 0..g-1 use the streaming KV head, g..2g-1 the retrieval head
-        torch.testing.assert_close(out[:, g:], dense[:, g:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, g:], dense[:, g:], atol=tol, rtol=tol)
         if mode.is_decode() or prefix != (0, 0):  # every query sees more than sink + recent keys: cut
             assert (out[:, :g] - dense[:, :g]).abs().amax() > 0.05
     assert duo.TRACE.counts["duo_calls"] - before == len(plan)
+
+
+def test_graph_metadata_hooks_give_the_triton_decode_the_eager_result(longseq_env, model_shape, tmp_path,
+                                                                      monkeypatch):
+    """The CUDA path's graph hooks gather a full-width block table into a static buffer (recorded into the
+    graph, re-gathered on every replay); a decode step reading it gives the eager step's output exactly. Triton's
+    interpreter on CPU tensors; torch_native has no graph state, so its hooks are stubbed."""
+    import torch
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+    from sglang.test.kits.attention_unittest.attention_methods.dense_attention import make_loc_fn
+    from triton_interp import import_kernels
+
+    from longseq.plugin.sglang import register
+
+    import_kernels("longseq.kernels.duo_attention.unified")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    longseq_env(LONGSEQ_DUO_PATTERN=write_pattern(tmp_path / "p", [[0.2, 0.8]], sink=SINK, recent=RECENT),
+                LONGSEQ_DUO_SPARSITY="0.5")
+    register()
+    runner, layer = make_runner(16), make_layer(0)
+    backend = ATTENTION_BACKENDS[NAME](runner)
+    backend.kernel = "triton"
+    loc_fn = make_loc_fn("shuffled_pages", batch_size=2, seq_lens=tuple(c + 1 for c in CONTEXT), prefix_lens=(0, 0),
+                         page_size=16, max_context_len=256, seed=7)
+    gen = torch.Generator().manual_seed(5)
+    run_rows(backend, layer, make_batch(runner, ForwardMode.EXTEND, (0, 0), CONTEXT, loc_fn), gen)
+    decode = make_batch(runner, ForwardMode.DECODE, CONTEXT, (1, 1), loc_fn)
+    q, out = run_rows(backend, layer, decode, gen)
+    eager_table = backend.block_table
+    assert eager_table.shape == (2, -(-(max(CONTEXT) + 1) // 16))
+    backend.inner.init_cuda_graph_state = lambda max_bs, max_tokens: None
+    backend.inner.init_forward_metadata_in_graph = lambda fb: None
+    backend.init_cuda_graph_state(4, 4)
+    assert backend.graph_block_table.shape == (4, 256 // 16)
+    backend.init_forward_metadata_in_graph(decode)
+    assert backend.block_table.data_ptr() == backend.graph_block_table.data_ptr()
+    assert torch.equal(backend.block_table[:, : eager_table.shape[1]], eager_table)
+    with torch.no_grad(), forward_context(ForwardContext(attn_backend=backend)):
+        again = backend.forward_decode(q.reshape(2, -1), None, None, layer, decode, save_kv_cache=False)
+    torch.testing.assert_close(again.view(-1, HQ, D), out, atol=0, rtol=0)
 
 
 def test_layer_without_streaming_heads_runs_inner_backend(longseq_env, model_shape, tmp_path, monkeypatch):
@@ -192,8 +245,8 @@ def test_startup_errors_no_pattern_and_gpu(longseq_env, model_shape, tmp_path):
     with pytest.raises(LongSeqConfigError, match="duo mode needs LONGSEQ_DUO_PATTERN"):
         create_duo_backend(runner)
     longseq_env(LONGSEQ_DUO_PATTERN=write_pattern(tmp_path / "p", [[0.2, 0.8]], sink=SINK, recent=RECENT))
-    runner.device = "cuda:0"
-    with pytest.raises(LongSeqConfigError, match="longseq_duo runs on CPU only in this release"):
+    runner.device = "xpu:0"
+    with pytest.raises(LongSeqConfigError, match="longseq_duo runs on CPU and CUDA, not on xpu:0"):
         create_duo_backend(runner)
 
 

@@ -1,4 +1,4 @@
-"""``longseq_duo``: DuoAttention for SGLang (``--attention-backend longseq_duo``), CPU.
+"""``longseq_duo``: DuoAttention for SGLang (``--attention-backend longseq_duo``), CPU and CUDA.
 
 The backend name selects the technique; its knobs are the ``LONGSEQ_DUO_*`` settings (pattern, sparsity or
 threshold, sink/recent sizes), as for vLLM. Every KV head of a layer is either a retrieval head (full causal
@@ -18,9 +18,15 @@ Per layer (``layer.layer_id`` indexes the pattern's rows):
     logit soft-cap, learned sinks or other extras), runs the wrapped dense SGLang backend exactly as
     ``longseq_dense`` does (``torch_native`` on CPU, or ``LONGSEQ_SGLANG_DENSE``).
 
-Compute: ``longseq.attention_backends.core.duo.duo_attention``, on CPU its PyTorch reference (fp32 math), with
-each request's queries split into blocks of at most :data:`MAX_QUERY_ROWS` so a long prefill never
-materializes more than ``Hq * MAX_QUERY_ROWS * context`` scores. On CUDA the backend refuses to start (no SGLang GPU path yet).
+Compute: ``longseq.attention_backends.core.duo.duo_attention``.
+  * On CPU its PyTorch reference (fp32 math), with each request's queries split into blocks of at most
+    :data:`MAX_QUERY_ROWS` so a long prefill never materializes more than ``Hq * MAX_QUERY_ROWS * context``
+    scores; the pool is read as pages of one slot (the block table is each request's ``req_to_token`` row).
+  * On CUDA longseq's Triton kernel (the one vLLM's duo path runs), over the pool as pages of ``--page-size P``
+    slots (``k_buffer.view(-1, P, Hkv, D)``, block table ``req_to_token[req, ::P] // P``, as ``longseq_sparse``
+    reads it). Decode steps take one launch whose shapes depend only on the batch size, and the block table
+    is gathered inside the graph into a buffer made in ``init_cuda_graph_state``, so decode CUDA graphs replay
+    it; extend steps run eagerly.
 
 The KV pool stays full size: streaming heads' evicted tokens are not freed (this release saves compute,
 not memory, in SGLang). Speculative decoding is refused at start-up.
@@ -62,15 +68,13 @@ def runner_streaming_mask(model_runner, config: LongSeqConfig) -> StreamingHeadM
 
     Raises:
         LongSeqConfigError: no/invalid pattern, a pattern that does not fit the model (layers x total KV heads)
-            or this rank's KV pool, a non-CPU device, MLA, unequal key/value head sizes, an unsupported KV
+            or this rank's KV pool, a device other than CPU or CUDA, MLA, unequal key/value head sizes, an unsupported KV
             dtype or layout, translated KV ids, speculative decoding, or a longseq backend as the inner one.
     """
     where = f"--attention-backend {BACKEND_NAME}"
     device = str(model_runner.device).split(":")[0]
-    if device != "cpu":
-        raise LongSeqConfigError(
-            f"{where} runs on CPU only in this release (PyTorch reference path), not on {model_runner.device}; "
-            "on GPU serve DuoAttention through vLLM, or use --attention-backend longseq_dense")
+    if device not in ("cpu", "cuda"):
+        raise LongSeqConfigError(f"{where} runs on CPU and CUDA, not on {model_runner.device}")
     if config.sglang_dense_backend.startswith("longseq_"):  # the inner backend must be one of SGLang's own
         raise LongSeqConfigError(f"LONGSEQ_SGLANG_DENSE={config.sglang_dense_backend!r}: {where} wraps one of "
                                  "SGLang's dense backends (auto, torch_native, ...), not a longseq backend")
@@ -125,7 +129,8 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
     ``[num_layers, Hkv]``) and ``duo_layers`` (layer id -> :class:`DuoLayer`, built on first use).
     """
 
-    _OWN = LongSeqTechniqueBackend._OWN | {"mask", "duo_layers"}
+    _OWN = LongSeqTechniqueBackend._OWN | {"mask", "duo_layers", "kernel", "page_size", "block_table",
+                                            "graph_block_table"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
@@ -133,10 +138,51 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         super().__init__(model_runner, config)
         self.mask = mask
         self.duo_layers: dict[int, DuoLayer] = {}
+        #: ``triton`` on CUDA, ``reference`` on CPU (tests set ``triton`` on CPU under Triton's interpreter)
+        self.kernel = "triton" if self.req_to_token.is_cuda else "reference"
+        self.page_size = int(model_runner.page_size or 1)
+        self.block_table: torch.Tensor | None = None
+        self.graph_block_table: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"LongSeqDuoBackend(inner={self.inner_name}, pattern={self.mask.source}, "
                 f"streaming={self.mask.sparsity:.2f}, sink={self.mask.sink_size}, recent={self.mask.recent_size})")
+
+    # ---- metadata (Triton path): the batch's block table, once per step (not per layer) ----
+    def _gather_block_table(self, forward_batch, num_pages: int | None = None) -> torch.Tensor:
+        """``[B, num_pages]`` int32 page ids of each request's pages (default: the table's full width)."""
+        p = self.page_size
+        stop = self.req_to_token.shape[1] if num_pages is None else num_pages * p
+        return (self.req_to_token[forward_batch.req_pool_indices.long(), :stop:p] // p).to(torch.int32)
+
+    def init_forward_metadata(self, forward_batch):
+        self.inner.init_forward_metadata(forward_batch)
+        self.block_table = None
+        if self.kernel == "triton":
+            seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)  # eager: only the pages in use
+            pages = None if seq_lens_cpu is None else -(-int(seq_lens_cpu.max()) // self.page_size)
+            self.block_table = self._gather_block_table(forward_batch, pages)
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
+        width = -(-self.req_to_token.shape[1] // self.page_size)  # full width: shapes fixed for replay
+        self.graph_block_table = torch.zeros(max_bs, width, dtype=torch.int32, device=self.req_to_token.device)
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        self.inner.init_forward_metadata_in_graph(forward_batch)
+        if forward_batch.forward_mode.is_decode() and self.graph_block_table is not None:
+            # Recorded into the graph: each replay re-gathers from the static req_pool_indices buffer.
+            table = self.graph_block_table[: forward_batch.req_pool_indices.shape[0]]
+            table.copy_(self._gather_block_table(forward_batch))
+            self.block_table = table
+
+    def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
+        def paged(buf: torch.Tensor) -> torch.Tensor:  # [num_slots, Hkv, D]
+            rows = buf.shape[0] // self.page_size * self.page_size  # allocated slots never reach the tail
+            return buf[:rows].view(-1, self.page_size, *buf.shape[1:])
+
+        return paged(self.pool.get_key_buffer(layer.layer_id)), paged(self.pool.get_value_buffer(layer.layer_id))
 
     def _duo_layer(self, layer_id: int) -> DuoLayer:
         if layer_id not in self.duo_layers:
@@ -150,9 +196,37 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         return (self._duo_layer(layer.layer_id).num_streaming > 0
                 and getattr(attn_type, "value", "decoder") == "decoder" and plain_causal_attention(layer, kwargs))
 
-    def _duo_attention(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens: list[int]):
-        """Write this step's K/V, then DuoAttention of every query row; ``query_lens`` [B] rows per request."""
+    def _duo_attention_triton(self, q, layer, forward_batch, decode: bool):
+        """The Triton path (K/V already written): every query row of the step in one or two launches.
+        Decode: ``[B]`` rows, nothing read on the host (graph-safe). Extend: ``extend_seq_lens`` rows each."""
+        hq, d = layer.tp_q_head_num, layer.qk_head_dim
+        q = q.reshape(-1, hq, d)
+        key_cache, value_cache = self._paged_kv(layer)
+        table = self.block_table
+        if table is None or table.shape[0] != forward_batch.req_pool_indices.shape[0]:
+            table = self._gather_block_table(forward_batch)  # batch not prepared by init_forward_metadata
+        seq_lens = forward_batch.seq_lens.to(torch.int32)
+        if decode:
+            qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+            max_query_len = 1
+        else:
+            lens = forward_batch.extend_seq_lens
+            qsl = torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
+            max_query_len = max(self._extend_query_lens(forward_batch), default=0)
+        out = q.new_empty(q.shape[0], hq * d)
+        duo_attention(q, key_cache, value_cache, table, qsl, seq_lens, self._duo_layer(layer.layer_id), layer.scaling,
+                      out.view(-1, hq, d), max_query_len=max_query_len, kernel="triton")
+        self.trace.counts["duo_calls"] += 1
+        return out
+
+    def _duo_attention(self, q, k, v, layer, forward_batch, save_kv_cache, query_lens: list[int] | None):
+        """Write this step's K/V, then DuoAttention of every query row; ``query_lens`` [B] rows per request
+        (None: a decode step, one row each)."""
         self._write_kv(k, v, layer, forward_batch, save_kv_cache)
+        if self.kernel == "triton":
+            return self._duo_attention_triton(q, layer, forward_batch, decode=query_lens is None)
+        if query_lens is None:
+            query_lens = [1] * forward_batch.batch_size
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
         seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)
@@ -172,7 +246,7 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         table = self.req_to_token[rows.to(self.req_to_token.device), :width]
         out = q.new_empty(q.shape[0], hq * d)
         duo_attention(q, key_cache, value_cache, table, block_qsl, block_lens, self._duo_layer(layer.layer_id),
-                      layer.scaling, out.view(-1, hq, d), max_query_len=max(query_lens, default=0))
+                      layer.scaling, out.view(-1, hq, d), max_query_len=max(query_lens, default=0), kernel="reference")
         self.trace.counts["duo_calls"] += 1
         return out
 
@@ -180,7 +254,7 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         self.trace.record("decode_calls")
         if not self.is_duo_layer(layer, kwargs):
             return self.inner.forward_decode(q, k, v, layer, forward_batch, save_kv_cache, **kwargs)
-        return self._duo_attention(q, k, v, layer, forward_batch, save_kv_cache, [1] * forward_batch.batch_size)
+        return self._duo_attention(q, k, v, layer, forward_batch, save_kv_cache, None)
 
     def _extend_query_lens(self, forward_batch) -> list[int]:
         lens = getattr(forward_batch, "extend_seq_lens_cpu", None)
