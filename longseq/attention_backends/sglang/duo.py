@@ -43,6 +43,7 @@ from longseq.attention_backends.sglang.dense import (
     check_runner_kv_pool,
     plain_causal_attention,
 )
+from longseq.attention_backends.sglang.paged import PagedPool
 from longseq.config import LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_duo"
@@ -121,7 +122,7 @@ def split_query_blocks(query_start_loc: list[int], seq_lens: list[int], max_rows
     return as_int(qsl), as_int(lens), as_int(owner)
 
 
-class LongSeqDuoBackend(LongSeqTechniqueBackend):
+class LongSeqDuoBackend(PagedPool, LongSeqTechniqueBackend):
     """``longseq_dense``'s proxy around the inner SGLang backend, plus DuoAttention for duo layers.
 
     Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
@@ -129,8 +130,7 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
     ``[num_layers, Hkv]``) and ``duo_layers`` (layer id -> :class:`DuoLayer`, built on first use).
     """
 
-    _OWN = LongSeqTechniqueBackend._OWN | {"mask", "duo_layers", "kernel", "page_size", "block_table",
-                                            "graph_block_table"}
+    _OWN = LongSeqTechniqueBackend._OWN | PagedPool._PAGED_OWN | {"mask", "duo_layers", "kernel"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
@@ -140,49 +140,16 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         self.duo_layers: dict[int, DuoLayer] = {}
         #: ``triton`` on CUDA, ``reference`` on CPU (tests set ``triton`` on CPU under Triton's interpreter)
         self.kernel = "triton" if self.req_to_token.is_cuda else "reference"
-        self.page_size = int(model_runner.page_size or 1)
-        self.block_table: torch.Tensor | None = None
-        self.graph_block_table: torch.Tensor | None = None
+        self._init_paged(model_runner.page_size or 1)
 
     def __repr__(self) -> str:
         return (f"LongSeqDuoBackend(inner={self.inner_name}, pattern={self.mask.source}, "
                 f"streaming={self.mask.sparsity:.2f}, sink={self.mask.sink_size}, recent={self.mask.recent_size})")
 
     # ---- metadata (Triton path): the batch's block table, once per step (not per layer) ----
-    def _gather_block_table(self, forward_batch, num_pages: int | None = None) -> torch.Tensor:
-        """``[B, num_pages]`` int32 page ids of each request's pages (default: the table's full width)."""
-        p = self.page_size
-        stop = self.req_to_token.shape[1] if num_pages is None else num_pages * p
-        return (self.req_to_token[forward_batch.req_pool_indices.long(), :stop:p] // p).to(torch.int32)
-
     def init_forward_metadata(self, forward_batch):
         self.inner.init_forward_metadata(forward_batch)
-        self.block_table = None
-        if self.kernel == "triton":
-            seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)  # eager: only the pages in use
-            pages = None if seq_lens_cpu is None else -(-int(seq_lens_cpu.max()) // self.page_size)
-            self.block_table = self._gather_block_table(forward_batch, pages)
-
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
-        width = -(-self.req_to_token.shape[1] // self.page_size)  # full width: shapes fixed for replay
-        self.graph_block_table = torch.zeros(max_bs, width, dtype=torch.int32, device=self.req_to_token.device)
-
-    def init_forward_metadata_in_graph(self, forward_batch):
-        self.inner.init_forward_metadata_in_graph(forward_batch)
-        if forward_batch.forward_mode.is_decode() and self.graph_block_table is not None:
-            # Recorded into the graph: each replay re-gathers from the static req_pool_indices buffer.
-            table = self.graph_block_table[: forward_batch.req_pool_indices.shape[0]]
-            table.copy_(self._gather_block_table(forward_batch))
-            self.block_table = table
-
-    def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
-        def paged(buf: torch.Tensor) -> torch.Tensor:  # [num_slots, Hkv, D]
-            rows = buf.shape[0] // self.page_size * self.page_size  # allocated slots never reach the tail
-            return buf[:rows].view(-1, self.page_size, *buf.shape[1:])
-
-        return paged(self.pool.get_key_buffer(layer.layer_id)), paged(self.pool.get_value_buffer(layer.layer_id))
+        self.block_table = self._eager_block_table(forward_batch) if self.kernel == "triton" else None
 
     def _duo_layer(self, layer_id: int) -> DuoLayer:
         if layer_id not in self.duo_layers:
@@ -202,9 +169,7 @@ class LongSeqDuoBackend(LongSeqTechniqueBackend):
         hq, d = layer.tp_q_head_num, layer.qk_head_dim
         q = q.reshape(-1, hq, d)
         key_cache, value_cache = self._paged_kv(layer)
-        table = self.block_table
-        if table is None or table.shape[0] != forward_batch.req_pool_indices.shape[0]:
-            table = self._gather_block_table(forward_batch)  # batch not prepared by init_forward_metadata
+        table = self._step_block_table(forward_batch)
         seq_lens = forward_batch.seq_lens.to(torch.int32)
         if decode:
             qsl = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)

@@ -36,6 +36,7 @@ from longseq.attention_backends.sglang.dense import (
     check_runner_kv_pool,
     plain_causal_attention,
 )
+from longseq.attention_backends.sglang.paged import PagedPool
 from longseq.config import LongSeqConfig, LongSeqConfigError
 
 BACKEND_NAME = "longseq_sparse"
@@ -67,7 +68,7 @@ def check_runner(model_runner, settings: SparseSettings) -> int:
     return page_size
 
 
-class LongSeqSparseBackend(LongSeqTechniqueBackend):
+class LongSeqSparseBackend(PagedPool, LongSeqTechniqueBackend):
     """``longseq_dense``'s proxy around the inner SGLang backend, plus Quest sparse decode.
 
     Tensor contract (SGLang's): ``q`` ``[T, Hq * D]`` (or ``[T, Hq, D]``), ``k``/``v`` ``[T, Hkv, D]``;
@@ -76,18 +77,16 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
     current decode batch.
     """
 
-    _OWN = LongSeqTechniqueBackend._OWN | {"settings", "page_size", "indexes", "block_table", "graph_block_table",
-                                           "reuse"}
+    _OWN = LongSeqTechniqueBackend._OWN | PagedPool._PAGED_OWN | {"settings", "indexes", "reuse"}
     trace = TRACE
 
     def __init__(self, model_runner, config: LongSeqConfig):
         settings = SparseSettings.from_config(config)
         page_size = check_runner(model_runner, settings)  # before building the inner backend: fail fast
         super().__init__(model_runner, config)
-        self.settings, self.page_size = settings, page_size
+        self.settings = settings
+        self._init_paged(page_size)
         self.indexes: dict[int, QuestPageIndex] = _INDEXES.setdefault(self.pool, {})
-        self.block_table: torch.Tensor | None = None
-        self.graph_block_table: torch.Tensor | None = None
         # One reuse plan per decode step for all sparse layers (rows: the batch's requests, in batch order).
         self.reuse = None if settings.reuse_steps <= 1 else SelectionReuse(
             settings, page_size, self.req_to_token.shape[0], self.req_to_token.device)
@@ -96,34 +95,15 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
         return f"LongSeqSparseBackend(inner={self.inner_name}, {self.settings})"
 
     # ---- metadata: the decode batch's block table, once per step (not per layer) ----
-    def _gather_block_table(self, forward_batch, num_pages: int | None = None) -> torch.Tensor:
-        """``[B, num_pages]`` int32 SGLang page ids of each request's pages (default: the table's full width)."""
-        p = self.page_size
-        stop = self.req_to_token.shape[1] if num_pages is None else num_pages * p
-        return self.req_to_token[forward_batch.req_pool_indices.long(), :stop:p] // p
-
     def init_forward_metadata(self, forward_batch):
         self.inner.init_forward_metadata(forward_batch)
         self.block_table = None
         if forward_batch.forward_mode.is_decode():
-            seq_lens_cpu = getattr(forward_batch, "seq_lens_cpu", None)  # eager: only the pages in use
-            pages = None if seq_lens_cpu is None else -(-int(seq_lens_cpu.max()) // self.page_size)
-            self.block_table = self._gather_block_table(forward_batch, pages)
+            self.block_table = self._eager_block_table(forward_batch)
             self._plan_reuse(forward_batch)
 
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        self.inner.init_cuda_graph_state(max_bs, max_num_tokens)
-        width = -(-self.req_to_token.shape[1] // self.page_size)  # full width: shapes fixed for replay
-        self.graph_block_table = torch.zeros(max_bs, width, dtype=torch.int32, device=self.req_to_token.device)
-
-    def init_forward_metadata_in_graph(self, forward_batch):
-        self.inner.init_forward_metadata_in_graph(forward_batch)
-        if forward_batch.forward_mode.is_decode() and self.graph_block_table is not None:
-            # Recorded into the graph: each replay re-gathers from the static req_pool_indices buffer.
-            table = self.graph_block_table[: forward_batch.req_pool_indices.shape[0]]
-            table.copy_(self._gather_block_table(forward_batch))
-            self.block_table = table
-            self._plan_reuse(forward_batch)
+    def _table_ready(self, forward_batch) -> None:
+        self._plan_reuse(forward_batch)
 
     def _plan_reuse(self, forward_batch) -> None:
         if self.reuse is not None:
@@ -134,14 +114,6 @@ class LongSeqSparseBackend(LongSeqTechniqueBackend):
         """Plain causal self-attention past the first ``dense_layers``; anything the sparse kernels do not
         implement (sliding window, cross-attention, logit soft-cap, learned sinks or other extras) stays dense."""
         return layer.layer_id >= self.settings.dense_layers and plain_causal_attention(layer, kwargs)
-
-    def _paged_kv(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's key and value buffers as ``[num_pages, P, Hkv, D]`` views (no copy)."""
-        def paged(buf: torch.Tensor) -> torch.Tensor:  # [num_slots, Hkv, D]
-            rows = buf.shape[0] // self.page_size * self.page_size  # allocated slots never reach the tail
-            return buf[:rows].view(-1, self.page_size, *buf.shape[1:])
-
-        return paged(self.pool.get_key_buffer(layer.layer_id)), paged(self.pool.get_value_buffer(layer.layer_id))
 
     def _update_index(self, layer, key_cache: torch.Tensor, forward_batch) -> QuestPageIndex:
         index = self.indexes.get(layer.layer_id)
