@@ -47,7 +47,7 @@ CALL_THREADS = 10
 WRITE_TIMEOUT_FACTOR = 5
 #: Seconds ``close`` waits for queued writes, then for the client to leave the pool.
 CLOSE_TIMEOUT_S = 10.0
-_FAILED = object()
+FAILED = object()  # what a guarded call returns when it failed
 #: ``source(key, out)``: copy block ``key``'s bytes from a local tier into ``out`` (flat uint8); False if gone.
 LocalSource = Callable[[bytes, torch.Tensor], bool]
 
@@ -86,6 +86,64 @@ def open_client(settings: RemoteSettings | None, optional: bool, prefix: str, th
         return None
 
 
+class GuardedClient:
+    """A Mooncake client whose calls wait at most ``timeout_s`` each and never raise (the tier's and the scheduler
+    probe's one rule). A failed call (an exception, a timeout, a status that says the store is unusable) calls
+    ``on_error`` and trips ``breaker``: down for ``min_backoff_s``, doubling up to ``max_backoff_s``, logged once per
+    trip as ``who``; a call the store refused alone (``CallRejected``) is counted but leaves the breaker up."""
+
+    def __init__(self, client: MooncakeClient, calls: TimedCalls, timeout_s: float, who: str,
+                 on_error: Callable[[], None], down_note: str = "", min_backoff_s: float = 1.0,
+                 max_backoff_s: float = 30.0) -> None:
+        self.client, self.calls, self.timeout_s, self.who = client, calls, timeout_s, who
+        self._on_error, self._down_note = on_error, down_note
+        self.breaker = CircuitBreaker(min_backoff_s, max_backoff_s, trial_s=timeout_s)
+        self._warned: set = set()
+        self._lock = threading.Lock()
+
+    def call(self, what: str, fn: Callable, timeout: float | None = None):
+        """``fn()``'s result, or ``FAILED`` (counted; the breaker trips unless the store refused this call only)."""
+        try:
+            result = self.calls.run(fn, self.timeout_s if timeout is None else timeout)
+        except Exception as e:
+            self.count_error(what, e)
+            return FAILED
+        if self.breaker.succeeded():
+            log.info("%s is back", self.who)
+        return result
+
+    def count_error(self, what: str, err: Exception) -> None:
+        self._on_error()
+        if isinstance(err, CallRejected):
+            self.log_once(("rejected", what), "%s: %s refused (%s): a miss, the tier stays up (later ones of this "
+                          "kind are only counted)", self.who, what, err)
+            return
+        took_down, wait = self.breaker.failed()
+        if took_down:
+            log.warning("%s failed on %s (%s: %s): treated as misses, skipped for %.3g s, then retried%s", self.who,
+                        what, type(err).__name__, err, wait, self._down_note)
+        else:
+            log.debug("%s: %s failed (%s: %s)", self.who, what, type(err).__name__, err)
+
+    def log_once(self, kind, msg: str, *args) -> None:
+        with self._lock:
+            first = kind not in self._warned
+            self._warned.add(kind)
+        (log.warning if first else log.debug)(msg, *args)
+
+    def close(self, threads: int, timeout: float, idle: bool = True) -> None:
+        """Leave the pool (at most ``timeout``) and stop the ``threads`` call threads. The client is left open while
+        the breaker is down (leaving a dead master's pool blocks for seconds, and the master drops a silent client by
+        itself), while a call is still blocked in it (closing it under a running call is not safe) or unless
+        ``idle``."""
+        if idle and self.breaker.up and self.calls.running == 0:
+            try:
+                self.calls.run(self.client.close, timeout)
+            except Exception as e:
+                log.debug("%s: closing the client failed (%s: %s)", self.who, type(e).__name__, e)
+        self.calls.stop(threads)
+
+
 class RemoteTier:
     """Blocks of one fingerprint in a remote store (see the module docstring). Thread-safe; no method raises for
     anything the remote store does or holds.
@@ -98,7 +156,7 @@ class RemoteTier:
                  fingerprint: KVFingerprint, recorder: StatsRecorder, block_nbytes: int | None,
                  auth: BlockAuth | None, min_backoff_s: float = 1.0, max_backoff_s: float = 30.0,
                  source: LocalSource | None = None) -> None:
-        self.client, self._calls, self.rec = client, calls, recorder
+        self.client, self.rec = client, recorder
         self._source = source
         self._staging: dict[int, torch.Tensor] = {}  # the writer's one buffer per block size (source mode)
         self.digest = fingerprint.digest()
@@ -106,12 +164,14 @@ class RemoteTier:
         self.timeout_s = settings.timeout_s
         self.max_record = int(settings.buffer_gib * GIB)  # nothing larger passes the client's transfer buffer
         self.where = f"Mooncake Store at {settings.master}"
-        self.breaker = CircuitBreaker(min_backoff_s, max_backoff_s, trial_s=settings.timeout_s)
+        self._guard = GuardedClient(client, calls, settings.timeout_s, f"kv store: remote tier ({self.where})",
+                                    lambda: recorder.add("remote_errors"), "; DRAM and disk keep serving",
+                                    min_backoff_s, max_backoff_s)
+        self.breaker = self._guard.breaker
         self._queue: queue.Queue = queue.Queue(maxsize=settings.queue_blocks)
         self._idle = threading.Condition()
         self._unfinished = 0  # queued or being written
         self._closed = False
-        self._warned: set = set()
         recorder.add_remote_tier()
         self._writer = threading.Thread(target=self._writer_loop, name="longseq-kv-remote-writer", daemon=True)
         self._writer.start()
@@ -127,8 +187,8 @@ class RemoteTier:
         if not keys or not self.breaker.allow():
             return [False] * len(keys)
         names = [remote_name(self.digest, k) for k in keys]
-        found = self._call("lookup", lambda: self.client.exists(names))
-        return [False] * len(keys) if found is _FAILED else found
+        found = self._guard.call("lookup", lambda: self.client.exists(names))
+        return [False] * len(keys) if found is FAILED else found
 
     def read(self, key: bytes, alloc: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
         """The block's payload in ``alloc(nbytes)`` (a flat uint8 CPU tensor), or None on a miss, a failed check, an
@@ -145,19 +205,19 @@ class RemoteTier:
 
     def _read(self, key: bytes, alloc: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
         name = remote_name(self.digest, key)
-        size = self._call("size", lambda: self.client.size(name))
-        if size is _FAILED or size is None:
+        size = self._guard.call("size", lambda: self.client.size(name))
+        if size is FAILED or size is None:
             return None
         fits = self._record_sizes(key)
         if not (size in fits if fits else 0 < size <= self.max_record):
             expected = " or ".join(map(str, sorted(fits))) if fits else f"at most {self.max_record}"
             return self._failed_check(name, f"object is {size} bytes, a block record here is {expected}")
-        data = self._call("read", lambda: self.client.get(name))
-        if data is _FAILED:
+        data = self._guard.call("read", lambda: self.client.get(name))
+        if data is FAILED:
             return None
         if len(data) != size:
             if not data:  # gone since get_size (evicted, removed) or a failed read: the binding does not say which
-                self._count_error("read", CallRejected(f"get of {size} bytes returned nothing"))
+                self._guard.count_error("read", CallRejected(f"get of {size} bytes returned nothing"))
                 return None
             return self._failed_check(name, f"object is {len(data)} bytes, get_size said {size}")
         try:
@@ -184,8 +244,8 @@ class RemoteTier:
         """Count and log a record that failed a check, and queue its removal (the next put then stores a good
         one: an existing object is never overwritten)."""
         self.rec.add("remote_failed_checks")
-        self._log_once(("check", type(err).__name__), "kv store: remote block %s failed a check (%s): treated as "
-                       "a miss and removed (later ones of this kind are only counted)", name, err)
+        self._guard.log_once(("check", type(err).__name__), "kv store: remote block %s failed a check (%s): treated "
+                             "as a miss and removed (later ones of this kind are only counted)", name, err)
         self._enqueue(("remove", name, None))
         return None
 
@@ -224,9 +284,9 @@ class RemoteTier:
                 elif kind == "put_key":
                     self._write_from_source(what, buf)
                 elif self.breaker.allow():
-                    self._call("remove", lambda: self.client.remove(what))
+                    self._guard.call("remove", lambda: self.client.remove(what))
             except Exception:  # never let one block kill the writer
-                self._count_error(kind, RuntimeError("unexpected error in the remote writer"))
+                self._guard.count_error(kind, RuntimeError("unexpected error in the remote writer"))
                 log.exception("kv store: unexpected error in the remote writer")
             finally:
                 with self._idle:
@@ -256,42 +316,11 @@ class RemoteTier:
         t0 = time.perf_counter()
         chunks = encode_record(self.digest, key, memoryview(buf.numpy()).cast("B"), self.auth)
         name = remote_name(self.digest, key)
-        if self._call("write", lambda: self.client.put(name, chunks),
-                      self.timeout_s * WRITE_TIMEOUT_FACTOR) is _FAILED:
+        if self._guard.call("write", lambda: self.client.put(name, chunks),
+                            self.timeout_s * WRITE_TIMEOUT_FACTOR) is FAILED:
             return False
         self.rec.wrote("remote", buf.numel(), time.perf_counter() - t0)
         return True
-
-    # ---- every remote call --------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable, timeout: float | None = None):
-        """``fn()``'s result, or ``_FAILED`` (counted; the breaker trips unless the store refused this call only)."""
-        try:
-            result = self._calls.run(fn, self.timeout_s if timeout is None else timeout)
-        except Exception as e:
-            self._count_error(what, e)
-            return _FAILED
-        if self.breaker.succeeded():
-            log.info("kv store: remote tier (%s) is back", self.where)
-        return result
-
-    def _count_error(self, what: str, err: Exception) -> None:
-        self.rec.add("remote_errors")
-        if isinstance(err, CallRejected):
-            self._log_once(("rejected", what), "kv store: remote %s refused (%s): a miss, the tier stays up (later "
-                           "ones of this kind are only counted)", what, err)
-            return
-        took_down, wait = self.breaker.failed()
-        if took_down:
-            log.warning("kv store: remote tier (%s) failed on %s (%s: %s): treated as misses, skipped for %.3g s, "
-                        "then retried; DRAM and disk keep serving", self.where, what, type(err).__name__, err, wait)
-        else:
-            log.debug("kv store: remote %s failed (%s: %s)", what, type(err).__name__, err)
-
-    def _log_once(self, kind, msg: str, *args) -> None:
-        with self._idle:
-            first = kind not in self._warned
-            self._warned.add(kind)
-        (log.warning if first else log.debug)(msg, *args)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -301,9 +330,8 @@ class RemoteTier:
 
     def close(self) -> None:
         """Write what is queued (at most ``CLOSE_TIMEOUT_S``), drop the rest (counted), stop the writer and leave
-        the pool (at most ``CLOSE_TIMEOUT_S``). Idempotent. The client is left open while the tier is down (leaving
-        a dead master's pool blocks for seconds, and the master drops a silent client by itself) or a call is still
-        blocked in it (closing it under a running call is not safe)."""
+        the pool (at most ``CLOSE_TIMEOUT_S``; not while the tier is down or a call is stuck: ``GuardedClient.close``).
+        Idempotent."""
         with self._idle:
             if self._closed:
                 return
@@ -322,9 +350,4 @@ class RemoteTier:
             self.rec.add("remote_put_dropped", dropped)
         self._queue.put_nowait(None)
         self._writer.join(timeout=1.0)
-        if self.breaker.up and not self._writer.is_alive() and self._calls.running == 0:
-            try:
-                self._calls.run(self.client.close, CLOSE_TIMEOUT_S)
-            except Exception as e:
-                log.debug("kv store: closing the remote client failed (%s: %s)", type(e).__name__, e)
-        self._calls.stop(CALL_THREADS)
+        self._guard.close(CALL_THREADS, CLOSE_TIMEOUT_S, idle=not self._writer.is_alive())

@@ -11,15 +11,12 @@ breaker as the tier: a failed or slow call is a miss, and the master is skipped 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from .fingerprint import KVFingerprint
 from .mooncake_client import MooncakeClient
-from .remote import open_client, remote_name
-from .remote_guard import CircuitBreaker, TimedCalls
+from .remote import FAILED, GuardedClient, open_client, remote_name
+from .remote_guard import TimedCalls
 from .settings import RemoteSettings
-
-log = logging.getLogger("longseq.kv_offload")
 
 #: The probe's transfer buffer: it moves no block, but the client needs one.
 PROBE_BUFFER_GIB = 1 / 64
@@ -31,9 +28,13 @@ class RemoteProbe:
     for anything the store does."""
 
     def __init__(self, client: MooncakeClient, calls: TimedCalls, timeout_s: float, where: str) -> None:
-        self.client, self._calls, self.timeout_s, self.where = client, calls, timeout_s, where
-        self.breaker = CircuitBreaker(1.0, 30.0, trial_s=timeout_s)
+        self.client, self.timeout_s = client, timeout_s
+        self._guard = GuardedClient(client, calls, timeout_s, f"kv scheduler: remote lookups at {where}",
+                                    self._count_error)
         self.lookups = self.errors = 0
+
+    def _count_error(self) -> None:
+        self.errors += 1
 
     @classmethod
     def open(cls, settings: RemoteSettings | None, optional: bool, prefix: str) -> "RemoteProbe | None":
@@ -49,32 +50,18 @@ class RemoteProbe:
     def present(self, fingerprints: list[KVFingerprint], keys: list[bytes]) -> list[list[bool]]:
         """``[rank][i]``: whether rank ``fingerprints[rank]``'s record of ``keys[i]`` is in the store. All False
         when the store is down, slow or fails (counted in ``errors``)."""
-        none = [[False] * len(keys) for _ in fingerprints]
         self.lookups += len(keys) * len(fingerprints)
-        if not keys or not fingerprints or not self.breaker.allow():
-            return none
-        names = [remote_name(fp.digest(), k) for fp in fingerprints for k in keys]
-        try:
-            found = self._calls.run(lambda: self.client.exists(names), self.timeout_s)
-        except Exception as e:
-            self.errors += 1
-            took_down, wait = self.breaker.failed()
-            if took_down:
-                log.warning("kv scheduler: remote lookup at %s failed (%s: %s): misses, skipped for %.3g s",
-                            self.where, type(e).__name__, e, wait)
-            return none
-        if self.breaker.succeeded():
-            log.info("kv scheduler: remote lookups at %s work again", self.where)
+        found = FAILED
+        if keys and fingerprints and self._guard.breaker.allow():
+            names = [remote_name(fp.digest(), k) for fp in fingerprints for k in keys]
+            found = self._guard.call("lookup", lambda: self.client.exists(names))
+        if found is FAILED:
+            return [[False] * len(keys) for _ in fingerprints]
         return [found[r * len(keys):(r + 1) * len(keys)] for r in range(len(fingerprints))]
 
     def counters(self) -> dict:
-        return {"up": self.breaker.up, "lookups": self.lookups, "errors": self.errors}
+        return {"up": self._guard.breaker.up, "lookups": self.lookups, "errors": self.errors}
 
     def close(self) -> None:
-        """Leave the master (at most ``timeout_s``; not while the master is down or a call is stuck)."""
-        if self.breaker.up and self._calls.running == 0:
-            try:
-                self._calls.run(self.client.close, max(self.timeout_s, 1.0))
-            except Exception as e:
-                log.debug("kv scheduler: closing the remote probe failed (%s: %s)", type(e).__name__, e)
-        self._calls.stop(_THREADS)
+        """Leave the master (at most ``timeout_s``, at least 1 s; not while it is down or a call is stuck)."""
+        self._guard.close(_THREADS, max(self.timeout_s, 1.0))
