@@ -66,7 +66,9 @@ def child(args) -> None:
         if args.profile_steps:
             rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, SamplingParams(
                 temperature=0.0, max_tokens=args.profile_steps + 1, ignore_eos=True)), args.profile_steps)
-    print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "rows": rows}), flush=True)
+    kv_blocks = getattr(llm.llm_engine.vllm_config.cache_config, "num_gpu_blocks", None)
+    print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "kv_blocks": kv_blocks,
+                                  "rows": rows}), flush=True)
 
 
 def profile_kernels(run, steps: int, top: int = 25) -> list[dict]:
@@ -111,7 +113,8 @@ def run_backend(args, backend: str, env: dict) -> dict:
                   "--cudagraph-mode", args.cudagraph_mode, "--profile-steps", str(args.profile_steps)]
     if args.profile_steps:
         env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the profiler must see the engine's GPU work
-    return run_child("benchmarks.bench_vllm_decode", child_args, env, backend)
+    # vLLM's own capacity line (issue 21 compares it between dense and LONGSEQ_DUO_MEMORY=1)
+    return run_child("benchmarks.bench_vllm_decode", child_args, env, backend, grep="Maximum concurrency")
 
 
 def plot(result: dict, path: str) -> str:
@@ -228,6 +231,8 @@ def main(argv=None) -> None:
         for v in r.get("variants", []):
             print(f"  {r['context']}x{r['batch']} {v['longseq_env']}: TPOT {v['tpot_ms']:.2f} ms, ratio "
                   f"{v['tpot_ratio']:.3f} (throughput {v['throughput_ratio']:.2f}x)")
+    for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:
+        print(f"  KV capacity, {label}: {r.get('kv_blocks')} blocks; {' | '.join(r.get('log_lines', [])) or '-'}")
     print("wrote", path)
     try:
         print("plot", plot(json.load(open(path)), path[:-5] + ".png"))

@@ -124,14 +124,16 @@ def pinned_h2d_seconds(nbytes: int, repeats: int) -> list[float]:
     return cuda_event_seconds(lambda: dst.copy_(src, non_blocking=True), repeats)
 
 
-def run_child(module: str, args: list[str], env: dict, label: str, timeout: float | None = None) -> dict:
+def run_child(module: str, args: list[str], env: dict, label: str, timeout: float | None = None,
+              grep: str | None = None) -> dict:
     """Run ``python -m <module> --child <args>`` (one engine, one configuration) in a fresh Python with ``env``;
     return the JSON of the ``RESULT <json>`` line it prints on stdout.
 
     The child runs in a temporary directory (vLLM and its compile caches write beside the cwd) with the repository
     root on ``PYTHONPATH``, so ``-m benchmarks.<name>`` resolves from any cwd. Its ``[...]`` progress lines on
     stderr are echoed; on failure (or past ``timeout`` seconds) the stderr tail is shown and we exit naming
-    ``label``."""
+    ``label``. ``grep``: the child's (and its engine processes') log lines containing it go to ``result["log_lines"]``
+    (e.g. vLLM's own "Maximum concurrency" line)."""
     import tempfile
 
     cmd = [sys.executable, "-m", module, "--child", *args]
@@ -148,7 +150,10 @@ def run_child(module: str, args: list[str], env: dict, label: str, timeout: floa
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise SystemExit(f"{label} run failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    if grep:
+        result["log_lines"] = [line[-300:] for line in (proc.stdout + proc.stderr).splitlines() if grep in line]
+    return result
 
 
 class StackSampler:

@@ -98,6 +98,11 @@ class LongSeqConfig:
             retrieval heads and the Triton kernel on the streaming heads (``LONGSEQ_DUO_HYBRID_DECODE_BATCH``,
             default 8); 0 = one Triton launch for all heads at every batch size. The hybrid pays off only at
             larger batches (docs/benchmarks/duo.md).
+        duo_memory: duo mode (vLLM): streaming KV heads keep only ``sink + recent`` tokens in the paged cache
+            (``LONGSEQ_DUO_MEMORY``, ``0``/``1``), so the scheduler admits more requests. Every layer then streams the
+            same number of KV heads (``duo_sparsity`` applied per layer on each tensor-parallel rank), each layer
+            runs as two attention layers (retrieval heads: full KV; streaming heads: a sink + window KV group);
+            ``duo_threshold`` is refused (it gives layers different counts). See docs/duo-memory.md.
         kda: run Kimi Delta Attention (Kimi-Linear's linear-attention layers) on longseq's KDA kernels instead of
             the framework's vendored ones (``LONGSEQ_KDA``, ``0``/``1``): vLLM's KDA layer is replaced through its
             out-of-tree layer registry, SGLang's through its KDA kernel dispatcher.
@@ -128,6 +133,7 @@ class LongSeqConfig:
     duo_sink: int | None = None
     duo_recent: int | None = None
     duo_hybrid_decode_batch: int = 8
+    duo_memory: bool = False
     kda: bool = False
     kda_prefill: str = "framework"
 
@@ -189,6 +195,12 @@ class LongSeqConfig:
             val = getattr(self, name)
             if val is not None and val <= 0:
                 raise LongSeqConfigError(f"{env[name]}={val} must be a positive integer (or unset: from the pattern)")
+        if self.duo_memory and self.attention != "duo":
+            raise LongSeqConfigError(f"LONGSEQ_DUO_MEMORY=1 needs LONGSEQ_ATTENTION=duo (got {self.attention!r})")
+        if self.duo_memory and self.duo_threshold is not None:
+            raise LongSeqConfigError(
+                f"LONGSEQ_DUO_MEMORY=1 with LONGSEQ_DUO_THRESHOLD={self.duo_threshold}: saving KV memory needs the same "
+                "number of streaming heads in every layer; use LONGSEQ_DUO_SPARSITY (applied per layer) instead")
 
     # Environment / JSON field names, in the order `longseq info` prints them.
     ENV_NAMES = {
@@ -214,6 +226,7 @@ class LongSeqConfig:
         "duo_sink": "LONGSEQ_DUO_SINK",
         "duo_recent": "LONGSEQ_DUO_RECENT",
         "duo_hybrid_decode_batch": "LONGSEQ_DUO_HYBRID_DECODE_BATCH",
+        "duo_memory": "LONGSEQ_DUO_MEMORY",
         "kda": "LONGSEQ_KDA",
         "kda_prefill": "LONGSEQ_KDA_PREFILL",
     }

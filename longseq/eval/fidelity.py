@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
+
+
+_CONCURRENCY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
 
 
 def run_session(model: str, runs: list[dict], env: dict[str, str], llm_kwargs: dict, logprobs: int = 20,
@@ -27,7 +31,8 @@ def run_session(model: str, runs: list[dict], env: dict[str, str], llm_kwargs: d
     prefix cache of earlier ones, so a forced run followed by a free run prefills each prompt once).
 
     Each run: ``{"prompts": [[ids]], "max_tokens": n, "forced": [[ids]] | None}``.
-    Returns ``{"runs": [{"tokens", "texts", "logprobs", "generate_s"}], "trace": [...]}``; ``logprobs`` is,
+    Returns ``{"runs": [{"tokens", "texts", "logprobs", "generate_s"}], "trace": [...], "num_kv_blocks",
+    "max_concurrency": {"tokens", "x"} (vLLM's start-up line, None if absent)}``; ``logprobs`` is,
     per prompt, the top-``logprobs`` ``{token: logprob}`` at every generated step.
     """
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,6 +47,8 @@ def run_session(model: str, runs: list[dict], env: dict[str, str], llm_kwargs: d
         result = json.load(open(out))
         result["trace"] = [json.load(open(os.path.join(trace, f))) for f in sorted(os.listdir(trace))
                            if f.endswith(".json")]
+        m = _CONCURRENCY.search(proc.stdout + proc.stderr)  # vLLM's own start-up line
+        result["max_concurrency"] = {"tokens": int(m.group(1).replace(",", "")), "x": float(m.group(2))} if m else None
         return result
 
 
@@ -106,7 +113,8 @@ def _engine_main(spec_path: str, out_path: str) -> None:
             "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
                          for o in outs],
             "generate_s": time.perf_counter() - t0})
-    json.dump({"runs": results}, open(out_path, "w"))
+    cache = llm.llm_engine.vllm_config.cache_config
+    json.dump({"runs": results, "num_kv_blocks": getattr(cache, "num_gpu_blocks", None)}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def variant_study(model: str, tokenizer, variants: dict[str, dict[str, str]], fi
     Returns:
         ``{"inputs": {"fid_lengths", "passkey_lengths", "max_tokens", "seed"}, "dense": {"passkey_correct",
         "trace"}, "variants": {label: {"agreement", "mean_kl", "max_kl", "steps", "free_running_match",
-        "per_prompt", "passkey_correct", "trace"}}}``.
+        "per_prompt", "passkey_correct", "trace", "kv_blocks", "max_concurrency"}}}`` (KV blocks and vLLM's
+        "Maximum concurrency" line of each engine, dense's too).
 
     Raises:
         RuntimeError: an engine failed, or teacher forcing did not reproduce the dense tokens.
@@ -89,7 +90,8 @@ def variant_study(model: str, tokenizer, variants: dict[str, dict[str, str]], fi
     d_run = dense["runs"][0]
     out = {"inputs": {"fid_lengths": fid_lengths, "passkey_lengths": passkey_lengths, "max_tokens": max_tokens,
                       "seed": seed},
-           "dense": {"passkey_correct": passkeys(dense["runs"][1]) if pk_prompts else [], "trace": dense["trace"]},
+           "dense": {"passkey_correct": passkeys(dense["runs"][1]) if pk_prompts else [], "trace": dense["trace"],
+                     "kv_blocks": dense.get("num_kv_blocks"), "max_concurrency": dense.get("max_concurrency")},
            "variants": {}}
     for label, env in variants.items():
         runs = [{"prompts": prompts, "max_tokens": max_tokens, "forced": d_run["tokens"]},
@@ -101,6 +103,7 @@ def variant_study(model: str, tokenizer, variants: dict[str, dict[str, str]], fi
         metrics = compare(d_run, forced, free)
         metrics["passkey_correct"] = passkeys(res["runs"][2]) if pk_prompts else []
         metrics["trace"] = res["trace"]
+        metrics["kv_blocks"], metrics["max_concurrency"] = res.get("num_kv_blocks"), res.get("max_concurrency")
         out["variants"][label] = metrics
     return out
 

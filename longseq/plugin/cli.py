@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     duo_sub = p_duo.add_subparsers(dest="duo_command", required=True)
     duo_calibrate.add_arguments(duo_sub.add_parser(
         "calibrate", help="learn the full-attention (retrieval) gate of every KV head on synthetic passkey data"))
+    from longseq.tools import duo_capacity  # standard library only
+
+    duo_capacity.add_arguments(duo_sub.add_parser(
+        "capacity", help="KV bytes per token and per sequence with LONGSEQ_DUO_MEMORY=1 vs dense (config.json only)"))
     from longseq.kv_offload import disk_stats  # standard library only (no torch)
 
     p_kv = sub.add_parser("kv", help="KV offload cache tools")
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.json, args.model)
+    if args.command == "duo" and args.duo_command == "capacity":
+        return duo_capacity.run(args)
     if args.command == "duo":
         return duo_calibrate.run(args, command="longseq " + shlex.join(argv))
     if args.command == "kv":

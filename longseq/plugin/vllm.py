@@ -34,6 +34,9 @@ VLLM_KDA_LAYER_MODULE = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_at
 VLLM_KDA_LAYER_CLASS = "KimiGatedDeltaNetAttention"
 OUR_KDA_LAYER = "longseq.attention_backends.vllm.kda.LongSeqKimiDeltaAttention"
 
+#: ``LONGSEQ_DUO_MEMORY=1``: architecture -> our class in ``longseq.attention_backends.vllm.duo_memory_models``.
+DUO_MEMORY_MODELS = {"LlamaForCausalLM": "DuoSplitLlamaForCausalLM", "Qwen2ForCausalLM": "DuoSplitQwen2ForCausalLM"}
+
 _registered: set[str] = set()
 
 
@@ -61,6 +64,14 @@ def register() -> None:
         # layer module is imported (only processes that build the model pay for that import).
         register_vllm_kda_layer()
         _registered.add("KDA")
+    if config.duo_memory and "DUO_MEMORY" not in _registered:
+        # Llama/Qwen2 models whose attention layers split into retrieval and streaming sublayers, under the
+        # architectures' own names (vLLM resolves the class path lazily, in the processes that build the model).
+        from vllm import ModelRegistry
+
+        for arch, cls in DUO_MEMORY_MODELS.items():
+            ModelRegistry.register_model(arch, f"longseq.attention_backends.vllm.duo_memory_models:{cls}")
+        _registered.add("DUO_MEMORY")
     if "KV_CONNECTOR" not in _registered:
         # --kv-transfer-config '{"kv_connector":"LongSeqOffloadConnector",...}' without a module path.
         from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory

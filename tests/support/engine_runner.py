@@ -34,6 +34,7 @@ def main(spec_path: str, out_path: str) -> None:
                else None,
                "logprobs": [[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
                             for o in outs] if spec.get("logprobs") else None,
+               "num_kv_blocks": getattr(cfg.cache_config, "num_gpu_blocks", None) if cfg is not None else None,
                "load_s": t_load, "generate_s": t_gen}, open(out_path, "w"))
 
 

@@ -194,10 +194,30 @@ def rank_streaming_mask(config: LongSeqConfig, num_layers: int, num_kv_heads: in
     ``num_kv_heads`` KV heads, before sharding: a clear start-up error otherwise), then restricted to the KV
     heads this rank holds."""
     seed = random_pattern_seed(config.duo_pattern)
-    pattern = None if seed is None else random_pattern(num_layers, num_kv_heads, seed)
+    pattern = random_pattern(num_layers, num_kv_heads, seed) if seed is not None else (
+        load_duo_pattern(config.duo_pattern) if config.duo_memory else None)
     mask = StreamingHeadMask.from_config(config, pattern)
     mask.validate(num_layers, num_kv_heads)
-    return mask.shard(tp_rank, tp_size) if tp_size > 1 else mask
+    mask = mask.shard(tp_rank, tp_size) if tp_size > 1 else mask
+    if config.duo_memory:  # the same count in every layer of every rank: two KV groups of equal layer count
+        cols = torch.tensor(mask.kv_head_ids, dtype=torch.long)
+        sparsity = DEFAULT_SPARSITY if config.duo_sparsity is None else config.duo_sparsity
+        mask = dataclasses.replace(mask, is_streaming=per_layer_streaming(pattern.gates.index_select(1, cols),
+                                                                          sparsity))
+    return mask
+
+
+def per_layer_streaming(gates: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """``[L, H]`` bool: in every layer, the ``k = floor(sparsity * H + 1/2)`` KV heads with the lowest gates
+    stream (ties: the lower head first). ``gates``: ``[L, H]`` float, one rank's heads. DuoAttention's global
+    quantile (:meth:`StreamingHeadMask.from_pattern`) gives layers different counts; saving KV memory in a paged
+    server needs one count per layer (docs/duo-memory.md)."""
+    num_layers, h = gates.shape
+    k = min(h, int(math.floor(float(sparsity) * h + 0.5 + 1e-9)))
+    out = torch.zeros(num_layers, h, dtype=torch.bool)
+    order = torch.argsort(gates.float().cpu(), dim=1, stable=True)[:, :k]
+    out.scatter_(1, order, True)
+    return out
 
 
 @dataclasses.dataclass

@@ -83,6 +83,9 @@ def runner_streaming_mask(model_runner, config: LongSeqConfig) -> StreamingHeadM
     if spec is not None and not spec.is_none():
         raise LongSeqConfigError(f"{where}: speculative decoding is not supported; remove --speculative-algorithm")
     check_runner_kv_pool(model_runner, where)
+    if config.duo_memory:
+        raise LongSeqConfigError(f"{where}: LONGSEQ_DUO_MEMORY=1 (streaming heads' KV kept at sink + recent) is "
+                                 "implemented for vLLM only; unset it (duo still saves compute on SGLang)")
 
     model_config = model_runner.model_config
     total_kv_heads = model_config.get_total_num_kv_heads()

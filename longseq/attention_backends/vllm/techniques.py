@@ -120,6 +120,12 @@ class LayerTechniques:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("longseq duo: layer tensors must be built before CUDA-graph capture (the "
                                    "metadata builder does it for the layers it is given)")
+            role = getattr(layer, "longseq_duo_role", None)
+            if role is not None:  # a sublayer of LONGSEQ_DUO_MEMORY's split: every head of one kind
+                flags = torch.full((1, self.num_kv_heads), role == "streaming", dtype=torch.bool)
+                self._duo_layer = DuoLayer.build(StreamingHeadMask(flags, self.duo.sink_size, self.duo.recent_size),
+                                                 0, device)
+                return self._duo_layer
             name = getattr(layer, "layer_name", "")
             i = layer_index(name)
             if i is None or i >= len(self._duo_pattern_rows):

@@ -1,0 +1,225 @@
+"""DuoAttention that saves KV memory in vLLM (``LONGSEQ_DUO_MEMORY=1``): streaming KV heads keep only their sink and
+recent tokens in the paged cache, so the scheduler admits more requests.
+
+vLLM gives every KV head of a layer one block table (one ``KVCacheSpec`` per layer), so the split happens in the
+model: each decoder layer's attention becomes two vLLM attention layers (:class:`DuoSplitAttention`),
+``...attn.retrieval`` over the retrieval KV heads (a full-attention spec, as before) and ``...attn.streaming``
+over the streaming KV heads (:class:`SinkWindowSpec`). The streaming group's manager (:class:`SinkWindowManager`)
+frees every block between the sink and the window once no query can see it, and the pool is sized for
+``sink + recent`` tokens per request in that group (``max_memory_usage_bytes``). The backend runs the retrieval
+sublayer dense and the streaming one through the duo kernel with all its heads streaming; freed blocks read as
+vLLM's null block (zeros), which the kernels mask out. Plan and trade-offs: docs/duo-memory.md.
+
+Prefix caching stays on: the streaming group answers cache hits with full-attention semantics (a hit needs every
+block of the prefix still cached), which is exact because a freed block keeps its hash only until it is reused.
+
+Registration: importing this module registers the spec with vLLM's ``KVCacheSpecRegistry`` (after vLLM's own
+specs, which the registry registers lazily only while it is empty), in the worker that builds the model and in
+the engine core that unpickles the specs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from longseq.config import LongSeqConfigError
+
+#: The sublayer names under the replaced ``...attn`` module (one integer in the path: vLLM's layer index).
+RETRIEVAL, STREAMING = "retrieval", "streaming"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SinkWindowSpec(AttentionSpec):
+    """The streaming heads' KV: a query at position ``p`` reads keys ``j < sink_tokens`` and
+    ``j > p - recent_tokens``. Not a ``FullAttentionSpec`` subclass, so vLLM puts these layers in their own group."""
+
+    sink_tokens: int = 0  # defaults only because the base has defaulted fields; StreamingHeadsAttention sets both
+    recent_tokens: int = 0
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """What one request holds at most: the sink blocks plus the window and the tokens in flight (as
+        ``SlidingWindowSpec`` counts them), never more than the whole context."""
+        max_len = vllm_config.model_config.max_model_len
+        in_flight = getattr(vllm_config, "max_in_flight_tokens", None) or \
+            vllm_config.scheduler_config.max_num_batched_tokens
+        bs = self.block_size
+        blocks = _cdiv(self.sink_tokens, bs) + _cdiv(min(self.recent_tokens - 1 + in_flight, max_len), bs) + 1
+        return min(blocks, _cdiv(max_len, bs)) * self.page_size_bytes
+
+
+
+def as_full_attention(spec: AttentionSpec) -> FullAttentionSpec:
+    """The same pages as a full-attention spec (what vLLM's full-attention cache lookup accepts)."""
+    return FullAttentionSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init})
+
+
+class SinkWindowManager(FullAttentionManager):
+    """Full-attention bookkeeping, plus freeing the blocks between the sink and the window.
+
+    ``get_num_skipped_tokens`` stays 0 (nothing is skipped at the head, unlike a sliding window), so prefix
+    hits and connector loads allocate every block as for full attention; the gap is freed afterwards.
+    """
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        spec: SinkWindowSpec = self.kv_cache_spec
+        first, last = sink_window_gap(processed_computed_tokens, spec.sink_tokens, spec.recent_tokens,
+                                      self.block_size)
+        blocks = self.req_to_blocks.get(request_id)
+        if blocks is None or last <= first:
+            return
+        self._remove_blocks_in_range(request_id, first, min(last, len(blocks)))
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
+                               *args, **kwargs):
+        if isinstance(kv_cache_spec, SinkWindowSpec):
+            kv_cache_spec = as_full_attention(kv_cache_spec)
+        return super().find_longest_cache_hit(block_hashes, max_length, kv_cache_group_ids, block_pool,
+                                              kv_cache_spec, *args, **kwargs)
+
+
+def sink_window_gap(processed_tokens: int, sink: int, recent: int, block_size: int) -> tuple[int, int]:
+    """``(first, last)``: the blocks ``first <= b < last`` that no query from position ``processed_tokens`` on can
+    read (the next query ``p`` sees ``j < sink`` and ``j >= p - recent + 1``). Blocks holding a sink token stay."""
+    first = _cdiv(sink, block_size)
+    last = max(0, processed_tokens - recent + 1) // block_size
+    return first, max(first, last)
+
+
+def _register_spec() -> None:
+    KVCacheSpecRegistry._ensure_registered()  # vLLM's own specs first: it registers them only while empty
+    KVCacheSpecRegistry.register(SinkWindowSpec, SinkWindowManager, uniform_type_base_spec=SinkWindowSpec)
+
+
+_register_spec()
+
+
+class StreamingHeadsAttention(Attention):
+    """A vLLM attention layer over one layer's streaming KV heads: its KV group is :class:`SinkWindowSpec`
+    (``longseq_sink_tokens`` / ``longseq_recent_tokens`` are set right after construction)."""
+
+    longseq_sink_tokens: int = 0
+    longseq_recent_tokens: int = 0
+
+    def get_kv_cache_spec(self, vllm_config):
+        spec = super().get_kv_cache_spec(vllm_config)
+        if type(spec) is not FullAttentionSpec:
+            raise LongSeqConfigError(f"longseq duo memory: layer {self.layer_name} has a {type(spec).__name__} KV "
+                                     "cache; only plain full attention can be split")
+        return SinkWindowSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init},
+                              sink_tokens=self.longseq_sink_tokens, recent_tokens=self.longseq_recent_tokens)
+
+
+def _q_heads(kv_heads: list[int], group: int) -> list[int]:
+    return [h * group + g for h in kv_heads for g in range(group)]
+
+
+class DuoSplitAttention(nn.Module):
+    """Replaces one decoder layer's ``Attention``: the same ``forward(q, k, v)``, run as a retrieval sublayer and a
+    streaming sublayer over index-selected heads (either may be absent when a layer has no heads of that kind).
+
+    ``q``: ``[T, Hq * D]``, ``k``/``v``: ``[T, Hkv * D]`` (this rank's heads, model dtype); returns ``[T, Hq * Dv]``.
+    """
+
+    def __init__(self, original: Attention, streaming: list[bool], sink: int, recent: int, cache_config) -> None:
+        super().__init__()
+        hq, hkv = original.num_heads, original.num_kv_heads
+        if len(streaming) != hkv or hq % hkv:
+            raise LongSeqConfigError(f"longseq duo memory: layer {original.layer_name}: {len(streaming)} pattern "
+                                     f"columns for {hkv} KV heads ({hq} query heads)")
+        self.num_heads, self.num_kv_heads, self.head_size = hq, hkv, original.head_size
+        self.head_size_v = getattr(original, "head_size_v", None) or original.head_size
+        group = hq // hkv
+        parts = []
+        for kind, heads in ((RETRIEVAL, [h for h in range(hkv) if not streaming[h]]),
+                            (STREAMING, [h for h in range(hkv) if streaming[h]])):
+            if not heads:
+                continue
+            cls = Attention if kind == RETRIEVAL else StreamingHeadsAttention
+            sub = cls(len(heads) * group, original.head_size, original.impl.scale, num_kv_heads=len(heads),
+                      cache_config=cache_config, prefix=f"{original.layer_name}.{kind}")
+            sub.longseq_duo_role = kind
+            sub.longseq_sink_tokens, sub.longseq_recent_tokens = sink, recent
+            self.add_module(kind, sub)
+            self.register_buffer(f"{kind}_q", torch.tensor(_q_heads(heads, group), dtype=torch.long), persistent=False)
+            self.register_buffer(f"{kind}_kv", torch.tensor(heads, dtype=torch.long), persistent=False)
+            parts.append(kind)
+        self.parts = tuple(parts)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        t = q.shape[0]
+        qh = q.view(t, self.num_heads, self.head_size)
+        kh = k.view(t, self.num_kv_heads, self.head_size)
+        vh = v.view(t, self.num_kv_heads, self.head_size_v)
+        if len(self.parts) == 1:  # every head of one kind: no gather
+            return getattr(self, self.parts[0])(q, k, v, **kwargs)
+        out = q.new_empty(t, self.num_heads, self.head_size_v)
+        for kind in self.parts:
+            qi, ki = getattr(self, f"{kind}_q"), getattr(self, f"{kind}_kv")
+            o = getattr(self, kind)(qh.index_select(1, qi).reshape(t, -1), kh.index_select(1, ki).reshape(t, -1),
+                                    vh.index_select(1, ki).reshape(t, -1), **kwargs)
+            out.index_copy_(1, qi, o.view(t, -1, self.head_size_v))
+        return out.view(t, -1)
+
+
+def split_model_attention(model: nn.Module, vllm_config, config) -> int:
+    """Replace every decoder layer's ``attn`` (a vLLM ``Attention``) of ``model`` by a :class:`DuoSplitAttention`
+    with this rank's per-layer streaming heads; returns the number of layers split. Runs inside the model's
+    ``__init__`` (vLLM's config is current). Raises :class:`LongSeqConfigError` for what it cannot split."""
+    from longseq.attention_backends.core.layers import layer_index
+    from longseq.attention_backends.vllm.techniques import duo_mask_for_this_rank, model_global_layer_rows
+
+    why = unsupported_reason(vllm_config)
+    if why:
+        raise LongSeqConfigError(f"LONGSEQ_DUO_MEMORY=1: {why}")
+    rows = model_global_layer_rows(vllm_config)
+    if any(r is None for r in rows):
+        raise LongSeqConfigError("LONGSEQ_DUO_MEMORY=1: this model has sliding-window layers; duo memory saving "
+                                 "supports models whose every layer is global (unset LONGSEQ_DUO_MEMORY: duo still "
+                                 "runs, saving compute only)")
+    mask = duo_mask_for_this_rank(config, vllm_config)
+    context = vllm_config.compilation_config.static_forward_context
+    split = 0
+    for _, module in list(model.named_modules()):
+        attn = getattr(module, "attn", None)
+        if not isinstance(attn, Attention):
+            continue
+        i = layer_index(attn.layer_name)
+        if i is None or i >= len(rows):
+            raise LongSeqConfigError(f"LONGSEQ_DUO_MEMORY=1: cannot tell the layer number of {attn.layer_name!r}")
+        if getattr(attn, "sliding_window", None) or getattr(attn.impl, "logits_soft_cap", None):
+            raise LongSeqConfigError(f"LONGSEQ_DUO_MEMORY=1: layer {attn.layer_name} has a sliding window or "
+                                     "soft-capping; duo memory saving supports plain causal attention")
+        context.pop(attn.layer_name, None)  # its KV cache is the sublayers' now
+        module.attn = DuoSplitAttention(attn, mask.for_layer(rows[i]).tolist(), mask.sink_size, mask.recent_size,
+                                        vllm_config.cache_config)
+        split += 1
+    if split == 0:
+        raise LongSeqConfigError("LONGSEQ_DUO_MEMORY=1: found no attention layer to split in this model")
+    return split
+
+
+def unsupported_reason(vllm_config) -> str | None:
+    """Why this engine configuration cannot save duo KV memory, or None."""
+    if getattr(vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", False):
+        return ("vLLM's hybrid KV cache manager is off (--disable-hybrid-kv-cache-manager, or a KV connector without "
+                "SupportsHMA); the streaming heads' KV group needs it")
+    if vllm_config.kv_transfer_config is not None:
+        return ("a KV connector is configured (--kv-transfer-config); offloading the split duo layout is not "
+                "supported: drop the connector or unset LONGSEQ_DUO_MEMORY")
+    if str(vllm_config.cache_config.cache_dtype) != "auto":
+        return f"kv_cache_dtype={vllm_config.cache_config.cache_dtype!r}: only the model dtype is supported"
+    return None

@@ -1,0 +1,120 @@
+"""LONGSEQ_DUO_MEMORY's pieces without an engine: the per-layer streaming mask, the sink-window gap, vLLM's KV-cache
+spec/manager for the streaming heads (with vLLM's real block pool), and the start-up refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longseq.attention_backends.core.duo import per_layer_streaming
+from longseq.config import LongSeqConfig, LongSeqConfigError
+
+
+def test_per_layer_streaming_takes_the_lowest_gates_of_every_layer():
+    gates = torch.rand(7, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = per_layer_streaming(gates, 0.5)
+    assert mask.sum(1).tolist() == [4] * 7
+    for row, g in zip(mask, gates):
+        assert g[row].max() < g[~row].min()
+    assert per_layer_streaming(gates, 0.0).sum() == 0 and per_layer_streaming(gates, 1.0).all()
+    assert per_layer_streaming(gates, 1 / 3)[:, :].sum(1).tolist() == [3] * 7  # floor(8/3 + 1/2) = 3
+
+
+def test_config_refuses_duo_memory_without_duo_or_with_threshold():
+    with pytest.raises(LongSeqConfigError, match="needs LONGSEQ_ATTENTION=duo"):
+        LongSeqConfig(attention="sparse", duo_memory=True)
+    with pytest.raises(LongSeqConfigError, match="LONGSEQ_DUO_SPARSITY"):
+        LongSeqConfig(attention="duo", duo_pattern="x", duo_threshold=0.5, duo_memory=True)
+    assert LongSeqConfig.from_env({"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_PATTERN": "x",
+                                   "LONGSEQ_DUO_MEMORY": "1"}).duo_memory
+
+
+@pytest.mark.parametrize("processed,expected", [(0, (1, 1)), (40, (1, 1)), (95, (1, 2)), (96, (1, 2)),
+                                                (200, (1, 8))])
+def test_sink_window_gap(processed, expected):
+    from longseq.attention_backends.vllm.duo_memory import sink_window_gap
+
+    # sink 10 -> block 0 stays; the next query p = processed sees j >= p - 63
+    assert sink_window_gap(processed, sink=10, recent=64, block_size=16) == expected
+    first, last = sink_window_gap(processed, 10, 64, 16)
+    p = processed
+    for b in range(first, last):  # every freed block: no token a query from p on may read
+        assert all(not (j < 10 or j > p - 64) for j in range(b * 16, (b + 1) * 16))
+
+
+def _spec(**kw):
+    from longseq.attention_backends.vllm.duo_memory import SinkWindowSpec
+
+    return SinkWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16,
+                          sink_tokens=kw.get("sink", 10), recent_tokens=kw.get("recent", 64))
+
+
+def test_spec_is_its_own_group_and_uses_the_sink_window_manager():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from longseq.attention_backends.vllm.duo_memory import SinkWindowManager, as_full_attention
+
+    spec = _spec()
+    full = as_full_attention(spec)
+    assert type(full) is FullAttentionSpec and full.page_size_bytes == spec.page_size_bytes
+    assert KVCacheSpecRegistry.get_manager_class(spec) is SinkWindowManager
+    # vLLM must not fold these layers into the full-attention group (it would keep every block)
+    assert not full.is_uniform_with_collection({"a": full, "b": spec})
+    assert not spec.is_uniform_with_collection({"a": spec, "b": full})
+
+
+def test_spec_sizes_the_pool_for_sink_plus_window_plus_tokens_in_flight():
+    from types import SimpleNamespace
+
+    spec = _spec(sink=10, recent=64)
+    cfg = SimpleNamespace(model_config=SimpleNamespace(max_model_len=131072), max_in_flight_tokens=256,
+                          scheduler_config=SimpleNamespace(max_num_batched_tokens=256))
+    # 1 sink block + cdiv(63 + 256, 16) = 20 window blocks + 1 for a window that starts mid-block
+    assert spec.max_memory_usage_bytes(cfg) == 22 * spec.page_size_bytes
+    cfg.model_config.max_model_len = 64
+    assert spec.max_memory_usage_bytes(cfg) == 4 * spec.page_size_bytes  # never more than the whole context
+
+
+def test_manager_frees_the_gap_keeps_sink_and_window_and_returns_blocks_to_the_pool():
+    from vllm.v1.core.block_pool import BlockPool
+
+    from longseq.attention_backends.vllm.duo_memory import SinkWindowManager
+
+    pool = BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=16)
+    mgr = SinkWindowManager(_spec(sink=10, recent=64), block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                            scheduler_block_size=16)
+    free0 = pool.get_num_free_blocks()
+    mgr.allocate_new_blocks("r", 200, 200)
+    blocks = mgr.req_to_blocks["r"]
+    assert len(blocks) == 13 and pool.get_num_free_blocks() == free0 - 13
+    kept = [b.block_id for b in blocks]
+    mgr.remove_skipped_blocks("r", 200)
+    null = pool.null_block
+    assert [b is null for b in blocks] == [False] + [True] * 7 + [False] * 5
+    assert [b.block_id for b in blocks if b is not null] == kept[:1] + kept[8:]
+    assert pool.get_num_free_blocks() == free0 - 6
+    mgr.remove_skipped_blocks("r", 200)  # idempotent
+    assert pool.get_num_free_blocks() == free0 - 6
+    mgr.allocate_new_blocks("r", 216, 216)  # decoding on appends after the nulls
+    mgr.remove_skipped_blocks("r", 216)
+    assert [b is null for b in mgr.req_to_blocks["r"]] == [False] + [True] * 8 + [False] * 5
+    mgr.free("r")
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_capacity_prices_llama_8b_at_half_streaming_near_half_dense(tmp_path, capsys):
+    import json
+
+    from longseq.plugin.cli import main
+    from longseq.tools.duo_capacity import kv_capacity
+
+    cfg = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
+    r = kv_capacity(cfg, 0.5, sink=64, recent=256, context=129024, chunk=2048)
+    assert r["dense_bytes_per_token"] == 32 * 8 * 2 * 128 * 2 and r["duo_bytes_per_token"] == r["dense_bytes_per_token"] // 2
+    assert r["duo_bytes_per_request"] == 32 * 4 * 2 * 128 * 2 * (64 + 256 + 2048)
+    assert 0.5 < r["ratio"] < 0.55
+    assert kv_capacity(cfg, 0.5, 64, 256, 129024, tp=2)["kv_heads_per_rank"] == 4
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["duo", "capacity", "--model", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["streaming_heads_per_layer"] == 4
