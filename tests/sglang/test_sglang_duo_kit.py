@@ -220,7 +220,8 @@ def test_layer_without_streaming_heads_runs_inner_backend(longseq_env, model_sha
         ([[0.2, 0.8], [0.3, 0.4]], {}, r"has 2 layers x 2 KV heads, the model has 1 x 2"),
         ([[0.2, 0.8]], {"LONGSEQ_DUO_SPARSITY": "1.5"}, r"LONGSEQ_DUO_SPARSITY=1.5 must be in \[0, 1\]"),
         ([[0.2, 0.8]], {"LONGSEQ_SGLANG_DENSE": "longseq_sparse"}, r"wraps one of SGLang's dense backends"),
-        ([[0.2, 0.8]], {"LONGSEQ_DUO_MEMORY": "1"}, r"LONGSEQ_DUO_MEMORY=1 .* is implemented for vLLM only"),
+        ([[0.2, 0.8]], {"LONGSEQ_ATTENTION": "duo", "LONGSEQ_DUO_MEMORY": "1"},
+         r"LONGSEQ_DUO_MEMORY=1 .* is implemented for vLLM only"),
     ],
 )
 def test_startup_errors(gates, env, message, longseq_env, model_shape, tmp_path, monkeypatch):
