@@ -48,18 +48,19 @@ import tempfile
 import time
 import traceback
 
-from benchmarks.bench_sglang_decode import (
+from benchmarks.common import command_line, write_result
+from benchmarks.sglang_common import (
+    add_run_args,
     base_kwargs,
     child_env,
     finish,
     flush,
     generate,
-    run_config,
     run_environment,
+    run_in_budget,
     server_summary,
     shape_model,
 )
-from benchmarks.common import command_line, write_result
 
 CONFIGS = ("recompute", "file", "ours", "ours-disk")
 SUFFIX = {"file": ".bin", "ours": ".kvb", "ours-disk": ".kvb"}  # one file per stored page
@@ -190,16 +191,8 @@ def parse_args(argv=None):
     p.add_argument("--cold-files", action="store_true",
                    help="drop the storage files from the page cache before each reload")
     p.add_argument("--store-timeout", type=float, default=120, help="seconds to wait for the pages to be stored")
-    p.add_argument("--shape", default="llama-3.1-8b")
-    p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
-    p.add_argument("--tokenizer-from", default=os.environ.get("LONGSEQ_TEST_MODEL"))
     p.add_argument("--quick", action="store_true", help="4K prompt, 1 repeat (smoke run)")
-    p.add_argument("--timeout", type=float, default=240, help="seconds per configuration (engine start included)")
-    p.add_argument("--budget", type=float, default=520,
-                   help="seconds for the whole run: no configuration starts with less than 60 s left, and each "
-                        "one's timeout is cut to what is left (scripts/gpu/job.sh stops a job at 540 s)")
-    p.add_argument("--name", default="sglang_hicache", help="results file name")
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    add_run_args(p, name="sglang_hicache", timeout=240, unit="configuration")
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--storage-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -222,20 +215,16 @@ def main(argv=None) -> None:
     env_info = run_environment()
     runs: dict = {}
     for config in args.configs:
-        left = args.budget - (time.monotonic() - started)
-        if left < 60:
-            runs[config] = {"error": f"not run: {left:.0f} s left of --budget {args.budget:.0f}"}
-        else:
-            folder = tempfile.mkdtemp(prefix=f"longseq-hicache-{config}-", dir=args.disk_parent)
-            env = {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": folder} if config == "file" else {}
-            child_args = ["--config", config, "--model-dir", args.model_dir, "--context", str(args.context),
-                          "--repeats", str(args.repeats), "--attention-backend", args.attention_backend,
-                          "--page-size", str(args.page_size), "--cpu-gib", str(args.cpu_gib),
-                          "--store-timeout", str(args.store_timeout), "--storage-dir", folder,
-                          *(["--cold-files"] if args.cold_files else [])]
-            runs[config] = run_config("benchmarks.bench_sglang_hicache", child_args, child_env(env), config,
-                                      round(min(args.timeout, left)))
-            shutil.rmtree(folder, ignore_errors=True)
+        folder = tempfile.mkdtemp(prefix=f"longseq-hicache-{config}-", dir=args.disk_parent)
+        env = {"SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR": folder} if config == "file" else {}
+        child_args = ["--config", config, "--model-dir", args.model_dir, "--context", str(args.context),
+                      "--repeats", str(args.repeats), "--attention-backend", args.attention_backend,
+                      "--page-size", str(args.page_size), "--cpu-gib", str(args.cpu_gib),
+                      "--store-timeout", str(args.store_timeout), "--storage-dir", folder,
+                      *(["--cold-files"] if args.cold_files else [])]
+        runs[config] = run_in_budget(args, started, "benchmarks.bench_sglang_hicache", child_args, child_env(env),
+                                     config)
+        shutil.rmtree(folder, ignore_errors=True)
         r = runs[config]
         print(f"{config}: " + (f"error {r['error']}" if "error" in r else
               f"cold {r['cold_s']:.3f} s, GPU hit {r['gpu_hit_s']:.3f} s, after flush "
