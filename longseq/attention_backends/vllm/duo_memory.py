@@ -60,9 +60,14 @@ class SinkWindowSpec(AttentionSpec):
 
 
 
+def _attention_fields(spec: AttentionSpec) -> dict:
+    """The ``AttentionSpec`` fields of ``spec`` (block size, heads, dtype, ...), to rebuild it as another spec."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init}
+
+
 def as_full_attention(spec: AttentionSpec) -> FullAttentionSpec:
     """The same pages as a full-attention spec (what vLLM's full-attention cache lookup accepts)."""
-    return FullAttentionSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init})
+    return FullAttentionSpec(**_attention_fields(spec))
 
 
 class SinkWindowManager(FullAttentionManager):
@@ -119,8 +124,8 @@ class StreamingHeadsAttention(Attention):
         if type(spec) is not FullAttentionSpec:
             raise LongSeqConfigError(f"longseq duo memory: layer {self.layer_name} has a {type(spec).__name__} KV "
                                      "cache; only plain full attention can be split")
-        return SinkWindowSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AttentionSpec) if f.init},
-                              sink_tokens=self.longseq_sink_tokens, recent_tokens=self.longseq_recent_tokens)
+        return SinkWindowSpec(**_attention_fields(spec), sink_tokens=self.longseq_sink_tokens,
+                              recent_tokens=self.longseq_recent_tokens)
 
 
 def _q_heads(kv_heads: list[int], group: int) -> list[int]:
@@ -160,12 +165,12 @@ class DuoSplitAttention(nn.Module):
         self.parts = tuple(parts)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+        if len(self.parts) == 1:  # every head of one kind: no gather
+            return getattr(self, self.parts[0])(q, k, v, **kwargs)
         t = q.shape[0]
         qh = q.view(t, self.num_heads, self.head_size)
         kh = k.view(t, self.num_kv_heads, self.head_size)
         vh = v.view(t, self.num_kv_heads, self.head_size_v)
-        if len(self.parts) == 1:  # every head of one kind: no gather
-            return getattr(self, self.parts[0])(q, k, v, **kwargs)
         out = q.new_empty(t, self.num_heads, self.head_size_v)
         for kind in self.parts:
             qi, ki = getattr(self, f"{kind}_q"), getattr(self, f"{kind}_kv")
