@@ -338,14 +338,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    from benchmarks.common import command_line, environment, write_result
+    from benchmarks.common import command_line, environment, shape_model, write_result
 
-    if args.model_dir is None:
-        from longseq.models.shapes import write_shape_model
-
-        args.model_dir = os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
-        write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
-                          max_model_len=args.max_model_len)
+    args.model_dir = shape_model(args, args.max_model_len)
     with local_mooncake(args) as remote:
         args.remote_config = remote
         res = {c: run_config(args, c) for c in args.configs}

@@ -47,7 +47,7 @@ import tempfile
 import time
 import traceback
 
-from benchmarks.common import command_line, write_result
+from benchmarks.common import command_line, shape_model, write_result
 from benchmarks.sglang_common import (
     add_run_args,
     base_kwargs,
@@ -58,7 +58,6 @@ from benchmarks.sglang_common import (
     run_environment,
     run_in_budget,
     server_summary,
-    shape_model,
 )
 
 OURS = "longseq_sparse,longseq_duo,longseq_dense"

@@ -48,7 +48,7 @@ import tempfile
 import time
 import traceback
 
-from benchmarks.common import command_line, write_result
+from benchmarks.common import command_line, shape_model, write_result
 from benchmarks.sglang_common import (
     add_run_args,
     base_kwargs,
@@ -59,7 +59,6 @@ from benchmarks.sglang_common import (
     run_environment,
     run_in_budget,
     server_summary,
-    shape_model,
 )
 
 CONFIGS = ("recompute", "file", "ours", "ours-disk")

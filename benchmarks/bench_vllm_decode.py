@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 from benchmarks.common import run_child
@@ -184,14 +183,9 @@ def main(argv=None) -> None:
     if args.plot:
         print(plot(json.load(open(args.plot)), args.plot[:-5] + ".png"))
         return
-    from benchmarks.common import command_line, environment, write_result
+    from benchmarks.common import command_line, environment, shape_model, write_result
 
-    if args.model_dir is None:
-        from longseq.models.shapes import write_shape_model
-
-        args.model_dir = os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
-        write_shape_model(args.model_dir, shape=args.shape, tokenizer_from=args.tokenizer_from,
-                          max_model_len=args.max_model_len)
+    args.model_dir = shape_model(args, args.max_model_len)
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
     extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.longseq_env or [""])]
     if args.skip_default:

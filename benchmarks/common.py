@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -59,6 +60,18 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+def shape_model(args, max_model_len: int = 131072) -> str:
+    """The shape-only model folder of a benchmark: ``args.model_dir`` as given when it has a ``config.json``, else
+    that folder (or ``<tmp>/longseq-shape-<args.shape>``) written for ``args.shape`` with ``args.tokenizer_from``'s
+    tokenizer."""
+    from longseq.models.shapes import write_shape_model
+
+    if args.model_dir and os.path.isfile(os.path.join(args.model_dir, "config.json")):
+        return args.model_dir
+    path = args.model_dir or os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
+    return write_shape_model(path, shape=args.shape, tokenizer_from=args.tokenizer_from, max_model_len=max_model_len)
 
 
 def command_line() -> str:

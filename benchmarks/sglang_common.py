@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -111,15 +110,6 @@ def base_kwargs(model_dir: str, backend: str, page_size: int, context_length: in
 def child_env(extra: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k in KEEP}
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
-
-
-def shape_model(args, max_model_len: int = 131072) -> str:
-    """The shape-only model folder (``bench_vllm_decode``'s: same path, same writer)."""
-    from longseq.models.shapes import write_shape_model
-
-    path = args.model_dir or os.path.join(tempfile.gettempdir(), f"longseq-shape-{args.shape}")
-    return write_shape_model(path, shape=args.shape, tokenizer_from=args.tokenizer_from,
-                             max_model_len=max_model_len)
 
 
 def add_run_args(p: argparse.ArgumentParser, name: str, timeout: float, unit: str) -> None:

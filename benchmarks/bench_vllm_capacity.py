@@ -1,0 +1,213 @@
+"""Decode throughput at the largest batch each configuration fits: vLLM's default backend vs longseq settings.
+
+For issue 21 (DuoAttention KV memory): with streaming heads keeping only sink + recent tokens, vLLM admits more
+sequences at the same ``gpu_memory_utilization``; this measures what that buys in decode throughput.
+
+Per configuration, one engine (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on a shape-only model) and per
+context: the batch is vLLM's own capacity for a request of ``context + max_tokens`` tokens
+(``get_max_concurrency_for_kv_cache_config``, the function behind its "Maximum concurrency" log line), rounded
+down; that many distinct random prompts are added at once and the engine is stepped. Once every request has its
+first token and ``warm`` more steps ran, ``steps`` decode steps are timed (wall clock of ``LLMEngine.step``, which
+returns after the GPU finished the step): throughput = tokens produced / time. A window in which any step produced
+fewer tokens than the batch (a preemption) is reported as such. Prefill is paid once and is not in the window.
+
+Example (GPU machine):
+    python -m benchmarks.bench_vllm_capacity --contexts 32768,129024 \
+        --longseq-env LONGSEQ_ATTENTION=duo,LONGSEQ_DUO_PATTERN=random,LONGSEQ_DUO_MEMORY=1
+Writes benchmarks/results/<name>.json and prints the table for docs/benchmarks/duo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+from benchmarks.common import run_child
+
+
+def engine_capacity(llm, tokens: int) -> tuple[float, int]:
+    """vLLM's maximum concurrency for requests of ``tokens`` tokens on this engine's KV cache (in-process engine),
+    and the pool's number of blocks."""
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    core = llm.llm_engine.engine_core.engine_core  # InprocClient -> EngineCore
+    vllm_config = llm.llm_engine.vllm_config
+    model_config = vllm_config.model_config
+    saved = model_config.max_model_len
+    model_config.max_model_len = tokens  # the per-request size the capacity is asked for, as vLLM's log line does
+    try:
+        kv_cache_config = core.scheduler.kv_cache_config
+        return (float(get_max_concurrency_for_kv_cache_config(vllm_config, kv_cache_config)),
+                int(kv_cache_config.num_blocks))
+    finally:
+        model_config.max_model_len = saved
+
+
+def timed_decode_window(engine, prompts: list, params, warm: int, steps: int) -> dict:
+    """Add ``prompts`` at once, step until each has a token, then ``warm`` steps, then time ``steps`` steps."""
+    ids = [f"cap-{i}" for i in range(len(prompts))]
+    for rid, prompt in zip(ids, prompts):
+        engine.add_request(rid, prompt, params)
+    produced = {rid: 0 for rid in ids}
+
+    def step() -> int:
+        new = 0
+        for out in engine.step():
+            if out.request_id in produced:
+                n = len(out.outputs[0].token_ids)
+                new += n - produced[out.request_id]
+                produced[out.request_id] = n
+        return new
+
+    t0 = time.perf_counter()
+    while min(produced.values()) == 0:
+        step()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(warm):
+        step()
+    per_step = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        per_step.append(step())
+    window_s = time.perf_counter() - t0
+    engine.abort_request(ids)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"prefill_s": prefill_s, "window_s": window_s, "tokens": sum(per_step),
+            "min_tokens_per_step": min(per_step), "max_tokens_per_step": max(per_step),
+            "throughput_tok_s": sum(per_step) / window_s, "step_ms": window_s / steps * 1e3}
+
+
+def child(args) -> None:
+    """One engine, every context: prints a JSON line with the batch each fits and its decode throughput."""
+    import random
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
+                  max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+                  max_num_seqs=args.max_num_seqs, seed=0,
+                  compilation_config={"mode": 0, "cudagraph_mode": args.cudagraph_mode})
+    if args.num_gpu_blocks_override:
+        kwargs["num_gpu_blocks_override"] = args.num_gpu_blocks_override
+    if args.backend != "default":
+        kwargs["attention_config"] = {"backend": args.backend}
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    # early requests decode while later ones prefill (chunked prefill): room for those steps, aborted after the window
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    rows = []
+    for ctx in args.contexts:
+        tokens = ctx + args.max_tokens
+        capacity, num_blocks = engine_capacity(llm, tokens)
+        # vLLM's figure counts the pool's reserved null block as usable: without it a batch of exactly the
+        # capacity has one request preempted
+        batch = min(math.floor(capacity * (num_blocks - 1) / num_blocks), args.max_num_seqs)
+        rng = random.Random(ctx)
+        prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
+                   for _ in range(batch)]
+        row = {"context": ctx, "request_tokens": tokens, "capacity": capacity, "batch": batch,
+               **timed_decode_window(engine, prompts, params, args.warm, args.steps)}
+        rows.append(row)
+        print(f"[{args.backend}] ctx={ctx} capacity={capacity:.2f} batch={batch} prefill={row['prefill_s']:.1f}s "
+              f"step={row['step_ms']:.2f}ms throughput={row['throughput_tok_s']:.0f} tok/s "
+              f"tokens/step {row['min_tokens_per_step']}-{row['max_tokens_per_step']}", file=sys.stderr, flush=True)
+    kv_blocks = getattr(engine.vllm_config.cache_config, "num_gpu_blocks", None)
+    print("RESULT " + json.dumps({"backend": args.backend, "kv_blocks": kv_blocks, "rows": rows}), flush=True)
+
+
+def run_config(args, backend: str, env: dict) -> dict:
+    child_args = ["--backend", backend, "--model-dir", args.model_dir,
+                  "--contexts", ",".join(map(str, args.contexts)), "--warm", str(args.warm),
+                  "--steps", str(args.steps), "--max-tokens", str(args.max_tokens),
+                  "--max-model-len", str(args.max_model_len),
+                  "--max-num-seqs", str(args.max_num_seqs),
+                  "--num-gpu-blocks-override", str(args.num_gpu_blocks_override),
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode]
+    env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the capacity is read from the in-process scheduler
+    return run_child("benchmarks.bench_vllm_capacity", child_args, env, backend, grep="Maximum concurrency")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vllm_capacity",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p.add_argument("--contexts", type=ints, default=[32768, 129024])
+    p.add_argument("--longseq-env", action="append", required=False, default=None,
+                   help="K=V,K=V environment of one longseq configuration (LONGSEQ_ATTENTION included); repeat it "
+                        "for several, each timed against the same default run")
+    p.add_argument("--shape", default="llama-3.1-8b")
+    p.add_argument("--model-dir", default=None, help="shape-only model folder (written if missing)")
+    p.add_argument("--tokenizer-from", default=os.environ.get("LONGSEQ_TEST_MODEL"))
+    p.add_argument("--warm", type=int, default=8, help="decode steps after every request has its first token")
+    p.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    p.add_argument("--max-tokens", type=int, default=512,
+                   help="each request's token limit (the batch is the capacity for context + this); must exceed the "
+                        "steps the first requests decode while the last ones prefill, plus warm + steps")
+    p.add_argument("--max-model-len", type=int, default=131072)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--num-gpu-blocks-override", type=int, default=0,
+                   help="a fixed KV pool of this many blocks (small CPU runs; 0: sized by vLLM)")
+    p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
+    p.add_argument("--ours-backend", default="CUSTOM",
+                   help="attention backend of the longseq runs (CUSTOM on CUDA; 'default' on vLLM's CPU engine)")
+    p.add_argument("--name", default="vllm_capacity", help="results file name")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    from benchmarks.common import command_line, environment, shape_model, write_result
+
+    args.model_dir = shape_model(args, args.max_model_len)
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
+    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.longseq_env or [])]
+    if not extras:
+        raise SystemExit("give at least one --longseq-env configuration")
+    default = run_config(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
+    runs = [run_config(args, args.ours_backend, {**base_env, **extra}) for extra in extras]
+    table = []
+    for i, d in enumerate(default["rows"]):
+        for extra, r in zip(extras, runs):
+            o = r["rows"][i]
+            table.append({"context": d["context"], "longseq_env": extra,
+                          "default_batch": d["batch"], "longseq_batch": o["batch"],
+                          "default_capacity": d["capacity"], "longseq_capacity": o["capacity"],
+                          "capacity_ratio": o["capacity"] / d["capacity"],
+                          "default_throughput_tok_s": d["throughput_tok_s"],
+                          "longseq_throughput_tok_s": o["throughput_tok_s"],
+                          "throughput_ratio": o["throughput_tok_s"] / d["throughput_tok_s"],
+                          "default_step_ms": d["step_ms"], "longseq_step_ms": o["step_ms"],
+                          "preempted": o["min_tokens_per_step"] < o["batch"] or d["min_tokens_per_step"] < d["batch"]})
+    path = write_result(args.name, {"benchmark": "vllm_capacity", "command": command_line(), "env": environment(),
+                                    "inputs": {"shape": args.shape, "contexts": args.contexts, "warm": args.warm,
+                                               "steps": args.steps, "max_tokens": args.max_tokens,
+                                               "max_model_len": args.max_model_len,
+                                               "gpu_memory_utilization": args.gpu_memory_utilization,
+                                               "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
+                                    "longseq_envs": extras, "default": default, "longseq_runs": runs,
+                                    "table": table})
+    print("| context | setting | default batch | longseq batch | capacity ratio | default tok/s | longseq tok/s | "
+          "throughput ratio |\n|---|---|---|---|---|---|---|---|")
+    for r in table:
+        env = ",".join(f"{k}={v}" for k, v in r["longseq_env"].items())
+        print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['capacity_ratio']:.2f}x | "
+              f"{r['default_throughput_tok_s']:.0f} | {r['longseq_throughput_tok_s']:.0f} | "
+              f"{r['throughput_ratio']:.2f}x |")
+    for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:
+        print(f"  KV capacity, {label}: {r.get('kv_blocks')} blocks; {' | '.join(r.get('log_lines', [])) or '-'}")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
