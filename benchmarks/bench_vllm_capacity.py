@@ -10,9 +10,10 @@ down; that many distinct random prompts are added at once and the engine is step
 first token and ``warm`` more steps ran, ``steps`` decode steps are timed (wall clock of ``LLMEngine.step``, which
 returns after the GPU finished the step): throughput = tokens produced / time. A window in which any step produced
 fewer tokens than the batch (a preemption) is reported as such. Prefill is paid once and is not in the window.
+A context given as ``CTXxB`` runs a fixed batch ``B`` instead (``129024x1``: the time per output token at batch 1).
 
 Example (GPU machine):
-    python -m benchmarks.bench_vllm_capacity --contexts 32768,129024 \
+    python -m benchmarks.bench_vllm_capacity --contexts 32768,129024,129024x1 \
         --longseq-env LONGSEQ_ATTENTION=duo,LONGSEQ_DUO_PATTERN=random,LONGSEQ_DUO_MEMORY=1
 Writes benchmarks/results/<name>.json and prints the table for docs/benchmarks/duo.md.
 """
@@ -82,6 +83,15 @@ def timed_decode_window(engine, prompts: list, params, warm: int, steps: int) ->
             "throughput_tok_s": sum(per_step) / window_s, "step_ms": window_s / steps * 1e3}
 
 
+def cases(text: str) -> list[tuple[int, int | None]]:
+    """``"32768,129024x1"`` -> ``[(32768, None), (129024, 1)]``: None = the largest batch that fits."""
+    out = []
+    for item in text.split(","):
+        ctx, _, batch = item.partition("x")
+        out.append((int(ctx), int(batch) if batch else None))
+    return out
+
+
 def child(args) -> None:
     """One engine, every context: prints a JSON line with the batch each fits and its decode throughput."""
     import random
@@ -102,13 +112,13 @@ def child(args) -> None:
     # early requests decode while later ones prefill (chunked prefill): room for those steps, aborted after the window
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
-    for ctx in args.contexts:
+    for ctx, fixed_batch in cases(args.contexts):
         tokens = ctx + args.max_tokens
         capacity, num_blocks = engine_capacity(llm, tokens)
         # vLLM's figure counts the pool's reserved null block as usable: without it a batch of exactly the
         # capacity has one request preempted
-        batch = min(math.floor(capacity * (num_blocks - 1) / num_blocks), args.max_num_seqs)
-        rng = random.Random(ctx)
+        batch = fixed_batch or min(math.floor(capacity * (num_blocks - 1) / num_blocks), args.max_num_seqs)
+        rng = random.Random(ctx * 1000 + batch)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
                    for _ in range(batch)]
         row = {"context": ctx, "request_tokens": tokens, "capacity": capacity, "batch": batch,
@@ -123,7 +133,7 @@ def child(args) -> None:
 
 def run_config(args, backend: str, env: dict) -> dict:
     child_args = ["--backend", backend, "--model-dir", args.model_dir,
-                  "--contexts", ",".join(map(str, args.contexts)), "--warm", str(args.warm),
+                  "--contexts", args.contexts, "--warm", str(args.warm),
                   "--steps", str(args.steps), "--max-tokens", str(args.max_tokens),
                   "--max-model-len", str(args.max_model_len),
                   "--max-num-seqs", str(args.max_num_seqs),
@@ -136,8 +146,9 @@ def run_config(args, backend: str, env: dict) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_vllm_capacity",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    p.add_argument("--contexts", type=ints, default=[32768, 129024])
+    p.add_argument("--contexts", default="32768,129024",
+                   help="comma list of CTX (the largest batch that fits) or CTXxB (a fixed batch B, e.g. 129024x1 "
+                        "for TPOT at batch 1)")
     p.add_argument("--longseq-env", action="append", required=False, default=None,
                    help="K=V,K=V environment of one longseq configuration (LONGSEQ_ATTENTION included); repeat it "
                         "for several, each timed against the same default run")
@@ -197,12 +208,12 @@ def main(argv=None) -> None:
                                                "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
                                     "longseq_envs": extras, "default": default, "longseq_runs": runs,
                                     "table": table})
-    print("| context | setting | default batch | longseq batch | capacity ratio | default tok/s | longseq tok/s | "
-          "throughput ratio |\n|---|---|---|---|---|---|---|---|")
+    print("| context | setting | default batch | longseq batch | capacity ratio | default step ms | longseq step ms | "
+          "default tok/s | longseq tok/s | throughput ratio |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         env = ",".join(f"{k}={v}" for k, v in r["longseq_env"].items())
         print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['capacity_ratio']:.2f}x | "
-              f"{r['default_throughput_tok_s']:.0f} | {r['longseq_throughput_tok_s']:.0f} | "
+              f"{r['default_step_ms']:.2f} | {r['longseq_step_ms']:.2f} | {r['default_throughput_tok_s']:.0f} | {r['longseq_throughput_tok_s']:.0f} | "
               f"{r['throughput_ratio']:.2f}x |")
     for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:
         print(f"  KV capacity, {label}: {r.get('kv_blocks')} blocks; {' | '.join(r.get('log_lines', [])) or '-'}")
