@@ -46,6 +46,8 @@ import tempfile
 import threading
 import time
 
+from benchmarks.common import env_without_longseq
+
 #: Server arguments of both runs, besides ``--dtype``: those of tests/cpu_engine/test_vllm_kv_offload_cpu.py, with
 #: vLLM's own prefix cache off and a KV cache of 64 blocks (8K tokens), so the warm-up touches all of it and the RSS
 #: at start is not followed by first touches of a pre-allocated cache.
@@ -68,7 +70,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url, self.model, self.log_path = f"http://127.0.0.1:{self.port}", model, log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_CACHE_DIR"}
+        env = env_without_longseq("LONGSEQ_CACHE_DIR")
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",

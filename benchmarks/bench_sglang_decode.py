@@ -47,7 +47,7 @@ import tempfile
 import time
 import traceback
 
-from benchmarks.common import command_line, shape_model, write_result
+from benchmarks.common import command_line, env_settings, shape_model, write_result
 from benchmarks.sglang_common import (
     add_run_args,
     base_kwargs,
@@ -195,7 +195,7 @@ def main(argv=None) -> None:
     order = baselines[:1] + ours + baselines[1:]
     if not order:
         sys.exit("nothing to run: --baselines and --ours are both empty")
-    extra = dict(kv.split("=", 1) for kv in args.longseq_env.split(",") if kv)
+    extra = env_settings(args.longseq_env)
     env_info = run_environment()
     runs: dict = {}
     for backend in order:

@@ -85,7 +85,7 @@ def plot(result: dict, path: str) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from benchmarks.common import RESULTS_DIR, command_line, environment, write_result
+    from benchmarks.common import RESULTS_DIR, command_line, env_settings, environment, write_result
 
     out_dir = args.out_dir or RESULTS_DIR
     json_path = os.path.join(out_dir, f"{args.name}.json")
@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     result = {"name": args.name, "command": command_line(), "env": environment(), "model": model,
               "llm_kwargs": kw, "sweeps": {}}
     summaries = args.summaries.split(",")
-    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.sparse_env or [""])]
+    extras = [env_settings(e) for e in (args.sparse_env or [""])]
     result["sparse_env"] = extras[0] if len(extras) == 1 else extras
     groups, reuses = args.group_scores.split(","), args.reuse_steps.split(",")
 

@@ -184,11 +184,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    from benchmarks.common import command_line, environment, shape_model, write_result
+    from benchmarks.common import (command_line, env_settings, env_without_longseq, environment, shape_model,
+                                   write_result)
 
     args.model_dir = shape_model(args, args.max_model_len)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
-    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.longseq_env or [])]
+    base_env = env_without_longseq("LONGSEQ_TEST_MODEL")
+    extras = [env_settings(e) for e in (args.longseq_env or [])]
     if not extras:
         raise SystemExit("give at least one --longseq-env configuration")
     default = run_config(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
@@ -220,8 +221,8 @@ def main(argv=None) -> None:
     for r in table:
         env = ",".join(f"{k}={v}" for k, v in r["longseq_env"].items())
         print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['capacity_ratio']:.2f}x | "
-              f"{r['default_step_ms']:.2f} | {r['longseq_step_ms']:.2f} | {r['default_throughput_tok_s']:.0f} | {r['longseq_throughput_tok_s']:.0f} | "
-              f"{r['throughput_ratio']:.2f}x |")
+              f"{r['default_step_ms']:.2f} | {r['longseq_step_ms']:.2f} | {r['default_throughput_tok_s']:.0f} | "
+              f"{r['longseq_throughput_tok_s']:.0f} | {r['throughput_ratio']:.2f}x |")
     for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:
         print(f"  KV capacity, {label}: {r.get('kv_blocks')} blocks; {' | '.join(r.get('log_lines', [])) or '-'}")
     print("wrote", path)

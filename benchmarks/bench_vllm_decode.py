@@ -183,11 +183,11 @@ def main(argv=None) -> None:
     if args.plot:
         print(plot(json.load(open(args.plot)), args.plot[:-5] + ".png"))
         return
-    from benchmarks.common import command_line, environment, shape_model, write_result
+    from benchmarks.common import command_line, env_settings, env_without_longseq, environment, shape_model, write_result
 
     args.model_dir = shape_model(args, args.max_model_len)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
-    extras = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (args.longseq_env or [""])]
+    base_env = env_without_longseq("LONGSEQ_TEST_MODEL")
+    extras = [env_settings(e) for e in (args.longseq_env or [""])]
     if args.skip_default:
         for extra in extras:
             ours = run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra})

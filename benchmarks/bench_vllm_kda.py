@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import run_child
+from benchmarks.common import env_without_longseq, run_child
 
 
 def child(args) -> None:
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
 
         args.model_dir = write_kimi_linear_model(os.path.join(tempfile.gettempdir(), f"longseq-kimi48b-{args.layers}l"),
                                                  "kimi-linear-48b", args.layers, max_model_len=args.max_model_len)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k == "LONGSEQ_TEST_MODEL"}
+    base_env = env_without_longseq("LONGSEQ_TEST_MODEL")
     vllm_kda = run_engine(args, "vllm", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone: its own KDA kernels
     with tempfile.TemporaryDirectory() as trace_dir:  # proof that the engine ran our layer (vLLM falls back silently)
         ours = run_engine(args, "longseq", {**base_env, "LONGSEQ_KDA": "1", "LONGSEQ_TRACE_DIR": trace_dir})

@@ -62,6 +62,17 @@ def write_result(name: str, payload: dict, out_dir: str | None = None) -> str:
     return path
 
 
+def env_settings(text: str) -> dict[str, str]:
+    """``"K=V,K=V"`` (a benchmark's ``--longseq-env`` / ``--sparse-env`` value) -> ``{K: V}``; empty parts skipped."""
+    return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+
+
+def env_without_longseq(*keep: str) -> dict[str, str]:
+    """This process's environment without any ``LONGSEQ_*`` setting except ``keep``: a child engine gets only the
+    settings its configuration names."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k in keep}
+
+
 def shape_model(args, max_model_len: int = 131072) -> str:
     """The shape-only model folder of a benchmark: ``args.model_dir`` as given when it has a ``config.json``, else
     that folder (or ``<tmp>/longseq-shape-<args.shape>``) written for ``args.shape`` with ``args.tokenizer_from``'s

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from benchmarks.common import REPO_ROOT, run_child
+from benchmarks.common import REPO_ROOT, env_without_longseq, run_child
 
 #: Variables of ours kept from the caller's environment; every other LONGSEQ_* is dropped (run_child's callers do too).
 KEEP = ("LONGSEQ_TEST_MODEL", "LONGSEQ_CACHE_DIR")
@@ -108,7 +108,7 @@ def base_kwargs(model_dir: str, backend: str, page_size: int, context_length: in
 
 
 def child_env(extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LONGSEQ_") or k in KEEP}
+    env = env_without_longseq(*KEEP)
     return {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
 
 
