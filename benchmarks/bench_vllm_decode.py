@@ -183,7 +183,8 @@ def main(argv=None) -> None:
     if args.plot:
         print(plot(json.load(open(args.plot)), args.plot[:-5] + ".png"))
         return
-    from benchmarks.common import command_line, env_settings, env_without_longseq, environment, shape_model, write_result
+    from benchmarks.common import (command_line, env_settings, env_without_longseq, environment, shape_model,
+                                   write_result)
 
     args.model_dir = shape_model(args, args.max_model_len)
     base_env = env_without_longseq("LONGSEQ_TEST_MODEL")

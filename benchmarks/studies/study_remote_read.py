@@ -252,7 +252,7 @@ def main(argv=None) -> None:
     print(f"\n{'measurement':44s} {'GB':>7s} {'s':>8s} {'GB/s':>7s}")
     for r in results:
         print(f"{r['measurement']:44s} {r['bytes'] / 1e9:7.3f} {r['seconds']:8.3f} {r['gb_per_s']:7.2f}")
-    payload = {"environment": environment(), "command": command_line(),
+    payload = {"env": environment(), "command": command_line(),
                "config": {"records": n, "record_bytes": rb, "chunk": args.chunk, "threads": threads,
                           "transport": "tcp, 127.0.0.1, P2PHANDSHAKE; reader clients lend no memory",
                           "clients": "shared: one client for all threads; per thread: one client each, "

@@ -49,8 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recent", type=int, default=256)
     p.add_argument("--context", type=int, default=131072, help="sequence length to price")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (bytes are per rank)")
-    p.add_argument("--chunk", type=int, default=2048, help="prefill tokens in flight: vLLM's --max-num-batched-tokens (its default depends on the GPU and "
-                        "on serve vs the LLM class, e.g. 8192 / 16384 on an H100 or H200)")
+    p.add_argument("--chunk", type=int, default=2048,
+                   help="prefill tokens in flight: vLLM's --max-num-batched-tokens (its default depends on the GPU "
+                        "and on serve vs the LLM class, e.g. 8192 / 16384 on an H100 or H200)")
     p.add_argument("--dtype-bytes", type=int, default=2)
     p.add_argument("--json", action="store_true")
 
