@@ -16,4 +16,11 @@ export DO_NOT_TRACK=1
 # JIT caches (FlashInfer kernels, sglang.jit_kernel modules built through tvm-ffi): /tmp lives as long as the machine.
 export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/lsq-jit}
 export TVM_FFI_CACHE_DIR=${TVM_FFI_CACHE_DIR:-/tmp/lsq-jit/tvm-ffi}
-export LONGSEQ_TEST_MODEL=${LONGSEQ_TEST_MODEL:-/tmp/models/smollm2-135m-instruct}
+# SGLang picks the model class from config.json's "architectures", which the bundle's GGUF conversion leaves
+# null: a linked copy of the folder with it set (vLLM infers it from model_type).
+src_model=/tmp/models/smollm2-135m-instruct sgl_model=/tmp/models/smollm2-135m-instruct-sgl
+if [ -f "$src_model/config.json" ] && [ ! -f "$sgl_model/config.json" ]; then
+  mkdir -p "$sgl_model" && for f in "$src_model"/*; do [ "${f##*/}" = config.json ] || ln -sf "$f" "$sgl_model/"; done
+  python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); c["architectures"]=c.get("architectures") or ["LlamaForCausalLM"]; json.dump(c,open(sys.argv[2],"w"),indent=1)' "$src_model/config.json" "$sgl_model/config.json"
+fi
+export LONGSEQ_TEST_MODEL=$sgl_model

@@ -118,3 +118,22 @@ def test_capacity_prices_llama_8b_at_half_streaming_near_half_dense(tmp_path, ca
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["duo", "capacity", "--model", str(tmp_path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["streaming_heads_per_layer"] == 4
+
+
+def test_flash_builder_sizes_its_schedule_for_the_groups_own_heads():
+    """The retrieval and streaming sublayers have fewer query heads than the model; FlashAttention's
+    ahead-of-time schedule sized for the model's heads is refused by FA3 at the first step (seen on an H100)."""
+    from types import SimpleNamespace
+
+    flash = pytest.importorskip("longseq.attention_backends.vllm.flash")
+
+    def layer(heads):
+        return SimpleNamespace(impl=SimpleNamespace(num_heads=heads))
+
+    layers = {"l0.attn.retrieval": layer(16), "l1.attn.retrieval": layer(16), "l0.attn.streaming": layer(8),
+              "l0.attn": SimpleNamespace()}  # the replaced layer keeps no impl
+    assert flash.group_num_heads(layers, ["l0.attn.retrieval", "l1.attn.retrieval"]) == 16
+    assert flash.group_num_heads(layers, ["l0.attn.streaming"]) == 8
+    assert flash.group_num_heads(layers, ["l0.attn", "missing"]) is None
+    with pytest.raises(ValueError, match=r"mixes query head counts \[8, 16\]"):
+        flash.group_num_heads(layers, ["l0.attn.retrieval", "l0.attn.streaming"])

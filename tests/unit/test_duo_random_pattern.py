@@ -45,8 +45,13 @@ def test_masks_build_on_cpu_while_default_device_is_elsewhere():
     device stands in for the GPU here: a tensor left on the default device cannot be read back."""
     cfg = _config(duo_pattern="random:5", duo_sparsity=0.5)
     want = rank_streaming_mask(cfg, 4, 8, tp_rank=1, tp_size=2).is_streaming
+    memory = _config(duo_pattern="random:5", duo_sparsity=0.5, duo_memory=True)  # re-quantized per layer
+    want_memory = rank_streaming_mask(memory, 4, 8, tp_rank=1, tp_size=2).is_streaming
     with torch.device("meta"):
         got = rank_streaming_mask(cfg, 4, 8, tp_rank=1, tp_size=2).is_streaming
+        got_memory = rank_streaming_mask(memory, 4, 8, tp_rank=1, tp_size=2).is_streaming
         builtin = rank_streaming_mask(_config(duo_pattern="smollm2-135m-instruct", duo_sparsity=0.5), 30, 3, 2, 3)
     assert got.device.type == "cpu" and got.equal(want)
+    assert got_memory.device.type == "cpu" and got_memory.equal(want_memory)
+    assert want_memory.sum(dim=1).tolist() == [2, 2, 2, 2]  # one count per layer: half of this rank's 4 heads
     assert builtin.is_streaming.device.type == "cpu" and builtin.is_streaming.shape == (30, 1)

@@ -200,7 +200,7 @@ def rank_streaming_mask(config: LongSeqConfig, num_layers: int, num_kv_heads: in
     mask.validate(num_layers, num_kv_heads)
     mask = mask.shard(tp_rank, tp_size) if tp_size > 1 else mask
     if config.duo_memory:  # the same count in every layer of every rank: two KV groups of equal layer count
-        cols = torch.tensor(mask.kv_head_ids, dtype=torch.long)
+        cols = torch.tensor(mask.kv_head_ids, dtype=torch.long, device=pattern.gates.device)
         sparsity = DEFAULT_SPARSITY if config.duo_sparsity is None else config.duo_sparsity
         mask = dataclasses.replace(mask, is_streaming=per_layer_streaming(pattern.gates.index_select(1, cols),
                                                                           sparsity))
@@ -214,7 +214,7 @@ def per_layer_streaming(gates: torch.Tensor, sparsity: float) -> torch.Tensor:
     server needs one count per layer (docs/duo-memory.md)."""
     num_layers, h = gates.shape
     k = min(h, int(math.floor(float(sparsity) * h + 0.5 + 1e-9)))
-    out = torch.zeros(num_layers, h, dtype=torch.bool)
+    out = torch.zeros(num_layers, h, dtype=torch.bool, device="cpu")  # host side, whatever the default device
     order = torch.argsort(gates.float().cpu(), dim=1, stable=True)[:, :k]
     out.scatter_(1, order, True)
     return out
