@@ -29,8 +29,8 @@ Teacher forcing runs through a custom logit processor (tests/support/sglang_gpu.
 records the raw top-20 log-probs before it masks; those engines add ``enable_custom_logit_processor`` and
 ``disable_overlap_schedule`` (numerics unchanged: the same kernels, no overlap of CPU scheduling).
 
-Run on the GPU machine (10 engine starts; not yet timed: the
-first start also JIT-compiles SGLang's and our Triton kernels):
+Run on the GPU machine (10 engine starts of 40-65 s each; the first, about 2 min, also JIT-compiles SGLang's and
+our Triton kernels; split over three calls of the device tool, see docs/benchmarks/sglang.md):
 ``source /tmp/lsq-bundle/env.sh && source scripts/gpu/sglang_env.sh && python -m pytest tests/gpu/test_sglang_gpu.py -m gpu -x -q``
 """
 
