@@ -32,8 +32,8 @@ LIGHT=(
   aiohttp apache-tvm-ffi==0.1.11 dill einops fastapi gguf IPython msgspec openai==2.8.0 orjson
   partial_json_parser pillow psutil pybase64 pydantic "pyzmq>=25.1.2" requests sentencepiece==0.2.1
   tokenizers==0.23.2 tqdm transformers==5.19.0 "uvicorn>=0.51" loguru packaging
-  # tests; the Mooncake Store client for the remote KV tier's tests (longseq[remote])
-  "pytest>=8" pytest-timeout "mooncake-transfer-engine-non-cuda==0.3.13.post1"
+  # tests and the SGLang example notebook; the Mooncake Store client for the remote KV tier's tests (longseq[remote])
+  "pytest>=8" pytest-timeout nbclient nbformat ipykernel matplotlib "mooncake-transfer-engine-non-cuda==0.3.13.post1"
 )
 IMPORTS="import torch, sglang.srt.plugins, sglang.srt.server_args, sglang.srt.layers.attention.attention_registry, \
 sglang.test.kits.attention_unittest.attention_methods.dense_attention, longseq.plugin.sglang, pytest"
@@ -65,6 +65,8 @@ import importlib.metadata as m, sys
 eps = [e.value for e in m.entry_points(group='sglang.srt.plugins') if e.name == 'longseq']
 sys.exit(0 if eps == ['longseq.plugin.sglang:register'] else f'sglang.srt.plugins entry point longseq missing: {eps}')
 ") || fail "the longseq entry point is not registered"
+"$venv/bin/python" -m ipykernel install --user --name longseq-sglang --display-name "longseq (sglang-cpu)" >/dev/null \
+  || fail "cannot register the Jupyter kernel longseq-sglang (examples/06)"
 rm -f "$venv"/.longseq-sglang-*
 touch "$stamp"
 echo "longseq: setup_sglang done in $(( $(date +%s) - t0 )) s ($(du -sh "$venv" | cut -f1))"
