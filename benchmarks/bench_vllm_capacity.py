@@ -102,7 +102,7 @@ def child(args) -> None:
     kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
                   max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
                   max_num_seqs=args.max_num_seqs, seed=0,
-                  compilation_config={"mode": 0, "cudagraph_mode": args.cudagraph_mode})
+                  compilation_config={"mode": args.compile_mode, "cudagraph_mode": args.cudagraph_mode})
     if args.num_gpu_blocks_override:
         kwargs["num_gpu_blocks_override"] = args.num_gpu_blocks_override
     if args.max_num_batched_tokens:
@@ -141,7 +141,8 @@ def run_config(args, backend: str, env: dict) -> dict:
                   "--max-num-seqs", str(args.max_num_seqs),
                   "--num-gpu-blocks-override", str(args.num_gpu_blocks_override),
                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                  "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode]
+                  "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
+                  "--compile-mode", str(args.compile_mode)]
     env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the capacity is read from the in-process scheduler
     return run_child("benchmarks.bench_vllm_capacity", child_args, env, backend, grep="Maximum concurrency")
 
@@ -172,6 +173,8 @@ def parse_args(argv=None):
     p.add_argument("--num-gpu-blocks-override", type=int, default=0,
                    help="a fixed KV pool of this many blocks (small CPU runs; 0: sized by vLLM)")
     p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
+    p.add_argument("--compile-mode", type=int, default=0,
+                   help="vLLM compilation mode: 0 no torch.compile (starts in about a minute), 3 vllm serve's default")
     p.add_argument("--ours-backend", default="CUSTOM",
                    help="attention backend of the longseq runs (CUSTOM on CUDA; 'default' on vLLM's CPU engine)")
     p.add_argument("--name", default="vllm_capacity", help="results file name")
@@ -213,7 +216,7 @@ def main(argv=None) -> None:
                                                "max_model_len": args.max_model_len,
                                                "max_num_batched_tokens": args.max_num_batched_tokens or "default",
                                                "gpu_memory_utilization": args.gpu_memory_utilization,
-                                               "cudagraph_mode": args.cudagraph_mode, "compile_mode": 0},
+                                               "cudagraph_mode": args.cudagraph_mode, "compile_mode": args.compile_mode},
                                     "longseq_envs": extras, "default": default, "longseq_runs": runs,
                                     "table": table})
     print("| context | setting | default batch | longseq batch | capacity ratio | default step ms | longseq step ms | "

@@ -137,3 +137,40 @@ def test_flash_builder_sizes_its_schedule_for_the_groups_own_heads():
     assert flash.group_num_heads(layers, ["l0.attn", "missing"]) is None
     with pytest.raises(ValueError, match=r"mixes query head counts \[8, 16\]"):
         flash.group_num_heads(layers, ["l0.attn.retrieval", "l0.attn.streaming"])
+
+
+@pytest.mark.parametrize("streaming", [[True, False, True], [False, False, True, True], [True, False, False, False]])
+def test_split_forward_gives_each_sublayer_its_heads_and_restores_the_order(streaming):
+    """Each sublayer gets exactly the q/k/v heads of its kind (query heads of a KV head stay with it, in order) and
+    the outputs come back in the model's head order; stub sublayers stand in for vLLM's attention layers."""
+    from torch import nn
+
+    from longseq.attention_backends.vllm.duo_memory import RETRIEVAL, STREAMING, DuoSplitAttention
+
+    group, d, t = 2, 4, 5
+    hkv, hq = len(streaming), len(streaming) * group
+    seen = {}
+
+    class Stub(nn.Module):
+        def __init__(self, kind, scale):
+            super().__init__()
+            self.kind, self.scale = kind, scale
+
+        def forward(self, q, k, v, **kwargs):
+            seen[self.kind] = (q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d), kwargs)
+            return q * self.scale  # an "attention" that keeps its query head order
+
+    split = DuoSplitAttention.__new__(DuoSplitAttention)
+    nn.Module.__init__(split)
+    split.add_module(RETRIEVAL, Stub(RETRIEVAL, 2.0))
+    split.add_module(STREAMING, Stub(STREAMING, -3.0))
+    split._set_heads(streaming, hq, d)
+    q, k, v = torch.randn(t, hq * d), torch.randn(t, hkv * d), torch.randn(t, hkv * d)
+    out = split(q, k, v, output_shape=None).view(t, hq, d)
+    for kind, want in ((RETRIEVAL, False), (STREAMING, True)):
+        kv_heads = [h for h in range(hkv) if streaming[h] == want]
+        q_heads = [h * group + g for h in kv_heads for g in range(group)]
+        sq, sk, sv, kwargs = seen[kind]
+        assert torch.equal(sq, q.view(t, hq, d)[:, q_heads]) and kwargs == {"output_shape": None}
+        assert torch.equal(sk, k.view(t, hkv, d)[:, kv_heads]) and torch.equal(sv, v.view(t, hkv, d)[:, kv_heads])
+        assert torch.equal(out[:, q_heads], q.view(t, hq, d)[:, q_heads] * (-3.0 if want else 2.0))

@@ -132,11 +132,36 @@ def _q_heads(kv_heads: list[int], group: int) -> list[int]:
     return [h * group + g for h in kv_heads for g in range(group)]
 
 
+def head_shuffle(streaming: list[bool], group: int) -> tuple[list[int], dict[str, tuple[int, ...]], list[int]]:
+    """How :class:`DuoSplitAttention` regroups one layer's heads, as index lists over the concatenated
+    ``[q heads (Hq), k heads (Hkv), v heads (Hkv)]`` of one token.
+
+    Returns (``gather``: the heads in the order retrieval q, k, v, then streaming q, k, v; ``parts``: per kind
+    present, ``(q0, q1, k0, k1, v0, v1)`` bounds in ``gather``'s order; ``scatter``: for each original query head,
+    its row among the sublayers' concatenated outputs (retrieval heads first)).
+    """
+    hkv = len(streaming)
+    hq = hkv * group
+    gather, parts, out_order = [], {}, []
+    for kind, heads in ((RETRIEVAL, [h for h in range(hkv) if not streaming[h]]),
+                        (STREAMING, [h for h in range(hkv) if streaming[h]])):
+        if not heads:
+            continue
+        qh = _q_heads(heads, group)
+        q0 = len(gather)
+        gather += qh + [hq + h for h in heads] + [hq + hkv + h for h in heads]
+        parts[kind] = (q0, q0 + len(qh), q0 + len(qh), q0 + len(qh) + len(heads), q0 + len(qh) + len(heads),
+                       len(gather))
+        out_order += qh
+    scatter = [out_order.index(h) for h in range(hq)]
+    return gather, parts, scatter
+
+
 class DuoSplitAttention(nn.Module):
     """Replaces one decoder layer's ``Attention``: the same ``forward(q, k, v)``, run as a retrieval sublayer and a
-    streaming sublayer over index-selected heads (either may be absent when a layer has no heads of that kind).
+    streaming sublayer over their own heads (either may be absent when a layer has no heads of that kind).
 
-    ``q``: ``[T, Hq * D]``, ``k``/``v``: ``[T, Hkv * D]`` (this rank's heads, model dtype); returns ``[T, Hq * Dv]``.
+    ``q``: ``[T, Hq * D]``, ``k``/``v``: ``[T, Hkv * D]`` (this rank's heads, model dtype); returns ``[T, Hq * D]``.
     """
 
     def __init__(self, original: Attention, streaming: list[bool], sink: int, recent: int, cache_config) -> None:
@@ -145,10 +170,11 @@ class DuoSplitAttention(nn.Module):
         if len(streaming) != hkv or hq % hkv:
             raise LongSeqConfigError(f"longseq duo memory: layer {original.layer_name}: {len(streaming)} pattern "
                                      f"columns for {hkv} KV heads ({hq} query heads)")
-        self.num_heads, self.num_kv_heads, self.head_size = hq, hkv, original.head_size
-        self.head_size_v = getattr(original, "head_size_v", None) or original.head_size
+        head_size_v = getattr(original, "head_size_v", None) or original.head_size
+        if head_size_v != original.head_size:
+            raise LongSeqConfigError(f"longseq duo memory: layer {original.layer_name}: value head size "
+                                     f"{head_size_v} differs from the key head size {original.head_size}")
         group = hq // hkv
-        parts = []
         for kind, heads in ((RETRIEVAL, [h for h in range(hkv) if not streaming[h]]),
                             (STREAMING, [h for h in range(hkv) if streaming[h]])):
             if not heads:
@@ -159,25 +185,30 @@ class DuoSplitAttention(nn.Module):
             sub.longseq_duo_role = kind
             sub.longseq_sink_tokens, sub.longseq_recent_tokens = sink, recent
             self.add_module(kind, sub)
-            self.register_buffer(f"{kind}_q", torch.tensor(_q_heads(heads, group), dtype=torch.long), persistent=False)
-            self.register_buffer(f"{kind}_kv", torch.tensor(heads, dtype=torch.long), persistent=False)
-            parts.append(kind)
-        self.parts = tuple(parts)
+        self._set_heads(streaming, hq, original.head_size)
+
+    def _set_heads(self, streaming: list[bool], num_heads: int, head_size: int) -> None:
+        self.num_heads, self.num_kv_heads, self.head_size = num_heads, len(streaming), head_size
+        gather, self.part_bounds, scatter = head_shuffle(streaming, num_heads // len(streaming))
+        self.parts = tuple(self.part_bounds)
+        self.register_buffer("gather", torch.tensor(gather, dtype=torch.long), persistent=False)
+        self.register_buffer("scatter", torch.tensor(scatter, dtype=torch.long), persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-        if len(self.parts) == 1:  # every head of one kind: no gather
+        if len(self.parts) == 1:  # every head of one kind: no shuffle
             return getattr(self, self.parts[0])(q, k, v, **kwargs)
-        t = q.shape[0]
-        qh = q.view(t, self.num_heads, self.head_size)
-        kh = k.view(t, self.num_kv_heads, self.head_size)
-        vh = v.view(t, self.num_kv_heads, self.head_size_v)
-        out = q.new_empty(t, self.num_heads, self.head_size_v)
+        t, d = q.shape[0], self.head_size
+        # One gather for all six head sets and one for the output (the sublayers get strided views, as attention
+        # layers get views of the qkv projection): in small decode steps every kernel per layer counts.
+        heads = torch.cat([q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d),
+                           v.view(t, self.num_kv_heads, d)], 1).index_select(1, self.gather)
+        outs = []
         for kind in self.parts:
-            qi, ki = getattr(self, f"{kind}_q"), getattr(self, f"{kind}_kv")
-            o = getattr(self, kind)(qh.index_select(1, qi).reshape(t, -1), kh.index_select(1, ki).reshape(t, -1),
-                                    vh.index_select(1, ki).reshape(t, -1), **kwargs)
-            out.index_copy_(1, qi, o.view(t, -1, self.head_size_v))
-        return out.view(t, -1)
+            q0, q1, k0, k1, v0, v1 = self.part_bounds[kind]
+            o = getattr(self, kind)(heads[:, q0:q1].reshape(t, -1), heads[:, k0:k1].reshape(t, -1),
+                                    heads[:, v0:v1].reshape(t, -1), **kwargs)
+            outs.append(o.view(t, -1, d))
+        return torch.cat(outs, 1).index_select(1, self.scatter).view(t, -1)
 
 
 def split_model_attention(model: nn.Module, vllm_config, config) -> int:
