@@ -92,7 +92,8 @@ def child(args) -> None:
     try:  # every failure, start-up included, ends in the RESULT line with its error and what was measured
         engine = Engine(**engine_kwargs(args))
         out["startup_s"] = time.perf_counter() - t0
-        warm = [[random.Random(7).randrange(100, 30000) for _ in range(64)]]
+        rng = random.Random(7)
+        warm = [[rng.randrange(100, 30000) for _ in range(64)]]
         generate(engine, warm, args.long_tokens)  # first-call costs (allocator, JIT of extend kernels) untimed
         for ctx, batch in shapes_of(args.shapes):
             row = {"context": ctx, "batch": batch}

@@ -98,7 +98,8 @@ def engine_kwargs(args) -> dict:
         cpu_gib = args.cpu_gib if args.config == "ours" else 0
         extra = {"backend_name": "longseq", "module_path": "longseq.kv_offload.sglang",
                  "class_name": "LongSeqHiCacheStorage", "interface_v1": 1, "cpu_gib": cpu_gib,
-                 "disk_dir": args.storage_dir, "disk_gib": max(2 * args.cpu_gib, 16)}
+                 "disk_dir": args.storage_dir, "disk_gib": max(2 * args.cpu_gib, 16),
+                 "write_queue_gib": max(2 * args.cpu_gib, 16)}  # SGLang backs up the whole prompt in one burst
         kw.update(hicache_storage_backend="dynamic", hicache_storage_backend_extra_config=json.dumps(extra))
     return kw
 

@@ -27,6 +27,18 @@ def size_gib(prefix: str, name: str, value) -> float:
     return float(value)
 
 
+def write_queue_gib(prefix: str, name: str, value, cpu_gib: float) -> float:
+    """The disk write-behind queue in GiB (writes queued beyond it are dropped and counted, so a slow disk never
+    blocks serving): ``value``, a finite number > 0, or when None the DRAM tier's size (at least 1), since queued
+    writes hold DRAM-tier buffers (a disk-only store holds copies)."""
+    if value is None:
+        return max(1.0, cpu_gib)
+    gib = size_gib(prefix, name, value)
+    if gib <= 0:
+        raise KVConfigError(f"{prefix}: {name} must be > 0 (GiB), got {value!r}")
+    return gib
+
+
 def cache_dir(prefix: str, name: str, value) -> str | None:
     """A directory path, or None: a non-empty string, ``~`` expanded (an empty path would mean the current
     directory, and a literal ``~`` directory is never what was meant)."""

@@ -38,7 +38,8 @@ from longseq.sglang_versions import hicache_dcp, hicache_is_storage_writer
 from .disk import HEADER_SIZE
 from .dram import as_bytes, copy_bytes, host_bytes
 from .fingerprint import KVFingerprint
-from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib
+from .settings import (KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib,
+                       write_queue_gib)
 from .store import BlockStore
 from .trust import key_file_setting, shared_group_setting
 
@@ -49,7 +50,7 @@ SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1")
 OUR_KEYS = {"cpu_gib": (size_gib, 0.0), "disk_dir": (cache_dir, None), "disk_gib": (size_gib, 0.0),
             "fsync": (flag, False), "shared_group": (shared_group_setting, False),
             "auth_key_file": (key_file_setting, None), "remote": (remote_setting, None),
-            "remote_optional": (flag, False)}
+            "remote_optional": (flag, False), "write_queue_gib": (write_queue_gib, None)}
 PREFIX = "longseq HiCache backend: extra_config"
 # Host pool attributes that may hold the pool's root tensors (zero-copy pointers point into these).
 _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_scale_buffer")
@@ -57,7 +58,8 @@ _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_s
 
 def parse_extra_config(extra: Optional[dict]) -> dict:
     """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` / ``shared_group`` / ``auth_key_file`` / ``remote`` /
-    ``remote_optional`` from SGLang's extra_config, validated with the same rules as the vLLM connector's
+    ``remote_optional`` / ``write_queue_gib`` from SGLang's extra_config, validated with the same rules as the vLLM
+    connector's
     (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded, the ``remote`` object's keys;
     ``trust.py``: the key file is loaded and checked now).
     Raises ``KVConfigError`` (a ValueError) naming the setting, or the allowed keys on an unknown key."""
@@ -67,8 +69,9 @@ def parse_extra_config(extra: Optional[dict]) -> dict:
         raise KVConfigError(f"longseq HiCache backend: unknown extra_config key(s) {unknown}; allowed: "
                             f"{', '.join(OUR_KEYS)} (ours) and {', '.join(SGLANG_KEYS)} (SGLang's)")
     opts = {name: check(PREFIX, name, extra.get(name, default)) for name, (check, default) in OUR_KEYS.items()
-            if name != "auth_key_file"}
+            if name not in ("auth_key_file", "write_queue_gib")}  # these two depend on other settings
     opts["auth_key_file"] = key_file_setting(PREFIX, "auth_key_file", extra.get("auth_key_file"), opts["shared_group"])
+    opts["write_queue_gib"] = write_queue_gib(PREFIX, "write_queue_gib", extra.get("write_queue_gib"), opts["cpu_gib"])
     if opts["cpu_gib"] <= 0 and not opts["disk_dir"] and opts["remote"] is None:
         raise KVConfigError("longseq HiCache backend: set cpu_gib > 0 and/or disk_dir (+ disk_gib) or remote in "
                             "extra_config")
@@ -84,6 +87,7 @@ def open_store(opts: dict, fp: KVFingerprint, page_nbytes: int) -> BlockStore:
     check_tier_sizes(PREFIX, opts["cpu_gib"], opts["disk_dir"], opts["disk_gib"], page_nbytes, HEADER_SIZE)
     return BlockStore(fp, cpu_gib=opts["cpu_gib"], disk_dir=opts["disk_dir"], disk_gib=opts["disk_gib"],
                       fsync=opts["fsync"], pin_memory=False, block_nbytes=page_nbytes or None,
+                      max_pending_write_gib=opts["write_queue_gib"],
                       shared_group=opts["shared_group"], auth_key_file=opts["auth_key_file"], remote=opts["remote"],
                       remote_optional=opts["remote_optional"])
 

@@ -44,7 +44,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1, KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorRole, SupportsHMA)
 
 from .disk import HEADER_SIZE
-from .settings import KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib
+from .settings import (KVConfigError, cache_dir, check_tier_sizes, flag, remote_setting, size_gib,
+                       write_queue_gib)
 from .store import BlockStore, KVFingerprint
 from .trust import key_file_setting, shared_group_setting, trust_policy
 from .remote_probe import RemoteProbe
@@ -58,7 +59,8 @@ CONNECTOR_NAME = "LongSeqOffloadConnector"
 #: ``kv_connector_extra_config`` keys and their defaults.
 EXTRA_CONFIG_DEFAULTS: dict[str, Any] = {"cpu_gib": 4.0, "disk_dir": None, "disk_gib": 16.0, "stats_path": None,
                                          "pin_at_start": True, "load_kernel": "auto", "shared_group": False,
-                                         "auth_key_file": None, "remote": None, "remote_optional": False}
+                                         "auth_key_file": None, "remote": None, "remote_optional": False,
+                                         "write_queue_gib": None}
 #: ``load_kernel`` values: ``auto`` = the direct-read kernel on CUDA where it applies, ``copy`` = per-block copies.
 LOAD_KERNELS = ("auto", "copy")
 
@@ -88,6 +90,7 @@ def parse_extra_config(extra: dict | None) -> dict[str, Any]:
     cfg["auth_key_file"] = key_file_setting(CONNECTOR_NAME, "auth_key_file", cfg["auth_key_file"], cfg["shared_group"])
     cfg["remote"] = remote_setting(CONNECTOR_NAME, "remote", cfg["remote"])
     cfg["remote_optional"] = flag(CONNECTOR_NAME, "remote_optional", cfg["remote_optional"])
+    cfg["write_queue_gib"] = write_queue_gib(CONNECTOR_NAME, "write_queue_gib", cfg["write_queue_gib"], cfg["cpu_gib"])
     if not isinstance(cfg["load_kernel"], str) or cfg["load_kernel"] not in LOAD_KERNELS:
         raise OffloadConfigError(f"{CONNECTOR_NAME}: load_kernel must be one of {list(LOAD_KERNELS)}, "
                                  f"got {cfg['load_kernel']!r}")
@@ -103,9 +106,8 @@ def open_store(cfg: dict[str, Any], fp: KVFingerprint, block_nbytes: int) -> Blo
     is refused here, naming the setting."""
     disk_gib = cfg["disk_gib"] if cfg["disk_dir"] else 0.0
     check_tier_sizes(CONNECTOR_NAME, cfg["cpu_gib"], cfg["disk_dir"], disk_gib, block_nbytes, HEADER_SIZE)
-    # queued disk writes hold DRAM-tier buffers (no extra copy): allow a whole tier's worth
     return BlockStore(fp, cpu_gib=cfg["cpu_gib"], disk_dir=cfg["disk_dir"], disk_gib=disk_gib,
-                      max_pending_write_gib=max(1.0, cfg["cpu_gib"]), block_nbytes=block_nbytes,
+                      max_pending_write_gib=cfg["write_queue_gib"], block_nbytes=block_nbytes,
                       shared_group=cfg["shared_group"], auth_key_file=cfg["auth_key_file"], remote=cfg["remote"],
                       remote_optional=cfg["remote_optional"])
 

@@ -147,6 +147,21 @@ def test_unknown_extra_config_key_is_a_clear_error(tmp_path):
         LongSeqHiCacheStorage(_storage_config(_extra(tmp_path, cpu_gib=0, disk_dir=None)))
 
 
+def test_write_queue_holds_a_long_prefix_burst(tmp_path):
+    """SGLang backs up a whole prompt's pages in one burst after its prefill; disk writes queued beyond the
+    write-behind queue are dropped, so the queue defaults to the DRAM tier's size (at least 1 GiB, as the vLLM
+    connector's) and ``write_queue_gib`` sets it (a disk-only store for long prompts)."""
+    from longseq.kv_offload.settings import KVConfigError
+
+    gib = 1 << 30
+    for extra, want in (({}, 1.0), ({"cpu_gib": 8}, 8.0), ({"cpu_gib": 0, "write_queue_gib": 6}, 6.0)):
+        backend = _backend(_extra(tmp_path, **extra), _pool(seed=7))
+        assert backend.store._max_pending_bytes == int(want * gib), extra
+        backend.close()
+    with pytest.raises(KVConfigError, match="write_queue_gib must be > 0"):
+        _backend(_extra(tmp_path, write_queue_gib=0), _pool(seed=7))
+
+
 def test_extra_config_follows_the_same_rules_as_the_vllm_connector(tmp_path, monkeypatch):
     """Infinity/NaN sizes, an empty or unexpandable disk_dir and a tier smaller than one page are refused at
     start-up with the setting named; ``~`` is expanded (an empty disk_dir used to write into the cwd)."""

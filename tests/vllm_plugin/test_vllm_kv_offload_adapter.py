@@ -22,6 +22,13 @@ def test_unknown_extra_config_key_stops_engine_with_clear_error():
     assert parse_extra_config({})["load_kernel"] == "auto"
     with pytest.raises(OffloadConfigError, match=r"load_kernel must be one of \['auto', 'copy'\]"):
         parse_extra_config({"load_kernel": "fast"})
+    # the disk write-behind queue: the DRAM tier's size (at least 1 GiB) unless set
+    assert parse_extra_config({"cpu_gib": 8})["write_queue_gib"] == 8.0
+    assert parse_extra_config({"cpu_gib": 0, "disk_dir": "/tmp/x"})["write_queue_gib"] == 1.0
+    assert parse_extra_config({"write_queue_gib": 6})["write_queue_gib"] == 6.0
+    for bad in (0, -1, "8", float("inf"), True):
+        with pytest.raises(OffloadConfigError, match="write_queue_gib must be"):
+            parse_extra_config({"write_queue_gib": bad})
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
