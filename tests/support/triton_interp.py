@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import types
 
 import torch
@@ -44,7 +45,25 @@ def import_kernels(*modules: str) -> list[types.ModuleType]:
         if not isinstance(tl.standard.max, InterpretedFunction):  # triton was imported before us
             importlib.reload(tl.standard)
             importlib.reload(tl)
+        # Kernel modules imported earlier without the interpreter (shared jit helpers such as
+        # triton_score_mods, loaded by another test's backend) would be called from interpreted kernels and
+        # fail: re-import them too, twice, so helpers imported by name from each other are the new ones.
+        stale = _compiled_kernel_modules()
+        for _ in range(2 if stale else 0):
+            for name in stale:
+                importlib.reload(sys.modules[name])
         return [importlib.reload(importlib.import_module(m)) for m in modules]
+
+
+def _compiled_kernel_modules() -> list[str]:
+    """Loaded ``longseq.kernels`` modules holding a jit function made without the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return sorted(name for name, mod in list(sys.modules.items()) if mod is not None
+                  and (name == "longseq.kernels" or name.startswith("longseq.kernels."))
+                  and any(isinstance(v, JITFunction) and not isinstance(v, InterpretedFunction)
+                          for v in vars(mod).values()))
 
 
 def interpreter_env():
