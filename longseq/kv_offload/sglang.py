@@ -59,9 +59,8 @@ _ROOT_ATTRS = ("kv_buffer", "k_buffer", "v_buffer", "index_k_buffer", "index_k_s
 def parse_extra_config(extra: Optional[dict]) -> dict:
     """``cpu_gib`` / ``disk_dir`` / ``disk_gib`` / ``fsync`` / ``shared_group`` / ``auth_key_file`` / ``remote`` /
     ``remote_optional`` / ``write_queue_gib`` from SGLang's extra_config, validated with the same rules as the vLLM
-    connector's
-    (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded, the ``remote`` object's keys;
-    ``trust.py``: the key file is loaded and checked now).
+    connector's (``settings.py``: finite sizes, non-empty ``disk_dir`` with ``~`` expanded, the ``remote`` object's
+    keys; ``trust.py``: the key file is loaded and checked now).
     Raises ``KVConfigError`` (a ValueError) naming the setting, or the allowed keys on an unknown key."""
     extra = dict(extra or {})
     unknown = sorted(set(extra) - set(SGLANG_KEYS) - set(OUR_KEYS))
