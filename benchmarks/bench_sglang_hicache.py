@@ -96,10 +96,11 @@ def engine_kwargs(args) -> dict:
         kw["hicache_storage_backend"] = "file"  # its folder comes from the environment (main)
     else:
         cpu_gib = args.cpu_gib if args.config == "ours" else 0
+        disk_gib = max(2 * args.cpu_gib, 16)
         extra = {"backend_name": "longseq", "module_path": "longseq.kv_offload.sglang",
                  "class_name": "LongSeqHiCacheStorage", "interface_v1": 1, "cpu_gib": cpu_gib,
-                 "disk_dir": args.storage_dir, "disk_gib": max(2 * args.cpu_gib, 16),
-                 "write_queue_gib": max(2 * args.cpu_gib, 16)}  # SGLang backs up the whole prompt in one burst
+                 "disk_dir": args.storage_dir, "disk_gib": disk_gib,
+                 "write_queue_gib": disk_gib}  # SGLang backs up the whole prompt in one burst
         kw.update(hicache_storage_backend="dynamic", hicache_storage_backend_extra_config=json.dumps(extra))
     return kw
 

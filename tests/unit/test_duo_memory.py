@@ -122,21 +122,31 @@ def test_capacity_prices_llama_8b_at_half_streaming_near_half_dense(tmp_path, ca
 
 def test_flash_builder_sizes_its_schedule_for_the_groups_own_heads():
     """The retrieval and streaming sublayers have fewer query heads than the model; FlashAttention's
-    ahead-of-time schedule sized for the model's heads is refused by FA3 at the first step (seen on an H100)."""
+    ahead-of-time schedule sized for the model's heads is refused by FA3 at the first step (seen on an H100).
+    The builder takes each group's count from vLLM's own helper (vLLM 0.26's builder does not call it)."""
+    import inspect
     from types import SimpleNamespace
 
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
+
     flash = pytest.importorskip("longseq.attention_backends.vllm.flash")
+    assert "get_num_attention_heads_from_layers(vllm_config, layer_names)" in inspect.getsource(
+        flash.LongSeqFlashMetadataBuilder.__init__)
 
-    def layer(heads):
-        return SimpleNamespace(impl=SimpleNamespace(num_heads=heads))
+    class Layer(AttentionLayerBase):
+        def __init__(self, heads):
+            self.impl = SimpleNamespace(num_heads=heads)
 
-    layers = {"l0.attn.retrieval": layer(16), "l1.attn.retrieval": layer(16), "l0.attn.streaming": layer(8),
-              "l0.attn": SimpleNamespace()}  # the replaced layer keeps no impl
-    assert flash.group_num_heads(layers, ["l0.attn.retrieval", "l1.attn.retrieval"]) == 16
-    assert flash.group_num_heads(layers, ["l0.attn.streaming"]) == 8
-    assert flash.group_num_heads(layers, ["l0.attn", "missing"]) is None
-    with pytest.raises(ValueError, match=r"mixes query head counts \[8, 16\]"):
-        flash.group_num_heads(layers, ["l0.attn.retrieval", "l0.attn.streaming"])
+    Layer.__abstractmethods__ = frozenset()  # a stand-in: only isinstance and impl.num_heads are read
+    layers = {"l0.attn.retrieval": Layer(16), "l1.attn.retrieval": Layer(16), "l0.attn.streaming": Layer(8),
+              "l0.attn": SimpleNamespace()}  # the replaced layer is no attention layer
+    cfg = SimpleNamespace(compilation_config=SimpleNamespace(static_forward_context=layers))
+    assert get_num_attention_heads_from_layers(cfg, ["l0.attn.retrieval", "l1.attn.retrieval"]) == 16
+    assert get_num_attention_heads_from_layers(cfg, ["l0.attn.streaming"]) == 8
+    assert get_num_attention_heads_from_layers(cfg, ["l0.attn", "missing"]) is None
+    with pytest.raises(AssertionError, match="must share num_heads"):
+        get_num_attention_heads_from_layers(cfg, ["l0.attn.retrieval", "l0.attn.streaming"])
 
 
 @pytest.mark.parametrize("streaming", [[True, False, True], [False, False, True, True], [True, False, False, False]])

@@ -132,6 +132,13 @@ def _q_heads(kv_heads: list[int], group: int) -> list[int]:
     return [h * group + g for h in kv_heads for g in range(group)]
 
 
+def heads_by_kind(streaming: list[bool]) -> list[tuple[str, list[int]]]:
+    """``[(RETRIEVAL, kv heads), (STREAMING, kv heads)]`` of one layer, kinds without heads left out."""
+    kinds = ((RETRIEVAL, [h for h, s in enumerate(streaming) if not s]),
+             (STREAMING, [h for h, s in enumerate(streaming) if s]))
+    return [(kind, heads) for kind, heads in kinds if heads]
+
+
 def head_shuffle(streaming: list[bool], group: int) -> tuple[list[int], dict[str, tuple[int, ...]], list[int]]:
     """How :class:`DuoSplitAttention` regroups one layer's heads, as index lists over the concatenated
     ``[q heads (Hq), k heads (Hkv), v heads (Hkv)]`` of one token.
@@ -143,10 +150,7 @@ def head_shuffle(streaming: list[bool], group: int) -> tuple[list[int], dict[str
     hkv = len(streaming)
     hq = hkv * group
     gather, parts, out_order = [], {}, []
-    for kind, heads in ((RETRIEVAL, [h for h in range(hkv) if not streaming[h]]),
-                        (STREAMING, [h for h in range(hkv) if streaming[h]])):
-        if not heads:
-            continue
+    for kind, heads in heads_by_kind(streaming):
         qh = _q_heads(heads, group)
         q0 = len(gather)
         gather += qh + [hq + h for h in heads] + [hq + hkv + h for h in heads]
@@ -175,10 +179,7 @@ class DuoSplitAttention(nn.Module):
             raise LongSeqConfigError(f"longseq duo memory: layer {original.layer_name}: value head size "
                                      f"{head_size_v} differs from the key head size {original.head_size}")
         group = hq // hkv
-        for kind, heads in ((RETRIEVAL, [h for h in range(hkv) if not streaming[h]]),
-                            (STREAMING, [h for h in range(hkv) if streaming[h]])):
-            if not heads:
-                continue
+        for kind, heads in heads_by_kind(streaming):
             cls = Attention if kind == RETRIEVAL else StreamingHeadsAttention
             sub = cls(len(heads) * group, original.head_size, original.impl.scale, num_kv_heads=len(heads),
                       cache_config=cache_config, prefix=f"{original.layer_name}.{kind}")

@@ -31,6 +31,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
+from vllm.v1.attention.backends.utils import get_num_attention_heads_from_layers
 
 from longseq.attention_backends.core.duo import HYBRID, duo_attention
 from longseq.attention_backends.core.duo import retrieval_head_runs  # noqa: F401 - flash.retrieval_head_runs in tests
@@ -63,16 +64,6 @@ def _wrap_flash_metadata(inner: FlashAttentionMetadata, step: LongSeqStepInfo) -
     return LongSeqFlashMetadata(**{name: getattr(inner, name) for name in _FA_INIT_FIELDS}, step=step)
 
 
-def group_num_heads(layers: dict, layer_names: list[str]) -> int | None:
-    """Query heads per rank shared by the named attention layers of ``layers`` (vLLM's static forward
-    context), ``None`` when none is found; layers of one group that disagree are a bug (ValueError)."""
-    heads = {layers[n].impl.num_heads for n in layer_names if hasattr(getattr(layers.get(n), "impl", None),
-                                                                      "num_heads")}
-    if len(heads) > 1:
-        raise ValueError(f"longseq: one KV-cache group mixes query head counts {sorted(heads)}")
-    return heads.pop() if heads else None
-
-
 class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
     # vLLM may reuse one group's metadata for another KV-cache group by swapping only block_table and
     # slot_mapping (update_block_table); our `step` would keep the first group's. Ask for a fresh build.
@@ -82,9 +73,9 @@ class LongSeqFlashMetadataBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         # FlashAttention's ahead-of-time schedule must be sized for this group's heads: the duo-memory sublayers
         # have fewer than the model (vLLM 0.26 takes the model's counts; 0.32+ does this itself).
-        layers = vllm_config.compilation_config.static_forward_context
-        self.num_heads_q = group_num_heads(layers, layer_names) or self.num_heads_q
+        self.num_heads_q = get_num_attention_heads_from_layers(vllm_config, layer_names) or self.num_heads_q
         self.num_heads_kv = kv_cache_spec.num_kv_heads
+        layers = vllm_config.compilation_config.static_forward_context
         config = get_config()
         check_technique(config, kv_cache_spec, vllm_config)  # fail at start-up
         if config.attention == "duo":
