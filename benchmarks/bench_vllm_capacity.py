@@ -4,12 +4,15 @@ For issue 21 (DuoAttention KV memory): with streaming heads keeping only sink + 
 sequences at the same ``gpu_memory_utilization``; this measures what that buys in decode throughput.
 
 Per configuration, one engine (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on a shape-only model) and per
-context: the batch is vLLM's own capacity for a request of ``context + max_tokens`` tokens
-(``get_max_concurrency_for_kv_cache_config``, the function behind its "Maximum concurrency" log line), rounded
-down; that many distinct random prompts are added at once and the engine is stepped. Once every request has its
-first token and ``warm`` more steps ran, ``steps`` decode steps are timed (wall clock of ``LLMEngine.step``, which
-returns after the GPU finished the step): throughput = tokens produced / time. A window in which any step produced
-fewer tokens than the batch (a preemption) is reported as such. Prefill is paid once and is not in the window.
+context: vLLM's own capacity estimate for a request of ``context + max_tokens`` tokens
+(``get_max_concurrency_for_kv_cache_config``, the function behind its "Maximum concurrency" log line) is recorded,
+and the batch is what vLLM admits (``--batch admitted``, the default): twice the estimate's distinct random prompts
+are added at once and the engine is stepped until the requests its scheduler runs (its admission gate, its block
+pool) all have a token and their number held for 3 steps; the others wait. ``--batch capacity`` adds the estimate,
+rounded down, instead. Then ``warm`` more steps, then ``steps`` decode steps are timed (wall clock of
+``LLMEngine.step``, which returns after the GPU finished the step): throughput = tokens produced / time. A window in
+which any step produced fewer tokens than the batch (a preemption) is reported as such. Prefill is paid once and is
+not in the window.
 A context given as ``CTXxB`` runs a fixed batch ``B`` instead (``129024x1``: the time per output token at batch 1).
 
 Example (GPU machine):
@@ -48,8 +51,12 @@ def engine_capacity(llm, tokens: int) -> tuple[float, int]:
         model_config.max_model_len = saved
 
 
-def timed_decode_window(engine, prompts: list, params, warm: int, steps: int) -> dict:
-    """Add ``prompts`` at once, step until each has a token, then ``warm`` steps, then time ``steps`` steps."""
+def timed_decode_window(engine, prompts: list, params, warm: int, steps: int, running=None) -> dict:
+    """Add ``prompts`` at once, step until the batch has formed, then ``warm`` steps, then time ``steps`` steps.
+
+    ``running`` None: the batch is every prompt (each has a token). Else a callable giving the scheduler's number of
+    running requests: more prompts than fit are added, and the batch is the requests vLLM admitted, once every
+    running request has a token and the number running held for 3 steps (the rest wait for room)."""
     ids = [f"cap-{i}" for i in range(len(prompts))]
     for rid, prompt in zip(ids, prompts):
         engine.add_request(rid, prompt, params)
@@ -65,8 +72,18 @@ def timed_decode_window(engine, prompts: list, params, warm: int, steps: int) ->
         return new
 
     t0 = time.perf_counter()
-    while min(produced.values()) == 0:
-        step()
+    if running is None:
+        while min(produced.values()) == 0:
+            step()
+        batch = len(ids)
+    else:
+        held, last = 0, -1
+        while held < 3:
+            step()
+            batch = running()
+            started = sum(n > 0 for n in produced.values())
+            held = held + 1 if batch == last and started == batch else 0
+            last = batch
     prefill_s = time.perf_counter() - t0
     for _ in range(warm):
         step()
@@ -78,8 +95,8 @@ def timed_decode_window(engine, prompts: list, params, warm: int, steps: int) ->
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
-    return {"prefill_s": prefill_s, "window_s": window_s, "tokens": sum(per_step),
-            "min_tokens_per_step": min(per_step), "max_tokens_per_step": max(per_step),
+    return {"batch": batch, "submitted": len(ids), "prefill_s": prefill_s, "window_s": window_s,
+            "tokens": sum(per_step), "min_tokens_per_step": min(per_step), "max_tokens_per_step": max(per_step),
             "throughput_tok_s": sum(per_step) / window_s, "step_ms": window_s / steps * 1e3}
 
 
@@ -111,20 +128,27 @@ def child(args) -> None:
         kwargs["attention_config"] = {"backend": args.backend}
     llm = LLM(**kwargs)
     engine = llm.llm_engine
+    core = engine.engine_core.engine_core  # InprocClient -> EngineCore: the scheduler's running requests
     # early requests decode while later ones prefill (chunked prefill): room for those steps, aborted after the window
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for ctx, fixed_batch in cases(args.contexts):
         tokens = ctx + args.max_tokens
         capacity, num_blocks = engine_capacity(llm, tokens)
-        # vLLM's figure counts the pool's reserved null block as usable: without it a batch of exactly the
-        # capacity has one request preempted
-        batch = fixed_batch or min(math.floor(capacity * (num_blocks - 1) / num_blocks), args.max_num_seqs)
-        rng = random.Random(ctx * 1000 + batch)
+        if fixed_batch:
+            submit = fixed_batch
+        elif args.batch == "admitted":  # twice the estimate: the batch is what the scheduler admits of them
+            submit = min(math.ceil(2 * capacity) + 2, args.max_num_seqs + 2)
+        else:  # vLLM's figure counts the pool's reserved null block as usable: without it a batch of exactly the
+            # capacity has one request preempted
+            submit = min(math.floor(capacity * (num_blocks - 1) / num_blocks), args.max_num_seqs)
+        rng = random.Random(ctx * 1000 + submit)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
-                   for _ in range(batch)]
-        row = {"context": ctx, "request_tokens": tokens, "capacity": capacity, "batch": batch,
-               **timed_decode_window(engine, prompts, params, args.warm, args.steps)}
+                   for _ in range(submit)]
+        running = (lambda: len(core.scheduler.running)) if args.batch == "admitted" and not fixed_batch else None
+        row = {"context": ctx, "request_tokens": tokens, "capacity": capacity,
+               **timed_decode_window(engine, prompts, params, args.warm, args.steps, running)}
+        batch = row["batch"]
         rows.append(row)
         print(f"[{args.backend}] ctx={ctx} capacity={capacity:.2f} batch={batch} prefill={row['prefill_s']:.1f}s "
               f"step={row['step_ms']:.2f}ms throughput={row['throughput_tok_s']:.0f} tok/s "
@@ -135,7 +159,7 @@ def child(args) -> None:
 
 def run_config(args, backend: str, env: dict) -> dict:
     child_args = ["--backend", backend, "--model-dir", args.model_dir,
-                  "--contexts", args.contexts, "--warm", str(args.warm),
+                  "--contexts", args.contexts, "--batch", args.batch, "--warm", str(args.warm),
                   "--steps", str(args.steps), "--max-tokens", str(args.max_tokens),
                   "--max-model-len", str(args.max_model_len),
                   "--max-num-seqs", str(args.max_num_seqs),
@@ -153,6 +177,9 @@ def parse_args(argv=None):
     p.add_argument("--contexts", default="32768,129024",
                    help="comma list of CTX (the largest batch that fits) or CTXxB (a fixed batch B, e.g. 129024x1 "
                         "for TPOT at batch 1)")
+    p.add_argument("--batch", choices=("capacity", "admitted"), default="admitted",
+                   help="admitted: add twice the estimate's requests, time the ones vLLM's scheduler runs at once "
+                        "(its admission gate and block pool decide); capacity: add vLLM's estimate, rounded down")
     p.add_argument("--longseq-env", action="append", required=False, default=None,
                    help="K=V,K=V environment of one longseq configuration (LONGSEQ_ATTENTION included); repeat it "
                         "for several, each timed against the same default run")
@@ -204,14 +231,15 @@ def main(argv=None) -> None:
             table.append({"context": d["context"], "longseq_env": extra,
                           "default_batch": d["batch"], "longseq_batch": o["batch"],
                           "default_capacity": d["capacity"], "longseq_capacity": o["capacity"],
-                          "capacity_ratio": o["capacity"] / d["capacity"],
+                          "capacity_ratio": o["capacity"] / d["capacity"], "batch_ratio": o["batch"] / d["batch"],
                           "default_throughput_tok_s": d["throughput_tok_s"],
                           "longseq_throughput_tok_s": o["throughput_tok_s"],
                           "throughput_ratio": o["throughput_tok_s"] / d["throughput_tok_s"],
                           "default_step_ms": d["step_ms"], "longseq_step_ms": o["step_ms"],
                           "preempted": o["min_tokens_per_step"] < o["batch"] or d["min_tokens_per_step"] < d["batch"]})
     path = write_result(args.name, {"benchmark": "vllm_capacity", "command": command_line(), "env": environment(),
-                                    "inputs": {"shape": args.shape, "contexts": args.contexts, "warm": args.warm,
+                                    "inputs": {"shape": args.shape, "contexts": args.contexts, "batch": args.batch,
+                                               "warm": args.warm,
                                                "steps": args.steps, "max_tokens": args.max_tokens,
                                                "max_model_len": args.max_model_len,
                                                "max_num_batched_tokens": args.max_num_batched_tokens or "default",
@@ -219,11 +247,12 @@ def main(argv=None) -> None:
                                                "cudagraph_mode": args.cudagraph_mode, "compile_mode": args.compile_mode},
                                     "longseq_envs": extras, "default": default, "longseq_runs": runs,
                                     "table": table})
-    print("| context | setting | default batch | longseq batch | capacity ratio | default step ms | longseq step ms | "
-          "default tok/s | longseq tok/s | throughput ratio |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("| context | setting | default batch | longseq batch | batch ratio | capacity ratio | default step ms | "
+          "longseq step ms | default tok/s | longseq tok/s | throughput ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in table:
         env = ",".join(f"{k}={v}" for k, v in r["longseq_env"].items())
-        print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['capacity_ratio']:.2f}x | "
+        print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['batch_ratio']:.2f}x | "
+              f"{r['capacity_ratio']:.2f}x | "
               f"{r['default_step_ms']:.2f} | {r['longseq_step_ms']:.2f} | {r['default_throughput_tok_s']:.0f} | "
               f"{r['longseq_throughput_tok_s']:.0f} | {r['throughput_ratio']:.2f}x |")
     for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:

@@ -46,7 +46,8 @@ def _spec(**kw):
     from longseq.attention_backends.vllm.duo_memory import SinkWindowSpec
 
     return SinkWindowSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.bfloat16,
-                          sink_tokens=kw.get("sink", 10), recent_tokens=kw.get("recent", 64))
+                          sink_tokens=kw.get("sink", 10), recent_tokens=kw.get("recent", 64),
+                          in_flight_tokens=kw.get("in_flight", 0))
 
 
 def test_spec_is_its_own_group_and_uses_the_sink_window_manager():
@@ -103,6 +104,29 @@ def test_manager_frees_the_gap_keeps_sink_and_window_and_returns_blocks_to_the_p
     assert pool.get_num_free_blocks() == free0
 
 
+def test_admission_gate_asks_for_sink_window_and_in_flight_blocks_not_the_whole_prompt():
+    """vLLM admits a request only once its whole prompt fits (``scheduler_reserve_full_isl``); the streaming group
+    answers with the blocks it holds at most, as vLLM's sliding-window groups do, and the full count elsewhere."""
+    from vllm.v1.core.block_pool import BlockPool
+
+    from longseq.attention_backends.vllm.duo_memory import SinkWindowManager
+
+    def manager(in_flight):
+        pool = BlockPool(num_gpu_blocks=512, enable_caching=False, hash_block_size=16)
+        return SinkWindowManager(_spec(sink=10, recent=64, in_flight=in_flight), block_pool=pool,
+                                 enable_caching=False, kv_cache_group_id=0, scheduler_block_size=16)
+
+    def ask(mgr, tokens, gate):
+        return mgr.get_num_blocks_to_allocate("r", tokens, [], total_computed_tokens=0, num_local_computed_tokens=0,
+                                              num_tokens_main_model=tokens, apply_admission_cap=gate)
+
+    mgr = manager(256)
+    assert ask(mgr, 2000, gate=True) == 22  # 1 sink + cdiv(63 + 256, 16) + 1, as the pool is sized
+    assert ask(mgr, 2000, gate=False) == 125  # allocating a chunk is unchanged
+    assert ask(mgr, 100, gate=True) == 7  # a short prompt: its own blocks
+    assert ask(manager(0), 2000, gate=True) == 125  # in-flight unknown: every block, as before
+
+
 def test_capacity_prices_llama_8b_at_half_streaming_near_half_dense(tmp_path, capsys):
     import json
 
@@ -112,8 +136,11 @@ def test_capacity_prices_llama_8b_at_half_streaming_near_half_dense(tmp_path, ca
     cfg = {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
     r = kv_capacity(cfg, 0.5, sink=64, recent=256, context=129024, chunk=2048)
     assert r["dense_bytes_per_token"] == 32 * 8 * 2 * 128 * 2 and r["duo_bytes_per_token"] == r["dense_bytes_per_token"] // 2
-    assert r["duo_bytes_per_request"] == 32 * 4 * 2 * 128 * 2 * (64 + 256 + 2048)
-    assert 0.5 < r["ratio"] < 0.55
+    assert r["duo_bytes_per_request"] == 32 * 4 * 2 * 128 * 2 * (64 + 256 + 2 * 2048)  # two batches in flight
+    assert r["duo_bytes_per_request_decoding"] == 32 * 4 * 2 * 128 * 2 * (64 + 256)
+    assert 0.5 < r["ratio_decoding"] < r["ratio"] < 0.55
+    assert kv_capacity(cfg, 0.5, 64, 256, 129024, chunk=2048, batches=1)["duo_bytes_per_request"] == \
+        32 * 4 * 2 * 128 * 2 * (64 + 256 + 2048)
     assert kv_capacity(cfg, 0.5, 64, 256, 129024, tp=2)["kv_heads_per_rank"] == 4
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert main(["duo", "capacity", "--model", str(tmp_path), "--json"]) == 0

@@ -45,19 +45,30 @@ class SinkWindowSpec(AttentionSpec):
     """The streaming heads' KV: a query at position ``p`` reads keys ``j < sink_tokens`` and
     ``j > p - recent_tokens``. Not a ``FullAttentionSpec`` subclass, so vLLM puts these layers in their own group."""
 
-    sink_tokens: int = 0  # defaults only because the base has defaulted fields; StreamingHeadsAttention sets both
+    sink_tokens: int = 0  # defaults only because the base has defaulted fields; StreamingHeadsAttention sets all
     recent_tokens: int = 0
+    #: Tokens scheduled but not yet settled (vLLM's ``max_in_flight_tokens``: one prefill chunk per concurrent
+    #: batch), known where the spec is made; the scheduler's admission gate reads it (0: no cap, count every block).
+    in_flight_tokens: int = 0
+
+    def max_blocks_per_request(self, in_flight_tokens: int, max_model_len: int) -> int:
+        """The most blocks one request holds at once: the sink blocks plus the window and the tokens in flight
+        (as ``SlidingWindowSpec`` counts them), never more than the whole context."""
+        bs = self.block_size
+        blocks = _cdiv(self.sink_tokens, bs) + _cdiv(min(self.recent_tokens - 1 + in_flight_tokens, max_model_len),
+                                                     bs) + 1
+        return min(blocks, _cdiv(max_model_len, bs))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        """What one request holds at most: the sink blocks plus the window and the tokens in flight (as
-        ``SlidingWindowSpec`` counts them), never more than the whole context."""
-        max_len = vllm_config.model_config.max_model_len
-        in_flight = getattr(vllm_config, "max_in_flight_tokens", None) or \
-            vllm_config.scheduler_config.max_num_batched_tokens
-        bs = self.block_size
-        blocks = _cdiv(self.sink_tokens, bs) + _cdiv(min(self.recent_tokens - 1 + in_flight, max_len), bs) + 1
-        return min(blocks, _cdiv(max_len, bs)) * self.page_size_bytes
+        """What one request holds at most (:meth:`max_blocks_per_request`), in bytes: sizes the pool."""
+        return self.max_blocks_per_request(in_flight_tokens(vllm_config),
+                                           vllm_config.model_config.max_model_len) * self.page_size_bytes
 
+
+def in_flight_tokens(vllm_config) -> int:
+    """vLLM's ``max_in_flight_tokens`` (a prefill chunk per concurrent batch: 2 with async scheduling), or one
+    chunk where vLLM has no such property."""
+    return getattr(vllm_config, "max_in_flight_tokens", None) or vllm_config.scheduler_config.max_num_batched_tokens
 
 
 def _attention_fields(spec: AttentionSpec) -> dict:
@@ -76,6 +87,16 @@ class SinkWindowManager(FullAttentionManager):
     ``get_num_skipped_tokens`` stays 0 (nothing is skipped at the head, unlike a sliding window), so prefix
     hits and connector loads allocate every block as for full attention; the gap is freed afterwards.
     """
+
+    def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, *args, **kwargs) -> int:
+        """As for full attention, except vLLM's admission gate (``apply_admission_cap``, which asks for the whole
+        prompt before a request starts) is answered with what this group holds at most, as vLLM caps its
+        sliding-window groups: otherwise a 126K request waits for room for 126K streaming tokens it never keeps."""
+        spec: SinkWindowSpec = self.kv_cache_spec
+        if kwargs.get("apply_admission_cap") and spec.in_flight_tokens > 0:
+            cap = spec.max_blocks_per_request(spec.in_flight_tokens, num_tokens) * self.block_size
+            num_tokens = min(num_tokens, cap)
+        return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
@@ -125,7 +146,7 @@ class StreamingHeadsAttention(Attention):
             raise LongSeqConfigError(f"longseq duo memory: layer {self.layer_name} has a {type(spec).__name__} KV "
                                      "cache; only plain full attention can be split")
         return SinkWindowSpec(**_attention_fields(spec), sink_tokens=self.longseq_sink_tokens,
-                              recent_tokens=self.longseq_recent_tokens)
+                              recent_tokens=self.longseq_recent_tokens, in_flight_tokens=in_flight_tokens(vllm_config))
 
 
 def _q_heads(kv_heads: list[int], group: int) -> list[int]:
