@@ -24,13 +24,14 @@ Writes benchmarks/results/<name>.json and prints the table for docs/benchmarks/d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
 
-from benchmarks.common import run_child
+from benchmarks.common import StackSampler, run_child
 
 
 def engine_capacity(llm, tokens: int) -> tuple[float, int]:
@@ -51,7 +52,8 @@ def engine_capacity(llm, tokens: int) -> tuple[float, int]:
         model_config.max_model_len = saved
 
 
-def timed_decode_window(engine, prompts: list, params, warm: int, steps: int, running=None) -> dict:
+def timed_decode_window(engine, prompts: list, params, warm: int, steps: int, running=None,
+                        sample_stacks: bool = False) -> dict:
     """Add ``prompts`` at once, step until the batch has formed, then ``warm`` steps, then time ``steps`` steps.
 
     ``running`` None: the batch is every prompt (each has a token). Else a callable giving the scheduler's number of
@@ -88,10 +90,16 @@ def timed_decode_window(engine, prompts: list, params, warm: int, steps: int, ru
     for _ in range(warm):
         step()
     per_step = []
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        per_step.append(step())
-    window_s = time.perf_counter() - t0
+    sampler = StackSampler(depth=6) if sample_stacks else contextlib.nullcontext()
+    with sampler:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            per_step.append(step())
+        window_s = time.perf_counter() - t0
+    if sample_stacks:  # where the host spends a step (the engine runs in this thread)
+        for stack, share in sampler.top(14):
+            print(f"[stacks] {share:6.1%}  {stack}", file=sys.stderr, flush=True)
+        print(f"[stacks] gc seconds by generation: {sampler.gc_seconds}", file=sys.stderr, flush=True)
     engine.abort_request(ids)
     while engine.has_unfinished_requests():
         engine.step()
@@ -147,7 +155,7 @@ def child(args) -> None:
                    for _ in range(submit)]
         running = (lambda: len(core.scheduler.running)) if args.batch == "admitted" and not fixed_batch else None
         row = {"context": ctx, "request_tokens": tokens, "capacity": capacity,
-               **timed_decode_window(engine, prompts, params, args.warm, args.steps, running)}
+               **timed_decode_window(engine, prompts, params, args.warm, args.steps, running, args.sample_stacks)}
         batch = row["batch"]
         rows.append(row)
         print(f"[{args.backend}] ctx={ctx} capacity={capacity:.2f} batch={batch} prefill={row['prefill_s']:.1f}s "
@@ -166,7 +174,7 @@ def run_config(args, backend: str, env: dict) -> dict:
                   "--num-gpu-blocks-override", str(args.num_gpu_blocks_override),
                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                   "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
-                  "--compile-mode", str(args.compile_mode)]
+                  "--compile-mode", str(args.compile_mode), *(["--sample-stacks"] if args.sample_stacks else [])]
     env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the capacity is read from the in-process scheduler
     return run_child("benchmarks.bench_vllm_capacity", child_args, env, backend, grep="Maximum concurrency")
 
@@ -204,6 +212,9 @@ def parse_args(argv=None):
                    help="vLLM compilation mode: 0 no torch.compile (starts in about a minute), 3 vllm serve's default")
     p.add_argument("--ours-backend", default="CUSTOM",
                    help="attention backend of the longseq runs (CUSTOM on CUDA; 'default' on vLLM's CPU engine)")
+    p.add_argument("--skip-default", action="store_true", help="run only the longseq settings (diagnostics)")
+    p.add_argument("--sample-stacks", action="store_true",
+                   help="print where the host spends the timed window (the engine's thread, sampled)")
     p.add_argument("--name", default="vllm_capacity", help="results file name")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
@@ -222,6 +233,11 @@ def main(argv=None) -> None:
     extras = [env_settings(e) for e in (args.longseq_env or [])]
     if not extras:
         raise SystemExit("give at least one --longseq-env configuration")
+    if args.skip_default:
+        for extra in extras:
+            print("RESULT-ONLY " + json.dumps({"longseq_env": extra,
+                                               **run_config(args, args.ours_backend, {**base_env, **extra})}))
+        return
     default = run_config(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
     runs = [run_config(args, args.ours_backend, {**base_env, **extra}) for extra in extras]
     table = []
