@@ -11,15 +11,16 @@ admission gate count. Bytes count keys and values at ``--dtype-bytes`` (2: bf16/
     longseq duo capacity --model PATH [--sparsity 0.5 --sink 64 --recent 256 --context 131072 --tp 1 --chunk 2048
                                        --batches 2]
 
-Standard library only.
+Standard library only (torch is not imported).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+
+from longseq.attention_backends.core.head_count import streaming_head_count
 
 
 def kv_capacity(model_config: dict, sparsity: float, sink: int, recent: int, context: int, tp: int = 1,
@@ -35,7 +36,7 @@ def kv_capacity(model_config: dict, sparsity: float, sink: int, recent: int, con
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1]")
     kv = max(1, kv_total // tp)
-    k = min(kv, int(math.floor(sparsity * kv + 0.5 + 1e-9)))
+    k = streaming_head_count(sparsity, kv)
     per_head_token = 2 * head_dim * dtype_bytes  # K and V
     dense_tok = layers * kv * per_head_token
     duo_tok = layers * (kv - k) * per_head_token

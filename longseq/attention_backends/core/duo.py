@@ -21,7 +21,6 @@ retrieval heads as a callable; nothing here imports a framework.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal, Protocol
 
 import torch
@@ -34,6 +33,7 @@ from longseq.attention_backends.core.duo_pattern import (
     random_pattern,
     random_pattern_seed,
 )
+from longseq.attention_backends.core.head_count import streaming_head_count
 from longseq.attention_backends.core.layers import layer_index
 from longseq.config import LongSeqConfig, LongSeqConfigError
 from longseq.kernels.score_mods import NO_MODS, ScoreMods
@@ -98,7 +98,7 @@ class StreamingHeadMask:
             if not 0.0 <= s <= 1.0:
                 raise LongSeqConfigError(f"duo sparsity={sparsity!r} must be in [0, 1] (fraction of KV heads that stream)")
             n = gates.numel()
-            k = min(n, int(math.floor(s * n + 0.5 + 1e-9)))
+            k = streaming_head_count(s, n)
             order = torch.argsort(gates.reshape(-1), stable=True)  # ascending; equal gates keep row-major order
             flat = torch.zeros(n, dtype=torch.bool, device="cpu")
             flat[order[:k]] = True
@@ -213,7 +213,7 @@ def per_layer_streaming(gates: torch.Tensor, sparsity: float) -> torch.Tensor:
     quantile (:meth:`StreamingHeadMask.from_pattern`) gives layers different counts; saving KV memory in a paged
     server needs one count per layer (docs/duo-memory.md)."""
     num_layers, h = gates.shape
-    k = min(h, int(math.floor(float(sparsity) * h + 0.5 + 1e-9)))
+    k = streaming_head_count(sparsity, h)
     out = torch.zeros(num_layers, h, dtype=torch.bool, device="cpu")  # host side, whatever the default device
     order = torch.argsort(gates.float().cpu(), dim=1, stable=True)[:, :k]
     out.scatter_(1, order, True)
