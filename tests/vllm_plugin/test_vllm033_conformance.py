@@ -262,3 +262,22 @@ def test_metadata_dataclass_extension_is_valid(api):
                 problems += [f"{cls.name}.{f} needs a default (base {base.name} has defaulted fields)"
                              for f, has_default in cls.fields.items() if not has_default]
     _fail_if(problems, api)
+
+
+def test_admission_gate_reaches_the_streaming_cap(api):
+    """``LONGSEQ_DUO_MEMORY=1``: vLLM's admission gate must reach ``SinkWindowManager``'s cap, which reads
+    ``apply_admission_cap`` as a keyword from the coordinator's calls, and the spec takes the tokens in flight
+    from ``VllmConfig.max_in_flight_tokens``. Without either, a long request waits for room for every streaming
+    token (correct, but the memory saving no longer admits more requests)."""
+    problems = []
+    node = function_node(api, "vllm.v1.core.kv_cache_coordinator", "KVCacheCoordinator.get_num_blocks_to_allocate")
+    calls = find_calls(node, "get_num_blocks_to_allocate") if node is not None else []
+    if not calls:
+        problems.append("KVCacheCoordinator.get_num_blocks_to_allocate calls no manager's get_num_blocks_to_allocate")
+    for call in calls:
+        if "apply_admission_cap" not in [k.arg for k in call.keywords]:
+            problems.append(f"a manager call in KVCacheCoordinator.get_num_blocks_to_allocate (line {call.lineno}) "
+                            "does not pass apply_admission_cap as a keyword")
+    if "max_in_flight_tokens" not in api.class_info("vllm.config.vllm", "VllmConfig").methods:
+        problems.append("VllmConfig has no max_in_flight_tokens")
+    _fail_if(problems, api)
