@@ -3,9 +3,11 @@
 For issue 21 (DuoAttention KV memory): with streaming heads keeping only sink + recent tokens, vLLM admits more
 sequences at the same ``gpu_memory_utilization``; this measures what that buys in decode throughput.
 
-Per configuration, one engine (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on a shape-only model) and per
-context: vLLM's own capacity estimate for a request of ``context + max_tokens`` tokens
-(``get_max_concurrency_for_kv_cache_config``, the function behind its "Maximum concurrency" log line) is recorded,
+Per configuration, one engine (in-process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, on a shape-only model; ``--engine
+mp`` runs the engine core in its own process as ``vllm serve`` does, so host work overlaps the GPU, and reads the
+running count from vLLM's metrics and the capacity from its log line) and per context: vLLM's own capacity
+estimate for a request of ``context + max_tokens`` tokens (``get_max_concurrency_for_kv_cache_config``, the
+function behind its "Maximum concurrency" log line) is recorded,
 and the batch is what vLLM admits (``--batch admitted``, the default): twice the estimate's distinct random prompts
 are added at once and the engine is stepped until the requests its scheduler runs (its admission gate, its block
 pool) all have a token and their number held for 3 steps; the others wait. ``--batch capacity`` adds the estimate,
@@ -28,6 +30,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -134,15 +137,28 @@ def child(args) -> None:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.backend != "default":
         kwargs["attention_config"] = {"backend": args.backend}
+    mp = args.engine == "mp"
+    if mp:
+        kwargs["disable_log_stats"] = False  # the running count comes from vLLM's metrics
     llm = LLM(**kwargs)
     engine = llm.llm_engine
-    core = engine.engine_core.engine_core  # InprocClient -> EngineCore: the scheduler's running requests
+    if mp:
+        running_now = lambda: int(sum(m.value for m in llm.get_metrics()  # noqa: E731
+                                      if m.name == "vllm:num_requests_running"))
+    else:
+        core = engine.engine_core.engine_core  # InprocClient -> EngineCore: the scheduler's running requests
+        running_now = lambda: len(core.scheduler.running)  # noqa: E731
     # early requests decode while later ones prefill (chunked prefill): room for those steps, aborted after the window
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
     for ctx, fixed_batch in cases(args.contexts):
         tokens = ctx + args.max_tokens
-        capacity, num_blocks = engine_capacity(llm, tokens)
+        if mp:  # the scheduler is in another process: an upper bound from the pool (no request takes < 1/2 token
+            # per pool token: duo's streaming heads are at most half); vLLM's own line is in the log
+            cache = engine.vllm_config.cache_config
+            capacity, num_blocks = cache.num_gpu_blocks * cache.block_size / tokens, cache.num_gpu_blocks
+        else:
+            capacity, num_blocks = engine_capacity(llm, tokens)
         if fixed_batch:
             submit = fixed_batch
         elif args.batch == "admitted":  # twice the estimate: the batch is what the scheduler admits of them
@@ -153,21 +169,32 @@ def child(args) -> None:
         rng = random.Random(ctx * 1000 + submit)
         prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(ctx)])
                    for _ in range(submit)]
-        running = (lambda: len(core.scheduler.running)) if args.batch == "admitted" and not fixed_batch else None
-        row = {"context": ctx, "request_tokens": tokens, "capacity": capacity,
+        running = running_now if args.batch == "admitted" and not fixed_batch else None
+        row = {"context": ctx, "request_tokens": tokens, "capacity": None if mp else capacity,
                **timed_decode_window(engine, prompts, params, args.warm, args.steps, running, args.sample_stacks)}
         batch = row["batch"]
         rows.append(row)
-        print(f"[{args.backend}] ctx={ctx} capacity={capacity:.2f} batch={batch} prefill={row['prefill_s']:.1f}s "
+        cap = "-" if mp else f"{capacity:.2f}"
+        print(f"[{args.backend}] ctx={ctx} capacity={cap} batch={batch} prefill={row['prefill_s']:.1f}s "
               f"step={row['step_ms']:.2f}ms throughput={row['throughput_tok_s']:.0f} tok/s "
               f"tokens/step {row['min_tokens_per_step']}-{row['max_tokens_per_step']}", file=sys.stderr, flush=True)
     kv_blocks = getattr(engine.vllm_config.cache_config, "num_gpu_blocks", None)
     print("RESULT " + json.dumps({"backend": args.backend, "kv_blocks": kv_blocks, "rows": rows}), flush=True)
 
 
+def vllm_line_concurrency(run: dict) -> float | None:
+    """The figure of vLLM's "Maximum concurrency for N tokens per request: X x" log line of one run (N = the
+    engine's max_model_len), or None."""
+    for line in reversed(run.get("log_lines", [])):
+        hit = re.search(r"per request: ([0-9.]+)x", line)
+        if hit:
+            return float(hit.group(1))
+    return None
+
+
 def run_config(args, backend: str, env: dict) -> dict:
     child_args = ["--backend", backend, "--model-dir", args.model_dir,
-                  "--contexts", args.contexts, "--batch", args.batch, "--warm", str(args.warm),
+                  "--contexts", args.contexts, "--batch", args.batch, "--engine", args.engine, "--warm", str(args.warm),
                   "--steps", str(args.steps), "--max-tokens", str(args.max_tokens),
                   "--max-model-len", str(args.max_model_len),
                   "--max-num-seqs", str(args.max_num_seqs),
@@ -175,7 +202,8 @@ def run_config(args, backend: str, env: dict) -> dict:
                   "--max-num-batched-tokens", str(args.max_num_batched_tokens),
                   "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--cudagraph-mode", args.cudagraph_mode,
                   "--compile-mode", str(args.compile_mode), *(["--sample-stacks"] if args.sample_stacks else [])]
-    env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # the capacity is read from the in-process scheduler
+    if args.engine == "inproc":  # the capacity is read from the in-process scheduler
+        env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return run_child("benchmarks.bench_vllm_capacity", child_args, env, backend, grep="Maximum concurrency")
 
 
@@ -212,6 +240,10 @@ def parse_args(argv=None):
                    help="vLLM compilation mode: 0 no torch.compile (starts in about a minute), 3 vllm serve's default")
     p.add_argument("--ours-backend", default="CUSTOM",
                    help="attention backend of the longseq runs (CUSTOM on CUDA; 'default' on vLLM's CPU engine)")
+    p.add_argument("--engine", choices=("inproc", "mp"), default="inproc",
+                   help="inproc: the engine core in the bench's process (vLLM's capacity function, the scheduler's "
+                        "running list; step times include the host work); mp: in its own process, as vllm serve runs "
+                        "it (host work overlaps the GPU; running count from vLLM's metrics, capacity from its log)")
     p.add_argument("--skip-default", action="store_true", help="run only the longseq settings (diagnostics)")
     p.add_argument("--sample-stacks", action="store_true",
                    help="print where the host spends the timed window (the engine's thread, sampled)")
@@ -246,18 +278,21 @@ def main(argv=None) -> None:
             o = r["rows"][i]
             table.append({"context": d["context"], "longseq_env": extra,
                           "default_batch": d["batch"], "longseq_batch": o["batch"],
-                          "default_capacity": d["capacity"], "longseq_capacity": o["capacity"],
-                          "capacity_ratio": o["capacity"] / d["capacity"], "batch_ratio": o["batch"] / d["batch"],
+                          # vLLM's estimate for this context (in-process), else its log line (max_model_len)
+                          "default_capacity": d["capacity"] or vllm_line_concurrency(default),
+                          "longseq_capacity": o["capacity"] or vllm_line_concurrency(r),
+                          "batch_ratio": o["batch"] / d["batch"],
                           "default_throughput_tok_s": d["throughput_tok_s"],
                           "longseq_throughput_tok_s": o["throughput_tok_s"],
                           "throughput_ratio": o["throughput_tok_s"] / d["throughput_tok_s"],
                           "default_step_ms": d["step_ms"], "longseq_step_ms": o["step_ms"],
                           "preempted": o["min_tokens_per_step"] < o["batch"] or d["min_tokens_per_step"] < d["batch"]})
+            caps = (table[-1]["default_capacity"], table[-1]["longseq_capacity"])
+            table[-1]["capacity_ratio"] = caps[1] / caps[0] if all(caps) else None
     path = write_result(args.name, {"benchmark": "vllm_capacity", "command": command_line(), "env": environment(),
                                     "inputs": {"shape": args.shape, "contexts": args.contexts, "batch": args.batch,
-                                               "warm": args.warm,
-                                               "steps": args.steps, "max_tokens": args.max_tokens,
-                                               "max_model_len": args.max_model_len,
+                                               "engine": args.engine, "warm": args.warm, "steps": args.steps,
+                                               "max_tokens": args.max_tokens, "max_model_len": args.max_model_len,
                                                "max_num_batched_tokens": args.max_num_batched_tokens or "default",
                                                "gpu_memory_utilization": args.gpu_memory_utilization,
                                                "cudagraph_mode": args.cudagraph_mode, "compile_mode": args.compile_mode},
@@ -268,7 +303,7 @@ def main(argv=None) -> None:
     for r in table:
         env = ",".join(f"{k}={v}" for k, v in r["longseq_env"].items())
         print(f"| {r['context']} | {env} | {r['default_batch']} | {r['longseq_batch']} | {r['batch_ratio']:.2f}x | "
-              f"{r['capacity_ratio']:.2f}x | "
+              f"{'-' if r['capacity_ratio'] is None else format(r['capacity_ratio'], '.2f') + 'x'} | "
               f"{r['default_step_ms']:.2f} | {r['longseq_step_ms']:.2f} | {r['default_throughput_tok_s']:.0f} | "
               f"{r['longseq_throughput_tok_s']:.0f} | {r['throughput_ratio']:.2f}x |")
     for label, r in [("default", default)] + [(f"longseq {extra}", r) for extra, r in zip(extras, runs)]:
