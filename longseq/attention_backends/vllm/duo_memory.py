@@ -51,7 +51,7 @@ class SinkWindowSpec(AttentionSpec):
     #: batch), known where the spec is made; the scheduler's admission gate reads it (0: no cap, count every block).
     in_flight_tokens: int = 0
 
-    def max_blocks_per_request(self, in_flight_tokens: int, max_model_len: int) -> int:
+    def _max_blocks_held(self, in_flight_tokens: int, max_model_len: int) -> int:
         """The most blocks one request holds at once: the sink blocks plus the window and the tokens in flight
         (as ``SlidingWindowSpec`` counts them), never more than the whole context."""
         bs = self.block_size
@@ -60,8 +60,8 @@ class SinkWindowSpec(AttentionSpec):
         return min(blocks, _cdiv(max_model_len, bs))
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        """What one request holds at most (:meth:`max_blocks_per_request`), in bytes: sizes the pool."""
-        return self.max_blocks_per_request(in_flight_tokens(vllm_config),
+        """What one request holds at most (:meth:`_max_blocks_held`), in bytes: sizes the pool."""
+        return self._max_blocks_held(in_flight_tokens(vllm_config),
                                            vllm_config.model_config.max_model_len) * self.page_size_bytes
 
 
@@ -94,7 +94,7 @@ class SinkWindowManager(FullAttentionManager):
         sliding-window groups: otherwise a 126K request waits for room for 126K streaming tokens it never keeps."""
         spec: SinkWindowSpec = self.kv_cache_spec
         if kwargs.get("apply_admission_cap") and spec.in_flight_tokens > 0:
-            cap = spec.max_blocks_per_request(spec.in_flight_tokens, num_tokens) * self.block_size
+            cap = spec._max_blocks_held(spec.in_flight_tokens, num_tokens) * self.block_size
             num_tokens = min(num_tokens, cap)
         return super().get_num_blocks_to_allocate(request_id, num_tokens, *args, **kwargs)
 
