@@ -153,8 +153,8 @@ def child(args) -> None:
     rows = []
     for ctx, fixed_batch in cases(args.contexts):
         tokens = ctx + args.max_tokens
-        if mp:  # the scheduler is in another process: an upper bound from the pool (no request takes < 1/2 token
-            # per pool token: duo's streaming heads are at most half); vLLM's own line is in the log
+        if mp:  # the scheduler is in another process: the pool's tokens over a request's, an upper bound here (a
+            # duo-memory block holds only its group's heads); vLLM's own line is in the log
             cache = engine.vllm_config.cache_config
             capacity, num_blocks = cache.num_gpu_blocks * cache.block_size / tokens, cache.num_gpu_blocks
         else:

@@ -62,7 +62,7 @@ class SinkWindowSpec(AttentionSpec):
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """What one request holds at most (:meth:`_max_blocks_held`), in bytes: sizes the pool."""
         return self._max_blocks_held(in_flight_tokens(vllm_config),
-                                           vllm_config.model_config.max_model_len) * self.page_size_bytes
+                                     vllm_config.model_config.max_model_len) * self.page_size_bytes
 
 
 def in_flight_tokens(vllm_config) -> int:
