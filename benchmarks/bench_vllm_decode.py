@@ -90,6 +90,12 @@ def profile_kernels(run, steps: int, top: int = 25) -> list[dict]:
                          "calls_per_step": round(ev.count / steps, 2)})
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
+    # Host side: graph replays vs single launches tell whether decode ran in a CUDA graph; the busiest CPU ops
+    # tell where a step's host time goes.
+    host = sorted(((ev.self_cpu_time_total / steps, ev.count / steps, ev.key[:100]) for ev in prof.key_averages()
+                   if ev.self_cpu_time_total > 0), reverse=True)
+    for us, calls, key in host[:12]:
+        print(f"[prof-host] {us:9.1f} us  x{calls:6.1f}  {key}", file=sys.stderr)
     print(f"[prof] profiled {steps} steps: {total:.0f} us of GPU kernels per step; top:", file=sys.stderr)
     for r in rows[:top]:
         print(f"[prof] {r['us_per_step']:9.1f} us  x{r['calls_per_step']:6.1f}  {r['kernel']}", file=sys.stderr)
