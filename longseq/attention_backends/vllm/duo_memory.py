@@ -66,9 +66,9 @@ class SinkWindowSpec(AttentionSpec):
 
 
 def in_flight_tokens(vllm_config) -> int:
-    """vLLM's ``max_in_flight_tokens`` (a prefill chunk per concurrent batch: 2 with async scheduling), or one
-    chunk where vLLM has no such property."""
-    return getattr(vllm_config, "max_in_flight_tokens", None) or vllm_config.scheduler_config.max_num_batched_tokens
+    """vLLM's ``max_in_flight_tokens``: a prefill chunk per concurrent batch (2 with async scheduling). Every
+    supported vLLM has it (tests/vllm_plugin/test_vllm033_conformance.py checks the 0.33 wheel)."""
+    return vllm_config.max_in_flight_tokens
 
 
 def _attention_fields(spec: AttentionSpec) -> dict:
