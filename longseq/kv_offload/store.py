@@ -10,7 +10,8 @@ another model / layout / dtype / block size are never returned.
 Threads: ``put``/``get``/``contains`` are called from the engine thread; disk writes run in one background
 writer thread (``async_disk_writes=True``), remote writes in another. One lock guards the DRAM tier and the
 pending-write map; disk and remote reads and writes happen outside it. Lookups fall back DRAM -> disk -> remote, and
-a disk or remote hit is promoted into DRAM.
+a disk or remote hit is promoted into DRAM. The tiers' own logic lives in ``dram.py``, ``disk.py`` and ``remote.py``;
+what stays here (past 500 lines) is what shares that lock, so it is kept in one class.
 
 Lookups (``contains``, ``count_prefix_hits``, ``fetch_prefix_to_dram``, ``get``, the DRAM batch reads) never raise
 once their arguments are checked: whatever goes wrong below (a hostile file or remote record, a failed allocation, an
