@@ -175,7 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--cudagraph-mode", default="FULL_DECODE_ONLY")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after timing each case, profile this many decode steps: GPU kernel time per step by kernel")
-    p.add_argument("--name", default=None, help="results file name (default: vllm_decode_<mode>_<shape>)")
+    p.add_argument("--name", default=None,
+                   help="results file name (default: vllm_decode_<mode>_<shape>; with --skip-default: only when given)")
     p.add_argument("--plot", default=None, metavar="RESULT_JSON", help="only draw <RESULT_JSON>.png from a result file")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
@@ -195,10 +196,26 @@ def main(argv=None) -> None:
     args.model_dir = shape_model(args, args.max_model_len)
     base_env = env_without_longseq("LONGSEQ_TEST_MODEL")
     extras = [env_settings(e) for e in (args.longseq_env or [""])]
-    if args.skip_default:
+    if args.skip_default:  # longseq settings only: each one's TPOT against the first setting's
+        runs = []
         for extra in extras:
-            ours = run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra})
-            print("RESULT-ONLY " + json.dumps({"longseq_env": extra, **ours}))
+            runs.append(run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra}))
+            print("RESULT-ONLY " + json.dumps({"longseq_env": extra, **runs[-1]}), flush=True)
+        table = [{"context": row["context"], "batch": row["batch"], "variants": [
+            {"longseq_env": extra, "tpot_ms": r["rows"][i]["tpot_ms"],
+             "tpot_ratio_to_first": r["rows"][i]["tpot_ms"] / row["tpot_ms"]} for extra, r in zip(extras, runs)]}
+            for i, row in enumerate(runs[0]["rows"])]
+        for r in table:
+            for v in r["variants"]:
+                print(f"  {r['context']}x{r['batch']} {v['longseq_env']}: TPOT {v['tpot_ms']:.2f} ms, "
+                      f"{v['tpot_ratio_to_first']:.3f}x the first setting's")
+        if args.name:
+            print("wrote", write_result(args.name, {
+                "benchmark": "vllm_decode", "command": command_line(), "env": environment(),
+                "inputs": {"mode": args.mode, "shape": args.shape, "cases": cases(args), "repeats": args.repeats,
+                           "decode_tokens": args.decode_tokens, "cudagraph_mode": args.cudagraph_mode,
+                           "compile_mode": 0, "profile_steps": args.profile_steps},
+                "longseq_envs": extras, "default": None, "longseq_runs": runs, "table": table}))
         return
     default = run_backend(args, "default", {**base_env, "VLLM_PLUGINS": ""})  # vLLM alone, no plugin loaded
     runs = [run_backend(args, "CUSTOM", {**base_env, "LONGSEQ_ATTENTION": args.mode, **extra}) for extra in extras]
