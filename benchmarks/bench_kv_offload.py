@@ -98,10 +98,10 @@ def disk_read_gbps(paths: list[str]) -> float:
 
 
 def child(args) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from benchmarks.common import StackSampler, longseq_kv_transfer_config
+    from benchmarks.common import StackSampler, greedy_ids_params, longseq_kv_transfer_config
 
     kw = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
@@ -121,7 +121,7 @@ def child(args) -> None:
     # The same copy again with the engine running, at the connector's chunk size (256 MiB): separates "a
     # chunk-sized copy in this process" from the connector's own cost (docs/benchmarks/kv-offload.md).
     out["h2d_pinned_gbps_chunk_after_start"] = pinned_h2d_gbps(nbytes=256 << 20)
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    one = greedy_ids_params(1)
 
     def ttft(prompt) -> float:
         t = time.perf_counter()
@@ -239,7 +239,7 @@ def child(args) -> None:
         out["rows"].append(row)
         print(f"[{args.config}] {json.dumps(row)}", file=sys.stderr, flush=True)
     # TPOT, no hits: a fresh prompt each repeat.
-    many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+    many = greedy_ids_params(args.decode_tokens + 1)
     t1, tn = [], []
     for _ in range(args.repeats + 1):
         p = TokensPrompt(prompt_token_ids=[rng.randrange(100, 30000) for _ in range(1024)])

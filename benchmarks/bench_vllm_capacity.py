@@ -34,7 +34,7 @@ import re
 import sys
 import time
 
-from benchmarks.common import StackSampler, run_child
+from benchmarks.common import StackSampler, greedy_ids_params, run_child
 
 
 def engine_capacity(llm, tokens: int) -> tuple[float, int]:
@@ -124,7 +124,7 @@ def child(args) -> None:
     """One engine, every context: prints a JSON line with the batch each fits and its decode throughput."""
     import random
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
@@ -149,7 +149,7 @@ def child(args) -> None:
         core = engine.engine_core.engine_core  # InprocClient -> EngineCore: the scheduler's running requests
         running_now = lambda: len(core.scheduler.running)  # noqa: E731
     # early requests decode while later ones prefill (chunked prefill): room for those steps, aborted after the window
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = greedy_ids_params(args.max_tokens)
     rows = []
     for ctx, fixed_batch in cases(args.contexts):
         tokens = ctx + args.max_tokens

@@ -20,14 +20,14 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import run_child
+from benchmarks.common import greedy_ids_params, run_child
 
 
 def child(args) -> None:
     """One engine, every (context, batch): prints a JSON line with the timings."""
     import random
 
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=args.model_dir, load_format="dummy", dtype="bfloat16", enable_prefix_caching=True,
@@ -39,8 +39,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - t0
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+    one, many = greedy_ids_params(1), greedy_ids_params(args.decode_tokens + 1)
 
     def timed(prompts, params) -> float:
         t = time.perf_counter()
@@ -63,8 +62,8 @@ def child(args) -> None:
         print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
               file=sys.stderr, flush=True)
         if args.profile_steps:
-            rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, SamplingParams(
-                temperature=0.0, max_tokens=args.profile_steps + 1, ignore_eos=True)), args.profile_steps)
+            rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, greedy_ids_params(args.profile_steps + 1)),
+                                                        args.profile_steps)
     kv_blocks = getattr(llm.llm_engine.vllm_config.cache_config, "num_gpu_blocks", None)
     print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "kv_blocks": kv_blocks,
                                   "rows": rows}), flush=True)

@@ -29,12 +29,12 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import env_without_longseq, run_child
+from benchmarks.common import env_without_longseq, greedy_ids_params, run_child
 
 
 def child(args) -> None:
     """One engine: prints ``RESULT {json}`` with every timing."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def child(args) -> None:
         return [TokensPrompt(prompt_token_ids=[rng.randrange(100, 40000) for _ in range(length)]) for _ in range(n)]
 
     def timed(ps, max_tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        params = greedy_ids_params(max_tokens)
         t = time.perf_counter()
         llm.generate(ps, params, use_tqdm=False)
         return time.perf_counter() - t
