@@ -8,7 +8,8 @@ page size 16 for every backend (``longseq_sparse`` needs a multiple of its 8-tok
 runs differ only in attention), radix cache on, decode CUDA graphs on (SGLang's default ``full`` decode graphs,
 captured up to the largest batch), prefill graphs off (as the vLLM bench's FULL_DECODE_ONLY). Each backend runs
 in its own engine process (``common.run_child``), GPU memory freed between them:
-  baselines  ``--baselines`` (SGLang's ``triton`` and ``flashinfer``; ``fa3``'s library is not in the GPU bundle)
+  baselines  ``--baselines`` (SGLang's ``fa3``, its Hopper default: its library comes in optional parts,
+             scripts/gpu/make_sglang_fa3_parts.sh; ``triton``; ``flashinfer``)
   ours       ``longseq_sparse`` (LONGSEQ_SPARSE_* defaults: budget 2048), ``longseq_duo`` (random pattern with 50%
              of the KV heads streaming, sink 64 / recent 256: the speed depends on how many heads stream, not
              which; docs/benchmarks/duo.md), ``longseq_dense`` (wraps ``triton``: its ratio to ``triton`` is the

@@ -3,8 +3,8 @@
 item 3). SGLang 0.5.15 on one H100/H200 (scripts/gpu/sglang_*.sh).
 
 Model and engine as ``bench_sglang_decode`` (Llama-3.1-8B shape, dummy weights, bf16, token-id prompts, decode
-graphs only) with the ``--attention-backend`` (default ``triton``; SGLang's Hopper default ``fa3`` is not in the
-GPU bundle) and ``--page-size`` (default 64: one stored object per 64 tokens, 8 MiB here, in every configuration;
+graphs only) with the ``--attention-backend`` (default ``triton``; SGLang's Hopper default ``fa3`` needs the optional
+parts of scripts/gpu/make_sglang_fa3_parts.sh) and ``--page-size`` (default 64: one stored object per 64 tokens, 8 MiB here, in every configuration;
 SGLang's HiCache examples use 64). One engine
 process per configuration:
   recompute  no hierarchical cache: after the flush the whole prompt is prefilled again

@@ -56,7 +56,8 @@ if [ ! -s "$stamp" ]; then
   nice -n 19 python3 -m pip install -q --no-compile --no-index --find-links "$cache/wheels" "${plat[@]}" \
     --target "$site" "${REQS[@]}" 2>&1 | quiet
   # --- pruning (only files that the serving path never loads) ---
-  # FA3 (1.7 GB): only --attention-backend fa3 and some ViT encoders load it (sgl_kernel.flash_attn, lazily).
+  # FA3 (1.7 GB): only --attention-backend fa3 and some ViT encoders load it (sgl_kernel.flash_attn, lazily);
+  # make_sglang_fa3_parts.sh carries it in optional parts.
   rm -f "$site/sgl_kernel/flash_ops.abi3.so"
   # FlashMLA: DeepSeek MLA models only.
   rm -f "$site/sgl_kernel/flashmla_ops.abi3.so"
