@@ -62,8 +62,8 @@ def child(args) -> None:
         print(f"[{args.backend}] ctx={ctx} batch={batch} ttft={ttft:.3f}s tpot={tpot * 1e3:.2f}ms",
               file=sys.stderr, flush=True)
         if args.profile_steps:
-            rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, greedy_ids_params(args.profile_steps + 1)),
-                                                        args.profile_steps)
+            profiled = greedy_ids_params(args.profile_steps + 1)
+            rows[-1]["kernels_per_step"] = profile_kernels(lambda: timed(prompts, profiled), args.profile_steps)
     kv_blocks = getattr(llm.llm_engine.vllm_config.cache_config, "num_gpu_blocks", None)
     print("RESULT " + json.dumps({"backend": args.backend, "startup_s": startup, "kv_blocks": kv_blocks,
                                   "rows": rows}), flush=True)
