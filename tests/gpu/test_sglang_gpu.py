@@ -57,7 +57,7 @@ ENGINE_KW = {"dtype": "bfloat16", "page_size": PAGE, "mem_fraction_static": 0.2,
              "cuda_graph_bs_decode": [1, 2, 4, 8], "log_level": "warning"}
 FORCED_KW = {**ENGINE_KW, "enable_custom_logit_processor": True, "disable_overlap_schedule": True}
 # Another exact dense kernel (the vLLM duo test used TRITON_ATTN vs FLASH_ATTN): SGLang's SDPA path, which captures no
-# CUDA graphs. The GPU bundle's sgl_kernel has no FA3 ops, and FlashInfer would JIT-build its kernels first.
+# CUDA graphs. FA3 needs the bundle's optional parts (scripts/gpu/make_sglang_fa3_parts.sh); FlashInfer would JIT-build.
 NOISE_BACKEND, NOISE_KW = "torch_native", {"disable_cuda_graph": True}
 DUO_ENV = {"LONGSEQ_DUO_PATTERN": "smollm2-135m-instruct"}
 KEYS = ("agreement", "mean_kl", "max_kl", "free_running_match")
