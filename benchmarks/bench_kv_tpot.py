@@ -32,10 +32,10 @@ CONFIGS = ("plain", "ours-dram", "ours-disk")
 
 
 def child(args) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
-    from benchmarks.common import longseq_kv_transfer_config
+    from benchmarks.common import greedy_ids_params, longseq_kv_transfer_config
 
     kw = dict(model=args.model, dtype="bfloat16", enable_prefix_caching=True, max_model_len=args.max_model_len,
               seed=0, enforce_eager=args.enforce_eager, load_format=args.load_format)
@@ -43,8 +43,7 @@ def child(args) -> None:
     if args.config != "plain":
         kw["kv_transfer_config"], disk_dir = longseq_kv_transfer_config(args.cpu_gib, args.config == "ours-disk")
     llm = LLM(**kw)
-    one = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    many = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens + 1, ignore_eos=True)
+    one, many = greedy_ids_params(1), greedy_ids_params(args.decode_tokens + 1)
     rng = random.Random(0)
     tpot_ms = []
     for r in range(args.repeats + 1):

@@ -86,10 +86,10 @@ def shape_model(args, max_model_len: int = 131072) -> str:
 
 
 def greedy_ids_params(max_tokens: int):
-    """vLLM ``SamplingParams`` of the shape-only benchmarks: greedy, ``max_tokens`` exactly, token ids only. No
-    detokenizing: the borrowed tokenizer has fewer ids than the model, and vLLM's decode stream, primed with the
-    prompt, re-decodes the whole prompt at every step while the output has no text (tens of ms per request at 126K,
-    on the engine thread of an in-process engine), which would time the tokenizer instead of attention."""
+    """vLLM ``SamplingParams`` of the benchmarks that may run a shape-only model: greedy, ``max_tokens`` exactly,
+    token ids only. No detokenizing: the borrowed tokenizer has fewer ids than the model, and vLLM's decode stream,
+    primed with the prompt, re-decodes the whole prompt at every step while the output has no text (tens of ms per
+    request at 126K, on the engine thread of an in-process engine), which would time the tokenizer, not attention."""
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
