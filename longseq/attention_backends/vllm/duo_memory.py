@@ -48,7 +48,8 @@ class SinkWindowSpec(AttentionSpec):
     sink_tokens: int = 0  # defaults only because the base has defaulted fields; StreamingHeadsAttention sets all
     recent_tokens: int = 0
     #: Tokens scheduled but not yet settled (vLLM's ``max_in_flight_tokens``: one prefill chunk per concurrent
-    #: batch), known where the spec is made; the scheduler's admission gate reads it (0: no cap, count every block).
+    #: batch, 2 under async scheduling; every supported vLLM has it, the 0.33 conformance test checks), known where
+    #: the spec is made; the scheduler's admission gate reads it (0: no cap, count every block).
     in_flight_tokens: int = 0
 
     def _max_blocks_held(self, in_flight_tokens: int, max_model_len: int) -> int:
@@ -61,14 +62,8 @@ class SinkWindowSpec(AttentionSpec):
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         """What one request holds at most (:meth:`_max_blocks_held`), in bytes: sizes the pool."""
-        return self._max_blocks_held(in_flight_tokens(vllm_config),
+        return self._max_blocks_held(vllm_config.max_in_flight_tokens,
                                      vllm_config.model_config.max_model_len) * self.page_size_bytes
-
-
-def in_flight_tokens(vllm_config) -> int:
-    """vLLM's ``max_in_flight_tokens``: a prefill chunk per concurrent batch (2 with async scheduling). Every
-    supported vLLM has it (tests/vllm_plugin/test_vllm033_conformance.py checks the 0.33 wheel)."""
-    return vllm_config.max_in_flight_tokens
 
 
 def _attention_fields(spec: AttentionSpec) -> dict:
@@ -146,7 +141,8 @@ class StreamingHeadsAttention(Attention):
             raise LongSeqConfigError(f"longseq duo memory: layer {self.layer_name} has a {type(spec).__name__} KV "
                                      "cache; only plain full attention can be split")
         return SinkWindowSpec(**_attention_fields(spec), sink_tokens=self.longseq_sink_tokens,
-                              recent_tokens=self.longseq_recent_tokens, in_flight_tokens=in_flight_tokens(vllm_config))
+                              recent_tokens=self.longseq_recent_tokens,
+                              in_flight_tokens=vllm_config.max_in_flight_tokens)
 
 
 def _q_heads(kv_heads: list[int], group: int) -> list[int]:
