@@ -87,7 +87,9 @@ def timed_decode_window(engine, prompts: list, params, warm: int, steps: int, ru
             step()
             batch = running()
             started = sum(n > 0 for n in produced.values())
-            held = held + 1 if batch == last and started == batch else 0
+            # batch > 0: vLLM 0.26 records its metrics only on steps with outputs, so the gauge reads 0 until a
+            # first token comes (every step of a long prefill)
+            held = held + 1 if batch > 0 and batch == last and started == batch else 0
             last = batch
     prefill_s = time.perf_counter() - t0
     for _ in range(warm):

@@ -53,6 +53,20 @@ def test_admitted_batch_is_what_runs_once_admissions_stop():
     assert engine.has_unfinished_requests() is False  # everything aborted after the window
 
 
+def test_gauge_that_reads_zero_until_the_first_token_does_not_end_admission():
+    """vLLM 0.26's ``num_requests_running`` gauge is recorded only on steps with outputs: during the first
+    requests' prefill it reads 0 while nothing has started, which must not count as a settled batch of 0."""
+    engine = FakeEngine(fits=4, prefill_steps=6)
+    seen = {"any": False}
+
+    def gauge() -> int:
+        seen["any"] = seen["any"] or any(engine.tokens.values())
+        return len(engine.running) if seen["any"] else 0
+
+    row = timed_decode_window(engine, [None] * 9, None, warm=1, steps=5, running=gauge)
+    assert row["batch"] == 4 and row["tokens"] == 20 and row["min_tokens_per_step"] == 4
+
+
 def test_fixed_batch_waits_for_every_prompt():
     engine = FakeEngine(fits=8, prefill_steps=2)
     row = timed_decode_window(engine, [None] * 3, None, warm=1, steps=4)
