@@ -10,9 +10,11 @@ Load it with (SGLang 0.5.15 to 0.5.23)::
 A remote tier shared across machines (``remote.py``): ``"remote": {"kind": "mooncake", "master": "HOST:PORT"}``,
 and ``"remote_optional": true`` to serve without it when its master cannot be reached at start-up.
 
-``interface_v1: 1`` makes SGLang call the zero-copy ``batch_get_v1`` / ``batch_set_v1`` (host indices):
-pages are read from disk straight into the host KV pool and stored from it, with no per-page tensor
-from the pool API. Without it SGLang uses the legacy ``batch_get`` / ``batch_set`` (page copies).
+``interface_v1: 1`` makes SGLang call the zero-copy ``batch_get_v1`` / ``batch_set_v1`` (host indices): a
+batch's pages are read on the store's read threads, DRAM hits are copied straight into the host KV pool, and disk
+reads land there directly when a page is one contiguous run (else in a per-thread staging buffer, checked, then
+copied); pages are stored from the pool with no per-page tensor from the pool API. Without it SGLang uses the
+legacy ``batch_get`` / ``batch_set`` (page copies).
 
 One block = one page of ``page_size`` tokens for every layer this rank holds, in the host pool's own byte
 layout. The fingerprint carries the model, the pool class and layout, the geometry, the dtype, the page
@@ -206,17 +208,14 @@ class LongSeqHiCacheStorage(HiCacheStorage):
         return buf
 
     def _get_into(self, key: bytes, chunks: list[torch.Tensor]) -> bool:
+        """One page into its pieces in the host pool: a DRAM hit is copied straight in; a disk or remote read lands
+        in this thread's staging buffer first (its check needs the whole payload), or in the pool when the page is
+        one contiguous run."""
         store = self._require_store()
-        if len(chunks) == 1:  # the page is one contiguous run: disk reads land in the pool directly
+        if len(chunks) == 1:
             return store.get(key, out=chunks[0]) is not None
         staging = self._staging_buffer(sum(c.numel() for c in chunks))
-        if store.get(key, out=staging) is None:
-            return False
-        offset = 0
-        for c in chunks:  # copy_bytes: SGLang calls this from its HiCache threads (see kv_offload/dram.py)
-            copy_bytes(c, staging[offset: offset + c.numel()])
-            offset += c.numel()
-        return True
+        return store.get(key, out=chunks, staging=staging) is not None
 
     def _put(self, key: bytes, data: torch.Tensor) -> None:
         """Only storage writers write the disk copy (MLA: one per replicated page). SGLang already skips
@@ -236,23 +235,28 @@ class LongSeqHiCacheStorage(HiCacheStorage):
     def batch_get_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:
         """Read pages into the host pool at ``host_indices`` (``len(keys) * page_size`` token slots).
-        Stops at the first miss (SGLang only uses the leading run of hits); later pages report False."""
+
+        The leading run of present keys is read on the store's read threads (each page lands in its own slots);
+        the result stops at the first miss or failed check (SGLang only uses the leading run of hits), and
+        later pages report False."""
+        store = self._require_store()
         page_size = self.mem_pool_host.page_size
         chunks = self._page_chunks(host_indices, len(keys))
-        results = [False] * len(keys)
-        for i, key in enumerate(keys):
+        raw = [key.encode() for key in keys]
+        present = store.count_prefix_hits(raw) if len(raw) > 1 else len(raw)  # no page read past a miss
+
+        def read(i: int) -> bool:
             try:
                 if chunks is not None:
-                    ok = self._get_into(key.encode(), chunks[i])
-                else:
-                    ok = self._get_copy(key, host_indices[i * page_size].item())
+                    return self._get_into(raw[i], chunks[i])
+                return self._get_copy(keys[i], host_indices[i * page_size].item())
             except Exception as e:  # a lookup never fails SGLang's prefetch thread: the page is a miss
-                self._require_store().record_lookup_error("batch_get_v1", e)
-                ok = False
-            if not ok:
-                break
-            results[i] = True
-        return results
+                store.record_lookup_error("batch_get_v1", e)
+                return False
+
+        ok = store.read_parallel(read, list(range(present)))
+        hits = ok.index(False) if False in ok else len(ok)
+        return [True] * hits + [False] * (len(keys) - hits)
 
     def batch_set_v1(self, keys: List[str], host_indices: torch.Tensor,
                      extra_info: Optional[HiCacheStorageExtraInfo] = None) -> List[bool]:

@@ -43,11 +43,27 @@ __all__ = ["BlockStore", "KVFingerprint", "StoreStats", "TierStats"]
 
 log = logging.getLogger("longseq.kv_offload")
 GIB = 1 << 30
-#: Threads ``fetch_prefix_to_dram`` reads disk and remote blocks with (file reads, crc32 and the remote client's
-#: waits release the GIL).
+#: Threads ``read_parallel`` (``fetch_prefix_to_dram``, SGLang's ``batch_get_v1``) reads blocks with (file reads,
+#: crc32, large copies and the remote client's waits release the GIL).
 READ_THREADS = 8
 #: A key length the remote transfer buffer must leave room for beside one block (keys here are 16-64 bytes).
 ROOMY_KEY = b"k" * 256
+
+
+def _nbytes(out) -> int:
+    """Bytes of a flat uint8 tensor or of a list of them."""
+    return out.numel() if isinstance(out, torch.Tensor) else sum(piece.numel() for piece in out)
+
+
+def _copy_out(dst, buf: torch.Tensor):
+    """Copy flat ``buf`` into ``dst``: one flat uint8 tensor of its size, or consecutive pieces adding up to it."""
+    if isinstance(dst, torch.Tensor):
+        return copy_bytes(dst, buf)
+    offset = 0
+    for piece in dst:
+        copy_bytes(piece, buf[offset: offset + piece.numel()])
+        offset += piece.numel()
+    return dst
 
 
 def _check_key(key: bytes) -> bytes:
@@ -199,20 +215,27 @@ class BlockStore:
         with self._lock:
             return [self._resident(k) for k in keys]
 
-    def get(self, key: bytes, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def get(self, key: bytes, out: torch.Tensor | list[torch.Tensor] | None = None,
+            staging: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor] | None:
         """The block's bytes, or None on a miss or on ANY failed check (logged and counted, never data).
 
-        out: optional contiguous tensor of exactly the block's byte size (any dtype/shape); filled and
-             returned. Without it a new flat uint8 CPU tensor (a copy, safe to keep) is returned.
-             On a miss ``out`` may have been partly written (disk reads land in it directly): ignore it.
+        out: optional contiguous tensor of exactly the block's byte size (any dtype/shape), or a list of contiguous
+             CPU tensors whose sizes add up to it (the block's bytes in order, e.g. one page's K and V runs in a
+             host pool); filled and returned. Without it a new flat uint8 CPU tensor (a copy, safe to keep) is
+             returned. On a miss ``out`` may have been partly written (disk reads land in it directly): ignore it.
+        staging: with a list ``out``, a flat uint8 CPU tensor of the block's size that disk and remote reads land in
+             before they are checked and copied out (a DRAM hit is copied straight into ``out``); default: a new one.
         A disk or remote hit is promoted into the DRAM tier.
         """
         key = _check_key(key)
-        out_bytes = as_bytes(out) if out is not None else None
+        if isinstance(out, (list, tuple)):
+            out_bytes = [as_bytes(piece) for piece in out]
+        else:
+            out_bytes = as_bytes(out) if out is not None else None
         try:
             got = self._get_dram(key, out_bytes)
             if got is None and (self._disk is not None or self._remote is not None):
-                got = self._read_below_dram(key, out_bytes)
+                got = self._read_below_dram(key, out_bytes, staging)
         except Exception as e:
             self.record_lookup_error("get", e)
             got = None
@@ -230,18 +253,23 @@ class BlockStore:
             on_disk = [k for k, resident in zip(keys, self.in_dram_batch(keys)) if not resident]
             if self._disk is None and self._remote is None:
                 got = dict.fromkeys(on_disk, False)
-            elif len(on_disk) > 1:
-                with self._lock:
-                    if self._read_pool is None:
-                        self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
-                got = dict(zip(on_disk, self._read_pool.map(lambda k: self.get(k) is not None, on_disk)))
             else:
-                got = {k: self.get(k) is not None for k in on_disk}
+                got = dict(zip(on_disk, self.read_parallel(lambda k: self.get(k) is not None, on_disk)))
         except Exception as e:
             self.record_lookup_error("fetch_prefix_to_dram", e)
             return 0
         ok = [got.get(k, True) for k in keys]
         return ok.index(False) if False in ok else len(ok)
+
+    def read_parallel(self, read: Callable, items: list) -> list:
+        """``[read(item) for item in items]``, on the store's read threads when there are several (disk reads,
+        crc32, copies of large blocks and remote waits release the GIL). ``read`` must not raise."""
+        if len(items) <= 1:
+            return [read(item) for item in items]
+        with self._lock:
+            if self._read_pool is None:
+                self._read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="longseq-kv-read")
+        return list(self._read_pool.map(read, items))
 
     def forget(self, keys: list[bytes]) -> None:
         """Drop ``keys`` from the DRAM tier (blocks that failed to load: counted again only once saved again).
@@ -320,33 +348,38 @@ class BlockStore:
 
         return self.read_dram_batch(keys, as_bytes(outs[0]).numel(), copy)
 
-    def _get_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
+    def _get_dram(self, key: bytes, out_bytes) -> torch.Tensor | list[torch.Tensor] | None:
         """DRAM tier (or a block still waiting for the disk writer): copied out under the lock, because an
-        evicted buffer is recycled for the next insert."""
+        evicted buffer is recycled for the next insert. ``out_bytes``: None, a flat uint8 tensor or a list of them."""
         t0 = time.perf_counter()
         with self._lock:
             buf = self._dram.lookup(key)
             if buf is None:
                 buf = self._pending.get(key)
-            if buf is None or (out_bytes is not None and out_bytes.numel() != buf.numel()):
+            if buf is None or (out_bytes is not None and _nbytes(out_bytes) != buf.numel()):
                 if buf is not None:
                     log.warning("kv store: get(out=) has %d bytes but the block has %d: miss",
-                                out_bytes.numel(), buf.numel())
+                                _nbytes(out_bytes), buf.numel())
                 self._rec.miss("dram")
                 return None
-            dst = out_bytes if out_bytes is not None else host_bytes(buf.numel())
-            result = copy_bytes(dst, buf)
+            result = _copy_out(out_bytes if out_bytes is not None else host_bytes(buf.numel()), buf)
         self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
         return result
 
-    def _read_below_dram(self, key: bytes, out_bytes: torch.Tensor | None) -> torch.Tensor | None:
-        """Disk, then remote (each counts its own hit or miss); a hit is promoted into DRAM."""
-        direct = out_bytes is not None and out_bytes.device.type == "cpu"
+    def _read_below_dram(self, key: bytes, out_bytes, staging: torch.Tensor | None = None
+                         ) -> torch.Tensor | None:
+        """Disk, then remote (each counts its own hit or miss); a hit is promoted into DRAM. A CPU ``out_bytes``
+        tensor is read into directly; a list of pieces or a device tensor gets the bytes once they are checked."""
+        direct = isinstance(out_bytes, torch.Tensor) and out_bytes.device.type == "cpu"
 
         def alloc(nbytes: int) -> torch.Tensor:
-            if out_bytes is not None and out_bytes.numel() != nbytes:
-                raise SizeMismatch(f"get(out=) has {out_bytes.numel()} bytes but the block has {nbytes}")
-            return out_bytes if direct else host_bytes(nbytes)
+            if out_bytes is not None and _nbytes(out_bytes) != nbytes:
+                raise SizeMismatch(f"get(out=) has {_nbytes(out_bytes)} bytes but the block has {nbytes}")
+            if direct:
+                return out_bytes
+            if staging is not None and staging.numel() == nbytes:
+                return as_bytes(staging)
+            return host_bytes(nbytes)
 
         buf = None
         if self._disk is not None:
@@ -361,7 +394,7 @@ class BlockStore:
         if buf is None:
             return None
         if out_bytes is not None and not direct:
-            copy_bytes(out_bytes, buf)
+            _copy_out(out_bytes, buf)
         self._reserve_slab(key, buf.numel())
         with self._lock:
             self._insert_dram(key, buf)

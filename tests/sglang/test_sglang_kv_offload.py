@@ -287,6 +287,39 @@ def test_damaged_or_foreign_block_is_a_miss(tmp_path, fault):
     backend.close()
 
 
+@pytest.mark.parametrize("dram", [False, True])
+def test_v1_reads_pages_on_several_threads_and_stops_at_a_damaged_one(tmp_path, dram):
+    """``batch_get_v1`` reads a batch's pages on the store's read threads; the result is still the leading run of
+    good pages, and a page that fails its check past it is never reported as loaded."""
+    import threading
+
+    src = _pool(seed=11)
+    keys = [f"{i:064x}" for i in range(1, 5)]
+    writer = _backend(_extra(tmp_path, cpu_gib=0), src)
+    assert writer.batch_set_v1(keys, _indices([0, 1, 2, 3])) == [True] * 4
+    writer.store.flush()
+    writer.close()
+    reader = _backend(_extra(tmp_path, cpu_gib=0.001 if dram else 0), _pool(seed=12))
+    if dram:  # the first two pages come from the DRAM tier, the others from disk
+        reader.batch_get_v1(keys[:2], _indices([6, 7]))
+    _corrupt_flip(reader.store._disk.path_for(keys[2].encode()))
+    threads = set()
+    get = reader.store.get
+
+    def recording_get(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return get(*args, **kwargs)
+
+    reader.store.get = recording_get
+    dst = reader.mem_pool_host
+    assert reader.batch_get_v1(keys, _indices([4, 5, 6, 7])) == [True, True, False, False]
+    for a, b in ((0, 4), (1, 5)):
+        assert torch.equal(_page(dst, b).view(torch.int16), _page(src, a).view(torch.int16))
+    assert any(name.startswith("longseq-kv-read") for name in threads), threads
+    assert reader.store.stats().corrupt_blocks == 1
+    reader.close()
+
+
 @pytest.mark.parametrize("how", ["dir_under_a_file", "eacces"])
 def test_unwritable_dir_serves_from_dram(tmp_path, monkeypatch, how):
     """Disk writes fail; the backend keeps answering from its DRAM tier and counts the errors.

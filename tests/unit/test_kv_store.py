@@ -65,6 +65,40 @@ def test_roundtrip_every_dtype_dram_and_disk(tmp_path, dtype):
         assert fresh.stats().disk.hits == 1
 
 
+def _pieces(sizes):
+    """Separate byte runs (like one page's K and V in SGLang's host pool), filled with a marker value."""
+    return [torch.full((n,), 0xA5, dtype=torch.uint8) for n in sizes]
+
+
+def test_get_into_pieces_from_dram_disk_and_staging(tmp_path):
+    data = _bytes(_block(1))
+    sizes = (BLOCK_BYTES // 2 - 64, 64, BLOCK_BYTES // 2)
+    with BlockStore(FP, cpu_gib=0.001, disk_dir=str(tmp_path), disk_gib=0.01) as store:
+        store.put(b"k", _block(1))
+        pieces = _pieces(sizes)
+        assert store.get(b"k", out=pieces) is pieces  # a DRAM hit, copied straight into the pieces
+        assert torch.equal(torch.cat(pieces), data) and store.stats().dram.hits == 1
+        assert store.get(b"k", out=_pieces((BLOCK_BYTES, 1))) is None  # one byte too many: a miss, not data
+        store.flush()
+    with BlockStore(FP, cpu_gib=0.001, disk_dir=str(tmp_path), disk_gib=0.01) as fresh:  # only on disk
+        staging = torch.zeros(BLOCK_BYTES, dtype=torch.uint8)
+        pieces = _pieces(sizes)
+        assert fresh.get(b"k", out=pieces, staging=staging) is pieces
+        assert torch.equal(torch.cat(pieces), data) and torch.equal(staging, data)  # read into the staging buffer
+        assert fresh.stats().disk.hits == 1
+        pieces = _pieces(sizes)
+        assert fresh.get(b"k", out=pieces) is pieces and torch.equal(torch.cat(pieces), data)  # promoted to DRAM
+        assert fresh.stats().dram.hits == 1
+    with BlockStore(FP, cpu_gib=0, disk_dir=str(tmp_path), disk_gib=0.01) as no_dram:  # wrong-size staging: a new one
+        pieces = _pieces(sizes)
+        assert no_dram.get(b"k", out=pieces, staging=torch.zeros(8, dtype=torch.uint8)) is pieces
+        assert torch.equal(torch.cat(pieces), data)
+        (path,) = _files(tmp_path)
+        _flip(-5)(path)  # a damaged payload never reaches the pieces' owner as data
+        assert no_dram.get(b"k", out=_pieces(sizes), staging=torch.zeros(BLOCK_BYTES, dtype=torch.uint8)) is None
+        assert no_dram.stats().corrupt_blocks == 1
+
+
 def test_lru_eviction_by_bytes_then_disk_hit(tmp_path):
     cap = 3 * BLOCK_BYTES / (1 << 30)  # DRAM holds exactly three blocks
     with BlockStore(FP, cpu_gib=cap) as dram_only:
