@@ -377,7 +377,7 @@ class BlockStore:
                 raise SizeMismatch(f"get(out=) has {_nbytes(out_bytes)} bytes but the block has {nbytes}")
             if direct:
                 return out_bytes
-            if staging is not None and staging.numel() == nbytes:
+            if staging is not None and as_bytes(staging).numel() == nbytes:
                 return as_bytes(staging)
             return host_bytes(nbytes)
 
