@@ -32,6 +32,8 @@ the whole run inside scripts/gpu/job.sh's 540 s (a backend that would start too 
 
     python -m benchmarks.bench_sglang_decode            # 129024x1,32768x8, 5 engines (estimated 7-9 min, H100)
     python -m benchmarks.bench_sglang_decode --quick    # 8192x1,4096x4, 1 repeat (smoke run)
+    python -m benchmarks.bench_sglang_decode --baselines fa3 --ours longseq_sparse --profile-steps 32
+        # also GPU kernel time per step by kernel, after each shape's timing (SGLang's profiler)
 Writes benchmarks/results/<name>.json after every backend (a killed run keeps what finished) and prints the table
 with each TPOT's ratio to each baseline. A backend that fails is recorded with its error; the exit status is then 1.
 """
@@ -56,6 +58,7 @@ from benchmarks.sglang_common import (
     finish,
     flush,
     generate,
+    profile_decode,
     run_environment,
     run_in_budget,
     server_summary,
@@ -113,6 +116,11 @@ def child(args) -> None:
                            cached_tokens=[m.get("cached_tokens") for m in meta])
                 print(f"[{args.backend}] {ctx}x{batch}: TPOT {tpot * 1e3:.2f} ms, prefill {row['prefill_s']:.2f} s, "
                       f"cached {min(row['cached_tokens'])}", file=sys.stderr, flush=True)
+                if args.profile_steps:
+                    try:
+                        row["kernels_per_step"] = profile_decode(engine, prompts, args.profile_steps)
+                    except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
+                        row["profile_error"] = f"{type(e).__name__}: {e}"
             except Exception as e:  # noqa: BLE001 - recorded; the next shape may still run
                 row["error"] = f"{type(e).__name__}: {e}"
                 print(f"[{args.backend}] {ctx}x{batch}: {row['error']}", file=sys.stderr, flush=True)
@@ -176,6 +184,9 @@ def parse_args(argv=None):
     p.add_argument("--context-length", type=int, default=131072)
     p.add_argument("--mem-fraction-static", type=float, default=None, help="default: SGLang's choice")
     p.add_argument("--quick", action="store_true", help="8192x1,4096x4, 1 repeat, 8 and 40 tokens (smoke run)")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after timing each shape, profile this many steps (SGLang's profiler): GPU kernel time per "
+                        "step by kernel, in the result file (the first step is a short extend)")
     add_run_args(p, name="sglang_decode", timeout=300, unit="backend")
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -206,7 +217,7 @@ def main(argv=None) -> None:
         child_args = ["--backend", backend, "--model-dir", args.model_dir, "--shapes", args.shapes,
                       "--repeats", str(args.repeats), "--short-tokens", str(args.short_tokens),
                       "--long-tokens", str(args.long_tokens), "--page-size", str(args.page_size),
-                      "--context-length", str(args.context_length),
+                      "--context-length", str(args.context_length), "--profile-steps", str(args.profile_steps),
                       *(["--mem-fraction-static", str(args.mem_fraction_static)] if args.mem_fraction_static
                         else [])]
         runs[backend] = run_in_budget(args, started, "benchmarks.bench_sglang_decode", child_args, child_env(env),
@@ -224,6 +235,7 @@ def main(argv=None) -> None:
             "inputs": {"shape": args.shape, "shapes": shapes_of(args.shapes), "baselines": baselines, "ours": ours,
                        "repeats": args.repeats, "short_tokens": args.short_tokens, "long_tokens": args.long_tokens,
                        "page_size": args.page_size, "context_length": args.context_length, "quick": args.quick,
+                       "profile_steps": args.profile_steps,
                        "decode_cuda_graphs": "full (SGLang default)", "prefill_cuda_graphs": False,
                        "our_env": {b: OUR_ENV.get(b, {}) for b in ours}, "longseq_env": extra},
             "runs": runs, "table": table})

@@ -42,6 +42,53 @@ def flush(engine) -> dict:
     return {"success": False, "attempts": attempt}
 
 
+def kernel_table(trace_path: str, steps: int, top: int = 25) -> list[dict]:
+    """GPU kernel time per step by kernel name from a torch profiler chrome trace (``.json`` or ``.json.gz``):
+    ``[{"total_us_per_step": ...}, {"kernel", "us_per_step", "calls_per_step"}, ...]``, busiest first."""
+    import gzip
+
+    opener = gzip.open if trace_path.endswith(".gz") else open
+    with opener(trace_path, "rt") as f:
+        events = json.load(f).get("traceEvents", [])
+    per: dict[str, list[float]] = {}
+    for ev in events:
+        if ev.get("cat") == "kernel" and ev.get("ph") == "X":
+            per.setdefault(str(ev.get("name", "?"))[:120], []).append(float(ev.get("dur", 0.0)))
+    rows = sorted(({"kernel": k, "us_per_step": round(sum(v) / steps, 2), "calls_per_step": round(len(v) / steps, 2)}
+                   for k, v in per.items()), key=lambda r: -r["us_per_step"])
+    return [{"total_us_per_step": round(sum(r["us_per_step"] for r in rows), 1)}] + rows[:top]
+
+
+def profile_decode(engine, prompts: list[list[int]], steps: int, timeout: float = 120.0) -> list[dict]:
+    """``kernel_table`` of ``steps`` forward steps of ``prompts`` (already in the radix cache, so the first step is a
+    short extend and the rest decode), through SGLang's own profiler (``Engine.start_profile``: the scheduler process
+    runs the GPU work). The trace is written when the steps are done; it is read once its size settles."""
+    import glob
+    import tempfile
+
+    out_dir = tempfile.mkdtemp(prefix="sglang-profile-")
+    engine.start_profile(output_dir=out_dir, num_steps=steps, activities=["GPU"], with_stack=False,
+                         record_shapes=False)
+    generate(engine, prompts, steps + 16)
+    deadline, last = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        paths = glob.glob(os.path.join(out_dir, "*.trace.json*"))
+        size = sum(os.path.getsize(p) for p in paths)
+        if paths and size == last:
+            try:
+                table = kernel_table(paths[0], steps)
+            except (OSError, ValueError, EOFError):  # still being written
+                table = None
+            if table:
+                for r in table[1:11]:
+                    print(f"[prof] {r['us_per_step']:9.1f} us  x{r['calls_per_step']:6.1f}  {r['kernel']}",
+                          file=sys.stderr, flush=True)
+                return table
+        last = size
+        time.sleep(2.0)
+    raise TimeoutError(f"no readable profiler trace in {out_dir} after {timeout:.0f} s")
+
+
 def server_summary(engine) -> dict:
     """What the scheduler resolved (backend, page size, KV tokens, graph settings, SGLang version)."""
     try:
