@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_utils import EngineRunError, run_llm
+from engine_utils import EngineRunError, run_llm, write_one_streaming_head_pattern
 
 pytestmark = pytest.mark.engine
 
@@ -29,18 +29,9 @@ def prompts(smollm2_path):
 
 @pytest.fixture(scope="module")
 def pattern(tmp_path_factory) -> str:
-    """One streaming KV head per layer (gate < 0.4, the others > 0.6): sparsity 1/3 picks the same heads globally
-    and per layer, so compute-only duo and the split run one mask. Sink 16 + recent 64: the 600-token prompt's
-    middle is freed."""
-    from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern
-
-    g = torch.Generator().manual_seed(0)
-    gates = 0.6 + 0.4 * torch.rand(30, 3, generator=g, dtype=torch.float64)
-    gates[torch.arange(30), torch.randint(0, 3, (30,), generator=g)] = 0.4 * torch.rand(30, generator=g,
-                                                                                        dtype=torch.float64)
-    path = tmp_path_factory.mktemp("duo-memory") / "pattern"
-    save_duo_pattern(DuoPattern(gates, sink_size=16, recent_size=64, source="test"), path)
-    return str(path)
+    """One streaming KV head per layer (sparsity 1/3 picks the same heads globally and per layer, so compute-only
+    duo and the split run one mask). Sink 16 + recent 64: the 600-token prompt's middle is freed."""
+    return write_one_streaming_head_pattern(str(tmp_path_factory.mktemp("duo-memory") / "pattern"))
 
 
 def _duo(model, prompts, pattern, memory: bool, **llm_kwargs):

@@ -156,3 +156,21 @@ class ApiServer:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+def write_one_streaming_head_pattern(path: str, layers: int = 30, kv_heads: int = 3, sink: int = 16,
+                                     recent: int = 64) -> str:
+    """A duo pattern with exactly one streaming KV head per layer (gate < 0.4, the others > 0.6), so sparsity
+    ``1 / kv_heads`` picks the same heads globally and per layer: compute-only duo and ``LONGSEQ_DUO_MEMORY``'s
+    split (one streaming count per layer) then run one mask. Returns ``path``."""
+    import torch
+
+    from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern
+
+    g = torch.Generator().manual_seed(0)
+    gates = 0.6 + 0.4 * torch.rand(layers, kv_heads, generator=g, dtype=torch.float64)
+    gates[torch.arange(layers), torch.randint(0, kv_heads, (layers,), generator=g)] = 0.4 * torch.rand(
+        layers, generator=g, dtype=torch.float64)
+    save_duo_pattern(DuoPattern(gates, sink_size=sink, recent_size=recent, source="test"), path)
+    return path
+
