@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, command_line, environment, write_result
+from benchmarks.common import command_line, environment, write_result
 
 PAGE_TOKENS, LAYERS, KV_HEADS, HEAD_DIM = 64, 32, 8, 128
 CONFIGS = ("file", "ours", "ours-1t", "ours-disk", "ours-disk-1t")
@@ -91,7 +91,7 @@ def make_backend(config: str, folder: str, pool, cpu_gib: float):
         return backend
     from longseq.kv_offload.sglang import LongSeqHiCacheStorage
 
-    extra = {"interface_v1": 1, "cpu_gib": cpu_gib if config.startswith("ours") and "disk" not in config else 0,
+    extra = {"interface_v1": 1, "cpu_gib": 0 if "disk" in config else cpu_gib,
              "disk_dir": folder, "disk_gib": 64}
     backend = LongSeqHiCacheStorage(storage_config(extra))
     backend.register_mem_pool_host(pool)
@@ -184,8 +184,7 @@ def main() -> None:
                                                "cold_files": args.cold_files, "page_tokens": PAGE_TOKENS,
                                                "layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
                                                "dtype": "bfloat16", "layout": "page_first"},
-                                    "rows": rows},
-                        out_dir=os.path.join(RESULTS_DIR))
+                                    "rows": rows})
     print(f"wrote {path}")
 
 
