@@ -17,7 +17,8 @@ import importlib.util
 import logging
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from longseq.config import get_config
 from longseq.versions import LongSeqVersionError, check_vllm_version, vllm_kda_layer_api
@@ -34,8 +35,12 @@ VLLM_KDA_LAYER_MODULE = "vllm.model_executor.layers.mamba.gdn.kimi_gdn_linear_at
 VLLM_KDA_LAYER_CLASS = "KimiGatedDeltaNetAttention"
 OUR_KDA_LAYER = "longseq.attention_backends.vllm.kda.LongSeqKimiDeltaAttention"
 
-#: ``LONGSEQ_DUO_MEMORY=1``: architecture -> our class in ``longseq.attention_backends.vllm.duo_memory_models``.
-DUO_MEMORY_MODELS = {"LlamaForCausalLM": "DuoSplitLlamaForCausalLM", "Qwen2ForCausalLM": "DuoSplitQwen2ForCausalLM"}
+#: ``LONGSEQ_DUO_MEMORY=1``: vLLM's model class (module, class) -> ours in
+#: ``longseq.attention_backends.vllm.duo_memory_models``. Every architecture name vLLM resolves to one of these
+#: classes (``LlamaForCausalLM``, ``LlamaModel``, ``MistralModel``, ...) gets ours.
+DUO_MEMORY_MODELS = {("vllm.model_executor.models.llama", "LlamaForCausalLM"): "DuoSplitLlamaForCausalLM",
+                     ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"): "DuoSplitQwen2ForCausalLM"}
+DUO_MEMORY_MODULE = "longseq.attention_backends.vllm.duo_memory_models"
 
 _registered: set[str] = set()
 
@@ -69,8 +74,8 @@ def register() -> None:
         # architectures' own names (vLLM resolves the class path lazily, in the processes that build the model).
         from vllm import ModelRegistry
 
-        for arch, cls in DUO_MEMORY_MODELS.items():
-            ModelRegistry.register_model(arch, f"longseq.attention_backends.vllm.duo_memory_models:{cls}")
+        for arch, cls in duo_memory_architectures(ModelRegistry.models).items():
+            ModelRegistry.register_model(arch, f"{DUO_MEMORY_MODULE}:{cls}")
         _registered.add("DUO_MEMORY")
     if "KV_CONNECTOR" not in _registered:
         # --kv-transfer-config '{"kv_connector":"LongSeqOffloadConnector",...}' without a module path.
@@ -94,6 +99,17 @@ def register() -> None:
 # vLLM calls the plugin in every process. :func:`register_vllm_kda_layer` therefore registers at once when that
 # module is already imported, else installs an import hook that registers right after the module is first
 # executed, i.e. in the processes that build a Kimi-Linear model and before any layer is built.
+def duo_memory_architectures(models: Mapping[str, Any]) -> dict[str, str]:
+    """Architecture name -> our split class name, for every entry of vLLM's model registry (``ModelRegistry.models``)
+    that vLLM resolves to a class of :data:`DUO_MEMORY_MODELS` (aliases such as ``LlamaModel`` differ by version)."""
+    found = {}
+    for arch, entry in models.items():
+        key = (getattr(entry, "module_name", None), getattr(entry, "class_name", None))
+        if key in DUO_MEMORY_MODELS:
+            found[arch] = DUO_MEMORY_MODELS[key]
+    return found
+
+
 def install_vllm_kda_layer(layer_module: types.ModuleType | None = None) -> type:
     """``register_oot`` our subclass for vLLM's KDA layer now (idempotent). Returns the registered class.
 

@@ -8,6 +8,9 @@ same tokens when blocks are freed, evicted, reused and prefix-cached under a tin
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -42,14 +45,33 @@ def _duo(model, prompts, pattern, memory: bool, **llm_kwargs):
     return run_llm(model, prompts, MAX_TOKENS, env, logprobs=2, llm_kwargs=llm_kwargs or None)
 
 
-def test_split_layers_give_compute_only_duo_tokens_with_more_kv_blocks(smollm2_path, prompts, pattern):
-    compute_only = _duo(smollm2_path, prompts, pattern, memory=False)
+@pytest.fixture(scope="module")
+def compute_only(smollm2_path, prompts, pattern) -> dict:
+    return _duo(smollm2_path, prompts, pattern, memory=False)
+
+
+def test_split_layers_give_compute_only_duo_tokens_with_more_kv_blocks(smollm2_path, prompts, pattern, compute_only):
     split = _duo(smollm2_path, prompts, pattern, memory=True)
     assert split["tokens"] == compute_only["tokens"]
     assert split["logprobs"] == compute_only["logprobs"]  # per-head math unchanged: bit for bit
     # Same KV memory: two of three heads keep full KV -> 1.5x the blocks (sink + window blocks come from the pool)
     ratio = split["num_kv_blocks"] / compute_only["num_kv_blocks"]
     assert 1.45 <= ratio <= 1.55, (split["num_kv_blocks"], compute_only["num_kv_blocks"])
+
+
+def test_architecture_alias_of_llama_is_split(smollm2_path, prompts, pattern, compute_only, tmp_path):
+    """A config naming ``LlamaModel`` (what a GGUF conversion writes; vLLM builds ``LlamaForCausalLM`` for it) is
+    split too: the same tokens as compute-only duo with 1.5x the blocks."""
+    alias = tmp_path / "llama-model-alias"
+    alias.mkdir()
+    for name in os.listdir(smollm2_path):
+        if name != "config.json":
+            os.symlink(os.path.join(smollm2_path, name), alias / name)
+    config = json.load(open(os.path.join(smollm2_path, "config.json")))
+    json.dump({**config, "architectures": ["LlamaModel"]}, open(alias / "config.json", "w"))
+    split = _duo(str(alias), prompts, pattern, memory=True)
+    assert split["tokens"] == compute_only["tokens"]
+    assert 1.45 <= split["num_kv_blocks"] / compute_only["num_kv_blocks"] <= 1.55
 
 
 def test_freed_evicted_reused_and_prefix_cached_blocks_keep_tokens(smollm2_path, prompts, pattern):
@@ -67,6 +89,8 @@ def test_freed_evicted_reused_and_prefix_cached_blocks_keep_tokens(smollm2_path,
     ({"kv_transfer_config": {"kv_connector": "LongSeqOffloadConnector", "kv_role": "kv_both"}},
      "a KV connector is configured"),
     ({"disable_hybrid_kv_cache_manager": True}, "hybrid KV cache manager is off"),
+    # vLLM's Transformers modeling backend builds a class we do not split: an error, never unsplit serving
+    ({"model_impl": "transformers"}, "was not split into retrieval and streaming sublayers"),
 ])
 def test_unsupported_combinations_stop_at_startup(smollm2_path, pattern, extra, message):
     with pytest.raises(EngineRunError) as e:
@@ -77,7 +101,6 @@ def test_unsupported_combinations_stop_at_startup(smollm2_path, pattern, extra, 
 def test_tp2_each_rank_splits_its_own_heads_with_compute_only_tokens(tmp_path):
     """Tensor parallelism 2 on the tiny ``mha-d64`` model (2 layers x 4 KV heads, 2 per rank): every rank streams
     one of its two heads per layer (the pattern makes the per-rank quantile equal the global one)."""
-    import os
     import random
 
     from longseq.attention_backends.core.duo_pattern import DuoPattern, save_duo_pattern

@@ -211,3 +211,32 @@ def test_split_forward_gives_each_sublayer_its_heads_and_restores_the_order(stre
         assert torch.equal(sq, q.view(t, hq, d)[:, q_heads]) and kwargs == {"output_shape": None}
         assert torch.equal(sk, k.view(t, hkv, d)[:, kv_heads]) and torch.equal(sv, v.view(t, hkv, d)[:, kv_heads])
         assert torch.equal(out[:, q_heads], q.view(t, hq, d)[:, q_heads] * (-3.0 if want else 2.0))
+
+
+def test_duo_memory_architectures_follow_vllms_class_not_the_name():
+    """Every architecture name vLLM resolves to its Llama or Qwen2 class gets our split class; others do not."""
+    from types import SimpleNamespace
+
+    from longseq.plugin.vllm import duo_memory_architectures
+
+    def lazy(module: str, cls: str) -> SimpleNamespace:
+        return SimpleNamespace(module_name=f"vllm.model_executor.models.{module}", class_name=cls)
+
+    registry = {"LlamaForCausalLM": lazy("llama", "LlamaForCausalLM"), "LlamaModel": lazy("llama", "LlamaForCausalLM"),
+                "Qwen2Model": lazy("qwen2", "Qwen2ForCausalLM"), "MistralForCausalLM": lazy("mistral", "MistralForCausalLM"),
+                "Custom": object()}  # a class another plugin registered: no module/class names
+    assert duo_memory_architectures(registry) == {"LlamaForCausalLM": "DuoSplitLlamaForCausalLM",
+                                                  "LlamaModel": "DuoSplitLlamaForCausalLM",
+                                                  "Qwen2Model": "DuoSplitQwen2ForCausalLM"}
+
+
+def test_duo_memory_architectures_of_installed_vllm_cover_the_aliases():
+    pytest.importorskip("vllm")
+    from vllm import ModelRegistry
+
+    from longseq.plugin.vllm import duo_memory_architectures
+
+    found = duo_memory_architectures(ModelRegistry.models)
+    for arch in ("LlamaForCausalLM", "LlamaModel", "Qwen2ForCausalLM", "Qwen2Model"):
+        assert arch in found, arch
+    assert "MixtralForCausalLM" not in found and "Qwen3ForCausalLM" not in found

@@ -1,8 +1,8 @@
 """Model classes for ``LONGSEQ_DUO_MEMORY=1``: vLLM's own Llama-family models whose attention layers are split into
 retrieval and streaming sublayers (``duo_memory.split_model_attention``) right after vLLM builds them.
 
-The plugin registers them under the architectures' own names (``ModelRegistry.register_model``, ``longseq.plugin.vllm.DUO_MEMORY_MODELS``), so a served
-model needs no flag beyond the environment. Every class here calls ``self.attn(q, k, v)`` in its attention module
+The plugin registers them under every architecture name vLLM resolves to these classes (``LlamaModel`` too;
+``longseq.plugin.vllm.duo_memory_architectures``), so a served model needs no flag beyond the environment. Every class here calls ``self.attn(q, k, v)`` in its attention module
 with grouped-query heads, which is what the split relies on.
 """
 

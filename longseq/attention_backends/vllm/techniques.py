@@ -127,6 +127,11 @@ class LayerTechniques:
                                                  0, device)
                 return self._duo_layer
             name = getattr(layer, "layer_name", "")
+            if self.config.duo_memory:  # vLLM built the model without our split class: say so, never run unsplit
+                raise LongSeqConfigError(
+                    f"LONGSEQ_DUO_MEMORY=1: attention layer {name!r} was not split into retrieval and streaming "
+                    "sublayers, so no KV memory would be saved: this model's architecture is not a Llama or Qwen2 "
+                    "model class of vLLM (unset LONGSEQ_DUO_MEMORY: duo still runs, saving compute only)")
             i = layer_index(name)
             if i is None or i >= len(self._duo_pattern_rows):
                 raise LongSeqConfigError(f"longseq duo: cannot tell the layer number of attention layer {name!r}")
