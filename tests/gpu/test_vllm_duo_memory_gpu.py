@@ -27,8 +27,8 @@ LENGTHS = [2000, 1500, 700, 200, 60, 9]
 CUSTOM = {"enforce_eager": False, "gpu_memory_utilization": 0.3, "max_num_seqs": 16, "dtype": "bfloat16",
           "seed": 0, "compilation_config": {"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"},
           "attention_config": {"backend": "CUSTOM"}, "enable_prefix_caching": True}
-#: Largest |log-prob| difference of a chosen token before the runs part: two kernels' bf16 rounding; a first bound,
-#: to be set from the measured value.
+#: Largest |log-prob| difference of a chosen token before the runs part: two kernels' bf16 rounding (the bound of
+#: the dense server test, docs/benchmarks/dense.md; the measured value is on docs/benchmarks/duo.md).
 MAX_LOGPROB_DIFF = 0.2
 
 
