@@ -608,15 +608,36 @@ def test_llama_sized_pipeline(hq, hkv, d, dtype, summary):
     assert rel_err(out, ref) < 1e-2
 
 
+def test_long_rows_go_through_the_split_select():
+    """Rows longer than one program holds (SGLang's table is context + 4 slots wide: 16,386 pages of 8 tokens at
+    128K) are split over segments at any row count and pick the torch path's pages; where even the merge would
+    not fit one program, ``auto`` takes the torch path and ``triton`` says why."""
+    g = torch.Generator().manual_seed(7)
+    bsz, hkv, max_pages, page_size, k = 2, 2, sd.select._MAX_TRITON_TOPK + 2, 8, 64
+    scores = torch.randn(bsz, hkv, max_pages, generator=g)
+    seq_lens = torch.tensor([max_pages * page_size, 5000 * page_size + 3], dtype=torch.int32)
+    scores[1, :, 5001:] = float("-inf")
+    assert sd.topk_split.split_fits(max_pages, k) and not sd.topk_split.split_fits(max_pages, k, 0)
+    assert sd.select._resolve_impl("auto", max_pages, k) == "triton"
+    assert sd.select._resolve_impl("auto", 70000, 256) == "torch"  # 69 segments x 256 winners: no merge program
+    ids, nv = sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, split_max_rows=0)  # rows rule: never
+    ref, rnv = sd.topk_pages(scores, seq_lens, page_size, k, impl="torch")
+    check_selection(ids, nv, scores, seq_lens, page_size, k)
+    assert torch.equal(ids.cpu(), ref) and torch.equal(nv.cpu(), rnv)
+    with pytest.raises(ValueError, match="fit neither"):
+        sd.topk_pages(scores.to(DEV), seq_lens.to(DEV), page_size, k, impl="triton", segment_pages=0)
+
+
 @pytest.mark.gpu
 @gpu
-def test_topk_long_rows_fall_back_to_torch():
+def test_topk_long_rows_split_like_torch():
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 4, 20000, generator=g).to(DEV)
     seq_lens = torch.tensor([20000 * 16, 7000 * 16 + 5], dtype=torch.int32, device=DEV)
     scores[1, :, 7001:] = float("-inf")
     ids, nv = sd.topk_pages(scores, seq_lens, 16, 256)
     check_selection(ids, nv, scores, seq_lens, 16, 256)
+    assert torch.equal(ids, sd.topk_pages(scores, seq_lens, 16, 256, impl="torch")[0])  # split path, same pages
     s2 = scores[:, :, :16384].contiguous()
     ids_t, _ = sd.topk_pages(s2, seq_lens, 16, 256, impl="triton")
     ids_r, _ = sd.topk_pages(s2, seq_lens, 16, 256, impl="torch")

@@ -11,7 +11,9 @@ Fixed shapes, no host synchronization (CUDA-graph safe). By default ONE launch d
    ``radix_topk.py`` (``topk_row``). The row width is the block table's (``max_model_len``); the top-k picks a
    half- or quarter-width compiled variant at run time when the request's live pages fit, and scoring skips
    dead tiles. Winners are compacted in ascending page order.
-   Rows longer than ``_MAX_TRITON_TOPK`` pages use ``torch.topk`` + sort.
+   Rows longer than ``_MAX_TRITON_TOPK`` pages go through the segmented select of ``topk_split.py`` (SGLang's
+   table is ``context + 4`` slots wide: 16,386 pages of 8 tokens at 128K), or ``torch.topk`` + sort when even
+   its merge would not fit.
 
 The GQA reduction is linear: ``max(q min, q max) = q max`` if ``q >= 0`` else ``q min``, so
 ``sum_g sum_i max(q_gi min_i, q_gi max_i) = sum_i (max_i * sum_g relu(q_gi) + min_i * sum_g min(q_gi, 0))``:
@@ -34,6 +36,7 @@ import triton.language as tl
 from longseq.kernels.sparse_decode.library_topk import topk_pages_flashinfer
 from longseq.kernels.sparse_decode.page_summary import load_summary_f32
 from longseq.kernels.sparse_decode.radix_topk import topk_config, topk_row
+from longseq.kernels.sparse_decode.topk_split import split_applies, split_fits, topk_pages_split
 from longseq.kernels.sparse_decode.workspace import counters
 
 _MAX_TRITON_TOPK = 16384  # pages per row held in one program's registers
@@ -276,9 +279,11 @@ def score_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor,
     return out
 
 
-def _resolve_impl(impl: str, max_pages: int) -> str:
+def _resolve_impl(impl: str, max_pages: int, num_select: int, segment_pages: int | None = None) -> str:
     if impl == "auto":
-        return "triton" if max_pages <= _MAX_TRITON_TOPK else "torch"
+        if max_pages <= _MAX_TRITON_TOPK or split_fits(max_pages, num_select, segment_pages):
+            return "triton"
+        return "torch"
     assert impl in ("triton", "torch", "flashinfer"), impl
     return impl
 
@@ -290,7 +295,8 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
                page_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``num_select`` pages of each ``[B, Hkv, max_pages]`` score row, ascending, ``-1`` padded.
 
-    ``impl``: ``"triton"`` (radix select, rows up to ``_MAX_TRITON_TOPK`` pages), ``"torch"``
+    ``impl``: ``"triton"`` (radix select; rows longer than ``_MAX_TRITON_TOPK`` pages always split over segments,
+    as far as ``topk_split.split_fits``), ``"torch"``
     (``torch.topk`` + sort), ``"flashinfer"`` (FlashInfer's radix ``top_k``, ``library_topk.py``: the pages of a
     row in ANY order, ``-1`` anywhere; pages past the live ones must score ``-inf``, as for ``"torch"``), or
     ``"auto"`` (triton when it fits, else torch). Equal scores go to the lower page in the triton path; the
@@ -306,13 +312,16 @@ def topk_pages(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num
     assert refresh is None or page_ids is not None, "refresh needs the page_ids to keep"
     bsz, hkv, max_pages = scores.shape
     dev = scores.device
-    impl = _resolve_impl(impl, max_pages)
+    impl = _resolve_impl(impl, max_pages, num_select, segment_pages)
     if impl == "flashinfer":
         return topk_pages_flashinfer(scores, seq_lens, page_size, num_select, refresh=refresh, page_ids=page_ids)
     if impl == "triton" and bsz > 0:
-        from longseq.kernels.sparse_decode.topk_split import split_applies, topk_pages_split
-
-        if split_applies(max_pages, num_select, segment_pages, bsz * hkv, split_max_rows):
+        # Rows too long for one program are always split (at any row count).
+        if max_pages > _MAX_TRITON_TOPK and not split_fits(max_pages, num_select, segment_pages):
+            raise ValueError(f"rows of {max_pages} pages with num_select={num_select} fit neither one program nor "
+                             "the segmented select: use impl='torch' (or 'auto')")
+        if max_pages > _MAX_TRITON_TOPK or split_applies(max_pages, num_select, segment_pages, bsz * hkv,
+                                                         split_max_rows):
             return topk_pages_split(scores, seq_lens, page_size, num_select, segment_pages, candidate_cap,
                                     num_warps, refresh=refresh, page_ids=page_ids)
         assert max_pages <= _MAX_TRITON_TOPK and scores.stride(2) == 1
@@ -367,9 +376,9 @@ def select_topk_pages(q: torch.Tensor, page_min: torch.Tensor, page_max: torch.T
     bsz, hq, _ = q.shape
     hkv = page_min.shape[1]
     max_pages = max_logical_pages(block_table, page_size, block_size)
-    impl = _resolve_impl(topk_impl, max_pages)
+    impl = _resolve_impl(topk_impl, max_pages, num_select, segment_pages)
     fused = (FUSED_DEFAULT if fused is None else fused) and refresh is None
-    if fused and impl == "triton" and bsz > 0 and max_pages > 0:
+    if fused and impl == "triton" and 0 < max_pages <= _MAX_TRITON_TOPK and bsz > 0:
         scores = torch.empty(bsz, hkv, max_pages, dtype=torch.float32, device=q.device)
         page_ids = torch.empty(bsz, hkv, num_select, dtype=torch.int32, device=q.device)
         num_valid = torch.empty(bsz, dtype=torch.int32, device=q.device)

@@ -129,6 +129,21 @@ def split_applies(max_pages: int, num_select: int, segment_pages: int | None = N
     return seg > 0 and max_pages > 2 * seg and 2 * triton.next_power_of_2(num_select) <= seg
 
 
+#: Candidates one merge program holds (``NSEG * next_pow2(num_select)``, rounded up to a power of two), as the
+#: one-program select's row limit in ``select.py``: the registers of one program.
+MAX_MERGE_CANDIDATES = 16384
+
+
+def split_fits(max_pages: int, num_select: int, segment_pages: int | None = None) -> bool:
+    """Whether rows of ``max_pages`` pages can be split at all: a valid segment size and a merge that fits
+    :data:`MAX_MERGE_CANDIDATES` (with the default segment: rows up to 64 segments at ``num_select`` <= 256)."""
+    seg = SEGMENT_PAGES if segment_pages is None else segment_pages
+    block_k = triton.next_power_of_2(num_select)
+    if seg <= 0 or seg & (seg - 1) or 2 * block_k > seg:
+        return False
+    return triton.next_power_of_2(triton.cdiv(max_pages, seg) * block_k) <= MAX_MERGE_CANDIDATES
+
+
 def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
                      segment_pages: int | None = None, candidate_cap: int | None = None,
                      num_warps: int | None = None, fused_merge: bool | None = None,
