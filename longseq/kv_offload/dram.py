@@ -148,12 +148,13 @@ class HostBufferAllocator:
 class DramTier:
     """LRU map key -> flat uint8 host buffer, bounded by total bytes.
 
-    ``can_recycle(key)`` tells whether an evicted block's buffer may be reused (False while the disk
-    writer still has to write it); buffers returned by ``lookup`` are the stored ones, so callers copy out.
+    ``can_recycle(key, buf)`` tells whether an evicted block's buffer may be reused (False while the disk
+    writer still has to write it or a reader still copies it out); buffers returned by ``lookup`` are the stored
+    ones, so callers copy out.
     """
 
     def __init__(self, capacity_bytes: int, pin_memory: bool,
-                 can_recycle: Callable[[bytes], bool] = lambda key: True) -> None:
+                 can_recycle: Callable[[bytes, torch.Tensor], bool] = lambda key, buf: True) -> None:
         self.capacity_bytes = int(capacity_bytes)
         self.used_bytes = 0
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
@@ -212,7 +213,7 @@ class DramTier:
             old_key, old_buf = self._blocks.popitem(last=False)
             self.used_bytes -= old_buf.numel()
             evicted += 1
-            if self._can_recycle(old_key):
+            if self._can_recycle(old_key, old_buf):
                 self.allocator.release(old_buf)
         buf = self.allocator.alloc(nbytes)
         copy_bytes(buf, src)
@@ -225,14 +226,14 @@ class DramTier:
         buf = self._blocks.pop(key, None)
         if buf is not None:
             self.used_bytes -= buf.numel()
-            if self._can_recycle(key):
+            if self._can_recycle(key, buf):
                 self.allocator.release(buf)
 
     def drop_blocks(self) -> None:
         """Forget every block but keep the buffers for reuse (pinned slabs stay allocated): the state of a server
         restarted with its tier reserved at start-up. Buffers the disk writer still needs are left to it."""
         for key, buf in self._blocks.items():
-            if self._can_recycle(key):
+            if self._can_recycle(key, buf):
                 self.allocator.release(buf)
         self._blocks.clear()
         self.used_bytes = 0

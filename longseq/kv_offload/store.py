@@ -138,7 +138,10 @@ class BlockStore:
         self._pending_bytes = 0
         self._pending_dram_owned: set[bytes] = set()  # pending keys whose buffer came from the DRAM allocator
         self._max_pending_bytes = int(max_pending_write_gib * GIB)
-        self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory, can_recycle=lambda k: k not in self._pending)
+        # data_ptr of a DRAM-allocator buffer copied out without the lock -> [readers, allocator-owned]
+        self._reading: dict[int, list] = {}
+        self._dram = DramTier(int(cpu_gib * GIB), self.pin_memory,
+                              can_recycle=lambda k, buf: k not in self._pending and buf.data_ptr() not in self._reading)
         self._disk = DiskTier(disk_dir, fingerprint, int(disk_gib * GIB), self._rec, fsync=fsync,
                               block_nbytes=block_nbytes, trust=trust) if disk_dir is not None else None
         # With a local tier the remote writer's queue holds keys and copies each block out when it writes it;
@@ -349,8 +352,9 @@ class BlockStore:
         return self.read_dram_batch(keys, as_bytes(outs[0]).numel(), copy)
 
     def _get_dram(self, key: bytes, out_bytes) -> torch.Tensor | list[torch.Tensor] | None:
-        """DRAM tier (or a block still waiting for the disk writer): copied out under the lock, because an
-        evicted buffer is recycled for the next insert. ``out_bytes``: None, a flat uint8 tensor or a list of them."""
+        """DRAM tier (or a block still waiting for the disk writer), copied out WITHOUT the lock so that the read
+        threads copy in parallel: the buffer is pinned as being read, and an eviction meanwhile leaves its
+        recycling to the last reader (``_unpin``). ``out_bytes``: None, a flat uint8 tensor or a list of them."""
         t0 = time.perf_counter()
         with self._lock:
             buf = self._dram.lookup(key)
@@ -362,9 +366,27 @@ class BlockStore:
                                 _nbytes(out_bytes), buf.numel())
                 self._rec.miss("dram")
                 return None
+            pin = self._reading.setdefault(buf.data_ptr(), [0, False])
+            pin[0] += 1
+            pin[1] = pin[1] or self._dram.holds(key, buf) or key in self._pending_dram_owned
+        try:
             result = _copy_out(out_bytes if out_bytes is not None else host_bytes(buf.numel()), buf)
+        finally:
+            self._unpin(key, buf)
         self._rec.hit("dram", buf.numel(), time.perf_counter() - t0)
         return result
+
+    def _unpin(self, key: bytes, buf: torch.Tensor) -> None:
+        """A reader of ``buf`` is done; the last one gives an allocator buffer that no tier holds any more (evicted
+        while it was read) back for reuse."""
+        with self._lock:
+            pin = self._reading[buf.data_ptr()]
+            pin[0] -= 1
+            if pin[0]:
+                return
+            del self._reading[buf.data_ptr()]
+            if pin[1] and not self._dram.holds(key, buf) and self._pending.get(key) is not buf:
+                self._dram.allocator.release(buf)
 
     def _read_below_dram(self, key: bytes, out_bytes, staging: torch.Tensor | None = None
                          ) -> torch.Tensor | None:
@@ -509,7 +531,8 @@ class BlockStore:
                     self._pending_bytes -= buf.numel()
                 if key in self._pending_dram_owned:
                     self._pending_dram_owned.discard(key)
-                    if not self._dram.holds(key, buf):  # evicted while queued: recycle it now
+                    # evicted while queued: recycle it now (or its last reader will)
+                    if not self._dram.holds(key, buf) and buf.data_ptr() not in self._reading:
                         self._dram.allocator.release(buf)
                 self._idle.notify_all()
 
