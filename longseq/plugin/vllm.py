@@ -70,8 +70,9 @@ def register() -> None:
         register_vllm_kda_layer()
         _registered.add("KDA")
     if config.duo_memory and "DUO_MEMORY" not in _registered:
-        # Llama/Qwen2 models whose attention layers split into retrieval and streaming sublayers, under the
-        # architectures' own names (vLLM resolves the class path lazily, in the processes that build the model).
+        # Llama/Qwen2 models whose attention layers split into retrieval and streaming sublayers, under every
+        # architecture name vLLM maps to those classes (it resolves the class path lazily, in the processes that
+        # build the model).
         from vllm import ModelRegistry
 
         for arch, cls in duo_memory_architectures(ModelRegistry.models).items():
@@ -87,6 +88,17 @@ def register() -> None:
     logger.debug("longseq registered %s (technique %s)", sorted(_registered), config.attention)
 
 
+def duo_memory_architectures(models: Mapping[str, Any]) -> dict[str, str]:
+    """Architecture name -> our split class name, for every entry of vLLM's model registry (``ModelRegistry.models``)
+    that vLLM resolves to a class of :data:`DUO_MEMORY_MODELS` (aliases such as ``LlamaModel`` differ by version)."""
+    found = {}
+    for arch, entry in models.items():
+        key = (getattr(entry, "module_name", None), getattr(entry, "class_name", None))
+        if key in DUO_MEMORY_MODELS:
+            found[arch] = DUO_MEMORY_MODELS[key]
+    return found
+
+
 # ------------------------------------------------------------------------------- KDA layer, lazy registration
 # How the swap is installed: ``KimiGatedDeltaNetAttention.register_oot(LongSeqKimiDeltaAttention)``, vLLM's
 # supported out-of-tree layer replacement (a ``PluggableLayer`` builds the registered subclass wherever the model
@@ -99,17 +111,6 @@ def register() -> None:
 # vLLM calls the plugin in every process. :func:`register_vllm_kda_layer` therefore registers at once when that
 # module is already imported, else installs an import hook that registers right after the module is first
 # executed, i.e. in the processes that build a Kimi-Linear model and before any layer is built.
-def duo_memory_architectures(models: Mapping[str, Any]) -> dict[str, str]:
-    """Architecture name -> our split class name, for every entry of vLLM's model registry (``ModelRegistry.models``)
-    that vLLM resolves to a class of :data:`DUO_MEMORY_MODELS` (aliases such as ``LlamaModel`` differ by version)."""
-    found = {}
-    for arch, entry in models.items():
-        key = (getattr(entry, "module_name", None), getattr(entry, "class_name", None))
-        if key in DUO_MEMORY_MODELS:
-            found[arch] = DUO_MEMORY_MODELS[key]
-    return found
-
-
 def install_vllm_kda_layer(layer_module: types.ModuleType | None = None) -> type:
     """``register_oot`` our subclass for vLLM's KDA layer now (idempotent). Returns the registered class.
 

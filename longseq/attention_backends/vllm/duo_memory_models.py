@@ -2,8 +2,9 @@
 retrieval and streaming sublayers (``duo_memory.split_model_attention``) right after vLLM builds them.
 
 The plugin registers them under every architecture name vLLM resolves to these classes (``LlamaModel`` too;
-``longseq.plugin.vllm.duo_memory_architectures``), so a served model needs no flag beyond the environment. Every class here calls ``self.attn(q, k, v)`` in its attention module
-with grouped-query heads, which is what the split relies on.
+``longseq.plugin.vllm.duo_memory_architectures``), so a served model needs no flag beyond the environment. Every
+class here calls ``self.attn(q, k, v)`` in its attention module with grouped-query heads, which is what the split
+relies on.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import triton.language as tl
 
 INT_MIN = tl.constexpr(-2147483648)
 CANDIDATE_CAP = 1024  # candidate slots of the filtered top-k (0: no filter)
+MAX_ROW = 16384  # elements one top-k program holds in its registers (a select's row, a merge's candidates)
 GROUP_PASSES = 3  # radix passes for the group-max bound (3: within 2^-15 of the exact k-th group max)
 
 

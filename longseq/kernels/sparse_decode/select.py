@@ -35,11 +35,11 @@ import triton.language as tl
 
 from longseq.kernels.sparse_decode.library_topk import topk_pages_flashinfer
 from longseq.kernels.sparse_decode.page_summary import load_summary_f32
-from longseq.kernels.sparse_decode.radix_topk import topk_config, topk_row
+from longseq.kernels.sparse_decode.radix_topk import MAX_ROW, topk_config, topk_row
 from longseq.kernels.sparse_decode.topk_split import split_applies, split_fits, topk_pages_split
 from longseq.kernels.sparse_decode.workspace import counters
 
-_MAX_TRITON_TOPK = 16384  # pages per row held in one program's registers
+_MAX_TRITON_TOPK = MAX_ROW  # pages per row held in one program's registers
 
 # Fused score + top-k launch: off. Separate launches were as fast or faster everywhere (the fused kernel's score
 # programs carry the top-k's 16-warp register budget): docs/benchmarks/sparse.md.

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .radix_topk import INT_MIN, float_key, take_top, topk_config, topk_row
+from .radix_topk import INT_MIN, MAX_ROW, float_key, take_top, topk_config, topk_row
 from .workspace import counters
 
 #: Pages per segment (0: never split). Rows of more than ``2 * SEGMENT_PAGES`` pages are split by default when
@@ -129,19 +129,18 @@ def split_applies(max_pages: int, num_select: int, segment_pages: int | None = N
     return seg > 0 and max_pages > 2 * seg and 2 * triton.next_power_of_2(num_select) <= seg
 
 
-#: Candidates one merge program holds (``NSEG * next_pow2(num_select)``, rounded up to a power of two), as the
-#: one-program select's row limit in ``select.py``: the registers of one program.
-MAX_MERGE_CANDIDATES = 16384
+def _valid_segment(seg: int, block_k: int) -> bool:
+    """A power of two holding at least twice the (power-of-two) winners per segment."""
+    return seg > 0 and not seg & (seg - 1) and 2 * block_k <= seg
 
 
 def split_fits(max_pages: int, num_select: int, segment_pages: int | None = None) -> bool:
-    """Whether rows of ``max_pages`` pages can be split at all: a valid segment size and a merge that fits
-    :data:`MAX_MERGE_CANDIDATES` (with the default segment: rows up to 64 segments at ``num_select`` <= 256)."""
+    """Whether rows of ``max_pages`` pages can be split at all: a valid segment size and a merge whose
+    ``NSEG * next_pow2(num_select)`` candidates fit one program (``radix_topk.MAX_ROW``; with the default segment:
+    rows up to 64 segments at ``num_select`` <= 256)."""
     seg = SEGMENT_PAGES if segment_pages is None else segment_pages
     block_k = triton.next_power_of_2(num_select)
-    if seg <= 0 or seg & (seg - 1) or 2 * block_k > seg:
-        return False
-    return triton.next_power_of_2(triton.cdiv(max_pages, seg) * block_k) <= MAX_MERGE_CANDIDATES
+    return _valid_segment(seg, block_k) and triton.next_power_of_2(triton.cdiv(max_pages, seg) * block_k) <= MAX_ROW
 
 
 def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, num_select: int,
@@ -166,7 +165,7 @@ def topk_pages_split(scores: torch.Tensor, seq_lens: torch.Tensor, page_size: in
     bsz, hkv, max_pages = scores.shape
     seg = SEGMENT_PAGES if segment_pages is None else segment_pages
     block_k = triton.next_power_of_2(num_select)
-    if seg <= 0 or seg & (seg - 1) or 2 * block_k > seg:
+    if not _valid_segment(seg, block_k):
         raise ValueError(f"segment_pages must be a power of two >= 2 * {block_k}, got {seg}")
     assert scores.stride(2) == 1
     dev = scores.device
